@@ -1,0 +1,1 @@
+"""Ray orchestration of the IntraQ pipeline: sharded generation, distributed distillation, search, CLI."""
