@@ -33,9 +33,8 @@ class StageConfig(BaseModel):
                 if key not in known:
                     close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.5)
                     hint = f"; did you mean '{close[0]}'?" if close else ""
-                    raise ValueError(
-                        f"unknown key '{key}' in {cls.__name__}{hint} (valid keys: {', '.join(sorted(known))})"
-                    )
+                    valid = ", ".join(sorted(known))
+                    raise ValueError(f"unknown key '{key}' in {cls.__name__}{hint} (valid keys: {valid})")
         return data
 
 

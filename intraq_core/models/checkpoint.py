@@ -1,0 +1,329 @@
+"""Safe checkpoint loading, key-layout adaptation and the project's own model checkpoints.
+
+Checkpoints are only ever read with ``torch.load(..., weights_only=True)``: unpickling
+arbitrary objects can execute code, and a state_dict never needs it. Key layouts of the
+two common CIFAR ResNet conventions are adapted to the model's own names:
+
+* akamaster: head ``linear``, option-B shortcut ``shortcut.0/1``;
+* torchvision-style (e.g. chenyaofo's CIFAR ResNets): head ``fc``, shortcut ``downsample.0/1``.
+
+Loading is strict: any missing, unexpected or mis-shaped key raises
+``CheckpointMismatchError`` listing them, instead of silently leaving random weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MODEL_CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "adapt_state_dict",
+    "extract_state_dict",
+    "is_model_checkpoint",
+    "load_state_dict_file",
+    "load_weights",
+    "read_model_checkpoint",
+    "save_model_checkpoint",
+]
+
+MODEL_CHECKPOINT_FORMAT = "intraq-model/1"
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+_MAX_LISTED = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file could not be read or holds no usable state_dict."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A state_dict does not fit the model; lists missing, unexpected and mis-shaped keys."""
+
+    def __init__(
+        self,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+        *,
+        model_name: str = "model",
+        source: str | None = None,
+        hints: Iterable[str] = (),
+    ) -> None:
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
+        if mismatched:
+            shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+            parts.append(f"{len(mismatched)} shape mismatch(es) {_listing(shown)}")
+        where = f" {source}" if source else ""
+        msg = f"checkpoint{where} does not match {model_name}: " + "; ".join(parts)
+        hints = list(hints)
+        if hints:
+            msg += " (hint: " + "; ".join(hints) + ")"
+        super().__init__(msg)
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+def _unpickler_detail(message: str) -> str:
+    """The informative line of torch's long weights-only error (e.g. 'Unsupported global: ...')."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "Unsupported global" in line:
+            return line.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "invalid pickle")
+    return lines[0] if lines else "invalid pickle"
+
+
+def _torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` with weights_only=True, turning every failure into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(str(exc))
+        if "global" not in detail.lower():  # corrupt or not a pickle at all
+            raise CheckpointError(f"could not read {path} as a torch checkpoint: {detail}") from None
+        raise CheckpointError(
+            f"refused to load {path}: it is not loadable with torch.load(weights_only=True) ({detail}); "
+            "only plain tensors/containers are accepted because unpickling arbitrary objects can "
+            "execute code. Re-save it as {'state_dict': model.state_dict()} from a trusted environment."
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"could not read {path} as a torch checkpoint: {exc}") from exc
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
+    """The state_dict inside a loaded checkpoint (plain, or under a common wrapper key).
+
+    ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped.
+    """
+    state = obj
+    if not _is_tensor_dict(state) and isinstance(obj, Mapping):
+        state = next((obj[k] for k in _WRAPPER_KEYS if k in obj and _is_tensor_dict(obj[k])), None)
+    if not _is_tensor_dict(state):
+        found = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"no state_dict found in {source}: expected a dict of tensors, or one under "
+            f"{'/'.join(_WRAPPER_KEYS)}; found {found}"
+        )
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = _strip_prefixes(key)
+        if new in out:
+            raise CheckpointError(f"duplicate key {new!r} in {source} after stripping prefixes")
+        out[new] = value
+    return out
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state_dict from a file with ``weights_only=True`` (CPU tensors, prefixes stripped)."""
+    p = Path(path).expanduser()
+    return extract_state_dict(_torch_load(p), source=str(p))
+
+
+def _variants(key: str) -> list[str]:
+    """Spellings of ``key`` in the other layout: head ``fc``<->``linear``, ``downsample``<->``shortcut``."""
+    parts = key.split(".")
+    options: list[list[str]] = []
+    for i, part in enumerate(parts):
+        alt = [part]
+        if i == 0 and part in ("fc", "linear"):
+            alt.append("linear" if part == "fc" else "fc")
+        if i > 0 and part in ("downsample", "shortcut"):
+            alt.append("shortcut" if part == "downsample" else "downsample")
+        options.append(alt)
+    return [".".join(p) for p in itertools.product(*options)]
+
+
+def adapt_state_dict(state_dict: Mapping[str, Tensor], model_keys: Iterable[str]) -> dict[str, Tensor]:
+    """Rename keys to the model's layout where a key is absent but its other-layout spelling exists."""
+    wanted = set(model_keys)
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        target = key
+        if key not in wanted:
+            target = next((v for v in _variants(key) if v in wanted and v not in state_dict), key)
+        if target in out:  # two spellings of one key: keep the first, report the second
+            target = key
+        out[target] = value
+    return out
+
+
+def _hints(
+    model_sd: Mapping[str, Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+) -> list[str]:
+    """Likely causes of a mismatch (wrong shortcut option, wrong number of classes)."""
+    hints = []
+    has_shortcut = any(".shortcut." in k or ".downsample." in k for k in model_sd)
+    if any(".shortcut." in k or ".downsample." in k for k in unexpected) and not has_shortcut:
+        hints.append("the checkpoint has shortcut convolutions: use shortcut 'B'")
+    if any(".shortcut." in k or ".downsample." in k for k in missing) and not any(
+        ".shortcut." in k or ".downsample." in k for k in unexpected
+    ):
+        hints.append("the checkpoint has no shortcut parameters: use shortcut 'A'")
+    last_keys = list(model_sd)[-2:]
+    for key, ck_shape, model_shape in mismatched:
+        if key in last_keys and ck_shape[1:] == model_shape[1:]:
+            hints.append(f"the checkpoint's classifier has {ck_shape[0]} classes: set num_classes")
+            break
+    return hints
+
+
+def load_weights(
+    model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str]
+) -> nn.Module:
+    """Strictly load a state_dict (or a checkpoint file) into ``model``, adapting key layouts.
+
+    Absent ``num_batches_tracked`` buffers are tolerated; anything else that does not fit
+    raises CheckpointMismatchError. Returns ``model``.
+    """
+    if isinstance(state_dict_or_path, Mapping):
+        source = None
+        state = extract_state_dict(state_dict_or_path, source="state_dict")
+    else:
+        source = str(state_dict_or_path)
+        state = load_state_dict_file(state_dict_or_path)
+    model_sd = model.state_dict()
+    state = adapt_state_dict(state, model_sd)
+    missing = [k for k in model_sd if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in model_sd]
+    mismatched = [
+        (k, tuple(v.shape), tuple(model_sd[k].shape))
+        for k, v in state.items()
+        if k in model_sd and v.shape != model_sd[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(
+            missing,
+            unexpected,
+            mismatched,
+            model_name=type(model).__name__,
+            source=source,
+            hints=_hints(model_sd, missing, unexpected, mismatched),
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _plain(obj: Any, where: str, allow_tensors: bool) -> Any:
+    """Deep copy into types that ``torch.load(weights_only=True)`` reads back."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}", allow_tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]", allow_tensors) for i, v in enumerate(obj)]
+    if allow_tensors and isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    raise TypeError(f"{where} has a {type(obj).__name__}; only plain types can be stored in a checkpoint")
+
+
+def save_model_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    model_config: Mapping[str, Any] | Any,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``{"format", "model_config", "state_dict", "extra"}`` atomically; returns the path.
+
+    ``model_config`` (a dict or ModelConfig) is resolved so the file records its
+    architecture, classes and normalization; its ``weights`` is cleared because the
+    weights are in the file. Such a file can be used as ``ModelConfig.arch``.
+    """
+    from intraq_core.config import ModelConfig
+    from intraq_core.models.registry import resolve_model_config
+
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
+    resolved = resolve_model_config(cfg)
+    stored = resolved.model_dump(mode="json")
+    stored["weights"] = None
+    payload = {
+        "format": MODEL_CHECKPOINT_FORMAT,
+        "model_config": _plain(stored, "model_config", allow_tensors=False),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "extra": _plain(dict(extra or {}), "extra", allow_tensors=True),
+    }
+    dest = Path(path).expanduser()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, dest)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return dest
+
+
+def is_model_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file written by ``save_model_checkpoint``."""
+    p = Path(path).expanduser()
+    if not p.is_file() or not zipfile.is_zipfile(p):
+        return False
+    try:
+        read_model_checkpoint(p)
+    except CheckpointError:
+        return False
+    return True
+
+
+def read_model_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a project model checkpoint (memory-mapped) and check its format tag."""
+    p = Path(path).expanduser()
+    mmap = p.is_file() and zipfile.is_zipfile(p)
+    obj = _torch_load(p, mmap=mmap)
+    if not isinstance(obj, Mapping) or obj.get("format") != MODEL_CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{p} is not an intraq-pipeline model checkpoint (no 'format': '{MODEL_CHECKPOINT_FORMAT}')"
+        )
+    if not isinstance(obj.get("model_config"), Mapping) or not _is_tensor_dict(obj.get("state_dict")):
+        raise CheckpointError(f"{p} is a malformed model checkpoint (model_config/state_dict missing)")
+    return dict(obj)

@@ -1,0 +1,134 @@
+"""Generic access to a classifier's BatchNorm layers and features (no hard-coded names).
+
+BNS needs every BN layer; MDC needs the penultimate feature, i.e. the input of the
+classifier, found as the last ``nn.Linear`` executed in a forward pass. This works for the
+CIFAR ResNets (``linear``), torchvision ResNets (``fc``), MobileNetV2 (``classifier.1``)
+and any model whose head is an ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from types import TracebackType
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["FeatureTap", "bn_layers", "classifier_layer", "flatten_feature"]
+
+PENULTIMATE = "penultimate"
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """All BatchNorm layers of ``model`` with their names, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def classifier_layer(model: nn.Module, example_input: Tensor) -> tuple[str, nn.Linear]:
+    """Name and module of the last ``nn.Linear`` executed on ``example_input``.
+
+    Runs one forward pass without gradients and in eval mode (BN statistics untouched);
+    the model's training flags are restored afterwards.
+    """
+    executed: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, _o, name=name: executed.append(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if not executed:
+        raise ValueError(f"no nn.Linear was executed in a forward pass of {type(model).__name__}")
+    name = executed[-1]
+    layer = model.get_submodule(name)
+    assert isinstance(layer, nn.Linear)
+    return name, layer
+
+
+def flatten_feature(x: Tensor) -> Tensor:
+    """[N, ...] -> [N, D]; 4-D feature maps are global-average-pooled first."""
+    if x.dim() == 4:
+        x = x.mean(dim=(2, 3))
+    return torch.flatten(x, 1)
+
+
+class FeatureTap:
+    """Captures a feature on every forward of ``model``, keeping its autograd graph.
+
+    With ``layer_name`` None (or ``"penultimate"``) it captures the input of the
+    classifier, the last ``nn.Linear`` executed in each forward, flattened to [N, D].
+    With a module name it captures that module's output (global-average-pooled if 4-D,
+    then flattened). ``features`` holds the latest capture; ``layer_name`` the layer used.
+    Use as a context manager or call ``remove()``.
+    """
+
+    def __init__(self, model: nn.Module, layer_name: str | None = None) -> None:
+        self.model = model
+        self.features: Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+        self._last: tuple[str, Tensor] | None = None
+        if layer_name is None or layer_name == PENULTIMATE:
+            self.layer_name: str | None = None
+            linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; pass layer_name")
+            for name, module in linears:
+                self._handles.append(module.register_forward_pre_hook(self._linear_input_hook(name)))
+            self._handles.append(model.register_forward_pre_hook(self._reset))
+            self._handles.append(model.register_forward_hook(self._finish))
+        else:
+            modules = dict(model.named_modules())
+            if layer_name not in modules:
+                close = difflib.get_close_matches(layer_name, [n for n in modules if n], n=3, cutoff=0.5)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"no module named '{layer_name}' in {type(model).__name__}{hint}")
+            self.layer_name = layer_name
+            self._handles.append(modules[layer_name].register_forward_hook(self._output_hook))
+
+    def _linear_input_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            self._last = (name, args[0])
+
+        return hook
+
+    def _reset(self, _module: nn.Module, _args: tuple[Tensor, ...]) -> None:
+        self._last = None
+
+    def _finish(self, _module: nn.Module, _args: tuple[Tensor, ...], _output: Tensor) -> None:
+        if self._last is None:
+            raise RuntimeError(f"no nn.Linear was executed in the forward of {type(self.model).__name__}")
+        self.layer_name, x = self._last
+        self._last = None
+        self.features = torch.flatten(x, 1)
+
+    def _output_hook(self, _module: nn.Module, _args: tuple[Tensor, ...], output: Tensor) -> None:
+        self.features = flatten_feature(output)
+
+    def remove(self) -> None:
+        """Remove all hooks; ``features`` keeps the last capture."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()

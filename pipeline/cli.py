@@ -1,0 +1,299 @@
+"""``intraq-pipeline``: the command-line interface.
+
+Every command takes ``--config FILE`` (or the name of a shipped config), repeated
+``--set key.path=value`` overrides and ``--storage URL`` (the run location). Bad input
+prints one line and exits with code 2 (add ``--debug`` for the traceback). Heavy imports
+(torch, Ray) happen inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Data-free (zero-shot) quantization of image classifiers with IntraQ synthetic data.",
+)
+
+_STATE = {"debug": False}
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML run config (a path, or a shipped name like 'smoke')."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: --set generate.iterations=200."),
+]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage", "--output", "-o", help="Run location: a local dir, file://, s3://bucket/prefix."
+    ),
+]
+ClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", help="Ray cluster-launcher YAML to run on (default: a local Ray).")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run at this location.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the run at this location.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input or environment (one line, exit 2)."""
+    return (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def _fail(exc: BaseException) -> None:
+    from pipeline.storage import redact
+
+    if _STATE["debug"]:
+        raise exc
+    msg = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _guard(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(code=130) from None
+        except _expected_errors() as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    log_level: Annotated[str, typer.Option("--log-level", help="Logging level.")] = "WARNING",
+) -> None:
+    _STATE["debug"] = debug
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+
+def _load_config(config: str | None, sets: list[str] | None, storage: str | None, cluster: str | None):
+    from pipeline.config import load_run_config
+
+    overrides = list(sets or [])
+    if storage is not None:
+        overrides.append(f"storage.url={storage}")
+    cfg = load_run_config(config, overrides)
+    if cluster is not None:
+        from pipeline.cluster import load_cluster_config
+
+        load_cluster_config(cluster)  # validates; connection happens in the stage
+    return cfg
+
+
+@app.command()
+@_guard
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    cluster: ClusterOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
+    cfg = _load_config(config, set_, storage, cluster)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite are mutually exclusive")
+    from pipeline.run import run_pipeline
+
+    with _ray_session(cfg, cluster):
+        metrics = run_pipeline(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    _print_metrics(metrics, cfg.storage.url)
+
+
+def _print_metrics(metrics: dict[str, Any], where: str) -> None:
+    typer.echo(
+        f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
+        f"calibrated {metrics['ptq_top1']:.2f}% → distilled {metrics['quant_top1']:.2f}%"
+    )
+    typer.echo(f"metrics: {where.rstrip('/')}/metrics.json")
+
+
+class _ray_session:
+    """Start or connect to Ray when the executor needs it; shut it down afterwards."""
+
+    def __init__(self, cfg: Any, cluster: str | None) -> None:
+        self.cfg = cfg
+        self.cluster = cluster
+        self.started = False
+
+    def __enter__(self) -> _ray_session:
+        if self.cfg.executor != "ray":
+            return self
+        from pipeline.ray_session import start_ray
+
+        info = start_ray(self.cfg, self.cluster)
+        self.started = True
+        if info.get("dashboard_url"):
+            typer.echo(f"Ray dashboard: {info['dashboard_url']}", err=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            from pipeline.ray_session import stop_ray
+
+            stop_ray()
+
+
+@app.command()
+@_guard
+def generate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    cluster: ClusterOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate the synthetic dataset only (Parquet shards + manifest)."""
+    cfg = _load_config(config, set_, storage, cluster)
+    from pipeline.stages import generate_stage
+
+    with _ray_session(cfg, cluster):
+        manifest = generate_stage(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
+
+
+@app.command()
+@_guard
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    cluster: ClusterOpt = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Run location whose synthetic data to train on.")
+    ] = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
+    cfg = _load_config(config, set_, storage, cluster)
+    from pipeline.stages import train_stage
+
+    with _ray_session(cfg, cluster):
+        metrics = train_stage(cfg, dataset=dataset, resume=resume, overwrite=overwrite, progress=not quiet)
+    _print_metrics(metrics, cfg.storage.url)
+
+
+def _parse_bits(bits: str) -> tuple[int, int]:
+    import re
+
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
+    if not m:
+        raise UsageError(f"--bits must look like W4A4, got '{bits}'")
+    return int(m.group(1)), int(m.group(2))
+
+
+@app.command()
+@_guard
+def evaluate(
+    arch: Annotated[
+        str, typer.Option("--arch", help="Architecture (cifar_resnet20, torchvision:resnet18, …).")
+    ] = ("cifar_resnet20"),
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Checkpoint path or asset name; a student.pt evaluates as is."),
+    ] = None,
+    data: Annotated[str, typer.Option("--data", help="Test set: asset name, .npz, ImageFolder dir.")] = (
+        "cifar10-test"
+    ),
+    bits: Annotated[
+        str | None, typer.Option("--bits", help="Quantize (PTQ, min/max) before evaluating, e.g. W4A4.")
+    ] = None,
+    calib: Annotated[
+        str | None, typer.Option("--calib", help="Data to calibrate activation ranges for --bits.")
+    ] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Images used for calibration.")] = 512,
+    mean: Annotated[str | None, typer.Option("--mean", help="Input mean, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Input std, e.g. 0.229,0.224,0.225.")] = None,
+    num_classes: Annotated[int | None, typer.Option("--num-classes")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"top1": …, "n": …}.')] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-1 accuracy of a model (optionally quantized) on a real labelled test set."""
+    from pipeline.stages import evaluate_command
+
+    result = evaluate_command(
+        arch=arch,
+        weights=weights,
+        data=data,
+        bits=_parse_bits(bits) if bits else None,
+        calib=calib,
+        calib_images=calib_images,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        num_classes=num_classes,
+        batch_size=batch_size,
+        progress=not quiet and not as_json,
+    )
+    if as_json:
+        typer.echo(json.dumps({"top1": round(result["top1"], 4), "n": result["n"]}))
+    else:
+        typer.echo(f"top-1 {result['top1']:.2f}% on {result['n']} images")
+
+
+def _floats(text: str | None, name: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'") from None
+    if len(vals) != 3:
+        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'")
+    return vals  # type: ignore[return-value]
+
+
+@app.command("show-config")
+@_guard
+def show_config(config: ConfigOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
+    """Print the fully resolved run config as YAML (defaults + file + overrides)."""
+    cfg = _load_config(config, set_, storage, None)
+    typer.echo(cfg.to_yaml(), nl=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    finally:
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
+
+__all__ = ["Path", "app", "main"]

@@ -1,0 +1,241 @@
+"""The run config: every stage's config composed into one validated, YAML round-trippable object.
+
+Loading order: the embedded defaults, then a YAML file (``--config``), then ``--set
+key.path=value`` overrides (values parsed as YAML scalars/lists). Unknown keys are errors
+that suggest the closest valid key; every error is one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from intraq_core.config import (
+    DistillConfig,
+    EvalConfig,
+    ModelConfig,
+    QuantConfig,
+    StageConfig,
+    SynthConfig,
+)
+from pipeline.storage import StorageConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """The run config is invalid (unknown key, bad value, malformed YAML)."""
+
+
+class RayConfig(StageConfig):
+    """Where and how wide the pipeline runs on Ray.
+
+    ``address`` None starts a local Ray (dashboard on 127.0.0.1); ``auto`` or
+    ``ray://host:10001`` connects to a cluster (``--cluster FILE`` sets it).
+    """
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    generation_actors: int | None = Field(default=None, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0.0)
+    gpus_per_actor: float = Field(default=1.0, ge=0.0)
+    train_workers: int = Field(default=1, ge=1)
+    cpus_per_train_worker: float = Field(default=1.0, gt=0.0)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    dashboard: bool = True
+    max_failures: int = Field(default=3, ge=0)
+
+
+class TuneConfig(StageConfig):
+    """Ray Tune search over loss weights and margins (see ``intraq-pipeline tune``)."""
+
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=2, ge=1)
+    search: Literal["optuna", "random"] = "optuna"
+    objective: Literal["agreement", "validation"] = "agreement"
+    validation_data: str | None = None
+    grace_epochs: int = Field(default=1, ge=1)
+    space: dict[str, list[float]] = Field(
+        default_factory=lambda: {
+            "generate.bns_weight": [0.1, 10.0],
+            "generate.sil_weight": [0.1, 10.0],
+            "generate.mdc_weight": [0.1, 10.0],
+            "generate.sil_epsilon": [0.5, 1.0],
+            "generate.mdc_lower": [0.0, 0.2],
+            "generate.mdc_upper": [0.2, 1.0],
+            "generate.lor_min_area": [0.2, 0.9],
+            "distill.kd_alpha": [0.5, 4.0],
+            "distill.kd_temperature": [1.0, 8.0],
+        }
+    )
+
+
+class RunConfig(StageConfig):
+    """One run: generate → quantize → distil → evaluate, with its storage and Ray settings.
+
+    ``dataset`` names another run location whose synthetic data to reuse (generation is
+    skipped; e.g. one dataset quantized at several bit widths).
+    """
+
+    name: str = "intraq"
+    seed: int = Field(default=0, ge=0)
+    executor: Literal["ray", "local"] = "ray"
+    dataset: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(weights="cifar10-resnet20"))
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    generate: SynthConfig = Field(default_factory=SynthConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def dataset_hash(self) -> str:
+        """Hash of everything that determines the synthetic dataset (not quantization/training)."""
+        keys = {
+            "seed": self.seed,
+            "model": self.model.model_dump(mode="json"),
+            "generate": _gen_identity(self),
+        }
+        return _hash(keys)
+
+    def config_hash(self) -> str:
+        """Hash of the whole run identity (storage and Ray placement excluded)."""
+        d = self.to_dict()
+        for k in ("storage", "ray", "tune", "executor", "device", "name", "dataset"):
+            d.pop(k, None)
+        d["generate"] = _gen_identity(self)
+        return _hash(d)
+
+
+def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
+    g = cfg.generate.model_dump(mode="json")
+    # Engineering knobs that do not change the images' law are not part of the identity.
+    for k in ("channels_last", "compile", "amp"):
+        g.pop(k, None)
+    return g
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("__root__",))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    fields_cls: type[StageConfig] | None = RunConfig
+    for i, key in enumerate(keys):
+        if fields_cls is not None and key not in fields_cls.model_fields:
+            valid = sorted(fields_cls.model_fields)
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            where = ".".join(keys[:i]) or "the run config"
+            hint = f"; did you mean '{'.'.join([*keys[:i], close[0]])}'?" if close else ""
+            raise ConfigError(f"unknown key '{dotted}' (no '{key}' in {where}){hint}")
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+        annotation = fields_cls.model_fields[key].annotation if fields_cls is not None else None
+        fields_cls = (
+            annotation if isinstance(annotation, type) and issubclass(annotation, StageConfig) else None
+        )
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → nested dict, values parsed as YAML (so 1e-3, true, [1,2] work)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value '{raw}' ({exc})") from exc
+        _set_path(out, key, value)
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with one-line errors (missing file, syntax with line number)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        candidates = [Path("configs") / f"{path}.yaml", CONFIG_DIR / f"{path}.yaml"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ConfigError(
+                f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})"
+            )
+        p = found[0]
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {p}{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_run_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults ← YAML file ← ``--set`` overrides, validated."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _deep_merge(data, read_yaml(path))
+    data = _deep_merge(data, parse_overrides(overrides))
+    return validate_run_config(data)
+
+
+def validate_run_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {_format_validation_error(exc)}") from None
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``--config NAME`` works for them)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))

@@ -1,0 +1,80 @@
+"""What every stage needs from a run config: the resolved model, the device, the storage."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn as nn
+
+from intraq_core.config import ModelConfig
+from intraq_core.models import create_model, resolve_model_config
+from pipeline.config import RunConfig
+from pipeline.storage import Storage
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use device: auto or cpu)")
+    return torch.device(choice)
+
+
+def limit_threads(default: int | None = None) -> None:
+    """Bound torch's intra-op threads (Ray sets OMP_NUM_THREADS to the actor's CPUs)."""
+    n = default if default is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A checksum of a model's weights (stable across processes and devices)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class RunContext:
+    """A run config with its model config resolved and its storage opened."""
+
+    cfg: RunConfig
+    storage: Storage
+
+    @classmethod
+    def create(cls, cfg: RunConfig) -> RunContext:
+        return cls(cfg, Storage.from_config(cfg.storage))
+
+    @cached_property
+    def model_cfg(self) -> ModelConfig:
+        return resolve_model_config(self.cfg.model)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.model_cfg.image_size or 32
+        return (3, size, size)
+
+    @property
+    def num_classes(self) -> int:
+        assert self.model_cfg.num_classes is not None
+        return self.model_cfg.num_classes
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.device)
+
+    def teacher(self) -> nn.Module:
+        """A fresh frozen copy of the full-precision teacher, in eval mode, on CPU."""
+        model = create_model(self.model_cfg)
+        return model.eval().requires_grad_(False)
+
+    @cached_property
+    def teacher_sha256(self) -> str:
+        return state_dict_sha256(self.teacher())

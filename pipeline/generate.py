@@ -1,0 +1,241 @@
+"""Generation stage: shard tasks → Parquet shards + manifest, round by round.
+
+Every shard of round r is optimized against the MDC class centres of all images of
+rounds < r (a snapshot taken when the round starts), and centres are updated in shard
+order when the round ends; so the same config and seed give the same shards whatever
+the number of actors. Shards become visible only through the manifest, which is
+rewritten atomically after each finished shard; re-running skips listed shards.
+
+Two executors share this logic: ``local`` (one process, the laptop/debug path) and
+``ray`` (a pool of actors, see :mod:`pipeline.ray_generate`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from intraq_core.synth.centres import ClassCentres
+from intraq_core.synth.engine import Synthesizer, SynthResult
+from pipeline.context import RunContext
+from pipeline.plan import ShardTask, make_plan, rounds
+from pipeline.shards import Manifest, ShardInfo, read_shard, write_shard
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = "data"
+HISTORY_EVERY = 10
+
+
+class GenerationError(RuntimeError):
+    """Generation could not complete (e.g. the storage holds another run's dataset)."""
+
+
+@dataclass
+class ShardOutcome:
+    """What a finished shard reports back: its manifest record and its clean features."""
+
+    info: ShardInfo
+    round: int
+    features: np.ndarray
+    labels: np.ndarray
+    final: dict[str, float] = field(default_factory=dict)
+    history: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    image_iterations: int = 0
+
+
+def dataset_storage(ctx: RunContext) -> Storage:
+    """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
+    if ctx.cfg.dataset is not None:
+        other = ctx.cfg.storage.model_copy(update={"url": ctx.cfg.dataset})
+        return Storage.from_config(other).child(DATA_DIR)
+    return ctx.storage.child(DATA_DIR)
+
+
+def shard_meta(ctx: RunContext, task: ShardTask, result: SynthResult) -> dict[str, Any]:
+    """File metadata of a shard: what produced it and how to read it."""
+    m = ctx.model_cfg
+    return {
+        "round": task.round,
+        "config_hash": ctx.cfg.dataset_hash(),
+        "teacher_sha256": ctx.teacher_sha256,
+        "mean": list(m.mean or ()),
+        "std": list(m.std or ()),
+        "num_classes": ctx.num_classes,
+        "image_shape": list(ctx.image_shape),
+        "seed": task.batch_seed,
+        "method": ctx.cfg.generate.method,
+        "final_losses": result.final,
+        "seconds": result.seconds,
+    }
+
+
+def synthesize_shard(
+    synth: Synthesizer,
+    ctx: RunContext,
+    storage: Storage,
+    task: ShardTask,
+    centres_state: dict[str, np.ndarray] | None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> ShardOutcome:
+    """Optimize one shard and write it; the unit of work of every executor."""
+    centres = None
+    if centres_state is not None:
+        store = ClassCentres.from_state(centres_state)
+        if store.counts.any():
+            centres = store.snapshot()
+    labels = torch.tensor(task.labels, dtype=torch.int64)
+    seeds = torch.tensor(task.image_seeds, dtype=torch.int64)
+    result = synth.synthesize(labels, seeds, task.batch_seed, centres, progress=progress)
+    info = write_shard(
+        storage,
+        task.index,
+        result.images.numpy(),
+        result.labels.numpy(),
+        result.seeds.numpy(),
+        np.asarray(list(task.indices), dtype=np.int64),
+        shard_meta(ctx, task, result),
+        features=result.features.numpy(),
+    )
+    history = {k: v[::HISTORY_EVERY] + v[-1:] for k, v in result.history.items()}
+    return ShardOutcome(
+        info,
+        task.round,
+        result.features.numpy(),
+        result.labels.numpy(),
+        result.final,
+        history,
+        result.seconds,
+        result.images.shape[0] * result.iterations,
+    )
+
+
+def new_manifest(ctx: RunContext, num_shards: int) -> Manifest:
+    m = ctx.model_cfg
+    return Manifest(
+        config_hash=ctx.cfg.dataset_hash(),
+        num_shards_planned=num_shards,
+        image_shape=list(ctx.image_shape),
+        num_classes=ctx.num_classes,
+        mean=list(m.mean or ()),
+        std=list(m.std or ()),
+    )
+
+
+def open_manifest(ctx: RunContext, storage: Storage, num_shards: int) -> Manifest:
+    """The existing manifest of this dataset, or a new one; another run's dataset is an error."""
+    if Manifest.exists(storage):
+        manifest = Manifest.load(storage)
+        if manifest.config_hash != ctx.cfg.dataset_hash():
+            raise GenerationError(
+                f"{storage.url} holds a synthetic dataset of another config (hash {manifest.config_hash}, "
+                f"this run {ctx.cfg.dataset_hash()}); use another storage location or --overwrite"
+            )
+        return manifest
+    return new_manifest(ctx, num_shards)
+
+
+def centres_before_round(
+    storage: Storage, manifest: Manifest, round_index: int, num_classes: int
+) -> ClassCentres | None:
+    """Class centres of all finished shards of rounds < round_index, added in shard order."""
+    centres: ClassCentres | None = None
+    for entry in manifest.shards:
+        if entry.round >= round_index:
+            continue
+        shard = read_shard(storage, entry.path)
+        if shard.features is None:
+            raise GenerationError(f"{storage.join(entry.path)} has no feature column; regenerate it")
+        if centres is None:
+            centres = ClassCentres(num_classes, shard.features.shape[1])
+        centres.update(shard.features, shard.labels)
+    return centres
+
+
+class GenerationStats:
+    """Aggregated timing and losses of a generation stage (for metrics.json)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.image_iterations = 0
+        self.shards_done = 0
+        self.final: dict[int, dict[str, float]] = {}
+        self.history: dict[int, dict[str, list[float]]] = {}
+
+    def add(self, outcome: ShardOutcome) -> None:
+        self.seconds += outcome.seconds
+        self.image_iterations += outcome.image_iterations
+        self.shards_done += 1
+        self.final[outcome.info.index] = outcome.final
+        self.history[outcome.info.index] = outcome.history
+
+    def summary(self) -> dict[str, Any]:
+        mean_final: dict[str, float] = {}
+        if self.final:
+            keys = sorted({k for f in self.final.values() for k in f})
+            for k in keys:
+                vals = [f[k] for f in self.final.values() if k in f]
+                mean_final[k] = float(np.mean(vals))
+        return {
+            "shards_generated": self.shards_done,
+            "image_iterations": self.image_iterations,
+            "image_iterations_per_s": self.image_iterations / self.seconds if self.seconds > 0 else None,
+            "final_losses_mean": mean_final,
+        }
+
+
+def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
+    """Generate the dataset in this process (no Ray), resuming from the manifest."""
+    from tqdm.auto import tqdm
+
+    storage = dataset_storage(ctx)
+    tasks = make_plan(ctx.cfg, ctx.num_classes)
+    manifest = open_manifest(ctx, storage, len(tasks))
+    todo = [t for t in tasks if manifest.shard(t.index) is None]
+    stats = GenerationStats()
+    if not todo:
+        manifest.save(storage)
+        return manifest, stats
+    g = ctx.cfg.generate
+    synth = Synthesizer(
+        ctx.teacher(), g, image_shape=ctx.image_shape, num_classes=ctx.num_classes, device=ctx.device
+    )
+    iters = g.iterations if g.optimizes else 1
+    bar = tqdm(total=len(todo) * iters, desc="generate", unit="it", disable=not progress)
+    done_shards = len(tasks) - len(todo)
+    try:
+        for round_tasks in rounds(tasks):
+            pending = [t for t in round_tasks if manifest.shard(t.index) is None]
+            if not pending:
+                continue
+            centres = centres_before_round(storage, manifest, round_tasks[0].round, ctx.num_classes)
+            state = centres.state() if centres is not None else None
+            for task in pending:
+                label = f"{done_shards + 1}/{len(tasks)}"
+                bar.set_postfix(shard=label)
+
+                def tick(it: int, total: int, losses: dict[str, float], label: str = label) -> None:
+                    bar.update(1)
+                    if it % 20 == 0 or it == total:
+                        bar.set_postfix(shard=label, loss=f"{losses['total']:.4f}")
+
+                outcome = synthesize_shard(
+                    synth, ctx, storage, task, state, progress=tick if g.optimizes else None
+                )
+                if not g.optimizes:
+                    bar.update(1)
+                manifest.add_shard(outcome.info, round=task.round)
+                manifest.save(storage)
+                stats.add(outcome)
+                done_shards += 1
+    finally:
+        bar.close()
+        synth.close()
+    return manifest, stats

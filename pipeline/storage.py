@@ -1,0 +1,865 @@
+"""Run storage behind one small API: local paths, ``file://``, ``s3://`` and ``memory://`` URLs.
+
+Every stage reads and writes its outputs through :class:`Storage` so that the same code runs on
+a laptop (local directory), in unit tests (``memory://``) and on a cluster (S3 or any
+S3-compatible endpoint). The class adds what plain fsspec lacks for a pipeline:
+
+* atomic writes (a reader never sees a partially written object),
+* one retry policy for transient errors (ours, with botocore's own retries switched off so an
+  unreachable endpoint fails in seconds instead of minutes),
+* one-line :class:`StorageError` messages for wrong schemes, credentials and endpoints, with
+  secrets removed (:func:`redact`),
+* a run lock with a lease, recoverable after a crash.
+
+Credentials are never part of the configuration: they come from the standard AWS settings
+(environment, ``AWS_PROFILE``, instance roles), so they are never written to a run directory or a
+log. This module imports only fsspec, pyarrow and pydantic (never Ray or torch) on purpose: it is
+imported by every Ray worker and by the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import posixpath
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import IO, Any, TypeVar
+from urllib.parse import quote, urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Lock",
+    "LockedError",
+    "Storage",
+    "StorageConfig",
+    "StorageError",
+    "redact",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Environment variables whose values are secrets and must never reach a message or a log.
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+#: Schemes handled by fsspec backends that are optional dependencies: supported only when installed.
+_OPTIONAL_SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs"}
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+# Error codes / errno values that mean "try again later" rather than "you did something wrong".
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "BadGateway",
+    "GatewayTimeout",
+}
+_TRANSIENT_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EREMOTEIO,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+}
+_TRANSIENT_CLASS_NAMES = {
+    # botocore
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "HTTPClientError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    # aiohttp / fsspec
+    "ClientConnectionError",
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "FSTimeoutError",
+}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidClientTokenId",
+}
+_CREDENTIAL_CLASS_NAMES = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "ProfileNotFound",
+    "UnauthorizedSSOTokenError",
+    "SSOTokenLoadError",
+    "TokenRetrievalError",
+}
+
+
+class StorageError(ValueError):
+    """A storage location cannot be used: bad URL, credentials, endpoint or permissions."""
+
+
+class LockedError(StorageError):
+    """The run location is locked by another live run."""
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with the values of AWS secret/session-token variables replaced by ``***``.
+
+    Used on every message this module builds and by the CLI before printing an error, so a
+    secret that a library echoes back (for example inside a signed URL) never reaches a terminal
+    or a log file.
+    """
+    secrets: set[str] = set()
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            secrets.add(value)
+            secrets.add(quote(value, safe=""))
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    """Collapse whitespace so a message stays on one line, and cap its length."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class StorageConfig(BaseModel):
+    """Where a run's outputs live and how hard to try when the store misbehaves.
+
+    ``url`` is a local path, ``file://``, ``s3://bucket/prefix`` or ``memory://`` (tests).
+    ``endpoint_url`` selects an S3-compatible endpoint (MinIO, Ceph, a loopback server); when
+    unset it is read, at connection time, from ``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``
+    so a saved config stays portable between machines. There are deliberately no credential
+    fields: credentials come from the standard AWS settings only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "runs/default"
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+    retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    timeout_s: float = Field(default=30, gt=0)
+
+    def resolved_endpoint_url(self) -> str | None:
+        """The endpoint to use: the configured one, else the standard AWS environment variables."""
+        return (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+
+    def resolved_region(self) -> str | None:
+        """The region to use: the configured one, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``."""
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def _supported_schemes() -> list[str]:
+    """Schemes usable in this environment (optional backends only when installed)."""
+    schemes = ["local path", "file://", "s3://", "memory://"]
+    for scheme in _OPTIONAL_SCHEMES:
+        if _optional_backend_available(scheme):
+            schemes.append(f"{scheme}://")
+    return schemes
+
+
+def _optional_backend_available(scheme: str) -> bool:
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """Return ``(kind, rest)`` for a storage URL, or raise StorageError for unsupported schemes."""
+    if not url or not url.strip():
+        raise StorageError("storage url is empty; give a local path or a URL such as s3://bucket/prefix")
+    url = url.strip()
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", url)
+    if match is None:
+        return "local", url
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme == "file":
+        return "local", rest
+    if scheme in ("s3", "s3a"):
+        return "s3", rest
+    if scheme == "memory":
+        return "memory", rest
+    if scheme in _OPTIONAL_SCHEMES and _optional_backend_available(scheme):
+        return scheme, rest
+    hint = ""
+    if scheme in _OPTIONAL_SCHEMES:
+        hint = f" ({scheme}:// needs the '{_OPTIONAL_SCHEMES[scheme]}' package)"
+    raise StorageError(
+        f"unsupported storage scheme '{scheme}://' in {url!r}{hint}; "
+        f"supported: {', '.join(_supported_schemes())}"
+    )
+
+
+class Storage:
+    """An fsspec filesystem plus a root path, with atomic writes, retries and clear errors.
+
+    Paths given to methods are relative to the root (``"shards/shard-00000.parquet"``); ``join``
+    turns them into full paths/URLs. Instances pickle as their config, so a Ray worker rebuilds
+    the filesystem with its own environment (credentials are never pickled).
+    """
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.kind, rest = _split_url(config.url)
+        self._endpoint = config.resolved_endpoint_url() if self.kind == "s3" else None
+        self.fs: fsspec.AbstractFileSystem
+        if self.kind == "local":
+            self.fs = fsspec.filesystem("file", auto_mkdir=True)
+            self._root = os.path.abspath(os.path.expanduser(rest)).rstrip("/") or "/"
+        elif self.kind == "s3":
+            self._root = rest.strip("/")
+            bucket = self._root.split("/", 1)[0]
+            if not _BUCKET_RE.match(bucket):
+                raise StorageError(
+                    f"invalid S3 bucket name {bucket!r} in {config.url!r}: bucket names are 3-63 "
+                    "characters of lowercase letters, digits, '.' and '-'"
+                )
+            self.fs = self._make_s3fs()
+        elif self.kind == "memory":
+            self.fs = fsspec.filesystem("memory")
+            self._root = "/" + rest.strip("/")
+        else:
+            self.fs = fsspec.filesystem(self.kind)
+            self._root = str(self.fs._strip_protocol(f"{self.kind}://{rest}")).rstrip("/")
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> Storage:
+        """Open the storage described by ``config`` (no network access happens here)."""
+        return cls(config)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Storage:
+        """Shorthand for ``Storage.from_config(StorageConfig(url=url, **options))``."""
+        return cls(StorageConfig(url=url, **options))
+
+    def child(self, *parts: str) -> Storage:
+        """A Storage rooted at ``parts`` below this one (same endpoint, retries and timeouts)."""
+        return Storage(self.config.model_copy(update={"url": self.join(*parts)}))
+
+    def __reduce__(self) -> tuple[Callable[[StorageConfig], Storage], tuple[StorageConfig]]:
+        return (Storage.from_config, (self.config,))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    def _make_s3fs(self) -> fsspec.AbstractFileSystem:
+        """An s3fs filesystem that fails fast and leaves retrying to :meth:`_call`.
+
+        botocore's retries are reduced to a single attempt and s3fs's own retry loop to one pass,
+        so one failing call costs at most ``connect_timeout`` (loopback: milliseconds). Listing
+        caches are disabled: other processes (generation actors) write the same prefix.
+        """
+        from s3fs import S3FileSystem
+
+        cfg = self.config
+        config_kwargs: dict[str, Any] = {
+            "connect_timeout": min(cfg.timeout_s, 5.0),
+            "read_timeout": cfg.timeout_s,
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+        }
+        client_kwargs: dict[str, Any] = {}
+        region = cfg.resolved_region()
+        if region:
+            client_kwargs["region_name"] = region
+        if self._endpoint:
+            # S3-compatible servers (MinIO, Ceph, moto) generally need path-style addressing.
+            config_kwargs["s3"] = {"addressing_style": "path"}
+        fs = S3FileSystem(
+            anon=cfg.anon,
+            endpoint_url=self._endpoint,
+            client_kwargs=client_kwargs,
+            config_kwargs=config_kwargs,
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        )
+        fs.retries = 1
+        return fs
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The root as a full URL (an absolute path for local storage)."""
+        return self.join()
+
+    @property
+    def is_object_store(self) -> bool:
+        """True where a single PUT is atomic and there are no real directories."""
+        return self.kind not in ("local",)
+
+    def _rel(self, *parts: str) -> str:
+        """Normalize a relative path; reject absolute paths, URLs and ``..`` escapes."""
+        joined = "/".join(str(p).strip("/") for p in parts if str(p).strip("/"))
+        if "://" in joined:
+            raise StorageError(f"expected a path relative to {self.url}, got a URL: {joined!r}")
+        norm = posixpath.normpath(joined) if joined else ""
+        if norm in (".", ""):
+            return ""
+        if norm == ".." or norm.startswith("../"):
+            raise StorageError(f"path {joined!r} escapes the storage root {self.url}")
+        return norm
+
+    def _path(self, *parts: str) -> str:
+        """Path inside ``self.fs`` for a relative path."""
+        rel = self._rel(*parts)
+        if not rel:
+            return self._root
+        return f"{self._root.rstrip('/')}/{rel}"
+
+    def join(self, *parts: str) -> str:
+        """Full path/URL of ``parts`` below the root (for messages, manifests and other tools)."""
+        path = self._path(*parts)
+        if self.kind == "local":
+            return path
+        if self.kind == "memory":
+            return "memory://" + path
+        return f"{self.kind}://{path}"
+
+    def _relative_to_root(self, fs_path: str) -> str:
+        root = self._root.rstrip("/")
+        fs_path = fs_path.rstrip("/")
+        if self.kind == "memory" and not fs_path.startswith("/"):
+            fs_path = "/" + fs_path
+        if fs_path == root:
+            return ""
+        if fs_path.startswith(root + "/"):
+            return fs_path[len(root) + 1 :]
+        return fs_path
+
+    # -- error handling --------------------------------------------------------------------
+
+    def _call(
+        self,
+        what: str,
+        rel: str,
+        fn: Callable[[], T],
+        passthrough: tuple[type[BaseException], ...] = (),
+    ) -> T:
+        """Run ``fn`` with our retry policy and translate failures to one-line StorageErrors.
+
+        Transient failures (connection refused/reset, timeouts, 5xx, throttling) are retried
+        ``config.retries`` times with exponential backoff. Exceptions in ``passthrough`` (for
+        example FileNotFoundError on reads) are re-raised unchanged.
+        """
+        attempts = self.config.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as exc:
+                if _is_credentials_error(exc):
+                    raise StorageError(self._credentials_message(what, rel, exc)) from exc
+                if passthrough and isinstance(exc, passthrough) and not _is_missing_bucket(exc):
+                    raise
+                if not _is_transient(exc):
+                    raise StorageError(self._message(what, rel, exc)) from exc
+                if attempt == attempts:
+                    raise StorageError(self._message(what, rel, exc, attempts=attempts)) from exc
+                delay = min(self.config.retry_backoff_s * 2 ** (attempt - 1), 30.0)
+                log.warning(
+                    "%s",
+                    redact(
+                        _one_line(
+                            f"{what} {self.join(rel)}: transient error (attempt {attempt}/{attempts}), "
+                            f"retrying in {delay:.2f}s: {_describe(exc)}"
+                        )
+                    ),
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _where(self) -> str:
+        return f" (endpoint {self._endpoint})" if self._endpoint else ""
+
+    def _message(self, what: str, rel: str, exc: BaseException, attempts: int | None = None) -> str:
+        target = self.join(rel)
+        if _is_missing_bucket(exc):
+            bucket = self._root.split("/", 1)[0]
+            text = f"{what} {target} failed: bucket '{bucket}' does not exist{self._where()}"
+        elif attempts is not None:
+            text = f"{what} {target}{self._where()} failed after {attempts} attempts: {_describe(exc)}"
+        else:
+            text = f"{what} {target}{self._where()} failed: {_describe(exc)}"
+        return redact(_one_line(text))
+
+    def _credentials_message(self, what: str, rel: str, exc: BaseException) -> str:
+        text = (
+            f"{what} {self.join(rel)}{self._where()} failed: access denied - credentials missing, rejected "
+            f"or without permission ({_describe(exc)}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(and AWS_SESSION_TOKEN), or AWS_PROFILE, or run with an instance role"
+        )
+        return redact(_one_line(text))
+
+    # -- basic operations ------------------------------------------------------------------
+
+    def exists(self, rel: str = "") -> bool:
+        """Whether an object or directory exists (never answered from a stale listing cache)."""
+        path = self._path(rel)
+
+        def op() -> bool:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+
+        return self._call("checking", rel, op)
+
+    def ls(self, rel: str = "") -> list[str]:
+        """Sorted relative paths of the entries directly under ``rel``; [] if it does not exist."""
+        path = self._path(rel)
+
+        def op() -> list[str]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(self._relative_to_root(str(e)) for e in entries)
+
+        return self._call("listing", rel, op)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole object; raises FileNotFoundError when it does not exist."""
+        path = self._path(rel)
+        return self._call("reading", rel, lambda: bytes(self.fs.cat_file(path)), (FileNotFoundError,))
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        """Write an object so that readers see either the old content or all of the new one.
+
+        Local files are written to a temporary name in the same directory, flushed to disk and
+        renamed over the target. On object stores a single PUT (or a completed multipart upload)
+        is already atomic, so the object is written directly.
+        """
+        if not self._rel(rel):
+            raise StorageError(f"cannot write to the storage root {self.url} itself; give a file name")
+        path = self._path(rel)
+        if self.kind == "local":
+            self._call("writing", rel, lambda: _write_local_atomic(path, bytes(data)))
+        else:
+            self._call("writing", rel, lambda: self.fs.pipe_file(path, bytes(data)))
+
+    def read_json(self, rel: str) -> Any:
+        """Parse a JSON object; StorageError if it is not valid JSON."""
+        raw = self.read_bytes(rel)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{self.join(rel)} is not valid JSON: {exc}") from exc
+
+    def write_json_atomic(self, rel: str, obj: Any) -> None:
+        """Write ``obj`` as indented JSON atomically; NaN/Infinity are refused (not valid JSON)."""
+        try:
+            text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
+        except ValueError as exc:
+            raise StorageError(f"cannot write {self.join(rel)}: {exc}") from exc
+        self.write_bytes_atomic(rel, (text + "\n").encode("utf-8"))
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        """Open a file object (streaming). Writes through it are NOT atomic on local storage."""
+        path = self._path(rel)
+        if any(c in mode for c in "wax") and self.kind == "local":
+            self.makedirs(posixpath.dirname(self._rel(rel)))
+        passthrough: tuple[type[BaseException], ...] = (FileNotFoundError,) if "r" in mode else ()
+        return self._call("opening", rel, lambda: self.fs.open(path, mode), passthrough)
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        """Remove an object (or a tree with ``recursive``); a missing path is not an error."""
+        path = self._path(rel)
+
+        def op() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(path, recursive=recursive)
+            self.fs.invalidate_cache(path)
+
+        self._call("deleting", rel, op)
+
+    def makedirs(self, rel: str = "") -> None:
+        """Create a directory (and parents) on local storage; object stores need none."""
+        if self.kind != "local":
+            return
+        path = self._path(rel)
+        self._call("creating directory", rel, lambda: os.makedirs(path, exist_ok=True))
+
+    def check_writable(self) -> None:
+        """Probe the location with a real write, read-back and delete; StorageError if any fails.
+
+        Run before expensive work so a wrong bucket, endpoint or credential fails in seconds.
+        """
+        self.makedirs()
+        probe = f".write-probe-{uuid.uuid4().hex}"
+        payload = b"intraq write probe\n"
+        self.write_bytes_atomic(probe, payload)
+        try:
+            try:
+                back = self.read_bytes(probe)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{self.join(probe)} was written but cannot be read back") from exc
+            if back != payload:
+                raise StorageError(f"{self.join(probe)} read back different bytes than were written")
+        finally:
+            self.delete(probe)
+
+    # -- pyarrow / Ray Data ----------------------------------------------------------------
+
+    def pyarrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem for this storage and the root path inside it.
+
+        Pass both to ``pyarrow.dataset.dataset`` or ``ray.data.read_parquet(paths,
+        filesystem=fs)`` with paths ``f"{root}/{rel}"``. S3 uses pyarrow's native client (fast,
+        picklable, credentials from the worker's own AWS environment); ``memory://`` and other
+        fsspec backends are wrapped with ``FSSpecHandler``.
+        """
+        if self.kind == "local":
+            return pafs.LocalFileSystem(), self._root
+        if self.kind == "s3":
+            cfg = self.config
+            kwargs: dict[str, Any] = {
+                "anonymous": cfg.anon,
+                "region": cfg.resolved_region() or self._bucket_region(),
+                "connect_timeout": min(cfg.timeout_s, 5.0),
+                "request_timeout": cfg.timeout_s,
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.retries + 1),
+            }
+            if self._endpoint:
+                parsed = urlparse(self._endpoint)
+                if parsed.scheme and parsed.netloc:
+                    kwargs["scheme"] = parsed.scheme
+                    kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+                else:
+                    kwargs["endpoint_override"] = self._endpoint
+            return pafs.S3FileSystem(**kwargs), self._root
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs)), self._root
+
+    def _bucket_region(self) -> str:
+        """Region of the bucket on AWS when none is configured (one request); us-east-1 otherwise."""
+        if self._endpoint:
+            return "us-east-1"
+        try:
+            return str(pafs.resolve_s3_region(self._root.split("/", 1)[0]))
+        except (OSError, ValueError):
+            return "us-east-1"
+
+    def pyarrow_path(self, rel: str) -> str:
+        """Path of ``rel`` inside the filesystem returned by :meth:`pyarrow_filesystem`."""
+        return self._path(rel)
+
+    # -- run lock --------------------------------------------------------------------------
+
+    def acquire_lock(self, name: str = "LOCK", *, owner: str, ttl_s: float = 300.0) -> Lock:
+        """Take the run lock ``name`` for ``owner`` with a lease of ``ttl_s`` seconds.
+
+        Raises LockedError naming the holder when a live lock exists. A lock whose lease has
+        expired, or whose holder process is gone (same host, pid no longer running), is taken
+        over, so a crashed run can be resumed. Local storage creates the lock exclusively; on
+        object stores (no compare-and-swap) the lock is written, then read back and its token
+        compared: best effort against two runs starting in the same instant.
+        """
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        rel = self._rel(name)
+        existing = self._read_lock_record(rel)
+        if existing is not None:
+            live, why = _lock_is_live(existing)
+            if live:
+                raise LockedError(self._locked_message(rel, existing))
+            log.warning(
+                "%s",
+                redact(f"taking over lock {self.join(rel)} from {existing.get('owner')!r}: {why}"),
+            )
+        now = time.time()
+        record = {
+            "owner": owner,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created": now,
+            "expires": now + ttl_s,
+            "token": uuid.uuid4().hex,
+        }
+        if existing is None and self.kind == "local":
+            created = self._call(
+                "locking", rel, lambda: _create_local_exclusive(self._path(rel), _lock_bytes(record))
+            )
+            if not created:
+                current = self._read_lock_record(rel)
+                raise LockedError(self._locked_message(rel, current or {}))
+        else:
+            self.write_json_atomic(rel, record)
+            if self.is_object_store:
+                time.sleep(0.1)  # let a concurrent writer's PUT land before we read back
+        current = self._read_lock_record(rel)
+        if current is None or current.get("token") != record["token"]:
+            raise LockedError(self._locked_message(rel, current or {}))
+        return Lock(self, rel, record, ttl_s)
+
+    def _read_lock_record(self, rel: str) -> dict[str, Any] | None:
+        """The lock record at ``rel``; None if absent. An unparsable lock counts as absent."""
+        try:
+            raw = self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            log.warning("lock %s is not valid JSON; treating it as stale", self.join(rel))
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _locked_message(self, rel: str, record: dict[str, Any]) -> str:
+        expires = record.get("expires")
+        until = _iso(expires) if isinstance(expires, (int, float)) else "unknown"
+        text = (
+            f"{self.url} is locked by owner {record.get('owner')!r} (host {record.get('host')}, "
+            f"pid {record.get('pid')}, lease until {until}); wait for that run to finish, use another "
+            f"run url, or - if it crashed on another host - wait for the lease to expire or delete "
+            f"{self.join(rel)}"
+        )
+        return redact(_one_line(text))
+
+
+class Lock:
+    """A held run lock: refresh it while working, release it when done (or use ``with``)."""
+
+    def __init__(self, storage: Storage, rel: str, record: dict[str, Any], ttl_s: float) -> None:
+        self.storage = storage
+        self.rel = rel
+        self.record = dict(record)
+        self.ttl_s = ttl_s
+        self.released = False
+
+    @property
+    def owner(self) -> str:
+        """Who holds the lock."""
+        return str(self.record["owner"])
+
+    @property
+    def token(self) -> str:
+        """Random token that distinguishes this holder from any other."""
+        return str(self.record["token"])
+
+    @property
+    def expires(self) -> float:
+        """Unix time when the lease ends unless refreshed."""
+        return float(self.record["expires"])
+
+    def _check_still_held(self) -> None:
+        current = self.storage._read_lock_record(self.rel)
+        if current is None or current.get("token") != self.token:
+            holder = f"now held by {current.get('owner')!r}" if current else "the lock object is gone"
+            raise LockedError(
+                f"lock {self.storage.join(self.rel)} was lost by {self.owner!r} ({holder}); "
+                "the lease probably expired - stop this run"
+            )
+
+    def refresh(self, ttl_s: float | None = None) -> None:
+        """Extend the lease by ``ttl_s`` (default: the original ttl) from now."""
+        if self.released:
+            raise LockedError(f"lock {self.storage.join(self.rel)} was already released")
+        self._check_still_held()
+        self.ttl_s = ttl_s if ttl_s is not None else self.ttl_s
+        self.record["expires"] = time.time() + self.ttl_s
+        self.storage.write_json_atomic(self.rel, self.record)
+
+    def release(self) -> None:
+        """Delete the lock if we still hold it; leaves someone else's lock alone."""
+        if self.released:
+            return
+        self.released = True
+        current = self.storage._read_lock_record(self.rel)
+        if current is not None and current.get("token") != self.token:
+            log.warning("lock %s is held by someone else; not removing it", self.storage.join(self.rel))
+            return
+        self.storage.delete(self.rel)
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _lock_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _lock_is_live(record: dict[str, Any]) -> tuple[bool, str]:
+    """Whether a lock record still protects a run, and if not, why not."""
+    expires = record.get("expires")
+    if not isinstance(expires, (int, float)):
+        return False, "the lock record has no valid expiry"
+    if expires < time.time():
+        return False, f"its lease expired at {_iso(expires)}"
+    pid = record.get("pid")
+    if record.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return False, f"its process {pid} on this host is gone"
+    return True, "held"
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    """Write to a temp file next to ``path``, fsync, then rename over it (atomic on POSIX)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _create_local_exclusive(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist (atomic, via a hard link)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes/contexts (s3fs wraps botocore errors in OSError)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in seen and len(seen) < 8:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _class_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def _error_code(exc: BaseException) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) of a botocore ClientError-like exception."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None, None
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (str(code) if code is not None else None), (int(status) if isinstance(status, int) else None)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection problems, timeouts, 5xx and throttling: worth retrying."""
+    for e in _chain(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if _class_names(e) & _TRANSIENT_CLASS_NAMES:
+            return True
+        code, status = _error_code(e)
+        if code in _TRANSIENT_CODES or (status is not None and status >= 500):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
+
+
+def _is_credentials_error(exc: BaseException) -> bool:
+    """Missing, malformed or rejected credentials (not retried: retrying cannot help)."""
+    for e in _chain(exc):
+        if _class_names(e) & _CREDENTIAL_CLASS_NAMES:
+            return True
+        code, status = _error_code(e)
+        if code in _CREDENTIAL_CODES or status == 403:
+            return True
+    return False
+
+
+def _is_missing_bucket(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        code, _ = _error_code(e)
+        if code == "NoSuchBucket":
+            return True
+        if isinstance(e, FileNotFoundError) and "bucket does not exist" in str(e).lower():
+            return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of the most informative exception in the chain."""
+    for e in _chain(exc):
+        code, _ = _error_code(e)
+        if code is not None or _class_names(e) & (_TRANSIENT_CLASS_NAMES | _CREDENTIAL_CLASS_NAMES):
+            return f"{type(e).__name__}: {e}"
+    return f"{type(exc).__name__}: {exc}"

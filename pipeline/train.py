@@ -1,0 +1,161 @@
+"""Training stage: synthetic shards → calibrated, distilled student checkpoint.
+
+Steps: quantize a copy of the teacher, calibrate its activation ranges on synthetic images
+(then freeze them), optionally re-estimate BN statistics, distil, and write the student.
+A held-out split of the synthetic images (chosen by image index, so it is the same for
+every executor) measures teacher–student agreement before and after distillation: the
+data-free signal used to compare recipes without touching the test set.
+
+Two executors: ``local`` (this module, in-memory) and ``ray`` (:mod:`pipeline.ray_train`,
+Ray Train over a Ray Data stream of the shards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from intraq_core.distill import distill, reestimate_bn
+from intraq_core.evaluate import agreement
+from intraq_core.quant import act_quantizers, calibrate
+from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
+from intraq_core.student import build_student, student_checkpoint_bytes
+from pipeline.context import RunContext
+from pipeline.generate import dataset_storage
+from pipeline.shards import Manifest, read_shard
+
+log = logging.getLogger(__name__)
+
+STUDENT_PATH = "student.pt"
+CALIBRATED_PATH = "student_calibrated.pt"
+TRAIN_HISTORY_PATH = "train_history.json"
+HOLDOUT_PURPOSE = 6
+
+
+def holdout_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Which images (by global index) are held out of training: a seeded hash of the index."""
+    if fraction <= 0:
+        return np.zeros(len(indices), dtype=bool)
+    threshold = int(fraction * 10_000)
+    return np.array(
+        [derive_seed(seed, HOLDOUT_PURPOSE, int(i)) % 10_000 < threshold for i in indices], dtype=bool
+    )
+
+
+@dataclass
+class TrainOutcome:
+    """Summary of the training stage (written into metrics.json)."""
+
+    num_train: int
+    num_holdout: int
+    agreement_calibrated: dict[str, float] | None
+    agreement_final: dict[str, float] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds_calibrate: float = 0.0
+    seconds_distill: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "num_train_images": self.num_train,
+            "num_holdout_images": self.num_holdout,
+            "holdout_agreement_calibrated": self.agreement_calibrated,
+            "holdout_agreement_final": self.agreement_final,
+            "final_epoch": self.history[-1] if self.history else None,
+        }
+
+
+def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """All shards of the manifest in memory: (images, labels, global indices)."""
+    storage = dataset_storage(ctx)
+    images, labels, indices = [], [], []
+    for entry in manifest.shards:
+        shard = read_shard(storage, entry.path)
+        images.append(shard.images)
+        labels.append(shard.labels)
+        indices.append(shard.indices)
+    return (
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(labels)),
+        np.concatenate(indices),
+    )
+
+
+def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
+    """Seeded random batches of synthetic images for activation-range calibration."""
+    q, d = ctx.cfg.quant, ctx.cfg.distill
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION))
+    order = torch.randperm(images.shape[0], generator=gen)
+    size = min(d.batch_size, images.shape[0])
+    out = []
+    for b in range(q.calibration_batches):
+        idx = order[(b * size) % images.shape[0] :][:size]
+        if idx.numel() < size:
+            idx = torch.cat([idx, order[: size - idx.numel()]])
+        out.append(images[idx])
+    return out
+
+
+def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: torch.Tensor) -> torch.nn.Module:
+    """Quantize, calibrate ranges (then freeze), optionally re-estimate BN (then re-calibrate)."""
+    device = ctx.device
+    student = build_student(teacher, ctx.cfg.quant).to(device)
+    batches = [b.to(device) for b in calibration_batches(train_images, ctx)]
+    calibrate(student, batches)
+    if ctx.cfg.distill.bn == "reestimate":
+        reestimate_bn(student, iter(batches), device=device)
+        for quantizer in act_quantizers(student).values():
+            quantizer.reset()
+        calibrate(student, batches)
+    return student
+
+
+def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
+    """Calibrate and distil in this process; writes the calibrated and final student."""
+    images, labels, indices = load_dataset(ctx, manifest)
+    hold = holdout_mask(indices, ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
+    if hold.all():
+        hold[:] = False
+    train_x, train_y = images[~hold], labels[~hold]
+    hold_x = images[hold]
+    device = ctx.device
+    teacher = ctx.teacher().to(device)
+
+    t0 = time.perf_counter()
+    student = prepare_student(ctx, teacher, train_x)
+    agree0 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
+    ctx.storage.write_bytes_atomic(
+        CALIBRATED_PATH,
+        student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "calibrated"}),
+    )
+    t1 = time.perf_counter()
+    history = distill(
+        student,
+        teacher,
+        train_x,
+        train_y,
+        ctx.cfg.distill,
+        seed=ctx.cfg.seed,
+        device=device,
+        progress=progress,
+    )
+    t2 = time.perf_counter()
+    agree1 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
+    ctx.storage.write_bytes_atomic(
+        STUDENT_PATH, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "final"})
+    )
+    ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, json.dumps(history.epochs, indent=1).encode())
+    return TrainOutcome(
+        int((~hold).sum()),
+        int(hold.sum()),
+        agree0,
+        agree1,
+        history.epochs,
+        t1 - t0,
+        t2 - t1,
+    )

@@ -1,0 +1,163 @@
+"""Registry: names, config resolution precedence, create_model, project checkpoints as arch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from intraq_core.models import (
+    CheckpointError,
+    CifarResNet,
+    UnknownModelError,
+    create_model,
+    list_models,
+    load_state_dict_file,
+    model_from_checkpoint,
+    register_model,
+    registry,
+    resolve_model_config,
+    save_model_checkpoint,
+)
+
+
+def test_list_models() -> None:
+    names = list_models()
+    assert names == sorted(names)
+    expected = {f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110)}
+    expected |= {"torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2"}
+    assert expected <= set(names)
+
+
+def test_cifar_defaults() -> None:
+    cfg = resolve_model_config(ModelConfig())
+    assert (cfg.arch, cfg.weights, cfg.num_classes, cfg.shortcut, cfg.image_size) == (
+        "cifar_resnet20",
+        None,
+        10,
+        "A",
+        32,
+    )
+    assert cfg.mean == CIFAR10_MEAN and cfg.std == CIFAR10_STD
+
+
+def test_asset_metadata_beats_defaults_and_explicit_beats_all(teacher_path: Path, tmp_path: Path) -> None:
+    by_name = resolve_model_config(ModelConfig(weights="cifar10-resnet20"))
+    assert by_name.mean == IMAGENET_MEAN and by_name.std == IMAGENET_STD
+    copy = tmp_path / "teacher.th"
+    shutil.copyfile(teacher_path, copy)
+    by_hash = resolve_model_config(ModelConfig(weights=str(copy)))
+    assert by_hash.mean == IMAGENET_MEAN and by_hash.weights == str(copy)
+    explicit = resolve_model_config(
+        ModelConfig(weights="cifar10-resnet20", mean=(0.1, 0.2, 0.3), image_size=40)
+    )
+    assert explicit.mean == (0.1, 0.2, 0.3) and explicit.std == IMAGENET_STD and explicit.image_size == 40
+
+
+def test_torchvision_defaults_and_weights_metadata() -> None:
+    cfg = resolve_model_config(ModelConfig(arch="torchvision:resnet18"))
+    assert (cfg.num_classes, cfg.image_size, cfg.shortcut, cfg.mean) == (1000, 224, None, IMAGENET_MEAN)
+    tv = resolve_model_config(
+        ModelConfig(arch="torchvision:mobilenet_v2", weights="torchvision:IMAGENET1K_V2")
+    )
+    assert (tv.num_classes, tv.image_size, tv.weights) == (1000, 224, "torchvision:IMAGENET1K_V2")
+    with pytest.raises(ValueError, match=r"unknown torchvision weights 'NOPE'.*IMAGENET1K_V1"):
+        resolve_model_config(ModelConfig(arch="torchvision:resnet18", weights="torchvision:NOPE"))
+    with pytest.raises(ValueError, match=r"not"):
+        resolve_model_config(ModelConfig(arch="cifar_resnet20", weights="torchvision:DEFAULT"))
+    with pytest.raises(ValueError, match=r"shortcut applies only to CIFAR ResNets"):
+        resolve_model_config(ModelConfig(arch="torchvision:resnet18", shortcut="B"))
+    with pytest.raises(ValueError, match=r"1000 classes, but num_classes=10"):  # checked before any download
+        create_model(ModelConfig(arch="torchvision:resnet18", weights="torchvision:DEFAULT", num_classes=10))
+
+
+def test_unknown_arch_suggests_close_names() -> None:
+    with pytest.raises(UnknownModelError, match=r"did you mean .*'cifar_resnet20'") as info:
+        create_model("cifar_resnet21")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(UnknownModelError, match=r"'torchvision:resnet18'"):
+        resolve_model_config(ModelConfig(arch="resnet18"))
+    with pytest.raises(UnknownModelError, match=r"neither a registered model nor an existing checkpoint"):
+        create_model("runs/nope/model.pt")
+
+
+def test_create_model_with_asset_weights(teacher_path: Path) -> None:
+    model = create_model(ModelConfig(weights="cifar10-resnet20"))
+    assert isinstance(model, CifarResNet) and not model.training
+    torch.testing.assert_close(model.linear.bias, load_state_dict_file(teacher_path)["linear.bias"])
+
+
+def test_create_model_overrides() -> None:
+    model = create_model(ModelConfig(arch="cifar_resnet32"), num_classes=100, shortcut="B")
+    assert isinstance(model, CifarResNet) and model.depth == 32 and model.shortcut_option == "B"
+    assert model.linear.out_features == 100
+    assert create_model("cifar_resnet44", num_classes=20).linear.out_features == 20
+
+
+def test_register_custom_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @register_model("tiny_mlp", defaults={"image_size": 8, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    def _build(cfg: ModelConfig) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, cfg.num_classes or 0))
+
+    assert "tiny_mlp" in list_models()
+    with pytest.raises(ValueError, match=r"no default for num_classes"):
+        create_model("tiny_mlp")
+    model = create_model("tiny_mlp", num_classes=4)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_project_checkpoint_round_trip_via_arch(tmp_path: Path) -> None:
+    src = create_model("cifar_resnet32", shortcut="B", num_classes=100)
+    with torch.no_grad():
+        for m in src.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    path = save_model_checkpoint(
+        tmp_path / "m.pt",
+        src,
+        ModelConfig(arch="cifar_resnet32", shortcut="B", num_classes=100, mean=(0.5,) * 3),
+    )
+    cfg = resolve_model_config(ModelConfig(arch=str(path)))
+    assert (cfg.arch, cfg.weights, cfg.num_classes, cfg.shortcut) == ("cifar_resnet32", str(path), 100, "B")
+    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.std == CIFAR10_STD
+    assert resolve_model_config(cfg) == cfg  # idempotent
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = src(x)
+        for loaded in (create_model(ModelConfig(arch=str(path))), model_from_checkpoint(path)):
+            assert not loaded.training
+            torch.testing.assert_close(loaded(x), expected)
+
+    # Explicit values win over the checkpoint's; a checkpoint given as weights is read too.
+    assert resolve_model_config(ModelConfig(arch=str(path), mean=(0.1,) * 3)).mean == (0.1, 0.1, 0.1)
+    as_weights = resolve_model_config(ModelConfig(arch="cifar_resnet32", weights=str(path)))
+    assert (as_weights.num_classes, as_weights.shortcut, as_weights.mean) == (100, "B", (0.5, 0.5, 0.5))
+
+
+def test_asset_metadata_beats_checkpoint_config(tmp_path: Path) -> None:
+    path = save_model_checkpoint(tmp_path / "m.pt", create_model("cifar_resnet20"), {"mean": (0.5,) * 3})
+    cfg = resolve_model_config(ModelConfig(arch=str(path), weights="cifar10-resnet20"))
+    assert cfg.mean == IMAGENET_MEAN and cfg.weights == "cifar10-resnet20"
+
+
+def test_teacher_checkpoint_records_imagenet_normalization(tmp_path: Path) -> None:
+    teacher_cfg = ModelConfig(weights="cifar10-resnet20")
+    path = save_model_checkpoint(
+        tmp_path / "t.pt", create_model(teacher_cfg), teacher_cfg, extra={"acc": 91.73}
+    )
+    cfg = resolve_model_config(ModelConfig(arch=str(path)))
+    assert cfg.mean == IMAGENET_MEAN and cfg.std == IMAGENET_STD and cfg.shortcut == "A"
+
+
+def test_model_from_checkpoint_rejects_plain_files(teacher_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"not an intraq-pipeline model checkpoint"):
+        model_from_checkpoint(teacher_path)
+    with pytest.raises(CheckpointError, match=r"not an intraq-pipeline model checkpoint"):
+        create_model(ModelConfig(arch=str(teacher_path)))

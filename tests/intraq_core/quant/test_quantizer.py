@@ -1,0 +1,262 @@
+"""Fake-quant primitives against hand-computed values and a hand-written formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from intraq_core.quant import ActFakeQuant, WeightFakeQuant, affine_qparams, symmetric_qparams
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def frozen_act(lo: float, hi: float, bits: int) -> ActFakeQuant:
+    """An activation quantizer whose corrected range is exactly [lo, hi] (one calibration step)."""
+    q = ActFakeQuant(bits, ema_decay=0.5)
+    q(t(lo, hi))
+    q.mode = "frozen"
+    return q
+
+
+def reference_fake_quant(x: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
+    """The design's formula written out by hand, in float64."""
+    x = x.double()
+    qmax = 2**bits - 1
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    delta = max(hi - lo, 1e-8) / qmax
+    zp = min(max(round(-lo / delta), 0), qmax)
+    return ((torch.clamp(torch.round(x / delta) + zp, 0, qmax) - zp) * delta).float()
+
+
+# ---------------------------------------------------------------- per-tensor, hand-computed
+
+
+@pytest.mark.parametrize(
+    ("bits", "lo", "hi", "x", "expected"),
+    [
+        # Δ = 3/3 = 1, zp = 1.
+        (2, -1.0, 2.0, t(-1.0, -0.2, 0.0, 0.37, 2.0), t(-1.0, 0.0, 0.0, 0.0, 2.0)),
+        # Range without 0 is extended: [0.5, 2] -> [0, 2], Δ = 2/3, zp = 0.
+        (2, 0.5, 2.0, t(0.5, 0.9, 1.9, -0.4), t(2 / 3, 2 / 3, 2.0, 0.0)),
+        # All-negative range: [-3, -1] -> [-3, 0], Δ = 1, zp = 3; above 0 clamps to 0.
+        (2, -3.0, -1.0, t(-3.0, -1.4, -0.2, 0.8, -5.0), t(-3.0, -1.0, 0.0, 0.0, -3.0)),
+        # Δ = 7/7 = 1, zp = 0; ties round to even (2.5 -> 2, 3.5 -> 4); 9 clamps to 7.
+        (3, 0.0, 7.0, t(0.0, 0.49, 0.51, 2.5, 3.5, 6.8, 9.0), t(0.0, 0.0, 1.0, 2.0, 4.0, 7.0, 7.0)),
+        # Δ = 1.5/15 = 0.1, zp = 5: -0.26 -> -3+5 = 2 -> -0.3; 1.2 -> 17 -> 15 -> 1.0; -0.7 -> 0 -> -0.5.
+        (
+            4,
+            -0.5,
+            1.0,
+            t(-0.5, -0.26, 0.0, 0.33, 1.0, 1.2, -0.7),
+            t(-0.5, -0.3, 0.0, 0.3, 1.0, 1.0, -0.5),
+        ),
+        # Δ = 2.55/255 = 0.01, zp = 0.
+        (8, 0.0, 2.55, t(0.004, 0.006, 1.234, 3.0), t(0.0, 0.01, 1.23, 2.55)),
+        # Δ = 2.55/255 = 0.01, zp = 128: -1.3 clamps to (0-128)·0.01 = -1.28.
+        (8, -1.28, 1.27, t(-1.3, -0.004, 0.016, 1.5), t(-1.28, 0.0, 0.02, 1.27)),
+    ],
+)
+def test_per_tensor_hand_cases(bits, lo, hi, x, expected):
+    q = frozen_act(lo, hi, bits)
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reference_fake_quant(x, lo, hi, bits), expected, rtol=0, atol=1e-6)
+
+
+def test_affine_qparams_hand():
+    scale, zp = affine_qparams(t(-1.0, 0.5, -3.0, -0.5), t(2.0, 2.0, -1.0, 1.0), 2)
+    torch.testing.assert_close(scale, t(1.0, 2 / 3, 1.0, 0.5))
+    assert zp.dtype == torch.int32
+    assert zp.tolist() == [1, 0, 3, 1]
+    # Constant-zero range: Δ = eps / (2^k - 1) stays positive.
+    scale, zp = affine_qparams(t(0.0), t(0.0), 4)
+    assert float(scale) == pytest.approx(1e-8 / 15) and int(zp) == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_per_tensor_matches_formula(bits):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(4096, generator=gen) * 3
+    lo, hi = -1.7, 2.3
+    q = frozen_act(lo, hi, bits)
+    torch.testing.assert_close(q(x), reference_fake_quant(x, lo, hi, bits), rtol=0, atol=1e-5)
+    assert q(x).unique().numel() <= 2**bits
+
+
+# ---------------------------------------------------------------- weights
+
+
+W = [[-1.0, 0.37, 2.0], [0.6, 1.7, 3.0], [-0.2, 0.13, 0.4]]
+
+
+def test_per_channel_weights_hand():
+    # ch0 [-1, 2]: Δ=1, zp=1. ch1 all positive -> [0, 3]: Δ=1, zp=0. ch2 [-0.2, 0.4]: Δ=0.2, zp=1.
+    w = torch.tensor(W)
+    wq = WeightFakeQuant(2)
+    expected = torch.tensor([[-1.0, 0.0, 2.0], [1.0, 2.0, 3.0], [-0.2, 0.2, 0.4]])
+    torch.testing.assert_close(wq(w), expected, rtol=0, atol=1e-6)
+    scale, zp, qmin, qmax = wq.qparams(w)
+    torch.testing.assert_close(scale, t(1.0, 1.0, 0.2))
+    assert zp.tolist() == [1, 0, 1] and (qmin, qmax) == (0, 3)
+    # Same values as a conv weight [out=3, in=1, 1, 3]: axis 0 is the output channel.
+    torch.testing.assert_close(wq(w.view(3, 1, 1, 3)), expected.view(3, 1, 1, 3), rtol=0, atol=1e-6)
+
+
+def test_per_channel_matches_formula():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 4, 3, 3, generator=gen)
+    w[3] = w[3].abs() + 0.1  # an all-positive channel
+    for bits in (2, 3, 4, 8):
+        out = WeightFakeQuant(bits)(w)
+        for c in range(8):
+            ref = reference_fake_quant(w[c], float(w[c].min()), float(w[c].max()), bits)
+            torch.testing.assert_close(out[c], ref, rtol=0, atol=1e-5)
+
+
+def test_symmetric_weights_hand():
+    # 3 bits: levels -3..3. ch0 Δ = 2/3: -0.9 -> -1.35 -> -1; 0.37 -> 0.555 -> 1; 2 -> 3.
+    # ch1 Δ = 1. ch2 all zero: Δ = eps/3, stays zero.
+    w = torch.tensor([[-0.9, 0.37, 2.0], [0.6, 1.7, 3.0], [0.0, 0.0, 0.0]])
+    wq = WeightFakeQuant(3, symmetric=True)
+    expected = torch.tensor([[-2 / 3, 2 / 3, 2.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(wq(w), expected, rtol=0, atol=1e-6)
+    scale, zp, qmin, qmax = wq.qparams(w)
+    torch.testing.assert_close(scale, t(2 / 3, 1.0, 1e-8 / 3))
+    assert zp.tolist() == [0, 0, 0] and (qmin, qmax) == (-3, 3)
+    # 2 bits: levels -1, 0, 1 only.
+    out = WeightFakeQuant(2, symmetric=True)(torch.randn(4, 50))
+    assert all(row.unique().numel() <= 3 for row in out)
+    scale, _ = symmetric_qparams(t(2.0, 0.0), 2)
+    torch.testing.assert_close(scale, t(2.0, 1e-8))
+
+
+def test_weight_ste_gradient_is_identity():
+    w = torch.randn(6, 3, 3, 3, requires_grad=True)
+    (WeightFakeQuant(3)(w) * 2).sum().backward()
+    torch.testing.assert_close(w.grad, torch.full_like(w, 2.0))
+
+
+def test_weight_quant_keeps_dtype_and_layout():
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    out = WeightFakeQuant(4)(w)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, WeightFakeQuant(4)(w.contiguous()))
+    assert WeightFakeQuant(4)(w.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [1, 9, 2.0, True])
+def test_bits_validated(bits):
+    with pytest.raises(ValueError, match="bits"):
+        WeightFakeQuant(bits)
+    with pytest.raises(ValueError, match="bits"):
+        ActFakeQuant(bits)
+
+
+# ---------------------------------------------------------------- activation EMA and modes
+
+
+def test_act_ste_gradient_masked_outside_range():
+    q = frozen_act(0.0, 1.0, 4)
+    x = t(-0.5, 0.2, 0.7, 1.5).requires_grad_()
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_ema_constant_input_is_exact_from_first_update():
+    q = ActFakeQuant(4, ema_decay=0.9)
+    x = t(-0.75, 0.1, 3.0)
+    for step in range(1, 6):
+        q(x)
+        lo, hi = q.range()
+        torch.testing.assert_close(lo, torch.tensor(-0.75), rtol=1e-6, atol=0)
+        torch.testing.assert_close(hi, torch.tensor(3.0), rtol=1e-6, atol=0)
+        # The stored EMA is the uncorrected one: m_t = v·(1 - 0.9^t).
+        assert float(q.ema_max) == pytest.approx(3.0 * (1 - 0.9**step), rel=1e-6)
+        assert int(q.num_updates) == step
+
+
+def test_ema_three_updates_by_hand():
+    # β = 0.5, batch (min, max) = (-1, 2), (-3, 4), (0, 8):
+    # max: m = 1, 2.5, 5.25 -> corrected 1/0.5 = 2, 2.5/0.75 = 3.333, 5.25/0.875 = 6
+    # min: m = -0.5, -1.75, -0.875 -> corrected -1, -2.333, -1
+    q = ActFakeQuant(3, ema_decay=0.5)
+    batches = [t(-1.0, 0.5, 2.0), t(-3.0, 4.0), t(0.0, 8.0, 2.4, 4.6)]
+    expected = [(-1.0, 2.0), (-7 / 3, 10 / 3), (-1.0, 6.0)]
+    for batch, (lo, hi) in zip(batches, expected, strict=True):
+        out = q(batch)
+        a, b = q.range()
+        assert (float(a), float(b)) == pytest.approx((lo, hi), rel=1e-6)
+    torch.testing.assert_close(q.ema_max, torch.tensor(5.25))
+    torch.testing.assert_close(q.ema_min, torch.tensor(-0.875))
+    # The last batch is quantized with the corrected range [-1, 6]: Δ = 7/7 = 1, zp = 1.
+    torch.testing.assert_close(out, t(0.0, 6.0, 2.0, 5.0))
+
+
+def test_ema_default_decay_by_hand():
+    # β = 0.9, max 1, 2, 4 (min 0): m = 0.1, 0.29, 0.661 -> 1, 0.29/0.19, 0.661/0.271.
+    q = ActFakeQuant(8)
+    for v, expected in [(1.0, 1.0), (2.0, 0.29 / 0.19), (4.0, 0.661 / 0.271)]:
+        q(t(0.0, v))
+        assert float(q.range()[1]) == pytest.approx(expected, rel=1e-6)
+        assert float(q.range()[0]) == 0.0
+
+
+def test_frozen_mode_keeps_range():
+    q = frozen_act(0.0, 3.0, 2)  # Δ = 1, zp = 0
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    out = q(t(-1.0, 0.4, 1.6, 2.5, 10.0))
+    torch.testing.assert_close(out, t(0.0, 0.0, 2.0, 2.0, 3.0))
+    for key, value in q.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_dynamic_mode_uses_batch_range_and_keeps_ema():
+    q = frozen_act(0.0, 100.0, 2)
+    q.mode = "dynamic"
+    torch.testing.assert_close(q(t(-1.0, -0.2, 0.0, 0.37, 2.0)), t(-1.0, 0.0, 0.0, 0.0, 2.0))
+    torch.testing.assert_close(q(t(0.0, 1.2, 3.0)), t(0.0, 1.0, 3.0))
+    assert float(q.range()[1]) == pytest.approx(100.0) and int(q.num_updates) == 1
+    # Works before any calibration too.
+    assert ActFakeQuant(2, mode="dynamic")(t(0.0, 3.0)).tolist() == [0.0, 3.0]
+
+
+def test_off_mode_is_identity():
+    q = ActFakeQuant(2, mode="off")
+    x = torch.randn(5)
+    assert q(x) is x
+    assert int(q.num_updates) == 0
+
+
+def test_freezing_uncalibrated_is_an_error():
+    q = ActFakeQuant(4)
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        q.mode = "frozen"
+    with pytest.raises(RuntimeError, match="never calibrated"):
+        ActFakeQuant(4, mode="frozen")
+    with pytest.raises(RuntimeError, match="calibrated range"):
+        q.range()
+    with pytest.raises(ValueError, match="unknown"):
+        q.mode = "fixed"
+
+
+def test_reset_forgets_range():
+    q = frozen_act(0.0, 1.0, 4)
+    q.reset()
+    assert q.mode == "calibrate" and not q.calibrated and int(q.num_updates) == 0
+    q(t(0.0, 5.0))
+    assert float(q.range()[1]) == pytest.approx(5.0)
+
+
+def test_state_dict_restores_mode_and_range():
+    q = frozen_act(-1.0, 2.0, 4)
+    state = q.state_dict()
+    assert set(state) == {"ema_min", "ema_max", "num_updates", "mode_code"}
+    fresh = ActFakeQuant(4, ema_decay=0.5)
+    assert fresh.mode == "calibrate"
+    fresh.load_state_dict(state)
+    assert fresh.mode == "frozen" and fresh.calibrated
+    x = torch.randn(100)
+    torch.testing.assert_close(fresh(x), q(x))
+    scale, zp = fresh.qparams()
+    assert float(scale) == pytest.approx(0.2) and int(zp) == 5
