@@ -19,6 +19,7 @@ import typer
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="Data-free (zero-shot) quantization of image classifiers with IntraQ synthetic data.",
 )
 
@@ -175,7 +176,7 @@ def generate(
 ) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.stages import generate_stage
+    from pipeline.run import generate_stage
 
     with _ray_session(cfg, cluster):
         manifest = generate_stage(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
@@ -198,11 +199,46 @@ def train(
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.stages import train_stage
+    from pipeline.run import train_stage
 
     with _ray_session(cfg, cluster):
         metrics = train_stage(cfg, dataset=dataset, resume=resume, overwrite=overwrite, progress=not quiet)
     _print_metrics(metrics, cfg.storage.url)
+
+
+@app.command("tune")
+@_guard
+def tune_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: Annotated[
+        str | None,
+        typer.Option("--storage", help="Where trials and results go: a local dir, file://, s3://…"),
+    ] = None,
+    cluster: ClusterOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Also write the best config (YAML for `run --config`) here."),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
+    cfg = _load_config(config, set_, storage, cluster)
+    from pipeline.tune import BEST_PATH, tune_search, write_best_config
+
+    with _ray_session(cfg.model_copy(update={"executor": "ray"}), cluster):
+        best, table = tune_search(cfg, progress=not quiet)
+    finished = sum(1 for row in table if row["status"] != "error")
+    top = table[0]
+    typer.echo(
+        f"{finished}/{len(table)} trials ran; best {top['objective']:.2f} ({cfg.tune.objective}) "
+        f"over {top['epochs']} epochs"
+    )
+    for key in cfg.tune.space:
+        typer.echo(f"  {key}: {top.get(key)}")
+    typer.echo(f"best config: {cfg.storage.url.rstrip('/')}/{BEST_PATH}")
+    if output is not None:
+        typer.echo(f"best config: {write_best_config(best, output)}")
 
 
 def _parse_bits(bits: str) -> tuple[int, int]:
@@ -242,7 +278,7 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Top-1 accuracy of a model (optionally quantized) on a real labelled test set."""
-    from pipeline.stages import evaluate_command
+    from pipeline.evaluate import evaluate_command
 
     result = evaluate_command(
         arch=arch,

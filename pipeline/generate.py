@@ -143,19 +143,34 @@ def open_manifest(ctx: RunContext, storage: Storage, num_shards: int) -> Manifes
 
 
 def centres_before_round(
-    storage: Storage, manifest: Manifest, round_index: int, num_classes: int
+    storage: Storage,
+    manifest: Manifest,
+    round_index: int,
+    num_classes: int,
+    known: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> ClassCentres | None:
-    """Class centres of all finished shards of rounds < round_index, added in shard order."""
+    """Class centres of all finished shards of rounds < round_index, added in shard order.
+
+    ``known`` maps shard index → (features, labels) a caller already holds (finished shards'
+    outcomes); shards read from storage are added to it, so a long-lived caller reads each shard
+    at most once. The result does not depend on where the features came from.
+    """
     centres: ClassCentres | None = None
     for entry in manifest.shards:
         if entry.round >= round_index:
             continue
-        shard = read_shard(storage, entry.path)
-        if shard.features is None:
-            raise GenerationError(f"{storage.join(entry.path)} has no feature column; regenerate it")
+        if known is not None and entry.index in known:
+            features, labels = known[entry.index]
+        else:
+            shard = read_shard(storage, entry.path)
+            if shard.features is None:
+                raise GenerationError(f"{storage.join(entry.path)} has no feature column; regenerate it")
+            features, labels = shard.features, shard.labels
+            if known is not None:
+                known[entry.index] = (features, labels)
         if centres is None:
-            centres = ClassCentres(num_classes, shard.features.shape[1])
-        centres.update(shard.features, shard.labels)
+            centres = ClassCentres(num_classes, features.shape[1])
+        centres.update(features, labels)
     return centres
 
 

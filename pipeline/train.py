@@ -86,26 +86,42 @@ def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, tor
     )
 
 
-def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
-    """Seeded random batches of synthetic images for activation-range calibration."""
+def calibration_positions(num_images: int, ctx: RunContext) -> list[torch.Tensor]:
+    """Which training images (positions in the training order) each calibration batch uses.
+
+    Split out of :func:`calibration_batches` so an executor that streams the data (Ray) can
+    read just these images and still calibrate on exactly the images the local executor uses.
+    """
     q, d = ctx.cfg.quant, ctx.cfg.distill
     gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION))
-    order = torch.randperm(images.shape[0], generator=gen)
-    size = min(d.batch_size, images.shape[0])
+    order = torch.randperm(num_images, generator=gen)
+    size = min(d.batch_size, num_images)
     out = []
     for b in range(q.calibration_batches):
-        idx = order[(b * size) % images.shape[0] :][:size]
+        idx = order[(b * size) % num_images :][:size]
         if idx.numel() < size:
             idx = torch.cat([idx, order[: size - idx.numel()]])
-        out.append(images[idx])
+        out.append(idx)
     return out
+
+
+def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
+    """Seeded random batches of synthetic images for activation-range calibration."""
+    return [images[idx] for idx in calibration_positions(images.shape[0], ctx)]
 
 
 def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: torch.Tensor) -> torch.nn.Module:
     """Quantize, calibrate ranges (then freeze), optionally re-estimate BN (then re-calibrate)."""
+    return calibrate_student(ctx, teacher, calibration_batches(train_images, ctx))
+
+
+def calibrate_student(
+    ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]
+) -> torch.nn.Module:
+    """:func:`prepare_student` on given calibration batches (executors that read only those)."""
     device = ctx.device
     student = build_student(teacher, ctx.cfg.quant).to(device)
-    batches = [b.to(device) for b in calibration_batches(train_images, ctx)]
+    batches = [b.to(device) for b in batches]
     calibrate(student, batches)
     if ctx.cfg.distill.bn == "reestimate":
         reestimate_bn(student, iter(batches), device=device)

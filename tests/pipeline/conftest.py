@@ -31,6 +31,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from pipeline.storage import Storage
+from tests.pipeline.ray_fixtures import ray_cluster  # noqa: F401  (session Ray fixture)
 
 FAKE_KEY_ID = "testing-key-id"
 FAKE_SECRET = "intraq-FAKE-secret-3f9a1c7e5b2d4f60-do-not-print"

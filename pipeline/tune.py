@@ -1,0 +1,455 @@
+"""Ray Tune search of the generation and distillation knobs (``intraq-pipeline tune``).
+
+What a trial is. One trial = generate a small synthetic dataset with the trial's settings
+(:func:`pipeline.generate.generate_local`, into ``<run>/tune/trial-<id>/``), calibrate the
+student on it and distil it for ``distill.epochs`` epochs, reporting the objective after every
+epoch so the ASHA scheduler (``tune.grace_epochs`` epochs of grace) can stop weak trials early.
+
+Why a plain function trainable and not Tune + Train. A trial runs the single-process path in
+its Tune actor, reserved with ``tune.with_resources(fn, {"cpu": 1})`` and at most
+``tune.max_concurrent`` at a time. Nesting a ``TorchTrainer`` per trial would add ~20 s of
+fixed cost per trial, needs the dashboard's State API for ASHA to release stopped trials, and
+deadlocks when trial CPUs + Train worker CPUs exceed the cluster (docs/ray-on-a-small-box.md);
+the trials' datasets and models are small, so one process per trial is both faster and safe on
+2 CPUs. Parallelism comes from concurrent trials instead.
+
+The objective (metric ``objective``, maximized):
+
+* ``agreement`` (default, data-free): top-1 teacher–student agreement (%) on ONE fixed probe
+  set of synthetic images, generated once before the search with the base config and a
+  derived seed (``<run>/tune/probe/``). Each trial's own held-out split is still reported
+  (``holdout_agreement``) but not optimized: it is made of that trial's images, so settings
+  that produce easy images would score well on it; the shared probe makes trials comparable,
+  and its different seed keeps it out of every trial's training images.
+* ``validation``: top-1 (%) on ``tune.validation_data``, a labelled set the user supplies. It is
+  refused when it is the evaluation test set (``eval.data``): selecting on the test set would
+  make the reported test accuracy optimistic.
+
+The space (``tune.space``): dotted config keys → ``[low, high]``. Loss weights (``*_weight``,
+``kd_alpha``) and learning rates (``lr``) are sampled log-uniformly (when ``low > 0``); margins,
+ε, areas, temperatures uniformly; integer fields as integers. ``tune.search: optuna`` uses
+``OptunaSearch`` (TPE, seeded), ``random`` Tune's seeded random search.
+
+The best trial is the one with the highest final objective among trials that ran every epoch
+(ASHA-stopped trials only count when none finished). Its settings applied to the base config
+give the best config, written as YAML (``<run>/tune/best.yaml``) that ``intraq-pipeline run
+--config`` accepts; ``<run>/tune/results.json`` holds the table of all trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig, _deep_merge, parse_overrides, validate_run_config
+from pipeline.storage import Storage
+
+__all__ = [
+    "BEST_PATH",
+    "OBJECTIVE",
+    "RESULTS_PATH",
+    "TUNE_DIR",
+    "check_objective",
+    "search_space",
+    "trial_config",
+    "tune_search",
+    "write_best_config",
+]
+
+log = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+PROBE_DIR = "probe"
+RESULTS_PATH = f"{TUNE_DIR}/results.json"
+BEST_PATH = f"{TUNE_DIR}/best.yaml"
+#: The metric every trial reports and the search maximizes.
+OBJECTIVE = "objective"
+# Seed purpose of the probe set (different images from any trial's, whatever its settings).
+PURPOSE_PROBE = 201
+_LOG_KEYS = ("kd_alpha", "lr")
+
+
+def _nested(params: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` → ``{"a": {"b": 1}}`` (keys checked against the config first)."""
+    out: dict[str, Any] = {}
+    for dotted, value in params.items():
+        _field_type(dotted)
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def trial_config(base: RunConfig | dict[str, Any], params: dict[str, Any]) -> RunConfig:
+    """``base`` with the dotted ``params`` applied and validated (the config a trial runs)."""
+    data = base.to_dict() if isinstance(base, RunConfig) else dict(base)
+    return validate_run_config(_deep_merge(data, _nested(params)))
+
+
+def _field_type(dotted: str) -> Any:
+    """The annotation of a dotted config key (ConfigError for unknown keys)."""
+    parse_overrides([f"{dotted}=0"])  # unknown keys raise ConfigError with a suggestion
+    cls: Any = RunConfig
+    annotation: Any = None
+    for part in dotted.split("."):
+        annotation = cls.model_fields[part].annotation
+        cls = annotation
+    return annotation
+
+
+def _is_int_field(annotation: Any) -> bool:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kinds = {a for a in args if a is not type(None)}
+    return kinds == {int}
+
+
+def _is_float_field(annotation: Any) -> bool:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kinds = {a for a in args if a is not type(None)}
+    return bool(kinds) and kinds <= {int, float} and float in kinds
+
+
+def search_space(cfg: RunConfig) -> dict[str, Any]:
+    """``tune.space`` as Tune sampling domains (ConfigError for bad keys or ranges)."""
+    from ray import tune
+
+    if not cfg.tune.space:
+        raise ConfigError("tune.space is empty: give at least one key, e.g. generate.bns_weight: [0.1, 10]")
+    space: dict[str, Any] = {}
+    for key, bounds in cfg.tune.space.items():
+        annotation = _field_type(key)
+        if len(bounds) != 2 or not bounds[0] <= bounds[1]:
+            raise ConfigError(f"tune.space.{key}: expected [low, high] with low <= high, got {bounds}")
+        low, high = float(bounds[0]), float(bounds[1])
+        name = key.rsplit(".", 1)[-1]
+        if _is_int_field(annotation):
+            if low != int(low) or high != int(high):
+                raise ConfigError(f"tune.space.{key}: {name} is an integer; give integer bounds")
+            space[key] = tune.randint(int(low), int(high) + 1)
+        elif not _is_float_field(annotation):
+            raise ConfigError(f"tune.space.{key}: only numeric keys can be searched ({name} is not)")
+        elif low == high:
+            space[key] = low
+        elif (name.endswith("_weight") or name in _LOG_KEYS) and low > 0:
+            space[key] = tune.loguniform(low, high)
+        else:
+            space[key] = tune.uniform(low, high)
+        # Fail now, not in a trial, when a bound itself is not a valid value of the key.
+        trial_config(cfg, {key: int(low) if _is_int_field(annotation) else low})
+        trial_config(cfg, {key: int(high) if _is_int_field(annotation) else high})
+    return space
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Refuse a validation objective without a set, or one that is the evaluation test set."""
+    if cfg.tune.objective != "validation":
+        return
+    data = cfg.tune.validation_data
+    if not data:
+        raise ConfigError("tune.objective 'validation' needs tune.validation_data (a labelled set)")
+    if data == cfg.eval.data or _resolved(data) == _resolved(cfg.eval.data):
+        raise ConfigError(
+            f"tune.validation_data '{data}' is the evaluation test set (eval.data): selecting on it would "
+            "bias the reported test accuracy; give a separate labelled set or use objective 'agreement'"
+        )
+
+
+def _resolved(source: str) -> str:
+    if source.startswith("torchvision:"):
+        return source.lower()
+    try:
+        from intraq_core.assets import resolve_asset
+
+        return str(Path(resolve_asset(source)).resolve())
+    except Exception:  # unresolvable here: compare as given
+        return source
+
+
+def _subconfig(cfg: RunConfig, url: str, **updates: Any) -> RunConfig:
+    data = cfg.to_dict()
+    data.update({"executor": "local", "dataset": None, **updates})
+    data["storage"] = {**data["storage"], "url": url}
+    return validate_run_config(data)
+
+
+def _report_row(epoch: int, row: dict[str, float], objective: float, holdout: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        OBJECTIVE: objective,
+        "epoch": epoch + 1,
+        "loss": float(row["loss"]),
+        "train_agreement": 100.0 * float(row["agreement"]),
+    }
+    if holdout is not None:
+        out["holdout_agreement"] = holdout
+    return out
+
+
+def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, probe: Any) -> None:
+    """One trial (in a Tune actor): generate, calibrate, distil; report the objective each epoch."""
+    import torch
+    from ray import tune
+
+    from intraq_core.data import load_test_set
+    from intraq_core.distill import distill
+    from intraq_core.evaluate import agreement, top1
+    from pipeline.context import RunContext, limit_threads
+    from pipeline.generate import generate_local
+    from pipeline.train import holdout_mask, load_dataset, prepare_student
+
+    limit_threads()
+    trial_id = tune.get_context().get_trial_id()
+    base_cfg = RunConfig.model_validate(base)
+    cfg = _subconfig(trial_config(base_cfg, params), f"{tune_url}/trial-{trial_id}")
+    ctx = RunContext.create(cfg)
+    ctx.storage.write_bytes_atomic("trial.yaml", cfg.to_yaml().encode())
+    manifest, _ = generate_local(ctx, progress=False)
+    images, labels, indices = load_dataset(ctx, manifest)
+    hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
+    if hold.all():
+        hold[:] = False
+    device = ctx.device
+    teacher = ctx.teacher().to(device)
+    student = prepare_student(ctx, teacher, images[~hold])
+    probe_x = torch.tensor(probe) if probe is not None else None  # a copy: the shared array is read-only
+    validation = None
+    if cfg.tune.objective == "validation":
+        assert cfg.tune.validation_data is not None
+        eval_cfg = cfg.eval.model_copy(update={"data": cfg.tune.validation_data})
+        validation = (load_test_set(eval_cfg, ctx.model_cfg), eval_cfg.batch_size)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        if validation is not None:
+            ts, batch_size = validation
+            objective = top1(student, ts.batches(batch_size), device=device)["top1"]
+        else:
+            assert probe_x is not None
+            objective = agreement(student, teacher, probe_x, device=device)["agreement"]
+        holdout = (
+            agreement(student, teacher, images[hold], device=device)["agreement"] if hold.any() else None
+        )
+        tune.report(_report_row(epoch, row, float(objective), holdout))
+
+    distill(
+        student,
+        teacher,
+        images[~hold],
+        labels[~hold],
+        cfg.distill,
+        seed=cfg.seed,
+        device=device,
+        on_epoch=on_epoch,
+        progress=False,
+    )
+
+
+def _probe_images(cfg: RunConfig, storage: Storage, progress: bool) -> Any:
+    """The fixed probe set: the base config's generation with a derived seed, generated once."""
+    from intraq_core.seeding import derive_seed
+    from pipeline.context import RunContext
+    from pipeline.generate import generate_local
+    from pipeline.shards import read_all
+
+    seed = derive_seed(cfg.seed, PURPOSE_PROBE) % 2**31
+    probe_cfg = _subconfig(cfg, storage.url, seed=seed)
+    where = storage.join(TUNE_DIR, f"{PROBE_DIR}-{probe_cfg.dataset_hash()[:12]}")
+    probe_cfg = _subconfig(probe_cfg, where)
+    ctx = RunContext.create(probe_cfg)
+    manifest, _ = generate_local(ctx, progress=progress)
+    images, _ = read_all(ctx.storage.child("data"), manifest)
+    return images
+
+
+class _TrialBar:
+    """A tqdm bar of finished trials (a Tune callback on the driver), with the best objective."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from ray.tune import Callback
+
+        outer = self
+
+        class _Callback(Callback):
+            def on_trial_result(
+                self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+            ) -> None:
+                outer.result(result)
+
+            def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                outer.done()
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                outer.done(error=True)
+
+        self.callback = _Callback()
+        self.best = -math.inf
+        self.errors = 0
+        self.bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="tune", unit="trial")
+
+    def result(self, result: dict[str, Any]) -> None:
+        value = result.get(OBJECTIVE)
+        if isinstance(value, (int, float)) and value > self.best:
+            self.best = float(value)
+            self._postfix()
+
+    def done(self, error: bool = False) -> None:
+        self.errors += int(error)
+        if self.bar is not None:
+            self.bar.update(1)
+            self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is not None:
+            best = f"{self.best:.2f}" if self.best > -math.inf else "-"
+            self.bar.set_postfix(best=best, errors=self.errors)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _results_table(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial: its parameters, final and best objective, epochs run and status."""
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        epochs = int(metrics.get("epoch", 0) or 0)
+        history = result.metrics_dataframe
+        best = None
+        if history is not None and OBJECTIVE in getattr(history, "columns", ()):
+            best = float(history[OBJECTIVE].max())
+        if result.error is not None:
+            status = "error"
+        elif epochs >= max_epochs:
+            status = "completed"
+        else:
+            status = "stopped"
+        rows.append(
+            {
+                "trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
+                **{k: config.get(k) for k in keys},
+                OBJECTIVE: metrics.get(OBJECTIVE),
+                "best_objective": best,
+                "holdout_agreement": metrics.get("holdout_agreement"),
+                "epochs": epochs,
+                "status": status,
+                "error": None if result.error is None else str(result.error).strip().splitlines()[0][:300],
+            }
+        )
+
+    def order(row: dict[str, Any]) -> tuple[int, float]:
+        value = row[OBJECTIVE]
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        rank = {"completed": 0, "stopped": 1, "error": 2}[row["status"]]
+        return (rank, -(value if finite else -math.inf))
+
+    return sorted(rows, key=order)
+
+
+def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, list[dict[str, Any]]]:
+    """Search ``cfg.tune.space`` with ASHA (+ Optuna); return the best config and the trials table.
+
+    Writes ``<run>/tune/{probe/,trial-<id>/,ray/,results.json,best.yaml}`` in the run storage.
+    Uses the Ray this process is connected to (``pipeline.ray_session.start_ray``).
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    check_objective(cfg)
+    space = search_space(cfg)
+    storage = Storage.from_config(cfg.storage)
+    if storage.kind == "memory":
+        raise ValueError("memory:// storage lives in one process; tune needs a local path, file:// or s3://")
+    storage.check_writable()
+    if not ray.is_initialized():
+        raise RuntimeError("tune_search needs a running Ray (pipeline.ray_session.start_ray)")
+
+    probe = None
+    if cfg.tune.objective == "agreement":
+        probe = _probe_images(cfg, storage, progress)
+    epochs = cfg.distill.epochs
+    from pipeline.ray_train import resolve_use_gpu, worker_config
+
+    base = worker_config(cfg, storage)  # absolute paths: Tune moves trials to their own directory
+    trainable = tune.with_parameters(_run_trial, base=base, tune_url=storage.join(TUNE_DIR), probe=probe)
+    resources: dict[str, float] = {"cpu": 1}
+    if resolve_use_gpu(cfg):
+        resources["gpu"] = 1
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=min(cfg.tune.grace_epochs, epochs),
+        reduction_factor=2,
+    )
+    if cfg.tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        search_alg: Any = OptunaSearch(seed=cfg.seed)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+    fs, _ = storage.pyarrow_filesystem()
+    bar = _TrialBar(cfg.tune.num_samples, progress)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode="max",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{cfg.config_hash()[:12]}",
+            storage_path=storage.pyarrow_path(f"{TUNE_DIR}/ray"),
+            storage_filesystem=fs,
+            verbose=0,
+            callbacks=[bar.callback],
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+    try:
+        grid = tuner.fit()
+    finally:
+        bar.close()
+
+    keys = list(space)
+    table = _results_table(grid, keys, epochs)
+    usable = [r for r in table if r["status"] == "completed"] or [
+        r for r in table if r["status"] == "stopped"
+    ]
+    usable = [r for r in usable if isinstance(r[OBJECTIVE], (int, float)) and math.isfinite(r[OBJECTIVE])]
+    if not usable:
+        first = next((r["error"] for r in table if r["error"]), "no trial reported an objective")
+        raise RuntimeError(f"every tune trial failed: {first}")
+    best_row = max(usable, key=lambda r: r[OBJECTIVE])
+    best = trial_config(cfg, {k: best_row[k] for k in keys if best_row.get(k) is not None})
+    storage.write_json_atomic(RESULTS_PATH, {"objective": cfg.tune.objective, "trials": table})
+    storage.write_bytes_atomic(BEST_PATH, best.to_yaml().encode())
+    return best, table
+
+
+def write_best_config(best: RunConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``best`` as YAML that ``intraq-pipeline run --config`` accepts."""
+    out = Path(path).expanduser()
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(best.to_yaml())
+    return out
