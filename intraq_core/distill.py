@@ -131,7 +131,7 @@ class Distiller:
         total, kd, ce, s_logits, t_logits = self.loss(x, y)
         if not torch.isfinite(total):
             raise DivergenceError(
-                f"distillation loss became {float(total)} at step {self.step_count} (lr {lr:g}, "
+                f"distillation loss became {total.item()} at step {self.step_count} (lr {lr:g}, "
                 f"kd_alpha {self.cfg.kd_alpha:g}, T {self.cfg.kd_temperature:g}): the recipe is unstable; "
                 "lower distill.lr or distill.kd_alpha"
             )

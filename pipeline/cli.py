@@ -311,6 +311,80 @@ def _floats(text: str | None, name: str) -> tuple[float, float, float] | None:
     return vals  # type: ignore[return-value]
 
 
+@app.command()
+@_guard
+def report(
+    run_dir: Annotated[str, typer.Argument(help="Run location (path, file://, s3://).")],
+    compare: Annotated[
+        list[str] | None,
+        typer.Option("--compare", help="Another run to show side by side (repeatable), e.g. an ADI run."),
+    ] = None,
+    real_data: Annotated[
+        str | None,
+        typer.Option("--real-data", help="Real test set for the feature statistics (default: the run's)."),
+    ] = None,
+    real_images: Annotated[
+        int, typer.Option("--real-images", help="Real test images used (the first N; 0: none).")
+    ] = 2000,
+    tsne: Annotated[bool, typer.Option("--tsne/--no-tsne", help="Add t-SNE projections (slower).")] = True,
+) -> None:
+    """Write RUN_DIR/report/: self-contained report.html, report.md and the PNG plots."""
+    if real_images < 0:
+        raise UsageError("--real-images must be >= 0")
+    from pipeline.report import build_report
+
+    result = build_report(run_dir, compare or [], real_data=real_data, real_images=real_images, tsne=tsne)
+    typer.echo(f"report: {result.html_url}")
+
+
+@app.command()
+@_guard
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Run location (path, file://, s3://) holding student.pt.")],
+    format_: Annotated[
+        str, typer.Option("--format", "-f", help="onnx (Q/DQ), torchscript or torch-export (.pt2).")
+    ] = "onnx",
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="File path or URL (default: RUN_DIR/export/student.<ext>)."),
+    ] = None,
+    stage: Annotated[
+        str, typer.Option("--stage", help="final (student.pt) or calibrated (student_calibrated.pt).")
+    ] = "final",
+    verify_images: Annotated[
+        int,
+        typer.Option("--verify-images", help="Real test images to compare export and PyTorch on (0: skip)."),
+    ] = 1000,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Test set for the verification (default: the run's).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Export the quantized student (ONNX with QuantizeLinear/DequantizeLinear, TorchScript, .pt2)."""
+    if verify_images < 0:
+        raise UsageError("--verify-images must be >= 0")
+    from pipeline.export import export_run
+
+    result = export_run(run_dir, format_, output, stage=stage, verify_images=verify_images, data=data)
+    summary = result.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"{result.format}: {result.url} ({result.bytes} bytes)")
+    if result.sites:
+        typer.echo(
+            f"Q/DQ sites: {summary['weight_sites']} weight (per channel), "
+            f"{summary['activation_sites']} activation (per tensor)"
+        )
+    v = result.verification
+    if v is not None:
+        typer.echo(
+            f"vs PyTorch on {v['images']} images of {v['test_set']}: "
+            f"top-1 agreement {v['agreement']:.2f}%, max |logit diff| {v['max_abs_diff']:.3g}, "
+            f"top-1 {v['reference_top1']:.2f}% → {v['export_top1']:.2f}%"
+        )
+
+
 @app.command("show-config")
 @_guard
 def show_config(config: ConfigOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from intraq_core.config import (
     DistillConfig,
@@ -48,6 +48,14 @@ class RayConfig(StageConfig):
     train_workers: int = Field(default=1, ge=1)
     cpus_per_train_worker: float = Field(default=1.0, gt=0.0)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_bool(cls, value: object) -> object:
+        # YAML reads unquoted yes/no as booleans.
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return value
     dashboard: bool = True
     max_failures: int = Field(default=3, ge=0)
 

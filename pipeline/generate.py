@@ -13,6 +13,7 @@ Two executors share this logic: ``local`` (one process, the laptop/debug path) a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +61,11 @@ def dataset_storage(ctx: RunContext) -> Storage:
 
 
 def shard_meta(ctx: RunContext, task: ShardTask, result: SynthResult) -> dict[str, Any]:
-    """File metadata of a shard: what produced it and how to read it."""
+    """File metadata of a shard: what produced it and how to read it.
+
+    Only deterministic values (no wall-clock times), so the same config and seed give
+    byte-identical shard files.
+    """
     m = ctx.model_cfg
     return {
         "round": task.round,
@@ -73,8 +78,25 @@ def shard_meta(ctx: RunContext, task: ShardTask, result: SynthResult) -> dict[st
         "seed": task.batch_seed,
         "method": ctx.cfg.generate.method,
         "final_losses": result.final,
-        "seconds": result.seconds,
+        "loss_history": loss_history(result),
     }
+
+
+def loss_history(result: SynthResult) -> dict[str, Any]:
+    """Every term's value each ``HISTORY_EVERY`` iterations and at the last one, for reports.
+
+    ``{"iteration": [0, 10, …, n-1], "terms": {name: [value, …]}}``; a non-finite value is
+    stored as None (shard metadata is strict JSON).
+    """
+    n = max((len(v) for v in result.history.values()), default=0)
+    steps = list(range(0, n, HISTORY_EVERY))
+    if n and steps[-1] != n - 1:
+        steps.append(n - 1)
+    terms = {
+        name: [float(v[i]) if i < len(v) and math.isfinite(v[i]) else None for i in steps]
+        for name, v in result.history.items()
+    }
+    return {"iteration": steps, "terms": terms}
 
 
 def synthesize_shard(

@@ -172,12 +172,13 @@ def _train_dataset(storage: Storage, manifest: Manifest, holdout: np.ndarray) ->
     from ray.data.expressions import col
 
     fs, paths = pyarrow_dataset_source(storage, manifest)
-    ds = ray.data.read_parquet(
-        paths, filesystem=fs, columns=["image", "label", "index"], num_cpus=DATA_TASK_CPUS
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=DATA_TASK_CPUS).select_columns(
+        ["image", "label", "index"]
     )
     if holdout.size:
         ds = ds.filter(expr=col("index").not_in([int(i) for i in holdout]), num_cpus=DATA_TASK_CPUS)
     ds.context.enable_progress_bars = False  # the driver's epoch bar is the progress display
+    ds.context.print_on_execution_start = False
     return ds
 
 
@@ -269,8 +270,8 @@ def _make_report_callback(queue: Any) -> Any:
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             if metrics:
-                try:
-                    self.q.put_nowait(dict(metrics[0]))
+                try:  # fire and forget: never block the controller's event loop on the driver
+                    self.q.actor.put_nowait.remote(dict(metrics[0]))
                 except Exception:  # progress must never fail training
                     log.debug("progress queue unavailable")
 
@@ -522,7 +523,9 @@ def _train_loop(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - t0
         local_rate = float(sums[5]) / max(seconds, 1e-9)
         if world > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+            reduced = sums.to(device)  # NCCL reduces GPU tensors only
+            dist.all_reduce(reduced)
+            sums = reduced.cpu()
         steps = max(float(sums[4]), 1.0)
         row = {
             "loss": float(sums[0]) / steps,

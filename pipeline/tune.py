@@ -17,7 +17,7 @@ The objective (metric ``objective``, maximized):
 
 * ``agreement`` (default, data-free): top-1 teacher–student agreement (%) on ONE fixed probe
   set of synthetic images, generated once before the search with the base config and a
-  derived seed (``<run>/tune/probe/``). Each trial's own held-out split is still reported
+  derived seed (``<run>/tune/probe-<dataset hash>/``). Each trial's own held-out split is still reported
   (``holdout_agreement``) but not optimized: it is made of that trial's images, so settings
   that produce easy images would score well on it; the shared probe makes trials comparable,
   and its different seed keeps it out of every trial's training images.
@@ -30,15 +30,16 @@ The space (``tune.space``): dotted config keys → ``[low, high]``. Loss weights
 ε, areas, temperatures uniformly; integer fields as integers. ``tune.search: optuna`` uses
 ``OptunaSearch`` (TPE, seeded), ``random`` Tune's seeded random search.
 
-The best trial is the one with the highest final objective among trials that ran every epoch
-(ASHA-stopped trials only count when none finished). Its settings applied to the base config
-give the best config, written as YAML (``<run>/tune/best.yaml``) that ``intraq-pipeline run
---config`` accepts; ``<run>/tune/results.json`` holds the table of all trials.
+A trial whose distillation diverges reports objective 0 (status ``diverged``) rather than
+crashing, so the searcher learns to avoid that region. The best trial is the one with the
+highest final objective among trials that ran every epoch (ASHA-stopped trials only count
+when none finished). Its settings applied to the base config give the best config, written as
+YAML (``<run>/tune/best.yaml``) that ``intraq-pipeline run --config`` accepts;
+``<run>/tune/results.json`` holds the table of all trials.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import types
@@ -60,8 +61,6 @@ __all__ = [
     "tune_search",
     "write_best_config",
 ]
-
-log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 PROBE_DIR = "probe"
@@ -197,7 +196,7 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
     from ray import tune
 
     from intraq_core.data import load_test_set
-    from intraq_core.distill import distill
+    from intraq_core.distill import DivergenceError, distill
     from intraq_core.evaluate import agreement, top1
     from pipeline.context import RunContext, limit_threads
     from pipeline.generate import generate_local
@@ -235,18 +234,24 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
             agreement(student, teacher, images[hold], device=device)["agreement"] if hold.any() else None
         )
         tune.report(_report_row(epoch, row, float(objective), holdout))
+        done[0] = epoch + 1
 
-    distill(
-        student,
-        teacher,
-        images[~hold],
-        labels[~hold],
-        cfg.distill,
-        seed=cfg.seed,
-        device=device,
-        on_epoch=on_epoch,
-        progress=False,
-    )
+    done = [0]
+    try:
+        distill(
+            student,
+            teacher,
+            images[~hold],
+            labels[~hold],
+            cfg.distill,
+            seed=cfg.seed,
+            device=device,
+            on_epoch=on_epoch,
+            progress=False,
+        )
+    except DivergenceError:
+        # A diverged recipe is a result, not a crash: score it 0 so the searcher learns to avoid it.
+        tune.report({OBJECTIVE: 0.0, "epoch": done[0] + 1, "diverged": 1.0})
 
 
 def _probe_images(cfg: RunConfig, storage: Storage, progress: bool) -> Any:
@@ -330,6 +335,8 @@ def _results_table(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str
             best = float(history[OBJECTIVE].max())
         if result.error is not None:
             status = "error"
+        elif metrics.get("diverged"):
+            status = "diverged"
         elif epochs >= max_epochs:
             status = "completed"
         else:
@@ -350,7 +357,7 @@ def _results_table(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str
     def order(row: dict[str, Any]) -> tuple[int, float]:
         value = row[OBJECTIVE]
         finite = isinstance(value, (int, float)) and math.isfinite(value)
-        rank = {"completed": 0, "stopped": 1, "error": 2}[row["status"]]
+        rank = {"completed": 0, "stopped": 1, "diverged": 2, "error": 3}[row["status"]]
         return (rank, -(value if finite else -math.inf))
 
     return sorted(rows, key=order)
@@ -437,6 +444,8 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
     ]
     usable = [r for r in usable if isinstance(r[OBJECTIVE], (int, float)) and math.isfinite(r[OBJECTIVE])]
     if not usable:
+        if table and all(r["status"] == "diverged" for r in table):
+            raise RuntimeError("every tune trial diverged: narrow tune.space (lower kd_alpha, lr)")
         first = next((r["error"] for r in table if r["error"]), "no trial reported an objective")
         raise RuntimeError(f"every tune trial failed: {first}")
     best_row = max(usable, key=lambda r: r[OBJECTIVE])

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("INTRAQ_DATA_DIR", str((REPO / ".." / "shared" / "data").resolve()))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: on a shared 2-core box two OpenMP threads per process slow ops down 15-70x
+# whenever another process (a Ray actor, a second test worker) runs at the same time.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

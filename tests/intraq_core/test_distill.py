@@ -1,0 +1,133 @@
+"""Distillation: loss against hand values, schedule, batching, a real step, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+from intraq_core.config import DistillConfig
+from intraq_core.distill import (
+    DivergenceError,
+    Distiller,
+    distill,
+    epoch_batches,
+    kd_loss,
+    lr_factor,
+    reestimate_bn,
+    steps_per_epoch,
+)
+
+
+def test_kd_loss_hand_case() -> None:
+    # T = 1: teacher q = (0.5, 0.5), student p = (0.8, 0.2): KL(q || p) = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2).
+    s = torch.tensor([[math.log(0.8), math.log(0.2)]])
+    t = torch.tensor([[0.0, 0.0]])
+    expected = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    assert_close(kd_loss(s, t, 1.0), torch.tensor(expected))
+    # T = 2 scales logits by 1/2 and the loss by T^2 = 4.
+    s2 = torch.tensor([[2 * math.log(0.8), 2 * math.log(0.2)]])
+    assert_close(kd_loss(s2, t, 2.0), torch.tensor(4 * expected))
+    assert kd_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_lr_schedules() -> None:
+    cos = DistillConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cos, 0, 5) == pytest.approx(1.0)
+    assert lr_factor(cos, 25, 5) == pytest.approx(0.5)
+    assert lr_factor(cos, 50, 5) == pytest.approx(0.0)
+    step = DistillConfig(epochs=100, schedule="step", milestones=[20, 40], gamma=0.1)
+    assert lr_factor(step, 19 * 10, 10) == pytest.approx(1.0)
+    assert lr_factor(step, 20 * 10, 10) == pytest.approx(0.1)
+    assert lr_factor(step, 45 * 10, 10) == pytest.approx(0.01)
+    assert lr_factor(DistillConfig(schedule="constant"), 999, 3) == 1.0
+
+
+def test_epoch_batches_are_seeded_and_drop_last() -> None:
+    a = list(epoch_batches(10, 3, epoch=0, seed=1))
+    b = list(epoch_batches(10, 3, epoch=0, seed=1))
+    c = list(epoch_batches(10, 3, epoch=1, seed=1))
+    assert len(a) == 3 and all(len(x) == 3 for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+    assert len(set(torch.cat(a).tolist())) == 9
+    fixed = list(epoch_batches(10, 4, epoch=0, seed=1, iterations=7))
+    assert len(fixed) == 7
+    assert steps_per_epoch(10, DistillConfig(batch_size=4)) == 2
+    assert steps_per_epoch(10, DistillConfig(batch_size=4, iterations_per_epoch=200)) == 200
+    assert steps_per_epoch(3, DistillConfig(batch_size=4)) == 1
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+
+
+def test_distillation_pulls_the_student_to_the_teacher() -> None:
+    teacher = _tiny().eval()
+    student = _tiny()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(64, 3, 8, 8)
+    y = teacher(x).argmax(1)
+    cfg = DistillConfig(
+        epochs=30, batch_size=16, lr=0.05, crop_scale=(1.0, 1.0), flip=False, weight_decay=0.0, ce_weight=0.0
+    )
+    with torch.no_grad():
+        before = kd_loss(student(x), teacher(x), 4.0).item()
+    hist = distill(student, teacher, x, y, cfg, progress=False)
+    with torch.no_grad():
+        after = kd_loss(student(x), teacher(x), 4.0).item()
+    assert len(hist.epochs) == 30
+    assert after < 0.5 * before
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_divergence_is_reported() -> None:
+    teacher, student = _tiny().eval(), _tiny()
+    cfg = DistillConfig(epochs=1, batch_size=8, lr=1e30, kd_alpha=1e30)
+    d = Distiller(student, teacher, cfg, steps_per_epoch=1)
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(DivergenceError, match="unstable"):
+        for _ in range(5):
+            d.step(x, y)
+
+
+def test_state_dict_resume_is_exact() -> None:
+    teacher = _tiny().eval()
+    cfg = DistillConfig(epochs=2, batch_size=8, lr=0.01)
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.zeros(8, dtype=torch.long)
+    a = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
+    a.step(x, y)
+    saved = {
+        k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()})
+        for k, v in a.state_dict().items()
+    }
+    b = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
+    b.load_state_dict(saved)
+    sa, sb = a.step(x, y), b.step(x, y)
+    assert sa.loss == pytest.approx(sb.loss, rel=1e-6)
+
+
+def test_reestimate_bn_matches_data_statistics() -> None:
+    model = _tiny().eval()
+    x = torch.randn(32, 3, 8, 8) * 3 + 1
+    reestimate_bn(model, iter([x[:16], x[16:]]))
+    bn = model[1]
+    with torch.no_grad():
+        pre = model[0](x)
+    assert_close(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert not bn.training

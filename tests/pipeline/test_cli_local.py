@@ -1,0 +1,90 @@
+"""The CLI end to end on the real teacher, single-process executor (the Ray path has its own tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def test_evaluate_prints_the_published_accuracy(teacher_path: Path) -> None:
+    # The real console entry point in a fresh process, as a user runs it.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "evaluate",
+            "--arch",
+            "cifar_resnet20",
+            "--weights",
+            str(teacher_path),
+            "--data",
+            "cifar10-test",
+            "--json",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(out.stdout) == {"top1": 91.73, "n": 10000}
+
+
+@pytest.mark.slow
+def test_smoke_run_local_executor(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")]
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for key in (
+        "fp_top1",
+        "quant_top1",
+        "ptq_top1",
+        "w_bits",
+        "a_bits",
+        "method",
+        "num_images",
+        "gen_iterations",
+        "epochs",
+        "seed",
+        "seconds",
+    ):
+        assert key in metrics
+    assert metrics["fp_top1"] > 90.0  # the real teacher on the first 1,000 test images
+    assert metrics["num_images"] == 64 and metrics["w_bits"] == 4
+    assert set(metrics["seconds"]) >= {"generate", "distill", "evaluate"}
+    # Same config and seed → same metrics.
+    again = runner.invoke(
+        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r2")]
+    )
+    assert again.exit_code == 0, again.output
+    metrics2 = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    for key in ("ptq_top1", "quant_top1", "training", "generation"):
+        if key == "generation":
+            assert metrics2[key]["final_losses_mean"] == metrics[key]["final_losses_mean"]
+        else:
+            assert metrics2[key] == metrics[key]
+    # The location now holds a run: a second run without --resume/--overwrite is refused.
+    clash = runner.invoke(
+        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")]
+    )
+    assert clash.exit_code == 2
+    assert "--resume" in clash.output
+
+
+def test_unknown_key_is_one_line_exit_2(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", "-c", "smoke", "--set", "generate.iterashuns=3", "-o", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "did you mean 'generate.iterations'" in res.output
+    assert "Traceback" not in res.output

@@ -1,0 +1,98 @@
+"""Run config: defaults, YAML round trip, --set overrides, one-line errors with suggestions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_run_config, parse_overrides, shipped_configs
+
+
+def test_defaults_are_the_reference_generation_budget() -> None:
+    cfg = RunConfig()
+    g = cfg.generate
+    assert (g.num_images, g.batch_size, g.iterations, g.lr) == (5120, 256, 1000, 0.5)
+    assert (g.sil_epsilon, g.mdc_lower, g.mdc_upper, g.lor_min_area) == (0.95, 0.05, 0.8, 0.5)
+    assert g.weights() == {"bns": 1.0, "ce": 0.0, "sil": 1.0, "mdc": 1.0, "adi": 0.0}
+    assert g.lor_enabled()
+    assert cfg.model.weights == "cifar10-resnet20"
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_run_config(None, ["generate.method=bns_ce", "quant.w_bits=3", "distill.lr=2e-3", "seed=7"])
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_run_config(path)
+    assert again == cfg
+    assert again.config_hash() == cfg.config_hash()
+    assert again.generate.weights()["ce"] == 1.0 and again.generate.weights()["sil"] == 0.0
+
+
+def test_overrides_parse_yaml_values() -> None:
+    out = parse_overrides(["distill.crop_scale=[0.3, 1.0]", "generate.lor=false", "ray.use_gpu=no"])
+    assert out == {
+        "distill": {"crop_scale": [0.3, 1.0]},
+        "generate": {"lor": False},
+        "ray": {"use_gpu": False},
+    }
+    cfg = load_run_config(None, ["ray.use_gpu=no", "generate.lor=false"])
+    assert cfg.ray.use_gpu == "no" and not cfg.generate.lor_enabled()
+
+
+def test_unknown_key_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'generate.sil_epsilon'"):
+        load_run_config(None, ["generate.sil_epsion=0.9"])
+    with pytest.raises(ConfigError, match=r"did you mean 'distill'"):
+        load_run_config(None, ["distil.lr=0.1"])
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("generate:\n  iterashuns: 5\n")
+    with pytest.raises(ConfigError, match="unknown key 'iterashuns'.*did you mean 'iterations'"):
+        load_run_config(p)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("quant.w_bits=9", "w_bits"),
+        ("quant.a_bits=1", "a_bits"),
+        ("distill.lr=0", "lr"),
+        ("distill.lr=-1", "lr"),
+        ("distill.batch_size=0", "batch_size"),
+        ("generate.iterations=0", "iterations"),
+        ("generate.num_images=-5", "num_images"),
+    ],
+)
+def test_out_of_range_values(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_run_config(None, [override])
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("generate:\n  iterations: 5\n   lr: [1,\n")
+    with pytest.raises(ConfigError, match="malformed YAML .* line"):
+        load_run_config(p)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config("no/such/file.yaml")
+
+
+def test_shipped_configs_validate() -> None:
+    names = shipped_configs()
+    assert {"smoke", "cifar10_resnet20_w4a4", "cifar10_resnet20_w3a3"} <= set(names)
+    for name in names:
+        load_run_config(name)
+
+
+def test_dataset_hash_ignores_training_settings() -> None:
+    a = load_run_config(None, ["quant.w_bits=4"])
+    b = load_run_config(None, ["quant.w_bits=3", "distill.epochs=3", "generate.channels_last=false"])
+    c = load_run_config(None, ["generate.iterations=10"])
+    assert a.dataset_hash() == b.dataset_hash() != c.dataset_hash()
+    assert a.config_hash() != b.config_hash()
