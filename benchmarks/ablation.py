@@ -36,10 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from intraq_core.config import EvalConfig, QuantConfig
-from intraq_core.data import load_npz, load_test_set
-from intraq_core.evaluate import agreement
-from intraq_core.models import create_model
+from intraq_core.config import EvalConfig
+from intraq_core.data import load_test_set
 from intraq_core.quant import calibrate
 from intraq_core.student import build_student, load_student
 from intraq_core.synth import losses
@@ -47,7 +45,7 @@ from pipeline.config import RunConfig, load_run_config
 from pipeline.context import RunContext
 from pipeline.generate import dataset_storage, generate_local, new_manifest
 from pipeline.shards import Manifest, read_shard, write_shard
-from pipeline.train import STUDENT_PATH, holdout_mask, train_local
+from pipeline.train import STUDENT_PATH, train_local
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +132,13 @@ class Bench:
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def config(self, row: str, seed: int, extra: list[str] | None = None) -> RunConfig:
-        sets = [*BUDGETS[self.budget], *ROWS.get(row, []), *RECIPES.get(row, []), f"seed={seed}", "executor=local"]
+        sets = [
+            *BUDGETS[self.budget],
+            *ROWS.get(row, []),
+            *RECIPES.get(row, []),
+            f"seed={seed}",
+            "executor=local",
+        ]
         return load_run_config(None, [*sets, *(extra or [])])
 
     @property
@@ -234,7 +238,10 @@ class Bench:
     def _save(self, path: Path, result: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps({k: result[k] for k in ("row", "bits", "seed", "top1_all", "top1_heldout")}), flush=True)
+        print(
+            json.dumps({k: result[k] for k in ("row", "bits", "seed", "top1_all", "top1_heldout")}),
+            flush=True,
+        )
 
     def _base(self, row: str, bits: tuple[int, int], seed: int) -> dict[str, Any]:
         return {
@@ -257,7 +264,9 @@ class Bench:
     def _ptq_real(self, bits: tuple[int, int], seed: int) -> dict[str, Any]:
         """Min/max ranges on 512 real 'training' images, no fine-tuning."""
         t0 = time.perf_counter()
-        ctx = RunContext.create(self.config("ptq_real", seed, [f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]))
+        ctx = RunContext.create(
+            self.config("ptq_real", seed, [f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"])
+        )
         student = build_student(ctx.teacher(), ctx.cfg.quant)
         x = self.test[0][self.split.train[:512]]
         calibrate(student, [x[s : s + 128] for s in range(0, 512, 128)])
@@ -309,16 +318,19 @@ class Bench:
             r = json.loads(p.read_text())
             cells.setdefault((r["row"], r["bits"]), []).append(r)
         bits_cols = ["W4A4", "W3A3"]
+        seeds = " ".join(map(str, self.seeds))
         lines = [
             f"# Ablation on CIFAR-10 ResNet-20, budget `{self.budget}`",
             "",
-            f"Command: `python benchmarks/ablation.py --budget {self.budget} --seeds {' '.join(map(str, self.seeds))}`"
-            f" then `--table`. Budget: `{' '.join(BUDGETS[self.budget])}`.",
+            f"Command: `python benchmarks/ablation.py --budget {self.budget} --seeds {seeds}` then `--table`. "
+            f"Budget: `{' '.join(BUDGETS[self.budget])}`.",
             "",
             "Top-1 (%) of the FINAL model on the real CIFAR-10 test set, mean ± std over seeds (n = seeds).",
             "'all' = 10,000 test images; 'held-out' = the test images no row trained or calibrated on.",
             "",
-            "| row | " + " | ".join(f"{b} all | {b} held-out | {b} calibrated (before distil)" for b in bits_cols) + " | n |",
+            "| row | "
+            + " | ".join(f"{b} all | {b} held-out | {b} calibrated (before distil)" for b in bits_cols)
+            + " | n |",
             "| --- | " + " | ".join("---: | ---: | ---:" for _ in bits_cols) + " | ---: |",
         ]
         for row in ALL_ROWS:
@@ -403,7 +415,9 @@ def dataset_statistics(
         "centre_distance_real": losses.mean_distance_to_class_centre(real, ry),
         "pairwise_distance_synthetic": losses.mean_intra_class_cosine_distance(f, y),
         "pairwise_distance_real": losses.mean_intra_class_cosine_distance(real, ry),
-        "mdc_final": "–" if not mdc else f"lower {np.mean([m[0] for m in mdc]):.4f}, upper {np.mean([m[1] for m in mdc]):.4f}",
+        "mdc_final": "–"
+        if not mdc
+        else f"lower {np.mean([m[0] for m in mdc]):.4f}, upper {np.mean([m[1] for m in mdc]):.4f}",
     }
 
 
@@ -418,12 +432,16 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
     except OSError:
         return "unknown"
 

@@ -56,6 +56,7 @@ class RayConfig(StageConfig):
         if isinstance(value, bool):
             return "yes" if value else "no"
         return value
+
     dashboard: bool = True
     max_failures: int = Field(default=3, ge=0)
 

@@ -11,8 +11,8 @@ from torch.testing import assert_close
 
 from intraq_core.config import DistillConfig
 from intraq_core.distill import (
-    DivergenceError,
     Distiller,
+    DivergenceError,
     distill,
     epoch_batches,
     kd_loss,

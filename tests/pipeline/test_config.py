@@ -50,7 +50,7 @@ def test_unknown_key_suggests_the_closest() -> None:
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("generate:\n  iterashuns: 5\n")
-    with pytest.raises(ConfigError, match="unknown key 'iterashuns'.*did you mean 'iterations'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'iterashuns'.*did you mean 'iterations'"):
         load_run_config(p)
 
 
@@ -74,7 +74,7 @@ def test_out_of_range_values(override: str, pattern: str) -> None:
 def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
     p = tmp_path / "bad.yaml"
     p.write_text("generate:\n  iterations: 5\n   lr: [1,\n")
-    with pytest.raises(ConfigError, match="malformed YAML .* line"):
+    with pytest.raises(ConfigError, match=r"malformed YAML .* line"):
         load_run_config(p)
 
 
