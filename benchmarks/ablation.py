@@ -264,9 +264,7 @@ class Bench:
     def _ptq_real(self, bits: tuple[int, int], seed: int) -> dict[str, Any]:
         """Min/max ranges on 512 real 'training' images, no fine-tuning."""
         t0 = time.perf_counter()
-        ctx = RunContext.create(
-            self.config("ptq_real", seed, [f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"])
-        )
+        ctx = RunContext.create(self.config("ptq_real", seed, [f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]))
         student = build_student(ctx.teacher(), ctx.cfg.quant)
         x = self.test[0][self.split.train[:512]]
         calibrate(student, [x[s : s + 128] for s in range(0, 512, 128)])
@@ -432,9 +430,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def git_commit() -> str:

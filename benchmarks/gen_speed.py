@@ -66,9 +66,7 @@ def reference_loop(
     x = initial_noise(seeds, (3, 32, 32)).to(device).requires_grad_(True)
     y = labels.to(device)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="min", patience=cfg.plateau_patience, min_lr=1e-4
-    )
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=cfg.plateau_patience, min_lr=1e-4)
     w = cfg.weights()
     start = time.perf_counter()
     for _ in range(cfg.iterations):
@@ -79,9 +77,7 @@ def reference_loop(
         means.clear()
         variances.clear()
         logits = teacher(inp)
-        bm, bv = losses.bns_loss(
-            means, variances, [m.running_mean for m in layers], [m.running_var for m in layers]
-        )
+        bm, bv = losses.bns_loss(means, variances, [m.running_mean for m in layers], [m.running_var for m in layers])
         total = w["bns"] * (bm + bv) + w["sil"] * losses.sil_loss(logits, y, targets)
         if centres is not None and w["mdc"] > 0:
             lo, up = losses.mdc_loss(tap.features, y, centres[0], centres[1], cfg.mdc_lower, cfg.mdc_upper)
@@ -146,9 +142,7 @@ def main() -> None:
     ours_rate = [work / s for s in ours]
     ref_rate = [work / s for s in ref]
     ratio = statistics.median(ours_rate) / statistics.median(ref_rate)
-    dev_name = (
-        torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
-    )
+    dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or platform.machine()
     result = {
         "date": date.today().isoformat(),
         "device": args.device,

@@ -207,9 +207,7 @@ def resolve_asset(name_or_path: str | os.PathLike[str]) -> Path:
             raise AssetError(f"file not found: {path}")
         close = difflib.get_close_matches(text, list_assets(), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise AssetError(
-            f"unknown asset '{text}' and no such file; {hint}known assets: {', '.join(list_assets())}"
-        )
+        raise AssetError(f"unknown asset '{text}' and no such file; {hint}known assets: {', '.join(list_assets())}")
     data_dir = os.environ.get("INTRAQ_DATA_DIR")
     if data_dir:
         candidate = Path(data_dir).expanduser() / asset.filename
@@ -269,10 +267,7 @@ register_asset(
         name="cifar10-resnet20",
         filename="resnet20-12fca82f.th",
         sha256="12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
-        url=(
-            "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/"
-            "pretrained_models/resnet20-12fca82f.th"
-        ),
+        url=("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet20-12fca82f.th"),
         metadata={
             "kind": "weights",
             "arch": "cifar_resnet20",

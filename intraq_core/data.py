@@ -48,9 +48,7 @@ def _normalize_uint8_nhwc(images: np.ndarray, mean: tuple, std: tuple) -> torch.
 
 def _array_test_set(name: str, images: np.ndarray, labels: np.ndarray, model_cfg: ModelConfig) -> TestSet:
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise DatasetError(
-            f"{name}: expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
-        )
+        raise DatasetError(f"{name}: expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
     if labels.shape[0] != images.shape[0]:
         raise DatasetError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
     labels = labels.astype(np.int64)
@@ -72,9 +70,7 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as d:
             if "images" not in d or "labels" not in d:
-                raise DatasetError(
-                    f"{path}: an .npz test set needs arrays 'images' and 'labels', has {list(d)}"
-                )
+                raise DatasetError(f"{path}: an .npz test set needs arrays 'images' and 'labels', has {list(d)}")
             return d["images"], d["labels"]
     except (OSError, ValueError) as exc:
         if isinstance(exc, DatasetError):
@@ -144,8 +140,7 @@ def load_test_set(cfg: EvalConfig, model_cfg: ModelConfig) -> TestSet:
             ts = _array_test_set(str(path), *_limit(images, labels, cfg.limit), model_cfg)
         else:
             raise DatasetError(
-                f"{path}: unsupported test set "
-                "(use an .npz file, an ImageFolder directory or torchvision:cifar10)"
+                f"{path}: unsupported test set (use an .npz file, an ImageFolder directory or torchvision:cifar10)"
             )
     k = model_cfg.num_classes
     if k is not None and (ts.num_classes > k or (ts.exact_classes and ts.num_classes != k)):

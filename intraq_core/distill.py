@@ -49,9 +49,7 @@ def augment_batch(x: torch.Tensor, cfg: DistillConfig, generator: torch.Generato
     if lo >= 1.0 and not cfg.flip:
         return x
     _, _, height, width = x.shape
-    params = sample_lor_params(
-        x.shape[0], height, width, min_area=lo, max_area=hi, generator=generator, flip=cfg.flip
-    )
+    params = sample_lor_params(x.shape[0], height, width, min_area=lo, max_area=hi, generator=generator, flip=cfg.flip)
     return apply_lor(x, params)
 
 
@@ -229,9 +227,7 @@ def distill(
 
 
 @torch.no_grad()
-def reestimate_bn(
-    model: nn.Module, batches: Iterator[torch.Tensor], device: str | torch.device = "cpu"
-) -> int:
+def reestimate_bn(model: nn.Module, batches: Iterator[torch.Tensor], device: str | torch.device = "cpu") -> int:
     """Recompute BN running statistics of ``model`` as a cumulative average over batches.
 
     Only BN layers run in train mode; everything else (including activation quantizers)

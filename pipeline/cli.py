@@ -35,9 +35,7 @@ SetOpt = Annotated[
 ]
 StorageOpt = Annotated[
     str | None,
-    typer.Option(
-        "--storage", "--output", "-o", help="Run location: a local dir, file://, s3://bucket/prefix."
-    ),
+    typer.Option("--storage", "--output", "-o", help="Run location: a local dir, file://, s3://bucket/prefix."),
 ]
 ClusterOpt = Annotated[
     str | None, typer.Option("--cluster", help="Ray cluster-launcher YAML to run on (default: a local Ray).")
@@ -253,9 +251,9 @@ def _parse_bits(bits: str) -> tuple[int, int]:
 @app.command()
 @_guard
 def evaluate(
-    arch: Annotated[
-        str, typer.Option("--arch", help="Architecture (cifar_resnet20, torchvision:resnet18, …).")
-    ] = ("cifar_resnet20"),
+    arch: Annotated[str, typer.Option("--arch", help="Architecture (cifar_resnet20, torchvision:resnet18, …).")] = (
+        "cifar_resnet20"
+    ),
     weights: Annotated[
         str | None,
         typer.Option("--weights", help="Checkpoint path or asset name; a student.pt evaluates as is."),

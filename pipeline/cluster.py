@@ -371,9 +371,7 @@ def connect(
     )
 
 
-def _connect_local(
-    *, num_cpus: int | None, dashboard: bool, runtime_env: dict[str, Any] | None
-) -> RayConnection:
+def _connect_local(*, num_cpus: int | None, dashboard: bool, runtime_env: dict[str, Any] | None) -> RayConnection:
     if os.environ.get(_AUTH_MODE_ENV, "").strip().lower() != "disabled":
         find_auth_token()  # a bad RAY_AUTH_TOKEN_PATH would abort Ray: fail in one line instead
 

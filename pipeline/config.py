@@ -171,9 +171,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
             node[key] = nxt
         node = nxt
         annotation = fields_cls.model_fields[key].annotation if fields_cls is not None else None
-        fields_cls = (
-            annotation if isinstance(annotation, type) and issubclass(annotation, StageConfig) else None
-        )
+        fields_cls = annotation if isinstance(annotation, type) and issubclass(annotation, StageConfig) else None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -209,9 +207,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         candidates = [Path("configs") / f"{path}.yaml", CONFIG_DIR / f"{path}.yaml"]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise ConfigError(
-                f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})"
-            )
+            raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
         p = found[0]
     try:
         data = yaml.safe_load(p.read_text())

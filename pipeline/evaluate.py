@@ -21,9 +21,7 @@ def evaluate_model(
     """Top-1 (%) and sample count of ``model`` on the configured test set."""
     ts = load_test_set(eval_cfg, model_cfg)
     model = model.to(device).eval()
-    return top1(
-        model, ts.batches(eval_cfg.batch_size), device=device, progress=progress, total=ts.num_samples
-    )
+    return top1(model, ts.batches(eval_cfg.batch_size), device=device, progress=progress, total=ts.num_samples)
 
 
 def evaluate_command(

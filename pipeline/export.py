@@ -169,9 +169,7 @@ class _FakeQuantFn(torch.autograd.Function):
     ) -> torch.Tensor:
         if site.axis < 0:
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, site.quant_min, site.quant_max)
-        return torch.fake_quantize_per_channel_affine(
-            x, scale, zero_point, site.axis, site.quant_min, site.quant_max
-        )
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, site.axis, site.quant_min, site.quant_max)
 
     @staticmethod
     def symbolic(
@@ -374,9 +372,7 @@ def lower_fake_quant(model: Any) -> int:
         clash = taken & {s_name, z_name, f"{name}.quantized", f"{name}.quant_min", f"{name}.quant_max"}
         if clash:
             raise ExportError(f"ONNX names {sorted(clash)} already exist in the graph")
-        graph.initializer.extend(
-            [numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zero_point, z_name)]
-        )
+        graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zero_point, z_name)])
         q_out = f"{name}.quantized"
         nodes.append(
             helper.make_node(
@@ -538,14 +534,10 @@ def run_exported(fmt: str, data: bytes, images: torch.Tensor, *, batch_size: int
 def reference_logits(student: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> np.ndarray:
     """Logits of the eager fake-quant student (frozen ranges, eval mode, CPU)."""
     model = frozen_copy(student).cpu()
-    return np.concatenate(
-        [model(images[s : s + batch_size]).numpy() for s in range(0, images.shape[0], batch_size)]
-    )
+    return np.concatenate([model(images[s : s + batch_size]).numpy() for s in range(0, images.shape[0], batch_size)])
 
 
-def compare_logits(
-    reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None
-) -> dict[str, Any]:
+def compare_logits(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
     """Top-1 agreement (%) and logit differences of an export against the eager student.
 
     With ``labels``, also both top-1 accuracies (%). ``images_within_1e-4`` counts images whose
@@ -607,9 +599,7 @@ def _run_eval_config(run_storage: Any) -> EvalConfig:
     return RunConfig.model_validate(yaml.safe_load(raw)).eval
 
 
-def load_verification_images(
-    eval_cfg: EvalConfig, model_cfg: ModelConfig, n: int
-) -> tuple[torch.Tensor, np.ndarray]:
+def load_verification_images(eval_cfg: EvalConfig, model_cfg: ModelConfig, n: int) -> tuple[torch.Tensor, np.ndarray]:
     """The first ``n`` images (normalized) and labels of a real test set."""
     from intraq_core.data import load_test_set
 
@@ -651,9 +641,7 @@ def export_run(
     try:
         raw = storage.read_bytes(checkpoint)
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{storage.join(checkpoint)} does not exist (has the run finished?)"
-        ) from None
+        raise FileNotFoundError(f"{storage.join(checkpoint)} does not exist (has the run finished?)") from None
     student, model_cfg, quant_cfg, _ = load_student(raw)
     blob, sites = export_bytes(
         student, fmt, _example_input(model_cfg), metadata=onnx_metadata(model_cfg, quant_cfg, stage)

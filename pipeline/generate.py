@@ -241,9 +241,7 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
         manifest.save(storage)
         return manifest, stats
     g = ctx.cfg.generate
-    synth = Synthesizer(
-        ctx.teacher(), g, image_shape=ctx.image_shape, num_classes=ctx.num_classes, device=ctx.device
-    )
+    synth = Synthesizer(ctx.teacher(), g, image_shape=ctx.image_shape, num_classes=ctx.num_classes, device=ctx.device)
     iters = g.iterations if g.optimizes else 1
     bar = tqdm(total=len(todo) * iters, desc="generate", unit="it", disable=not progress)
     done_shards = len(tasks) - len(todo)
@@ -263,9 +261,7 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
                     if it % 20 == 0 or it == total:
                         bar.set_postfix(shard=label, loss=f"{losses['total']:.4f}")
 
-                outcome = synthesize_shard(
-                    synth, ctx, storage, task, state, progress=tick if g.optimizes else None
-                )
+                outcome = synthesize_shard(synth, ctx, storage, task, state, progress=tick if g.optimizes else None)
                 if not g.optimizes:
                     bar.update(1)
                 manifest.add_shard(outcome.info, round=task.round)

@@ -156,9 +156,7 @@ def pool_spec(cfg: RunConfig, max_shards: int, resources: dict[str, float]) -> P
     """
     r = cfg.ray
     gpus = float(resources.get("GPU", 0.0))
-    use_gpu = r.use_gpu == "yes" or (
-        r.use_gpu == "auto" and gpus > 0 and r.gpus_per_actor > 0 and cfg.device != "cpu"
-    )
+    use_gpu = r.use_gpu == "yes" or (r.use_gpu == "auto" and gpus > 0 and r.gpus_per_actor > 0 and cfg.device != "cpu")
     if use_gpu:
         if r.gpus_per_actor <= 0:
             raise GenerationError("ray.use_gpu is 'yes' but ray.gpus_per_actor is 0")
@@ -213,9 +211,7 @@ class _Pool:
         deadline = time.monotonic() + 10.0
         while True:
             try:
-                actor = _RemoteGenerator.options(**options).remote(
-                    self.cfg, name, self.spec.num_cpus, self.board
-                )
+                actor = _RemoteGenerator.options(**options).remote(self.cfg, name, self.spec.num_cpus, self.board)
                 break
             except ValueError:  # the name of an actor killed a moment ago is not released yet
                 if time.monotonic() > deadline:
@@ -362,8 +358,7 @@ class _Driver:
             if not warned and time.monotonic() - last_finish > STALL_WARNING_S:
                 warned = True
                 log.warning(
-                    "no shard finished for %.0f s: does the cluster have %s CPU / %s GPU free per actor? "
-                    "(ray status)",
+                    "no shard finished for %.0f s: does the cluster have %s CPU / %s GPU free per actor? (ray status)",
                     STALL_WARNING_S,
                     self.pool.spec.num_cpus,
                     self.pool.spec.num_gpus,

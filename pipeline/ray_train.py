@@ -128,9 +128,7 @@ def _shard_indices(storage: Storage, manifest: Manifest) -> list[np.ndarray]:
     return [pq.read_table(p, columns=["index"], filesystem=fs).column("index").to_numpy() for p in paths]
 
 
-def _read_rows(
-    storage: Storage, manifest: Manifest, per_shard: list[np.ndarray], rows: np.ndarray
-) -> torch.Tensor:
+def _read_rows(storage: Storage, manifest: Manifest, per_shard: list[np.ndarray], rows: np.ndarray) -> torch.Tensor:
     """Images of the given global row numbers (shard order), reading only shards that hold some."""
     shape = tuple(manifest.image_shape)
     out = np.empty((len(rows), *shape), dtype=np.float32)
@@ -348,9 +346,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         _train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=train_run_name(cfg),
             storage_path=ctx.storage.pyarrow_path(RAY_TRAIN_DIR),
@@ -420,9 +416,7 @@ def _bare(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def train_state(
-    distiller: Distiller, epoch: int, history: list[dict[str, Any]], attempt: int
-) -> dict[str, Any]:
+def train_state(distiller: Distiller, epoch: int, history: list[dict[str, Any]], attempt: int) -> dict[str, Any]:
     """A worker checkpoint: ``Distiller`` state (bare student keys), epoch, history, attempt.
 
     Only tensors and plain types (the RNG state is a uint8 tensor), so it loads with

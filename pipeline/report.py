@@ -215,9 +215,7 @@ def _ensure_features(run: RunData) -> np.ndarray:
     """The run's synthetic features (every shard of this project stores them)."""
     if run.features is not None:
         return run.features
-    raise ValueError(
-        f"{run.url}: the shards have no 'feature' column; regenerate the dataset to report on it"
-    )
+    raise ValueError(f"{run.url}: the shards have no 'feature' column; regenerate the dataset to report on it")
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -340,9 +338,7 @@ def _mean_history(run: RunData) -> tuple[list[int], dict[str, np.ndarray]] | Non
     same = [h for h in run.loss_histories if h["iteration"] == steps]
     out: dict[str, np.ndarray] = {}
     for name in {k for h in same for k in h.get("terms", {})}:
-        rows = [
-            [np.nan if v is None else float(v) for v in h["terms"][name]] for h in same if name in h["terms"]
-        ]
+        rows = [[np.nan if v is None else float(v) for v in h["terms"][name]] for h in same if name in h["terms"]]
         with np.errstate(all="ignore"):
             out[name] = np.nanmean(np.asarray(rows, dtype=np.float64), axis=0)
     return list(steps), out
@@ -444,9 +440,7 @@ def plot_embeddings(
     """PCA (and t-SNE) of each feature set, one row per set, points coloured by class."""
     plt = _plt()
     methods = ["pca", "tsne"] if tsne else ["pca"]
-    fig, axes = plt.subplots(
-        len(panels), len(methods), figsize=(4.2 * len(methods), 3.8 * len(panels)), squeeze=False
-    )
+    fig, axes = plt.subplots(len(panels), len(methods), figsize=(4.2 * len(methods), 3.8 * len(panels)), squeeze=False)
     cmap = _class_colors(num_classes)
     for r, (title, feats, labels) in enumerate(panels):
         idx = _subsample(feats.shape[0], EMBED_MAX_POINTS, seed)
@@ -457,9 +451,7 @@ def plot_embeddings(
             if xy is None:
                 ax.text(0.5, 0.5, "too few images", ha="center", va="center", transform=ax.transAxes)
             else:
-                ax.scatter(
-                    xy[:, 0], xy[:, 1], c=_point_colors(cmap, y, num_classes), s=8, alpha=0.8, linewidths=0
-                )
+                ax.scatter(xy[:, 0], xy[:, 1], c=_point_colors(cmap, y, num_classes), s=8, alpha=0.8, linewidths=0)
             ax.set_title(f"{title} — {'PCA' if method == 'pca' else 't-SNE'} ({len(idx)} images)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -570,8 +562,7 @@ def _md_table(columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]], 
 def _html_table(columns: tuple[tuple[str, str], ...], rows: list[dict[str, Any]], digits: int = 2) -> str:
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k), digits))}</td>" for k, _ in columns) + "</tr>"
-        for r in rows
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k), digits))}</td>" for k, _ in columns) + "</tr>" for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -679,9 +670,7 @@ def build_report(
     main = runs[0]
     for other in runs[1:]:
         if other.cfg.model != main.cfg.model:
-            log.warning(
-                "%s uses another teacher than %s; its features are not comparable", other.url, main.url
-            )
+            log.warning("%s uses another teacher than %s; its features are not comparable", other.url, main.url)
 
     pngs: dict[str, bytes] = {}
     sections: list[_Section] = []
@@ -743,9 +732,7 @@ def build_report(
     for title, feats, labels in feature_sets:
         row = {"set": title, **diversity(feats, labels)}
         div_rows.append(row)
-    pngs["features.png"] = plot_embeddings(
-        feature_sets, main.num_classes, _class_names(main), tsne=tsne, seed=seed
-    )
+    pngs["features.png"] = plot_embeddings(feature_sets, main.num_classes, _class_names(main), tsne=tsne, seed=seed)
     sections.append(
         _Section(
             "Teacher features",

@@ -79,9 +79,7 @@ def run_pipeline(
         return _run_stages(ctx, progress=progress)
 
 
-def generate_stage(
-    cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True
-) -> Manifest:
+def generate_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Manifest:
     """Generate the synthetic dataset only (``intraq-pipeline generate``), holding the run lock."""
     ctx = RunContext.create(cfg)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

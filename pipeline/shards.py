@@ -209,13 +209,9 @@ def write_shard(
     """
     images = np.asarray(images)
     if images.ndim != 4:
-        raise ShardError(
-            f"shard {shard_index}: images must be [N, C, H, W], got shape {images.shape}", shard_index
-        )
+        raise ShardError(f"shard {shard_index}: images must be [N, C, H, W], got shape {images.shape}", shard_index)
     if not np.issubdtype(images.dtype, np.floating):
-        raise ShardError(
-            f"shard {shard_index}: images must be floating point, got {images.dtype}", shard_index
-        )
+        raise ShardError(f"shard {shard_index}: images must be floating point, got {images.dtype}", shard_index)
     images = np.ascontiguousarray(images, dtype=np.float32)
     n, c, h, w = images.shape
     if not np.isfinite(images).all():
@@ -227,13 +223,9 @@ def write_shard(
     if features is not None:
         feats = np.ascontiguousarray(np.asarray(features), dtype=np.float32)
         if feats.ndim != 2 or feats.shape[0] != n or feats.shape[1] < 1:
-            raise ShardError(
-                f"shard {shard_index}: features must be [{n}, D], got {feats.shape}", shard_index
-            )
+            raise ShardError(f"shard {shard_index}: features must be [{n}, D], got {feats.shape}", shard_index)
         if not np.isfinite(feats).all():
-            raise ShardError(
-                f"shard {shard_index}: features contain NaN or Inf; refusing to write", shard_index
-            )
+            raise ShardError(f"shard {shard_index}: features contain NaN or Inf; refusing to write", shard_index)
 
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
@@ -259,9 +251,7 @@ def write_shard(
         "image_shape": [c, h, w],
         "num_classes": num_classes,
         "feature_dim": None if feats is None else int(feats.shape[1]),
-        "final_losses": dict(
-            zip(losses, _float_list("final_losses", losses.values(), shard_index), strict=True)
-        ),
+        "final_losses": dict(zip(losses, _float_list("final_losses", losses.values(), shard_index), strict=True)),
     }
     try:
         meta_json = json.dumps(full_meta, sort_keys=True, allow_nan=False)
@@ -275,17 +265,13 @@ def write_shard(
         flat_feats = pa.array(feats.reshape(-1), type=pa.float32())
         columns.append(pa.FixedSizeListArray.from_arrays(flat_feats, feats.shape[1]))
     schema = _schema(size, None if feats is None else feats.shape[1])
-    table = pa.Table.from_arrays(
-        columns, schema=schema.with_metadata({METADATA_KEY: meta_json.encode("utf-8")})
-    )
+    table = pa.Table.from_arrays(columns, schema=schema.with_metadata({METADATA_KEY: meta_json.encode("utf-8")}))
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="snappy")
     data = buf.getvalue()
     rel = shard_path(shard_index)
     storage.write_bytes_atomic(rel, data)
-    return ShardInfo(
-        index=int(shard_index), path=rel, rows=n, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)
-    )
+    return ShardInfo(index=int(shard_index), path=rel, rows=n, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
 def _shard_meta(table_or_schema: pa.Table | pa.Schema, name: str, shard: int | None) -> dict[str, Any]:
@@ -332,8 +318,7 @@ def _decode(table: pa.Table, meta: dict[str, Any], name: str, shard: int | None)
     image_type = table.schema.field("image").type
     if len(shape) != 3 or math.prod(shape) != image_type.list_size:
         raise ShardError(
-            f"{name}: metadata image_shape {shape} does not match the image column "
-            f"size {image_type.list_size}",
+            f"{name}: metadata image_shape {shape} does not match the image column size {image_type.list_size}",
             shard,
             name,
         )
@@ -516,9 +501,7 @@ class Manifest(BaseModel):
         return sum(s.rows for s in self.shards)
 
 
-def validate_dataset(
-    storage: Storage, manifest: Manifest, expected: dict[str, Any] | None = None
-) -> list[ShardError]:
+def validate_dataset(storage: Storage, manifest: Manifest, expected: dict[str, Any] | None = None) -> list[ShardError]:
     """Validate every shard of the manifest; returns the problems found (empty when all good).
 
     ``expected`` defaults to what the manifest records (config hash, image shape, number of
@@ -537,9 +520,7 @@ def validate_dataset(
     for key in ("config_hash", "image_shape", "num_classes"):
         if key in given and recorded[key] != given[key]:
             errors.append(
-                ShardError(
-                    f"{storage.join(MANIFEST_NAME)}: {key} is {recorded[key]!r}, expected {given[key]!r}"
-                )
+                ShardError(f"{storage.join(MANIFEST_NAME)}: {key} is {recorded[key]!r}, expected {given[key]!r}")
             )
     want = {**recorded, **given}
     for entry in manifest.shards:
@@ -549,9 +530,7 @@ def validate_dataset(
             errors.append(exc)
     for index in manifest.missing():
         errors.append(
-            ShardError(
-                f"shard {index} ({storage.join(shard_path(index))}): planned but not in the manifest", index
-            )
+            ShardError(f"shard {index} ({storage.join(shard_path(index))}): planned but not in the manifest", index)
         )
     return errors
 

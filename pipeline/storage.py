@@ -174,12 +174,7 @@ class StorageConfig(BaseModel):
 
     def resolved_endpoint_url(self) -> str | None:
         """The endpoint to use: the configured one, else the standard AWS environment variables."""
-        return (
-            self.endpoint_url
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None
-        )
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
     def resolved_region(self) -> str | None:
         """The region to use: the configured one, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``."""
@@ -224,8 +219,7 @@ def _split_url(url: str) -> tuple[str, str]:
     if scheme in _OPTIONAL_SCHEMES:
         hint = f" ({scheme}:// needs the '{_OPTIONAL_SCHEMES[scheme]}' package)"
     raise StorageError(
-        f"unsupported storage scheme '{scheme}://' in {url!r}{hint}; "
-        f"supported: {', '.join(_supported_schemes())}"
+        f"unsupported storage scheme '{scheme}://' in {url!r}{hint}; supported: {', '.join(_supported_schemes())}"
     )
 
 
@@ -616,9 +610,7 @@ class Storage:
             "token": uuid.uuid4().hex,
         }
         if existing is None and self.kind == "local":
-            created = self._call(
-                "locking", rel, lambda: _create_local_exclusive(self._path(rel), _lock_bytes(record))
-            )
+            created = self._call("locking", rel, lambda: _create_local_exclusive(self._path(rel), _lock_bytes(record)))
             if not created:
                 current = self._read_lock_record(rel)
                 raise LockedError(self._locked_message(rel, current or {}))

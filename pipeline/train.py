@@ -43,9 +43,7 @@ def holdout_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     if fraction <= 0:
         return np.zeros(len(indices), dtype=bool)
     threshold = int(fraction * 10_000)
-    return np.array(
-        [derive_seed(seed, HOLDOUT_PURPOSE, int(i)) % 10_000 < threshold for i in indices], dtype=bool
-    )
+    return np.array([derive_seed(seed, HOLDOUT_PURPOSE, int(i)) % 10_000 < threshold for i in indices], dtype=bool)
 
 
 @dataclass
@@ -115,9 +113,7 @@ def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: tor
     return calibrate_student(ctx, teacher, calibration_batches(train_images, ctx))
 
 
-def calibrate_student(
-    ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]
-) -> torch.nn.Module:
+def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
     """:func:`prepare_student` on given calibration batches (executors that read only those)."""
     device = ctx.device
     student = build_student(teacher, ctx.cfg.quant).to(device)

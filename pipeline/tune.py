@@ -230,9 +230,7 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
         else:
             assert probe_x is not None
             objective = agreement(student, teacher, probe_x, device=device)["agreement"]
-        holdout = (
-            agreement(student, teacher, images[hold], device=device)["agreement"] if hold.any() else None
-        )
+        holdout = agreement(student, teacher, images[hold], device=device)["agreement"] if hold.any() else None
         tune.report(_report_row(epoch, row, float(objective), holdout))
         done[0] = epoch + 1
 
@@ -280,9 +278,7 @@ class _TrialBar:
         outer = self
 
         class _Callback(Callback):
-            def on_trial_result(
-                self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-            ) -> None:
+            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
                 outer.result(result)
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -439,9 +435,7 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
 
     keys = list(space)
     table = _results_table(grid, keys, epochs)
-    usable = [r for r in table if r["status"] == "completed"] or [
-        r for r in table if r["status"] == "stopped"
-    ]
+    usable = [r for r in table if r["status"] == "completed"] or [r for r in table if r["status"] == "stopped"]
     usable = [r for r in usable if isinstance(r[OBJECTIVE], (int, float)) and math.isfinite(r[OBJECTIVE])]
     if not usable:
         if table and all(r["status"] == "diverged" for r in table):

@@ -75,9 +75,7 @@ def test_base_image_matches_our_ray_and_python() -> None:
     instructions = _instructions(DOCKERFILE.read_text(encoding="utf-8"))
     froms = [args for keyword, args in instructions if keyword == "FROM"]
     assert len(froms) == 1
-    match = re.fullmatch(
-        r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)(@sha256:[0-9a-f]{64})?", froms[0]
-    )
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)(@sha256:[0-9a-f]{64})?", froms[0])
     assert match, froms[0]
     assert match.group(1) == metadata.version("ray")
     assert (match.group(2), match.group(3)) == ("3", "11")

@@ -215,9 +215,7 @@ def _hints(
     return hints
 
 
-def load_weights(
-    model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str]
-) -> nn.Module:
+def load_weights(model: nn.Module, state_dict_or_path: Mapping[str, Tensor] | str | os.PathLike[str]) -> nn.Module:
     """Strictly load a state_dict (or a checkpoint file) into ``model``, adapting key layouts.
 
     Absent ``num_batches_tracked`` buffers are tolerated; anything else that does not fit

@@ -211,9 +211,7 @@ def _build_torchvision(name: str, cfg: ModelConfig) -> nn.Module:
 
 def _register_builtins() -> None:
     for depth in CIFAR_RESNET_DEPTHS:
-        register_model(f"cifar_resnet{depth}", defaults=CIFAR_DEFAULTS, shortcut=True)(
-            partial(_build_cifar, depth)
-        )
+        register_model(f"cifar_resnet{depth}", defaults=CIFAR_DEFAULTS, shortcut=True)(partial(_build_cifar, depth))
     for name in torchvision_model_names():
         register_model(
             f"{TORCHVISION_PREFIX}{name}",

@@ -146,9 +146,7 @@ def _is_residual_add(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
     return len(operands) == 2 and all(isinstance(a, fx.Node) and _is_tensor(a, memo) for a in operands)
 
 
-def _insert_act_quant(
-    gm: fx.GraphModule, container: nn.ModuleDict, node: fx.Node, quant: ActFakeQuant
-) -> None:
+def _insert_act_quant(gm: fx.GraphModule, container: nn.ModuleDict, node: fx.Node, quant: ActFakeQuant) -> None:
     """Insert ``quant`` after ``node`` and route every later reader of its value through it."""
     graph = gm.graph
     container[node.name] = quant

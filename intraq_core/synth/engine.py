@@ -152,11 +152,7 @@ class Synthesizer:
         """Teacher MDC features [N, D] of clean images (no augmentation, no gradients)."""
         outs = []
         for start in range(0, images.shape[0], batch_size):
-            x = (
-                images[start : start + batch_size]
-                .to(self.device)
-                .contiguous(memory_format=self.memory_format)
-            )
+            x = images[start : start + batch_size].to(self.device).contiguous(memory_format=self.memory_format)
             self.bn.clear()
             self.teacher(x)
             outs.append(self.tap.features.float().cpu())
@@ -183,9 +179,7 @@ class Synthesizer:
         x0 = initial_noise(seeds, self.image_shape)
         if not cfg.optimizes or cfg.iterations == 0:
             feats = self.features(x0)
-            return SynthResult(
-                x0, labels.cpu(), seeds.cpu(), feats, {}, {}, time.perf_counter() - start_time, 0
-            )
+            return SynthResult(x0, labels.cpu(), seeds.cpu(), feats, {}, {}, time.perf_counter() - start_time, 0)
 
         gen = torch.Generator().manual_seed(int(batch_seed))
         sil_t = losses.sil_targets(n, cfg.sil_epsilon, cfg.sil_fraction, gen).to(self.device)

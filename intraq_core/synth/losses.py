@@ -28,9 +28,7 @@ def bns_loss(
     if not means:
         raise ValueError("bns_loss needs at least one BN layer")
     mean_terms = [((m.float() - rm.float()) ** 2).mean() for m, rm in zip(means, running_means, strict=True)]
-    var_terms = [
-        ((v.float() - rv.float()) ** 2).mean() for v, rv in zip(variances, running_vars, strict=True)
-    ]
+    var_terms = [((v.float() - rv.float()) ** 2).mean() for v, rv in zip(variances, running_vars, strict=True)]
     return torch.stack(mean_terms).mean(), torch.stack(var_terms).mean()
 
 
@@ -61,9 +59,7 @@ def sil_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) 
     return ((p_target - targets.to(p_target.dtype)) ** 2).mean()
 
 
-def cosine_distance_to_centres(
-    features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor
-) -> torch.Tensor:
+def cosine_distance_to_centres(features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """d_i = 1 - cos(f_i, c_{y_i}), in [0, 2]."""
     return 1.0 - F.cosine_similarity(features.float(), centres[labels].float(), dim=1, eps=1e-8)
 
@@ -94,9 +90,7 @@ def mdc_loss(
     return low, up
 
 
-def adi_loss(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0
-) -> torch.Tensor:
+def adi_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
     """DeepInversion's Adaptive DeepInversion (competition) term.
 
     1 - clamp(JS, 0, 1) where JS is the Jensen-Shannon-style divergence of the

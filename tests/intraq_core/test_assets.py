@@ -57,9 +57,7 @@ def test_existing_path_is_returned_expanded(tmp_path: Path, monkeypatch: pytest.
     assert resolve_asset(tmp_path / "w.th") == tmp_path / "w.th"
 
 
-def test_sha_mismatch_in_data_dir(
-    teacher_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sha_mismatch_in_data_dir(teacher_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = bytearray(teacher_path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     (tmp_path / teacher_path.name).write_bytes(bytes(data))

@@ -112,10 +112,7 @@ def test_state_dict_resume_is_exact() -> None:
     y = torch.zeros(8, dtype=torch.long)
     a = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
     a.step(x, y)
-    saved = {
-        k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()})
-        for k, v in a.state_dict().items()
-    }
+    saved = {k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()}) for k, v in a.state_dict().items()}
     b = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
     b.load_state_dict(saved)
     sa, sb = a.step(x, y), b.step(x, y)

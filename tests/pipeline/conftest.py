@@ -204,9 +204,7 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
         s3_server.reset()
 
 
-@pytest.fixture(
-    params=["local", "file", "memory", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.timeout(60)])]
-)
+@pytest.fixture(params=["local", "file", "memory", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.timeout(60)])])
 def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     """One run location per backend: a local path, ``file://``, ``memory://`` and loopback ``s3://``."""
     kind = request.param

@@ -42,9 +42,7 @@ def test_evaluate_prints_the_published_accuracy(teacher_path: Path) -> None:
 
 @pytest.mark.slow
 def test_smoke_run_local_executor(tmp_path: Path) -> None:
-    res = runner.invoke(
-        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")]
-    )
+    res = runner.invoke(app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     for key in (
@@ -65,9 +63,7 @@ def test_smoke_run_local_executor(tmp_path: Path) -> None:
     assert metrics["num_images"] == 64 and metrics["w_bits"] == 4
     assert set(metrics["seconds"]) >= {"generate", "distill", "evaluate"}
     # Same config and seed → same metrics.
-    again = runner.invoke(
-        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r2")]
-    )
+    again = runner.invoke(app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r2")])
     assert again.exit_code == 0, again.output
     metrics2 = json.loads((tmp_path / "r2" / "metrics.json").read_text())
     for key in ("ptq_top1", "quant_top1", "training", "generation"):
@@ -76,9 +72,7 @@ def test_smoke_run_local_executor(tmp_path: Path) -> None:
         else:
             assert metrics2[key] == metrics[key]
     # The location now holds a run: a second run without --resume/--overwrite is refused.
-    clash = runner.invoke(
-        app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")]
-    )
+    clash = runner.invoke(app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")])
     assert clash.exit_code == 2
     assert "--resume" in clash.output
 

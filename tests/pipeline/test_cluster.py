@@ -56,9 +56,7 @@ def _single_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
 
 def test_module_import_does_not_import_ray() -> None:
     code = "import sys, pipeline.cluster; sys.exit('ray' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60, check=False
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr.decode()
 
 
@@ -101,9 +99,7 @@ def test_structural_errors(tmp_path: Path, content: str, reason: str) -> None:
 def test_schema_violation_names_the_key(tmp_path: Path) -> None:
     raw = _gpu_raw()
     raw["available_node_types"]["ray.worker.gpu"]["gpus"] = 1
-    with pytest.raises(
-        ClusterConfigError, match=r"schema violation at available_node_types/ray.worker.gpu"
-    ) as exc:
+    with pytest.raises(ClusterConfigError, match=r"schema violation at available_node_types/ray.worker.gpu") as exc:
         load_cluster_config(_write(tmp_path, raw))
     assert "'gpus' was unexpected" in _single_line(exc)
 
@@ -173,9 +169,9 @@ def test_find_auth_token_precedence(tmp_path: Path) -> None:
     token_file.write_text("tok-file")
     found = find_auth_token({"RAY_AUTH_TOKEN_PATH": str(token_file)}, home)
     assert found == TokenSource("path_env", str(token_file))
-    assert find_auth_token(
-        {"RAY_AUTH_TOKEN": "tok", "RAY_AUTH_TOKEN_PATH": str(token_file)}, home
-    ) == TokenSource("env")
+    assert find_auth_token({"RAY_AUTH_TOKEN": "tok", "RAY_AUTH_TOKEN_PATH": str(token_file)}, home) == TokenSource(
+        "env"
+    )
     assert TokenSource("env").describe() == "RAY_AUTH_TOKEN"  # names the source, never the token
 
 
@@ -197,10 +193,7 @@ def test_resolve_auth_mode(tmp_path: Path) -> None:
     open_cluster = {"cluster_name": "c", "head_start_ray_commands": ["ray start --head"]}
     assert resolve_auth_mode(open_cluster, {}, tmp_path) == "disabled"
     assert resolve_auth_mode(token_cluster, {"RAY_AUTH_TOKEN": "t"}, tmp_path) == "token"
-    assert (
-        resolve_auth_mode(open_cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, tmp_path)
-        == "token"
-    )
+    assert resolve_auth_mode(open_cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, tmp_path) == "token"
     assert resolve_auth_mode(None, {"RAY_AUTH_MODE": "disabled"}, tmp_path) == "disabled"
 
     with pytest.raises(ClusterAuthError, match="no token was found") as exc:
@@ -237,9 +230,7 @@ def test_connect_reports_config_errors(tmp_path: Path) -> None:
         connect(tmp_path / "missing.yaml")
 
 
-def test_local_connect_checks_token_path_before_starting_ray(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_local_connect_checks_token_path_before_starting_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(ClusterAuthError, match="RAY_AUTH_TOKEN_PATH"):

@@ -89,9 +89,7 @@ def test_onnx_has_qdq_at_every_weight_and_activation_site(student: nn.Module, on
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), "placeholder nodes left"
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     sites = onnx_qdq_sites(model)
-    counts = {
-        op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")
-    }
+    counts = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
     assert counts == {"QuantizeLinear": len(sites), "DequantizeLinear": len(sites)}
 
     layers = weight_quantized_layers(student)
@@ -114,16 +112,12 @@ def test_onnx_has_qdq_at_every_weight_and_activation_site(student: nn.Module, on
 
 
 def test_onnx_qparams_are_the_trained_ones(student: nn.Module, onnx_model: bytes) -> None:
-    inits = {
-        t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_model).graph.initializer
-    }
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_model).graph.initializer}
     with torch.no_grad():
         for name, layer in weight_quantized_layers(student).items():
             scale, zero_point, _, _ = layer.weight_quant.qparams(layer.weight)
             np.testing.assert_array_equal(inits[f"{name}.weight.scale"], scale.numpy())
-            np.testing.assert_array_equal(
-                inits[f"{name}.weight.zero_point"], zero_point.numpy().astype(np.uint8)
-            )
+            np.testing.assert_array_equal(inits[f"{name}.weight.zero_point"], zero_point.numpy().astype(np.uint8))
         for name, quant in act_quantizers(student).items():
             scale, zero_point = quant.qparams()
             assert inits[f"{name}.scale"] == scale.item()
@@ -178,9 +172,7 @@ class _Tiny(nn.Module):
 
 def test_other_bit_widths_and_symmetric_weights_are_encoded_exactly() -> None:
     """8-bit symmetric first layer, 3-bit symmetric last layer, 5-bit ReLU, 6-bit input quantizer."""
-    cfg = QuantConfig(
-        w_bits=3, a_bits=5, first_layer_bits=8, weight_symmetric=True, quantize_input=True, input_bits=6
-    )
+    cfg = QuantConfig(w_bits=3, a_bits=5, first_layer_bits=8, weight_symmetric=True, quantize_input=True, input_bits=6)
     model = quantize(_Tiny().eval(), cfg).eval()
     gen = torch.Generator().manual_seed(1)
     calibrate(model, [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(2)])
@@ -192,12 +184,8 @@ def test_other_bit_widths_and_symmetric_weights_are_encoded_exactly() -> None:
     assert acts == [(0, 31), (0, 63)]  # ReLU (5 bits) and input (6 bits)
 
     x = torch.randn(64, 3, 8, 8, generator=gen) * 2
-    input_dq = next(
-        s for s in onnx.load_from_string(data).graph.node if s.name == "act_quant.x/DequantizeLinear"
-    )
-    session = ort.InferenceSession(
-        _with_outputs(data, [input_dq.output[0]]), providers=["CPUExecutionProvider"]
-    )
+    input_dq = next(s for s in onnx.load_from_string(data).graph.node if s.name == "act_quant.x/DequantizeLinear")
+    session = ort.InferenceSession(_with_outputs(data, [input_dq.output[0]]), providers=["CPUExecutionProvider"])
     logits, quantized_input = session.run(None, {"input": x.numpy()})
     with torch.no_grad():
         np.testing.assert_array_equal(quantized_input, act_quantizers(model)["act_quant.x"](x).numpy())
@@ -227,17 +215,13 @@ def test_torch_formats_reproduce_the_student(
     assert result["max_abs_diff"] <= 1e-5, result
 
 
-def test_export_command_writes_and_verifies(
-    tmp_path: Path, student: nn.Module, model_cfg: ModelConfig
-) -> None:
+def test_export_command_writes_and_verifies(tmp_path: Path, student: nn.Module, model_cfg: ModelConfig) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "student.pt").write_bytes(student_checkpoint_bytes(student, model_cfg, QuantConfig()))
     runner = CliRunner()
 
-    result = runner.invoke(
-        app, ["export", str(run), "--verify-images", "200", "--json"], catch_exceptions=False
-    )
+    result = runner.invoke(app, ["export", str(run), "--verify-images", "200", "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary: dict[str, Any] = json.loads(result.output)
     assert Path(summary["url"]) == run / "export" / "student.onnx"
@@ -246,9 +230,7 @@ def test_export_command_writes_and_verifies(
     assert summary["verification"]["images"] == 200 and summary["verification"]["agreement"] >= 99.5
 
     out = tmp_path / "elsewhere" / "model.ts"
-    result = runner.invoke(
-        app, ["export", str(run), "-f", "torchscript", "-o", str(out), "--verify-images", "50"]
-    )
+    result = runner.invoke(app, ["export", str(run), "-f", "torchscript", "-o", str(out), "--verify-images", "50"])
     assert result.exit_code == 0, result.output
     assert out.is_file() and "top-1 agreement 100.00%" in result.output
 

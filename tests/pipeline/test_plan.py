@@ -7,9 +7,7 @@ from pipeline.plan import make_plan, rounds
 
 
 def test_plan_cuts_batches_into_rounds() -> None:
-    cfg = load_run_config(
-        None, ["generate.num_images=1000", "generate.batch_size=256", "generate.shards_per_round=2"]
-    )
+    cfg = load_run_config(None, ["generate.num_images=1000", "generate.batch_size=256", "generate.shards_per_round=2"])
     tasks = make_plan(cfg, 10)
     assert [t.size for t in tasks] == [256, 256, 256, 232]
     assert [t.round for t in tasks] == [0, 0, 1, 1]

@@ -141,15 +141,11 @@ def local_outcome(dataset_url: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def two_workers(
-    ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
+def two_workers(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """2 Train workers; the group fails once at the start of epoch 1 and must resume."""
     base = tmp_path_factory.mktemp("two")
     url, marker = str(base / "run"), base / "failed-once"
-    cfg = train_config(
-        url, dataset_url, "ray.train_workers=2", "ray.cpus_per_train_worker=1", "ray.max_failures=1"
-    )
+    cfg = train_config(url, dataset_url, "ray.train_workers=2", "ray.cpus_per_train_worker=1", "ray.max_failures=1")
     ctx = RunContext.create(cfg)
     mp = pytest.MonkeyPatch()
     mp.setenv(FAIL_ONCE_ENV, f"1:{marker}")
@@ -161,9 +157,7 @@ def two_workers(
 
 
 @pytest.fixture(scope="module")
-def one_worker_resumed(
-    ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
+def one_worker_resumed(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """1 Train worker via ``train_stage``: the fit fails at epoch 1, then ``--resume`` finishes it."""
     from ray.train import TrainingFailedError
 
@@ -229,9 +223,7 @@ def test_checkpoint_state_is_weights_only_and_resumes_exactly(tmp_path: Path) ->
     restore_train_state(b, state)
     sa, sb = a.step(x, y), b.step(x, y)
     assert (sa.loss, sa.lr) == (sb.loss, sb.lr)
-    for (ka, va), (kb, vb) in zip(
-        a.student.state_dict().items(), b.student.state_dict().items(), strict=True
-    ):
+    for (ka, va), (kb, vb) in zip(a.student.state_dict().items(), b.student.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
 
 
@@ -239,9 +231,7 @@ def test_checkpoint_state_is_weights_only_and_resumes_exactly(tmp_path: Path) ->
 @pytest.mark.timeout(120)
 def test_too_many_train_cpus_fail_fast(ray_cluster: Any, dataset_url: str, tmp_path: Path) -> None:
     """Workers that would leave no CPU to Ray Data's readers are refused before anything starts."""
-    cfg = train_config(
-        str(tmp_path / "run"), dataset_url, "ray.train_workers=4", "ray.cpus_per_train_worker=1"
-    )
+    cfg = train_config(str(tmp_path / "run"), dataset_url, "ray.train_workers=4", "ray.cpus_per_train_worker=1")
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="training would hang"):
         train_ray(ctx, Manifest.load(dataset_storage(ctx)), progress=False)

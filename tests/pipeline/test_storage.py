@@ -70,10 +70,7 @@ def test_invalid_bucket_name_and_path_escape_are_rejected(tmp_path: Path) -> Non
 def test_join_and_url_per_backend(tmp_path: Path) -> None:
     assert Storage.from_url(str(tmp_path / "r")).join("a", "b.txt") == f"{tmp_path}/r/a/b.txt"
     assert Storage.from_url(f"file://{tmp_path}/r/").url == f"{tmp_path}/r"
-    assert (
-        Storage.from_url("s3://my-bucket/runs/x/").join("manifest.json")
-        == "s3://my-bucket/runs/x/manifest.json"
-    )
+    assert Storage.from_url("s3://my-bucket/runs/x/").join("manifest.json") == "s3://my-bucket/runs/x/manifest.json"
     assert Storage.from_url("s3a://my-bucket").url == "s3://my-bucket"
     assert Storage.from_url("memory://runs/x").join("a") == "memory:///runs/x/a"
 
@@ -156,9 +153,7 @@ def test_storage_pickles_as_its_config_without_secrets(any_storage: Storage) -> 
 # -- local atomicity and permissions ------------------------------------------------------------
 
 
-def test_local_atomic_write_never_leaves_a_partial_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_local_atomic_write_never_leaves_a_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = Storage.from_url(str(tmp_path), retries=0)
     st.write_bytes_atomic("m.json", b"old")
 
@@ -227,9 +222,7 @@ def test_wrong_s3_secret_is_rejected_and_right_one_accepted(
     assert wrong not in message and secret not in message and FAKE_SECRET not in message
 
 
-def test_missing_s3_credentials_is_a_clear_storage_error(
-    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_s3_credentials_is_a_clear_storage_error(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     t0 = time.monotonic()
@@ -307,9 +300,7 @@ def test_lock_acquire_conflict_release(any_storage: Storage) -> None:
 
 
 def _dead_pid() -> int:
-    proc = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(proc.stdout)
 
 

@@ -92,16 +92,12 @@ def test_validation_objective_never_uses_the_test_set(cifar10_test_path: Path) -
     with pytest.raises(ConfigError, match=r"needs tune\.validation_data"):
         check_objective(load_run_config(None, ["tune.objective=validation"]))
     with pytest.raises(ConfigError, match="is the evaluation test set"):
-        check_objective(
-            load_run_config(None, ["tune.objective=validation", "tune.validation_data=cifar10-test"])
-        )
+        check_objective(load_run_config(None, ["tune.objective=validation", "tune.validation_data=cifar10-test"]))
     with pytest.raises(ConfigError, match="is the evaluation test set"):  # same file, other spelling
         check_objective(
             load_run_config(None, ["tune.objective=validation", f"tune.validation_data={cifar10_test_path}"])
         )
-    check_objective(
-        load_run_config(None, ["tune.objective=validation", "tune.validation_data=/data/cifar10-val.npz"])
-    )
+    check_objective(load_run_config(None, ["tune.objective=validation", "tune.validation_data=/data/cifar10-val.npz"]))
 
 
 @pytest.mark.ray

@@ -57,10 +57,7 @@ def test_torchvision_layout_loads_into_option_b(tmp_path: Path) -> None:
 
 def test_akamaster_layout_loads_into_torchvision_names() -> None:
     src = _randomize_bn(torchvision.models.resnet18(num_classes=10))
-    sd = {
-        k.replace("fc.", "linear.", 1).replace(".downsample.", ".shortcut."): v
-        for k, v in src.state_dict().items()
-    }
+    sd = {k.replace("fc.", "linear.", 1).replace(".downsample.", ".shortcut."): v for k, v in src.state_dict().items()}
     dst = load_weights(torchvision.models.resnet18(num_classes=10), sd).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -108,9 +105,7 @@ def _sd() -> dict[str, Tensor]:
 def test_mismatch_missing_key() -> None:
     sd = _sd()
     del sd["layer2.1.bn1.running_var"]
-    with pytest.raises(
-        CheckpointMismatchError, match=r"1 missing key\(s\) \[layer2.1.bn1.running_var\]"
-    ) as info:
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing key\(s\) \[layer2.1.bn1.running_var\]") as info:
         load_weights(cifar_resnet(20), sd)
     assert info.value.missing == ["layer2.1.bn1.running_var"]
     assert info.value.unexpected == [] and info.value.mismatched == []

@@ -52,18 +52,14 @@ def test_asset_metadata_beats_defaults_and_explicit_beats_all(teacher_path: Path
     shutil.copyfile(teacher_path, copy)
     by_hash = resolve_model_config(ModelConfig(weights=str(copy)))
     assert by_hash.mean == IMAGENET_MEAN and by_hash.weights == str(copy)
-    explicit = resolve_model_config(
-        ModelConfig(weights="cifar10-resnet20", mean=(0.1, 0.2, 0.3), image_size=40)
-    )
+    explicit = resolve_model_config(ModelConfig(weights="cifar10-resnet20", mean=(0.1, 0.2, 0.3), image_size=40))
     assert explicit.mean == (0.1, 0.2, 0.3) and explicit.std == IMAGENET_STD and explicit.image_size == 40
 
 
 def test_torchvision_defaults_and_weights_metadata() -> None:
     cfg = resolve_model_config(ModelConfig(arch="torchvision:resnet18"))
     assert (cfg.num_classes, cfg.image_size, cfg.shortcut, cfg.mean) == (1000, 224, None, IMAGENET_MEAN)
-    tv = resolve_model_config(
-        ModelConfig(arch="torchvision:mobilenet_v2", weights="torchvision:IMAGENET1K_V2")
-    )
+    tv = resolve_model_config(ModelConfig(arch="torchvision:mobilenet_v2", weights="torchvision:IMAGENET1K_V2"))
     assert (tv.num_classes, tv.image_size, tv.weights) == (1000, 224, "torchvision:IMAGENET1K_V2")
     with pytest.raises(ValueError, match=r"unknown torchvision weights 'NOPE'.*IMAGENET1K_V1"):
         resolve_model_config(ModelConfig(arch="torchvision:resnet18", weights="torchvision:NOPE"))
@@ -149,9 +145,7 @@ def test_asset_metadata_beats_checkpoint_config(tmp_path: Path) -> None:
 
 def test_teacher_checkpoint_records_imagenet_normalization(tmp_path: Path) -> None:
     teacher_cfg = ModelConfig(weights="cifar10-resnet20")
-    path = save_model_checkpoint(
-        tmp_path / "t.pt", create_model(teacher_cfg), teacher_cfg, extra={"acc": 91.73}
-    )
+    path = save_model_checkpoint(tmp_path / "t.pt", create_model(teacher_cfg), teacher_cfg, extra={"acc": 91.73})
     cfg = resolve_model_config(ModelConfig(arch=str(path)))
     assert cfg.mean == IMAGENET_MEAN and cfg.std == IMAGENET_STD and cfg.shortcut == "A"
 

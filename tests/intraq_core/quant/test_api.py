@@ -147,9 +147,7 @@ def test_first_last_and_symmetric_bits():
     q = quantize(ResNetish(), cfg(w_bits=3, last_layer_bits=8))
     bits = {name: m.weight_quant.bits for name, m in weight_quantized_layers(q).items()}
     assert bits == {"conv1": 3, "conv2": 3, "conv3": 3, "fc": 8}
-    single = quantize(
-        nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), cfg(first_layer_bits=8, last_layer_bits=6)
-    )
+    single = quantize(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), cfg(first_layer_bits=8, last_layer_bits=6))
     assert single.get_submodule("1").weight_quant.bits == 8
 
 
@@ -318,9 +316,7 @@ def test_set_act_mode():
     torch.manual_seed(0)
     float_model = ResNetish().eval()
     model = quantize(float_model, cfg(w_bits=3))
-    with pytest.raises(
-        RuntimeError, match=r"3 activation quantizer\(s\) were never calibrated.*act_quant.relu1"
-    ):
+    with pytest.raises(RuntimeError, match=r"3 activation quantizer\(s\) were never calibrated.*act_quant.relu1"):
         set_act_mode(model, "frozen")
     with pytest.raises(ValueError, match="unknown"):
         set_act_mode(model, "fixed")
@@ -363,6 +359,4 @@ def test_errors():
 
 def test_act_quantizers_are_act_fake_quant():
     q = quantize(ResNetish(), cfg(ema_decay=0.5, a_bits=5))
-    assert all(
-        isinstance(m, ActFakeQuant) and m.ema_decay == 0.5 and m.bits == 5 for m in act_quantizers(q).values()
-    )
+    assert all(isinstance(m, ActFakeQuant) and m.ema_decay == 0.5 and m.bits == 5 for m in act_quantizers(q).values())

@@ -110,6 +110,4 @@ def test_distance_to_centre_hand_case() -> None:
     # Class 0: (1,0) and (0,1), centre (0.5,0.5): each cos = 1/sqrt(2) -> d = 1 - 1/sqrt(2).
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     labels = torch.tensor([0, 0])
-    assert losses.mean_distance_to_class_centre(feats, labels) == pytest.approx(
-        1 - 1 / math.sqrt(2), abs=1e-6
-    )
+    assert losses.mean_distance_to_class_centre(feats, labels) == pytest.approx(1 - 1 / math.sqrt(2), abs=1e-6)
