@@ -42,6 +42,14 @@ ClusterOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run at this location.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the run at this location.")]
+RepairOpt = Annotated[
+    bool,
+    typer.Option(
+        "--repair",
+        help="Continue the run and regenerate only the synthetic shards that fail validation "
+        "(truncated, wrong schema or shape, NaN/Inf, checksum mismatch).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
@@ -49,22 +57,18 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input or environment (one line, exit 2)."""
-    return (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
-
-
-def _fail(exc: BaseException) -> None:
-    from pipeline.storage import redact
-
+def _fail(exc: BaseException, message: str) -> None:
     if _STATE["debug"]:
         raise exc
-    msg = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
 
 
 def _guard(fn):
+    """Bad input or environment → ``error: <one line>`` and exit code 2 (``--debug``: the traceback).
+
+    Which failures count, and how Ray-wrapped ones are unwrapped: :mod:`pipeline.errors`.
+    """
     import functools
 
     @functools.wraps(fn)
@@ -76,8 +80,13 @@ def _guard(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(code=130) from None
-        except _expected_errors() as exc:
-            _fail(exc)
+        except Exception as exc:
+            from pipeline.errors import explain
+
+            message = explain(exc)
+            if message is None:
+                raise
+            _fail(exc, message)
 
     return wrapper
 
@@ -114,16 +123,17 @@ def run(
     cluster: ClusterOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
     cfg = _load_config(config, set_, storage, cluster)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite are mutually exclusive")
-    from pipeline.run import run_pipeline
+    from pipeline.run import preflight, run_pipeline
 
+    # Bad input fails here, before Ray starts and before the location is touched.
+    preflight(cfg, "run", resume=resume, overwrite=overwrite, repair=repair)
     with _ray_session(cfg, cluster):
-        metrics = run_pipeline(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+        metrics = run_pipeline(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
     _print_metrics(metrics, cfg.storage.url)
 
 
@@ -170,14 +180,16 @@ def generate(
     cluster: ClusterOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.run import generate_stage
+    from pipeline.run import generate_stage, preflight
 
+    preflight(cfg, "generate", resume=resume, overwrite=overwrite, repair=repair)
     with _ray_session(cfg, cluster):
-        manifest = generate_stage(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+        manifest = generate_stage(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
     typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
 
 
@@ -193,14 +205,18 @@ def train(
     ] = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.run import train_stage
+    from pipeline.run import preflight, train_stage
 
+    if dataset is not None:
+        cfg = cfg.model_copy(update={"dataset": dataset})
+    preflight(cfg, "train", resume=resume, overwrite=overwrite, repair=repair)
     with _ray_session(cfg, cluster):
-        metrics = train_stage(cfg, dataset=dataset, resume=resume, overwrite=overwrite, progress=not quiet)
+        metrics = train_stage(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
     _print_metrics(metrics, cfg.storage.url)
 
 

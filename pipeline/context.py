@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +15,19 @@ from intraq_core.config import ModelConfig
 from intraq_core.models import create_model, resolve_model_config
 from pipeline.config import RunConfig
 from pipeline.storage import Storage
+
+#: Test hook: ``"<stage>:<n>"`` makes this process SIGKILL itself at that point of a run, to test
+#: recovery from a killed process deterministically: ``generate:<k>`` right after shard k's file
+#: is written and before the manifest lists it (local executor); ``train:<e>`` at the start of
+#: epoch e, after epoch e-1's checkpoint is written (local executor).
+KILL_AT_ENV = "INTRAQ_TEST_KILL_AT"
+
+
+def kill_point(stage: str, index: int) -> None:
+    """SIGKILL this process if :data:`KILL_AT_ENV` names this point (a test hook; a no-op otherwise)."""
+    spec = os.environ.get(KILL_AT_ENV)
+    if spec and spec == f"{stage}:{index}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_device(choice: str) -> torch.device:

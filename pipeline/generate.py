@@ -23,7 +23,7 @@ import torch
 
 from intraq_core.synth.centres import ClassCentres
 from intraq_core.synth.engine import Synthesizer, SynthResult
-from pipeline.context import RunContext
+from pipeline.context import RunContext, kill_point
 from pipeline.plan import ShardTask, make_plan, rounds
 from pipeline.shards import Manifest, ShardInfo, read_shard, write_shard
 from pipeline.storage import Storage
@@ -213,6 +213,14 @@ class GenerationStats:
         self.final[outcome.info.index] = outcome.final
         self.history[outcome.info.index] = outcome.history
 
+    def merge(self, other: GenerationStats) -> None:
+        """Add the shards of another stats object (e.g. a repair pass after the main one)."""
+        self.seconds += other.seconds
+        self.image_iterations += other.image_iterations
+        self.shards_done += other.shards_done
+        self.final.update(other.final)
+        self.history.update(other.history)
+
     def summary(self) -> dict[str, Any]:
         mean_final: dict[str, float] = {}
         if self.final:
@@ -262,6 +270,7 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
                         bar.set_postfix(shard=label, loss=f"{losses['total']:.4f}")
 
                 outcome = synthesize_shard(synth, ctx, storage, task, state, progress=tick if g.optimizes else None)
+                kill_point("generate", task.index)  # test hook: shard file written, not yet listed
                 if not g.optimizes:
                     bar.update(1)
                 manifest.add_shard(outcome.info, round=task.round)

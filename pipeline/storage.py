@@ -9,7 +9,8 @@ S3-compatible endpoint). The class adds what plain fsspec lacks for a pipeline:
   unreachable endpoint fails in seconds instead of minutes),
 * one-line :class:`StorageError` messages for wrong schemes, credentials and endpoints, with
   secrets removed (:func:`redact`),
-* a run lock with a lease, recoverable after a crash.
+* a run lock with a lease, recoverable after a crash (:func:`run_lock` holds it with a short
+  lease that a heartbeat thread keeps refreshing, so a crashed run's lock expires in minutes).
 
 Credentials are never part of the configuration: they come from the standard AWS settings
 (environment, ``AWS_PROFILE``, instance roles), so they are never written to a run directory or a
@@ -27,9 +28,10 @@ import os
 import posixpath
 import re
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -40,12 +42,16 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "LOCK_TTL_S",
     "Lock",
     "LockedError",
     "Storage",
     "StorageConfig",
     "StorageError",
+    "explain_storage_failure",
+    "lock_owner",
     "redact",
+    "run_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,12 @@ T = TypeVar("T")
 
 #: Environment variables whose values are secrets and must never reach a message or a log.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+#: Lease of a run lock held by :func:`run_lock`. The heartbeat refreshes it every quarter of this,
+#: so a live run never loses it, and a crashed run's lock on another host (or on an object store
+#: seen from elsewhere) expires within this many seconds; on the same host a dead pid is taken
+#: over at once.
+LOCK_TTL_S = 120.0
 
 #: Schemes handled by fsspec backends that are optional dependencies: supported only when installed.
 _OPTIONAL_SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs"}
@@ -109,6 +121,8 @@ _CREDENTIAL_CODES = {
     "AllAccessDisabled",
     "InvalidClientTokenId",
 }
+# pyarrow's native S3 client reports AWS errors as OSError text ("AWS Error ACCESS_DENIED ...").
+_PYARROW_CREDENTIAL_CODES = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "NoCredentials")
 _CREDENTIAL_CLASS_NAMES = {
     "NoCredentialsError",
     "PartialCredentialsError",
@@ -657,6 +671,13 @@ class Lock:
         self.record = dict(record)
         self.ttl_s = ttl_s
         self.released = False
+        #: Why the lock was lost (set by the heartbeat of :func:`run_lock`), else None.
+        self.lost: str | None = None
+
+    def check(self) -> None:
+        """Raise LockedError if the heartbeat found the lock lost (taken over after its lease expired)."""
+        if self.lost is not None:
+            raise LockedError(self.lost)
 
     @property
     def owner(self) -> str:
@@ -712,6 +733,110 @@ class Lock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def lock_owner() -> str:
+    """An owner name for a run lock: ``host:pid:random`` (unique per acquisition)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class _Heartbeat:
+    """A daemon thread that refreshes a lock's lease every ``every_s`` seconds until stopped.
+
+    Refresh and stop share a mutex, so no refresh can land after :meth:`stop` returns (a late
+    refresh would re-create a released lock). A refresh that fails because the store is
+    unreachable is logged and retried at the next beat; one that finds the lock taken over marks
+    it lost (``Lock.lost``) and ends the thread.
+    """
+
+    def __init__(self, lock: Lock, every_s: float) -> None:
+        self.lock = lock
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._mutex = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="intraq-lock-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        where = self.lock.storage.join(self.lock.rel)
+        while not self._stop.wait(self.every_s):
+            with self._mutex:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.lock.refresh()
+                except LockedError as exc:
+                    self.lock.lost = str(exc)
+                    log.error("%s", redact(_one_line(str(exc))))
+                    return
+                except Exception as exc:
+                    log.warning("%s", redact(_one_line(f"could not refresh lock {where} (will retry): {exc}")))
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._mutex:  # waits for a refresh in progress
+            pass
+        self._thread.join(timeout=5.0)
+
+
+@contextlib.contextmanager
+def run_lock(
+    storage: Storage,
+    name: str = "LOCK",
+    *,
+    owner: str | None = None,
+    ttl_s: float | None = None,
+    refresh_every_s: float | None = None,
+) -> Iterator[Lock]:
+    """Hold the run lock ``name`` of ``storage`` for the duration of the block.
+
+    The lease is short (``ttl_s``, default :data:`LOCK_TTL_S`) and refreshed by a daemon
+    heartbeat thread every ``ttl_s / 4`` seconds, so a long run keeps it while a crashed run's
+    lock expires quickly (and on the same host is taken over at once: its pid is gone). Raises
+    :class:`LockedError` if another live run holds it. On exit the heartbeat stops and the lock is
+    released; a release that fails (store unreachable) is logged, not raised, so it never hides
+    the error that ended the block; the lease then expires by itself. ``Lock.check()`` raises if
+    the heartbeat found the lock taken over (call it between stages).
+    """
+    ttl = LOCK_TTL_S if ttl_s is None else float(ttl_s)
+    lock = storage.acquire_lock(name, owner=owner or lock_owner(), ttl_s=ttl)
+    beat = _Heartbeat(lock, refresh_every_s if refresh_every_s is not None else ttl / 4)
+    beat.start()
+    try:
+        yield lock
+    finally:
+        beat.stop()
+        try:
+            lock.release()
+        except Exception as exc:
+            log.warning(
+                "%s",
+                redact(
+                    _one_line(
+                        f"could not release lock {storage.join(lock.rel)} ({exc}); it is taken over once "
+                        f"this process has exited, or after its lease ends at {_iso(lock.expires)}"
+                    )
+                ),
+            )
+
+
+def explain_storage_failure(exc: BaseException) -> str | None:
+    """A one-line message for a storage failure that escaped :class:`Storage` (Ray Data, pyarrow),
+    or None when ``exc`` is not one: rejected/missing credentials, an unreachable endpoint."""
+    texts = " ".join(str(e) for e in _chain(exc))
+    if _is_credentials_error(exc) or any(code in texts for code in _PYARROW_CREDENTIAL_CODES):
+        return redact(
+            _one_line(
+                f"storage access denied - credentials missing, rejected or without permission "
+                f"({_describe(exc)}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), "
+                "or AWS_PROFILE, or run with an instance role"
+            )
+        )
+    if any(_class_names(e) & _TRANSIENT_CLASS_NAMES for e in _chain(exc)) or "NETWORK_CONNECTION" in texts:
+        return redact(_one_line(f"storage endpoint unreachable: {_describe(exc)}"))
+    return None
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -8,25 +8,37 @@ data-free signal used to compare recipes without touching the test set.
 
 Two executors: ``local`` (this module, in-memory) and ``ray`` (:mod:`pipeline.ray_train`,
 Ray Train over a Ray Data stream of the shards).
+
+Both resume after a crash. The local executor writes ``train_state.pt`` after every epoch
+(:class:`~intraq_core.distill.Distiller` state: student, optimizer, step, augmentation RNG;
+plus the epoch and history; tensors and plain types only, read with ``weights_only=True``)
+and a re-run continues after the last finished epoch. The batch order of an epoch is seeded by
+the epoch, and the augmentation RNG is part of the state, so a resumed run trains exactly as an
+uninterrupted one. The checkpoint records the config hash and the dataset's fingerprint and is
+ignored (training restarts) when either differs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from intraq_core.distill import distill, reestimate_bn
+from intraq_core.config import DistillConfig
+from intraq_core.distill import Distiller, epoch_batches, reestimate_bn, steps_per_epoch
 from intraq_core.evaluate import agreement
 from intraq_core.quant import act_quantizers, calibrate
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
-from pipeline.context import RunContext
+from pipeline.context import RunContext, kill_point
 from pipeline.generate import dataset_storage
 from pipeline.shards import Manifest, read_shard
 
@@ -35,6 +47,9 @@ log = logging.getLogger(__name__)
 STUDENT_PATH = "student.pt"
 CALIBRATED_PATH = "student_calibrated.pt"
 TRAIN_HISTORY_PATH = "train_history.json"
+#: The local executor's resume point: the state after the last finished epoch.
+TRAIN_STATE_PATH = "train_state.pt"
+TRAIN_STATE_FORMAT = "intraq-train-state/1"
 HOLDOUT_PURPOSE = 6
 
 
@@ -127,8 +142,119 @@ def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[t
     return student
 
 
+def dataset_fingerprint(manifest: Manifest) -> str:
+    """A short hash of the exact shard files of a manifest (their sha256, in shard order)."""
+    h = hashlib.sha256()
+    for entry in sorted(manifest.shards, key=lambda e: e.index):
+        h.update(f"{entry.index}:{entry.sha256}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def distill_resumable(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DistillConfig,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    start: dict[str, Any] | None = None,
+    on_epoch: Callable[[int, Distiller, list[dict[str, float]]], None] | None = None,
+) -> list[dict[str, float]]:
+    """:func:`intraq_core.distill.distill` with a resume point and a per-epoch hook.
+
+    Same steps in the same order (tests check the two are bit-identical); ``start`` (a
+    :func:`load_train_state` result) restores the Distiller after its ``epoch`` and continues
+    with the next one; ``on_epoch(epoch, distiller, history)`` runs after every epoch (it
+    writes the checkpoint). Returns the per-epoch history.
+    """
+    from tqdm.auto import tqdm
+
+    n = images.shape[0]
+    spe = steps_per_epoch(n, cfg)
+    distiller = Distiller(student, teacher, cfg, steps_per_epoch=spe, seed=seed, device=device)
+    history: list[dict[str, float]] = []
+    first = 0
+    if start is not None:
+        distiller.load_state_dict(start["distiller"])
+        history = [dict(row) for row in start["history"]]
+        first = int(start["epoch"]) + 1
+    bar = tqdm(
+        total=cfg.epochs * spe, initial=first * spe, desc="distill", unit="step", disable=not progress, leave=False
+    )
+    for epoch in range(first, cfg.epochs):
+        kill_point("train", epoch)  # test hook
+        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agreement": 0.0}
+        count = 0
+        for idx in epoch_batches(n, cfg.batch_size, epoch, seed, cfg.iterations_per_epoch):
+            stats = distiller.step(images[idx], labels[idx])
+            for k in sums:
+                sums[k] += getattr(stats, k)
+            count += 1
+            bar.update(1)
+        row = {k: v / count for k, v in sums.items()}
+        row["epoch"] = epoch
+        row["lr"] = stats.lr
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", agree=f"{row['agreement']:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch, distiller, history)
+    bar.close()
+    return history
+
+
+def train_state_bytes(
+    identity: dict[str, Any], epoch: int, history: list[dict[str, float]], distiller: Distiller
+) -> bytes:
+    """The local executor's checkpoint (tensors and plain types only: weights-only loadable)."""
+    payload = {
+        "format": TRAIN_STATE_FORMAT,
+        **identity,
+        "epoch": int(epoch),
+        "history": [dict(row) for row in history],
+        "distiller": distiller.state_dict(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def load_train_state(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint at ``train_state.pt`` if it belongs to this training (``identity``), else None.
+
+    Read with ``torch.load(weights_only=True)``; an unreadable or foreign checkpoint is ignored
+    with a warning (training then starts from the calibrated student).
+    """
+    try:
+        raw = ctx.storage.read_bytes(TRAIN_STATE_PATH)
+    except FileNotFoundError:
+        return None
+    where = ctx.storage.join(TRAIN_STATE_PATH)
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        log.warning(
+            "ignoring unreadable training checkpoint %s: %s", where, str(exc).splitlines()[0] if str(exc) else exc
+        )
+        return None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+        log.warning("ignoring %s: not an intraq training checkpoint", where)
+        return None
+    differs = [k for k, v in identity.items() if state.get(k) != v]
+    if differs:
+        log.warning("ignoring training checkpoint %s of another training (%s differ)", where, ", ".join(differs))
+        return None
+    log.info("resuming distillation after epoch %d from %s", int(state["epoch"]), where)
+    return state
+
+
 def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
-    """Calibrate and distil in this process; writes the calibrated and final student."""
+    """Calibrate and distil in this process; writes the calibrated and final student.
+
+    Writes ``train_state.pt`` after every epoch and resumes from it (see the module docstring).
+    """
     images, labels, indices = load_dataset(ctx, manifest)
     hold = holdout_mask(indices, ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
     if hold.all():
@@ -146,7 +272,16 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
         student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "calibrated"}),
     )
     t1 = time.perf_counter()
-    history = distill(
+    identity = {
+        "config_hash": ctx.cfg.config_hash(),
+        "dataset": dataset_fingerprint(manifest),
+        "num_train": int(train_x.shape[0]),
+    }
+
+    def checkpoint(epoch: int, distiller: Distiller, rows: list[dict[str, float]]) -> None:
+        ctx.storage.write_bytes_atomic(TRAIN_STATE_PATH, train_state_bytes(identity, epoch, rows, distiller))
+
+    history = distill_resumable(
         student,
         teacher,
         train_x,
@@ -155,19 +290,21 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
         seed=ctx.cfg.seed,
         device=device,
         progress=progress,
+        start=load_train_state(ctx, identity),
+        on_epoch=checkpoint,
     )
     t2 = time.perf_counter()
     agree1 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
     ctx.storage.write_bytes_atomic(
         STUDENT_PATH, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "final"})
     )
-    ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, json.dumps(history.epochs, indent=1).encode())
+    ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, json.dumps(history, indent=1).encode())
     return TrainOutcome(
         int((~hold).sum()),
         int(hold.sum()),
         agree0,
         agree1,
-        history.epochs,
+        history,
         t1 - t0,
         t2 - t1,
     )
