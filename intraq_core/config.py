@@ -125,6 +125,11 @@ class SynthConfig(StageConfig):
     lor_min_area: float = Field(default=0.5, gt=0.0, le=1.0)
     lor_flip: bool = True
     lor_rotation: float = Field(default=0.0, ge=0.0, le=180.0)
+    # Keep pixels inside the valid image range ([0, 1] before normalization) by projecting
+    # after every Adam step, as DeepInversion does. The IntraQ reference never clips; its
+    # unbounded pixels (up to ~±10 in normalized units) inflate the activation ranges that
+    # the quantized student is calibrated with.
+    clip_pixels: bool = False
     # ADI: bits of the quantized copy of the teacher that plays the student.
     adi_bits: int = Field(default=4, ge=2, le=8)
     # Engineering knobs (do not change the method).

@@ -76,6 +76,13 @@ class RunContext:
         return (3, size, size)
 
     @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the model expects of its [0, 1] RGB input."""
+        m = self.model_cfg
+        assert m.mean is not None and m.std is not None
+        return tuple(m.mean), tuple(m.std)
+
+    @property
     def num_classes(self) -> int:
         assert self.model_cfg.num_classes is not None
         return self.model_cfg.num_classes

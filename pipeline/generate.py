@@ -249,7 +249,14 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
         manifest.save(storage)
         return manifest, stats
     g = ctx.cfg.generate
-    synth = Synthesizer(ctx.teacher(), g, image_shape=ctx.image_shape, num_classes=ctx.num_classes, device=ctx.device)
+    synth = Synthesizer(
+        ctx.teacher(),
+        g,
+        image_shape=ctx.image_shape,
+        num_classes=ctx.num_classes,
+        device=ctx.device,
+        normalization=ctx.normalization,
+    )
     iters = g.iterations if g.optimizes else 1
     bar = tqdm(total=len(todo) * iters, desc="generate", unit="it", disable=not progress)
     done_shards = len(tasks) - len(todo)

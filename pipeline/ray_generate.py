@@ -95,6 +95,7 @@ class GeneratorActor:
             image_shape=self.ctx.image_shape,
             num_classes=self.ctx.num_classes,
             device=self.ctx.device,
+            normalization=self.ctx.normalization,
         )
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -103,12 +103,20 @@ class Synthesizer:
         image_shape: tuple[int, int, int],
         num_classes: int,
         device: str | torch.device = "cpu",
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.weights = cfg.weights()
+        self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.clip_pixels:
+            if normalization is None:
+                raise ValueError("generate.clip_pixels needs the model's normalization (mean, std)")
+            mean = torch.tensor(normalization[0], dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(normalization[1], dtype=torch.float32).view(1, -1, 1, 1)
+            self.bounds = ((0.0 - mean) / std, (1.0 - mean) / std)
         self.lor = cfg.lor_enabled()
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False).to(self.device)
@@ -177,6 +185,8 @@ class Synthesizer:
         n = labels.shape[0]
         start_time = time.perf_counter()
         x0 = initial_noise(seeds, self.image_shape)
+        if self.bounds is not None:
+            x0 = torch.maximum(torch.minimum(x0, self.bounds[1]), self.bounds[0])
         if not cfg.optimizes or cfg.iterations == 0:
             feats = self.features(x0)
             return SynthResult(x0, labels.cpu(), seeds.cpu(), feats, {}, {}, time.perf_counter() - start_time, 0)
@@ -190,6 +200,7 @@ class Synthesizer:
             c_feats, c_mask = None, None
 
         x = x0.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
+        bounds = None if self.bounds is None else (self.bounds[0].to(self.device), self.bounds[1].to(self.device))
         opt = torch.optim.Adam([x], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
@@ -239,6 +250,9 @@ class Synthesizer:
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+            if bounds is not None:
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, bounds[1]), bounds[0]))
             total_value = float(total.detach())
             sched.step(total_value)
             with torch.no_grad():

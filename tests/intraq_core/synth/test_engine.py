@@ -89,3 +89,14 @@ def test_teacher_is_not_modified(teacher: torch.nn.Module) -> None:
     _synth(teacher, iterations=2).synthesize(LABELS, SEEDS, batch_seed=1)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_clip_pixels_keeps_images_in_the_valid_range(teacher: torch.nn.Module) -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = SynthConfig(batch_size=16, iterations=5, clip_pixels=True)
+    s = Synthesizer(teacher, cfg, image_shape=(3, 32, 32), num_classes=10, normalization=(mean, std))
+    r = s.synthesize(LABELS, SEEDS, batch_seed=1)
+    pixels = r.images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    with pytest.raises(ValueError, match="normalization"):
+        Synthesizer(teacher, cfg, image_shape=(3, 32, 32), num_classes=10)
