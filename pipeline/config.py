@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from intraq_core.config import (
     DistillConfig,
@@ -142,25 +142,68 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class at a dotted location of RunConfig (None past a plain value)."""
+    cls: type[BaseModel] | None = RunConfig
+    for key in path:
+        field = cls.model_fields.get(str(key)) if cls is not None else None
+        annotation = field.annotation if field is not None else None
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return cls
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("__root__",))
         msg = err["msg"].removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden" and err["loc"]:
+            owner = _model_at(tuple(err["loc"][:-1]))
+            close = _closest_key(str(err["loc"][-1]), sorted(owner.model_fields)) if owner is not None else None
+            suggestion = ".".join([*map(str, err["loc"][:-1]), close]) if close else None
+            msg = "unknown key" + (f"; did you mean '{suggestion}'?" if suggestion else "")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
+
+
+#: Names users bring from other tools, mapped to ours (used only to suggest the valid key).
+_KEY_ALIASES = {
+    "learning_rate": "lr",
+    "epoch": "epochs",
+    "iters": "iterations",
+    "n_iterations": "iterations",
+    "images": "num_images",
+    "n_images": "num_images",
+    "bits": "w_bits",
+    "weight_bits": "w_bits",
+    "act_bits": "a_bits",
+    "activation_bits": "a_bits",
+    "bs": "batch_size",
+    "output": "url",
+    "path": "url",
+}
+
+
+def _closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key ``key`` most likely means: a close spelling, or a known alias (or a typo of one)."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    aliases = {alias: real for alias, real in _KEY_ALIASES.items() if real in valid}
+    close = difflib.get_close_matches(key, sorted(aliases), n=1, cutoff=0.75)
+    return aliases[close[0]] if close else None
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
-    fields_cls: type[StageConfig] | None = RunConfig
+    fields_cls: type[BaseModel] | None = RunConfig
     for i, key in enumerate(keys):
         if fields_cls is not None and key not in fields_cls.model_fields:
             valid = sorted(fields_cls.model_fields)
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            close = _closest_key(key, valid)
             where = ".".join(keys[:i]) or "the run config"
-            hint = f"; did you mean '{'.'.join([*keys[:i], close[0]])}'?" if close else ""
+            hint = f"; did you mean '{'.'.join([*keys[:i], close])}'?" if close else ""
             raise ConfigError(f"unknown key '{dotted}' (no '{key}' in {where}){hint}")
         if i == len(keys) - 1:
             node[key] = value
@@ -171,7 +214,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
             node[key] = nxt
         node = nxt
         annotation = fields_cls.model_fields[key].annotation if fields_cls is not None else None
-        fields_cls = annotation if isinstance(annotation, type) and issubclass(annotation, StageConfig) else None
+        fields_cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

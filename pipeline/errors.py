@@ -18,7 +18,6 @@ This module imports nothing heavy (no torch, no Ray).
 
 from __future__ import annotations
 
-import pickle
 import re
 
 __all__ = ["InputError", "explain", "root_cause"]

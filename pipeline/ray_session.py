@@ -75,6 +75,14 @@ def ray_info() -> dict[str, Any]:
     return {"address": address, "dashboard_url": dashboard, "local": host in ("127.0.0.1", "localhost")}
 
 
+def _is_loopback(address: str) -> bool:
+    """Whether a GCS address (``host:port``; not a ``ray://`` client address) is this machine's loopback."""
+    if "://" in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]:
     """Connect this process to Ray for ``cfg`` and return ``{"address", "dashboard_url", "local"}``.
 
@@ -96,7 +104,15 @@ def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]
         from pipeline.cluster import resolve_auth_mode
 
         resolve_auth_mode(None)  # RAY_AUTH_MODE=token without a token: one-line error, no hang
-        ray.init(address=cfg.ray.address, runtime_env=runtime_env)
+        if _is_loopback(cfg.ray.address):
+            from pipeline.cluster import LOCAL_NODE_IP, _loopback_only
+
+            # A cluster on this machine bound to 127.0.0.1 (what start_ray makes): without this,
+            # Ray rewrites 127.0.0.1 to the machine's outbound IP, where nothing listens, and hangs.
+            with _loopback_only():
+                ray.init(address=cfg.ray.address, runtime_env=runtime_env, _node_ip_address=LOCAL_NODE_IP)
+        else:
+            ray.init(address=cfg.ray.address, runtime_env=runtime_env)
         info = ray_info()
         info["local"] = False
     else:

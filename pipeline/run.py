@@ -236,13 +236,15 @@ def build_dataset(
             f"another run location: repair it there (intraq-pipeline generate --repair -o {ctx.cfg.dataset})"
         )
     repaired: list[int] = []
-    if Manifest.exists(data):
-        manifest = Manifest.load(data)
-        if manifest.config_hash == ctx.cfg.dataset_hash() and manifest.shards and not manifest.is_complete():
-            repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
     stats = GenerationStats()
-    manifest, more = _generate(ctx, progress=progress)
-    stats.merge(more)
+    manifest = Manifest.load(data) if Manifest.exists(data) else None
+    if manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash() and manifest.is_complete():
+        pass  # nothing to generate (a resumed run): straight to validation
+    else:
+        if manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash() and manifest.shards:
+            repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
+        manifest, more = _generate(ctx, progress=progress)
+        stats.merge(more)
     dropped = drop_bad_shards(ctx, data, manifest, repair=repair)
     if dropped:
         repaired += dropped
