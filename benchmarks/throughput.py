@@ -71,7 +71,8 @@ def pipeline_generation(sets: list[str], actors: int, root: Path) -> float:
     from pipeline.ray_generate import generate_ray
 
     cfg = load_run_config(
-        None, [*sets, "executor=ray", "device=cpu", f"ray.generation_actors={actors}", f"storage.url={root}/gen{actors}"]
+        None,
+        [*sets, "executor=ray", "device=cpu", f"ray.generation_actors={actors}", f"storage.url={root}/gen{actors}"],
     )
     ctx = RunContext.create(cfg)
     t0 = time.perf_counter()
@@ -121,7 +122,9 @@ def main() -> None:
     start_ray(load_run_config(None, [*sets, "ray.num_cpus=2", "ray.dashboard=false"]), None)
     try:
         # Warm-up: the first actor start in a fresh cluster pays for worker processes.
-        pipeline_generation([*sets, "generate.iterations=1", "generate.num_images=64", "generate.batch_size=32"], 1, root / "warm")
+        pipeline_generation(
+            [*sets, "generate.iterations=1", "generate.num_images=64", "generate.batch_size=32"], 1, root / "warm"
+        )
         result["pipeline_1_actor_img_it_per_s"] = pipeline_generation(sets, 1, root)
         result["pipeline_2_actors_img_it_per_s"] = pipeline_generation(sets, 2, root)
         dataset = root / "gen2"

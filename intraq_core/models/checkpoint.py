@@ -90,6 +90,8 @@ def _unpickler_detail(message: str) -> str:
     """The informative line of torch's long weights-only error (e.g. 'Unsupported global: ...')."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     for i, line in enumerate(lines):
+        if "unsupported GLOBAL" in line:  # torch >= 2.14: "Trying to load unsupported GLOBAL x.y whose ..."
+            return "Unsupported global: " + line.split("unsupported GLOBAL", 1)[1].split(" whose ")[0].strip()
         if "Unsupported global" in line:
             return line.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         if "WeightsUnpickler error:" in line:
