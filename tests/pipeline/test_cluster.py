@@ -246,27 +246,38 @@ def test_dashboard_url_gets_a_scheme() -> None:
 # --- one real local Ray --------------------------------------------------------------------
 
 
+_CONNECT_SCRIPT = """
+import ray
+from pipeline.cluster import connect
+
+connection = connect(None, num_cpus=2, dashboard=False)
+try:
+    assert ray.is_initialized()
+    assert connection.local
+    assert connection.dashboard_url is None
+    assert connection.address.startswith("127.0.0.1:"), connection.address
+    assert ray.cluster_resources()["CPU"] == 2
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+    @ray.remote(num_cpus=1)
+    def square(x: int) -> int:
+        return x * x
+
+    assert ray.get(square.remote(7)) == 49
+finally:
+    connection.shutdown()
+assert not ray.is_initialized()
+print("connected-ok")
+"""
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_connect_starts_a_local_ray() -> None:
-    import ray
+    # A fresh process: connect() starts its own Ray, whatever Ray the test session runs.
+    import subprocess
+    import sys
 
-    if ray.is_initialized():
-        pytest.skip("another test's Ray is running in this process; connect() starts its own")
-    connection = connect(None, num_cpus=2, dashboard=False)
-    try:
-        assert ray.is_initialized()
-        assert connection.local
-        assert connection.dashboard_url is None
-        assert connection.address.startswith("127.0.0.1:")
-        assert ray.cluster_resources()["CPU"] == 2
-        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
-
-        @ray.remote(num_cpus=1)
-        def square(x: int) -> int:
-            return x * x
-
-        assert ray.get(square.remote(7)) == 49
-    finally:
-        connection.shutdown()
-    assert not ray.is_initialized()
+    out = subprocess.run([sys.executable, "-c", _CONNECT_SCRIPT], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "connected-ok" in out.stdout
