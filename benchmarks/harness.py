@@ -51,6 +51,7 @@ BUDGETS: dict[str, list[str]] = {
         "generate.batch_size=256",
         "generate.iterations=150",
         "generate.shards_per_round=1",
+        "generate.clip_pixels=true",
         "distill.epochs=120",
         "distill.batch_size=128",
         "quant.calibration_batches=8",
