@@ -87,7 +87,11 @@ def training(sets: list[str], workers: int | None, root: Path, dataset: Path) ->
     from pipeline.train import train_local
 
     tag = "local" if workers is None else f"w{workers}"
-    extra = ["executor=local"] if workers is None else ["executor=ray", f"ray.train_workers={workers}"]
+    extra = (
+        ["executor=local"]
+        if workers is None
+        else ["executor=ray", f"ray.train_workers={workers}", "ray.cpus_per_train_worker=0.5"]
+    )
     cfg = load_run_config(None, [*sets, *extra, "device=cpu", f"storage.url={root}/train-{tag}", f"dataset={dataset}"])
     ctx = RunContext.create(cfg)
     from pipeline.generate import dataset_storage

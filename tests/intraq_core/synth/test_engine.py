@@ -100,3 +100,20 @@ def test_clip_pixels_keeps_images_in_the_valid_range(teacher: torch.nn.Module) -
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     with pytest.raises(ValueError, match="normalization"):
         Synthesizer(teacher, cfg, image_shape=(3, 32, 32), num_classes=10)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_stats_match_var_mean(channels_last: bool) -> None:
+    from intraq_core.synth.engine import channel_stats
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(32, 8, 6, 6) * 3 + 2).contiguous(memory_format=fmt).requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    w = torch.arange(8.0)
+    v, m = channel_stats(x)
+    (v * w + m).sum().backward()
+    v2, m2 = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    (v2 * w + m2).sum().backward()
+    torch.testing.assert_close(v, v2)
+    torch.testing.assert_close(m, m2)
+    torch.testing.assert_close(x.grad, y.grad)
