@@ -195,18 +195,35 @@ def distill(
     *,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    start: dict | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, Distiller, list[dict[str, float]]], None] | None = None,
 ) -> DistillHistory:
-    """Single-process distillation over in-memory synthetic images (the laptop path)."""
+    """Single-process distillation over in-memory synthetic images (the laptop path).
+
+    ``start`` = ``{"distiller": Distiller.state_dict(), "history": [...], "epoch": e}`` resumes
+    after epoch ``e`` exactly as if training had never stopped (the batch order and the
+    augmentation RNG are seeded per run). ``before_epoch(epoch)`` runs before and
+    ``on_epoch(epoch, distiller, history)`` after every epoch (e.g. to write a checkpoint).
+    """
     from tqdm.auto import tqdm
 
     n = images.shape[0]
     spe = steps_per_epoch(n, cfg)
     distiller = Distiller(student, teacher, cfg, steps_per_epoch=spe, seed=seed, device=device)
     history = DistillHistory()
-    bar = tqdm(total=cfg.epochs * spe, desc="distill", unit="step", disable=not progress, leave=False)
-    for epoch in range(cfg.epochs):
+    first = 0
+    if start is not None:
+        distiller.load_state_dict(start["distiller"])
+        history.epochs = [dict(row) for row in start["history"]]
+        first = int(start["epoch"]) + 1
+    bar = tqdm(
+        total=cfg.epochs * spe, initial=first * spe, desc="distill", unit="step", disable=not progress, leave=False
+    )
+    for epoch in range(first, cfg.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
         sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agreement": 0.0}
         count = 0
         for idx in epoch_batches(n, cfg.batch_size, epoch, seed, cfg.iterations_per_epoch):
@@ -221,7 +238,7 @@ def distill(
         history.epochs.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", agree=f"{row['agreement']:.3f}")
         if on_epoch is not None:
-            on_epoch(epoch, row)
+            on_epoch(epoch, distiller, history.epochs)
     bar.close()
     return history
 

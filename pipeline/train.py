@@ -25,15 +25,13 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from intraq_core.config import DistillConfig
-from intraq_core.distill import Distiller, epoch_batches, reestimate_bn, steps_per_epoch
+from intraq_core.distill import Distiller, distill, reestimate_bn
 from intraq_core.evaluate import agreement
 from intraq_core.quant import act_quantizers, calibrate
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
@@ -150,61 +148,6 @@ def dataset_fingerprint(manifest: Manifest) -> str:
     return h.hexdigest()[:16]
 
 
-def distill_resumable(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: DistillConfig,
-    *,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    start: dict[str, Any] | None = None,
-    on_epoch: Callable[[int, Distiller, list[dict[str, float]]], None] | None = None,
-) -> list[dict[str, float]]:
-    """:func:`intraq_core.distill.distill` with a resume point and a per-epoch hook.
-
-    Same steps in the same order (tests check the two are bit-identical); ``start`` (a
-    :func:`load_train_state` result) restores the Distiller after its ``epoch`` and continues
-    with the next one; ``on_epoch(epoch, distiller, history)`` runs after every epoch (it
-    writes the checkpoint). Returns the per-epoch history.
-    """
-    from tqdm.auto import tqdm
-
-    n = images.shape[0]
-    spe = steps_per_epoch(n, cfg)
-    distiller = Distiller(student, teacher, cfg, steps_per_epoch=spe, seed=seed, device=device)
-    history: list[dict[str, float]] = []
-    first = 0
-    if start is not None:
-        distiller.load_state_dict(start["distiller"])
-        history = [dict(row) for row in start["history"]]
-        first = int(start["epoch"]) + 1
-    bar = tqdm(
-        total=cfg.epochs * spe, initial=first * spe, desc="distill", unit="step", disable=not progress, leave=False
-    )
-    for epoch in range(first, cfg.epochs):
-        kill_point("train", epoch)  # test hook
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agreement": 0.0}
-        count = 0
-        for idx in epoch_batches(n, cfg.batch_size, epoch, seed, cfg.iterations_per_epoch):
-            stats = distiller.step(images[idx], labels[idx])
-            for k in sums:
-                sums[k] += getattr(stats, k)
-            count += 1
-            bar.update(1)
-        row = {k: v / count for k, v in sums.items()}
-        row["epoch"] = epoch
-        row["lr"] = stats.lr
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", agree=f"{row['agreement']:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, distiller, history)
-    bar.close()
-    return history
-
-
 def train_state_bytes(
     identity: dict[str, Any], epoch: int, history: list[dict[str, float]], distiller: Distiller
 ) -> bytes:
@@ -281,7 +224,7 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
     def checkpoint(epoch: int, distiller: Distiller, rows: list[dict[str, float]]) -> None:
         ctx.storage.write_bytes_atomic(TRAIN_STATE_PATH, train_state_bytes(identity, epoch, rows, distiller))
 
-    history = distill_resumable(
+    history = distill(
         student,
         teacher,
         train_x,
@@ -291,8 +234,9 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
         device=device,
         progress=progress,
         start=load_train_state(ctx, identity),
+        before_epoch=lambda epoch: kill_point("train", epoch),  # test hook
         on_epoch=checkpoint,
-    )
+    ).epochs
     t2 = time.perf_counter()
     agree1 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
     ctx.storage.write_bytes_atomic(

@@ -223,7 +223,8 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
         eval_cfg = cfg.eval.model_copy(update={"data": cfg.tune.validation_data})
         validation = (load_test_set(eval_cfg, ctx.model_cfg), eval_cfg.batch_size)
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+    def on_epoch(epoch: int, _distiller: object, rows: list[dict[str, float]]) -> None:
+        row = rows[-1]
         if validation is not None:
             ts, batch_size = validation
             objective = top1(student, ts.batches(batch_size), device=device)["top1"]

@@ -23,7 +23,7 @@ from intraq_core.student import build_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.storage import Storage
-from pipeline.train import TRAIN_STATE_PATH, distill_resumable, load_train_state, train_state_bytes
+from pipeline.train import TRAIN_STATE_PATH, load_train_state, train_state_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,14 +50,14 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_resumable_loop_is_distill_bit_for_bit_and_resumes_exactly(setup: tuple) -> None:
+def test_checkpointed_distillation_resumes_exactly(setup: tuple) -> None:
     teacher, x, y = setup
     reference = _student(teacher)
     want = distill(reference, teacher, x, y, CFG, seed=SEED, progress=False).epochs
 
     saved: dict[int, bytes] = {}
     student = _student(teacher)
-    got = distill_resumable(
+    got = distill(
         student,
         teacher,
         x,
@@ -66,7 +66,7 @@ def test_resumable_loop_is_distill_bit_for_bit_and_resumes_exactly(setup: tuple)
         seed=SEED,
         progress=False,
         on_epoch=lambda epoch, distiller, rows: saved.setdefault(epoch, train_state_bytes({}, epoch, rows, distiller)),
-    )
+    ).epochs
     assert got == want and _same(student, reference)
     assert sorted(saved) == [0, 1, 2]
 
@@ -74,7 +74,7 @@ def test_resumable_loop_is_distill_bit_for_bit_and_resumes_exactly(setup: tuple)
         state = torch.load(io.BytesIO(saved[epoch]), map_location="cpu", weights_only=True)
         assert state["epoch"] == epoch and len(state["history"]) == epoch + 1
         resumed = _student(teacher)
-        assert distill_resumable(resumed, teacher, x, y, CFG, seed=SEED, progress=False, start=state) == want
+        assert distill(resumed, teacher, x, y, CFG, seed=SEED, progress=False, start=state).epochs == want
         assert _same(resumed, reference), f"resuming after epoch {epoch} diverged"
 
 
@@ -85,7 +85,7 @@ def test_only_this_trainings_checkpoint_is_used(setup: tuple, tmp_path: Path, ca
     assert load_train_state(ctx, identity) is None  # none yet
 
     student = _student(teacher)
-    distill_resumable(
+    distill(
         student,
         teacher,
         x,
