@@ -128,13 +128,19 @@ def run(
 ) -> None:
     """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.run import preflight, run_pipeline
-
-    # Bad input fails here, before Ray starts and before the location is touched.
-    preflight(cfg, "run", resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
-        metrics = run_pipeline(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    metrics = _run_stage("run", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
     _print_metrics(metrics, cfg.storage.url)
+
+
+def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
+    """Preflight (bad input fails here, before Ray starts and before the location is touched),
+    then run one stage of ``pipeline.run`` inside a Ray session when the executor needs one."""
+    from pipeline import run as stages
+
+    stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
+    stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
+    with _ray_session(cfg, cluster):
+        return stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
 
 
 def _print_metrics(metrics: dict[str, Any], where: str) -> None:
@@ -185,11 +191,7 @@ def generate(
 ) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.run import generate_stage, preflight
-
-    preflight(cfg, "generate", resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
-        manifest = generate_stage(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    manifest = _run_stage("generate", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
     typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
 
 
@@ -210,13 +212,9 @@ def train(
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
     cfg = _load_config(config, set_, storage, cluster)
-    from pipeline.run import preflight, train_stage
-
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
-    preflight(cfg, "train", resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
-        metrics = train_stage(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    metrics = _run_stage("train", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
     _print_metrics(metrics, cfg.storage.url)
 
 

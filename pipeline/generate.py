@@ -164,6 +164,19 @@ def open_manifest(ctx: RunContext, storage: Storage, num_shards: int) -> Manifes
     return new_manifest(ctx, num_shards)
 
 
+def pending_work(ctx: RunContext, storage: Storage) -> tuple[list[ShardTask], Manifest, list[ShardTask]]:
+    """The plan's shard tasks, the (resumed or new) manifest, and the tasks it does not list yet.
+
+    When nothing is left the manifest is saved again (marking it complete), so re-running a
+    finished generation does no work."""
+    tasks = make_plan(ctx.cfg, ctx.num_classes)
+    manifest = open_manifest(ctx, storage, len(tasks))
+    todo = [t for t in tasks if manifest.shard(t.index) is None]
+    if not todo:
+        manifest.save(storage)
+    return tasks, manifest, todo
+
+
 def centres_before_round(
     storage: Storage,
     manifest: Manifest,
@@ -241,12 +254,9 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
     from tqdm.auto import tqdm
 
     storage = dataset_storage(ctx)
-    tasks = make_plan(ctx.cfg, ctx.num_classes)
-    manifest = open_manifest(ctx, storage, len(tasks))
-    todo = [t for t in tasks if manifest.shard(t.index) is None]
+    tasks, manifest, todo = pending_work(ctx, storage)
     stats = GenerationStats()
     if not todo:
-        manifest.save(storage)
         return manifest, stats
     g = ctx.cfg.generate
     synth = Synthesizer(

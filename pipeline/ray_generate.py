@@ -60,10 +60,10 @@ from pipeline.generate import (
     ShardOutcome,
     centres_before_round,
     dataset_storage,
-    open_manifest,
+    pending_work,
     synthesize_shard,
 )
-from pipeline.plan import ShardTask, make_plan, rounds
+from pipeline.plan import ShardTask, rounds
 from pipeline.shards import Manifest
 from pipeline.storage import Storage
 
@@ -258,12 +258,9 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "
             "location every actor can reach (a local path on one machine, or s3://)"
         )
-    tasks = make_plan(ctx.cfg, ctx.num_classes)
-    manifest = open_manifest(ctx, storage, len(tasks))
-    todo = [t for t in tasks if manifest.shard(t.index) is None]
+    tasks, manifest, todo = pending_work(ctx, storage)
     stats = GenerationStats()
     if not todo:
-        manifest.save(storage)
         return manifest, stats
 
     plan_rounds = rounds(tasks)

@@ -878,16 +878,22 @@ def _lock_is_live(record: dict[str, Any]) -> tuple[bool, str]:
     return True, "held"
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Write to a temp file next to ``path``, fsync, then rename over it (atomic on POSIX)."""
+def _durable_temp(path: str, data: bytes) -> str:
+    """Write ``data`` to a fresh, fsynced temp file next to ``path``; returns its name."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    """Write a temp file next to ``path``, then rename it over ``path`` (atomic on POSIX)."""
+    tmp = _durable_temp(path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -896,21 +902,14 @@ def _write_local_atomic(path: str, data: bytes) -> None:
 
 def _create_local_exclusive(path: str, data: bytes) -> bool:
     """Create ``path`` with ``data`` only if it does not exist (atomic, via a hard link)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    tmp = _durable_temp(path, data)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         os.unlink(tmp)
+    return True
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

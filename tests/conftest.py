@@ -38,3 +38,9 @@ def cifar10_test_path(data_dir: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Back to one thread before every test: a run's context may have raised it."""
+    torch.set_num_threads(1)

@@ -8,7 +8,6 @@ batches of random normalized images (no full run needed); agreement is measured 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +39,6 @@ from pipeline.export import (
 
 REAL_IMAGES = 2000
 EXAMPLE = torch.zeros(2, 3, 32, 32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core runner, two threads spin and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

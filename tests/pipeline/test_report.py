@@ -17,7 +17,6 @@ from typing import Any
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -41,15 +40,6 @@ TINY = [
     "distill.batch_size=16",
     "eval.limit=100",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core runner, two threads spin and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _make_run(url: str, method: str) -> None:
