@@ -42,13 +42,18 @@ ROWS: dict[str, Row] = {
 }
 
 RECIPE_NOTE = (
-    "Distillation recipe: every cell trains each candidate of `benchmarks/harness.py` RECIPES (default = KD alpha 1, "
-    "T 4, CE weight 1, SGD Nesterov lr 1e-3 cosine, crop+flip; kd_only = CE weight 0; bn_reestimate = BN statistics "
-    "re-estimated on the synthetic data before distilling) and keeps the one with the highest teacher agreement on a "
-    "shared data-free probe set (BN-statistics-only synthetic images no row trains on), then on the row's own held-out "
-    "synthetic images. The test set only reports the chosen recipe (column 'recipe' below). The reference's "
-    "alpha = T = 20 with lr 1e-4 diverges on this teacher (docs/intraq-method.md §9) and is not a candidate."
+    "Distillation recipe: every cell trains each candidate recipe it was run with (`--recipes`; column 'candidates' "
+    "below) from `benchmarks/harness.py` RECIPES (default = KD alpha 1, T 4, CE weight 1, SGD Nesterov lr 1e-3 "
+    "cosine, crop+flip; kd_only = CE weight 0; bn_reestimate = BN statistics re-estimated on the synthetic data "
+    "before distilling) and keeps the one with the highest teacher agreement on a shared data-free probe set "
+    "(BN-statistics-only synthetic images no row trains on), then on the row's own held-out synthetic images. The "
+    "test set only reports the chosen recipe (column 'recipe'). The reference's alpha = T = 20 with lr 1e-4 "
+    "diverges on this teacher (docs/intraq-method.md §9) and is not a candidate."
 )
+
+#: Optional hand-written notes (the exact commands of each sitting, caveats), inserted under
+#: the table's header when present in the results folder.
+NOTES_FILE = "NOTES.md"
 
 
 def table(bench: Bench, bits_cols: list[str]) -> str:
@@ -58,9 +63,15 @@ def table(bench: Bench, bits_cols: list[str]) -> str:
     lines = [
         f"# Ablation on CIFAR-10 ResNet-20, budget `{bench.budget}`",
         "",
-        f"Command: `python benchmarks/ablation.py --budget {bench.budget} --seeds {' '.join(map(str, seeds))}`.",
+        f"Command: `python -m benchmarks.ablation --budget {bench.budget} --seeds {' '.join(map(str, seeds))}` "
+        "(rows, bits and recipes can be run separately: see the notes).",
         f"Budget (run-config overrides): `{' '.join(BUDGETS[bench.budget])}`.",
         "",
+    ]
+    notes = bench.results / NOTES_FILE
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += [
         "Top-1 (%) of the FINAL model on the real CIFAR-10 test set; mean ± std over seeds (n).",
         "'all': the 10,000 test images; 'held-out': the test images that no row trained or calibrated on "
         "(the real-data rows take their 'training' images from the test set: the shared data has no training set).",
@@ -97,8 +108,8 @@ def details(cells: dict) -> str:
         "MDC's hinge sees) and between pairs of the same class ('pairwise'), synthetic / real held-out test images.",
         "",
         "| row | bits | seed | all | held-out | recipe | probe agreement | held-out synthetic agreement | centre dist. "
-        "| pairwise dist. | MDC hinge at end (lower, upper) | gen s | distil s | device |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | --- | ---: | ---: | --- |",
+        "| pairwise dist. | MDC hinge at end (lower, upper) | gen s | distil s | device | candidates |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | --- | ---: | ---: | --- | --- |",
     ]
     for (row, bits), rs in sorted(cells.items()):
         for r in sorted(rs, key=lambda r: r["seed"]):
@@ -116,7 +127,8 @@ def details(cells: dict) -> str:
                 f"| {row} | {bits} | {r['seed']} | {r['top1_all']:.2f} | {r['top1_heldout']:.2f} | "
                 f"{r.get('recipe', '–')} | {_num(r.get('probe_agreement'))} | "
                 f"{'–' if agree is None else f'{agree:.1f}'} | {centre} | {pair} | {hinge} | "
-                f"{sec.get('generate', 0):.0f} | {sec.get('distill', 0):.0f} | {r.get('device', 'cpu')} |"
+                f"{sec.get('generate', 0):.0f} | {sec.get('distill', 0):.0f} | {r.get('device', 'cpu')} | "
+                f"{', '.join(r.get('recipe_candidates') or {}) or '–'} |"
             )
     return "\n".join(rows)
 
