@@ -158,6 +158,17 @@ def mdc_adi_table(ablation: Bench) -> str:
                 f"{fmt([d['centre_distance_real'] for d in ds], 3)} | "
                 f"{hinge} | {len(rs)} |"
             )
+    missing = [
+        label
+        for name, label in (("intraq", "MDC"), ("intraq_adi", "ADI"))
+        if not any(cells.get((name, b)) for b in ("W4A4", "W3A3"))
+    ]
+    if missing:
+        lines += [
+            "",
+            f"Not run yet at this budget: {', '.join(missing)} (see the ablation's notes); the comparison "
+            "is incomplete until both rows exist.",
+        ]
     return "\n".join(lines) + "\n"
 
 
