@@ -37,6 +37,7 @@ __all__ = [
     "find_auth_token",
     "head_address",
     "load_cluster_config",
+    "loopback_only",
     "resolve_auth_mode",
     "token_auth_required",
 ]
@@ -290,7 +291,7 @@ def _enable_token_mode() -> None:
 
 
 @contextlib.contextmanager
-def _loopback_only() -> Iterator[None]:
+def loopback_only() -> Iterator[None]:
     """Keep a new local Ray on 127.0.0.1.
 
     On Linux, Ray 2.60 replaces ``_node_ip_address="127.0.0.1"`` with the machine's outbound IP
@@ -377,7 +378,7 @@ def _connect_local(*, num_cpus: int | None, dashboard: bool, runtime_env: dict[s
 
     import ray
 
-    with _loopback_only():
+    with loopback_only():
         context = ray.init(
             address="local",  # never attach to a cluster named by RAY_ADDRESS
             num_cpus=num_cpus,

@@ -105,11 +105,11 @@ def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]
 
         resolve_auth_mode(None)  # RAY_AUTH_MODE=token without a token: one-line error, no hang
         if _is_loopback(cfg.ray.address):
-            from pipeline.cluster import LOCAL_NODE_IP, _loopback_only
+            from pipeline.cluster import LOCAL_NODE_IP, loopback_only
 
             # A cluster on this machine bound to 127.0.0.1 (what start_ray makes): without this,
             # Ray rewrites 127.0.0.1 to the machine's outbound IP, where nothing listens, and hangs.
-            with _loopback_only():
+            with loopback_only():
                 ray.init(address=cfg.ray.address, runtime_env=runtime_env, _node_ip_address=LOCAL_NODE_IP)
         else:
             ray.init(address=cfg.ray.address, runtime_env=runtime_env)

@@ -238,10 +238,9 @@ def build_dataset(
     repaired: list[int] = []
     stats = GenerationStats()
     manifest = Manifest.load(data) if Manifest.exists(data) else None
-    if manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash() and manifest.is_complete():
-        pass  # nothing to generate (a resumed run): straight to validation
-    else:
-        if manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash() and manifest.shards:
+    ours = manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash()
+    if not (ours and manifest.is_complete()):  # a complete dataset of ours goes straight to validation
+        if ours and manifest.shards:
             repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
         manifest, more = _generate(ctx, progress=progress)
         stats.merge(more)
