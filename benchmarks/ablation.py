@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits
+from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits, provenance
 
 ROWS: dict[str, Row] = {
     r.name: r
@@ -93,9 +93,7 @@ def table(bench: Bench, bits_cols: list[str]) -> str:
         if n:
             lines.append(f"| {row.label} | " + " | ".join(parts) + f" | {n} |")
     lines += ["", RECIPE_NOTE, "", details(cells), ""]
-    machines = sorted({r["machine"] for rs in cells.values() for r in rs})
-    dates = sorted({r["date"] for rs in cells.values() for r in rs})
-    lines.append(f"Machines: {'; '.join(machines)}. Dates: {', '.join(dates)}.")
+    lines.append(provenance(cells))
     return "\n".join(lines) + "\n"
 
 

@@ -393,6 +393,13 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def provenance(cells: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    """'Machines: …. Dates: ….' of a set of cells, for the foot of every results table."""
+    machines = sorted({r["machine"] for rs in cells.values() for r in rs})
+    dates = sorted({r["date"] for rs in cells.values() for r in rs})
+    return f"Machines: {'; '.join(machines)}. Dates: {', '.join(dates)}."
+
+
 def dataset_statistics(
     ctx: RunContext, manifest: Manifest, test: tuple[torch.Tensor, torch.Tensor], split: Split
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.ablation import ROWS as ABLATION_ROWS
-from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits
+from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits, provenance
 
 ROTATION_DEGREES = 15
 
@@ -96,9 +96,7 @@ def simple_table(bench: Bench, title: str, note: str, command: str) -> str:
             f"{fmt([r['calibrated_top1_all'] for r in rs])} | {fmt(agree)} | "
             f"{', '.join(sorted({r.get('recipe', '–') for r in rs}))} | {len(rs)} |"
         )
-    machines = sorted({r["machine"] for rs in cells.values() for r in rs})
-    dates = sorted({r["date"] for rs in cells.values() for r in rs})
-    lines += ["", f"Machines: {'; '.join(machines)}. Dates: {', '.join(dates)}."]
+    lines += ["", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +107,10 @@ def real_table(ablation: Bench) -> str:
         "",
         f"From the ablation cells of budget `{ablation.budget}` (`python -m benchmarks.ablation --budget "
         f"{ablation.budget}`), rebuilt by `python -m benchmarks.studies real --budget {ablation.budget}`.",
-        "Real 'training' images come from the CIFAR-10 test set (no training set is shared), so the fair column is "
-        "'held-out': test images that no row trained or calibrated on.",
+        f"Budget (run-config overrides): `{' '.join(BUDGETS[ablation.budget])}`.",
+        "Top-1 (%) of the FINAL model on the real CIFAR-10 test set. Real 'training' images come from the CIFAR-10 "
+        "test set (no training set is shared), so the fair column is 'held-out': test images that no row trained or "
+        "calibrated on.",
         "",
         "| data | bits | top-1 all | top-1 held-out | n |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -123,6 +123,7 @@ def real_table(ablation: Bench) -> str:
                     f"| {ABLATION_ROWS[name].label} | {bits} | {fmt([r['top1_all'] for r in rs])} | "
                     f"{fmt([r['top1_heldout'] for r in rs])} | {len(rs)} |"
                 )
+    lines += ["", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +134,8 @@ def mdc_adi_table(ablation: Bench) -> str:
         "",
         f"From the ablation cells of budget `{ablation.budget}`; rebuilt by `python -m benchmarks.studies mdc_adi "
         f"--budget {ablation.budget}`. Both rows are IntraQ (BNS + SIL + LOR) with the diversity term swapped.",
+        f"Budget (run-config overrides): `{' '.join(BUDGETS[ablation.budget])}`. Top-1 (%) of the FINAL model on the "
+        "real CIFAR-10 test set.",
         "Diversity: cosine distance of teacher penultimate features, pairwise within a class and to the class mean, "
         "for the synthetic set and for real held-out test images (the paper reports pairwise real 0.44, IntraQ 0.42, "
         "ZeroQ-style 0.17 with its own feature extraction; compare rows within this table).",
@@ -169,6 +172,7 @@ def mdc_adi_table(ablation: Bench) -> str:
             f"Not run yet at this budget: {', '.join(missing)} (see the ablation's notes); the comparison "
             "is incomplete until both rows exist.",
         ]
+    lines += ["", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
