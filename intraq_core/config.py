@@ -63,14 +63,50 @@ class ModelConfig(StageConfig):
         return self
 
 
+class ReconstructConfig(StageConfig):
+    """Block-reconstruction PTQ (``quant.method: reconstruct``): AdaRound + LSQ + QDrop, unit by unit.
+
+    Each unit (the stem, every residual block, the head) learns the soft rounding of its
+    weights (AdaRound's rectified sigmoid, regularizer ``reg_weight · Σ 1-|2h-1|^β`` with β
+    annealed from ``beta_start`` to ``beta_end`` after ``warmup`` of the iterations) and, with
+    ``learn_act_scale``, its activation step sizes, minimizing the MSE between its output and
+    the full-precision teacher's on the same synthetic images. ``drop_prob`` is QDrop's
+    probability of keeping an activation element unquantized during this optimization
+    (0 disables QDrop, BRECQ-style). ``num_images`` synthetic training images are used
+    (all when None).
+    """
+
+    iterations: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    num_images: int | None = Field(default=1024, ge=1)
+    lr: float = Field(default=3e-3, gt=0.0)
+    act_lr: float = Field(default=4e-5, ge=0.0)
+    learn_act_scale: bool = True
+    reg_weight: float = Field(default=0.01, ge=0.0)
+    beta_start: float = Field(default=20.0, gt=0.0)
+    beta_end: float = Field(default=2.0, gt=0.0)
+    warmup: float = Field(default=0.2, ge=0.0, lt=1.0)
+    drop_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
 class QuantConfig(StageConfig):
     """Uniform asymmetric fake quantization (weights per output channel, activations per tensor).
 
     Placement follows the reference: every Conv/Linear weight, and the output of every
-    ReLU/ReLU6. Optional extras: separate bits for the first/last layer, quantizing the
-    network input and the residual additions.
+    ReLU/ReLU6 (an unsigned grid: the range starts at 0). Optional extras: separate bits for
+    the first/last layer (the 8-bit first/last protocol of Genie/QDrop), quantizing the network
+    input and the residual additions.
+
+    ``method`` says how the quantized model is set up before any distillation: ``minmax``
+    (the reference: ranges calibrated on synthetic batches, nearest rounding) or
+    ``reconstruct`` (block-reconstruction PTQ on the synthetic images, see
+    :class:`ReconstructConfig`). ``weight_range``/``act_range`` choose the range rule
+    (``minmax``, or ``lp``: the range minimizing the Lp error, ``lp_norm`` = p), and
+    ``learn_weight_scale``/``learn_act_scale`` make the step sizes trainable (LSQ) during
+    distillation and reconstruction.
     """
 
+    method: Literal["minmax", "reconstruct"] = "minmax"
     w_bits: int = Field(default=4, ge=2, le=8)
     a_bits: int = Field(default=4, ge=2, le=8)
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)
@@ -79,12 +115,42 @@ class QuantConfig(StageConfig):
     input_bits: int = Field(default=8, ge=2, le=8)
     quantize_residual: bool = False
     weight_symmetric: bool = False
+    weight_range: Literal["minmax", "lp"] = "minmax"
+    act_range: Literal["minmax", "lp"] = "minmax"
+    lp_norm: float = Field(default=2.4, gt=0.0)
+    learn_weight_scale: bool = False
+    learn_act_scale: bool = False
     ema_decay: float = Field(default=0.9, gt=0.0, lt=1.0)
     calibration_batches: int = Field(default=8, ge=1)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
 
     @property
     def tag(self) -> str:
         return f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def trains_act_scale(self) -> bool:
+        """Whether activation step sizes are parameters (learned in distillation or reconstruction)."""
+        return self.learn_act_scale or (self.method == "reconstruct" and self.reconstruct.learn_act_scale)
+
+    @property
+    def stores_weight_range(self) -> bool:
+        """Whether weight quantizers keep a stored per-channel range (needed by reconstruction)."""
+        return self.weight_range != "minmax" or self.learn_weight_scale or self.method == "reconstruct"
+
+    @property
+    def protocol(self) -> str:
+        """Which layers are at which bits, in words (for results tables and reports)."""
+        first = self.first_layer_bits
+        last = self.last_layer_bits
+        if first is None and last is None:
+            return f"all layers W{self.w_bits}A{self.a_bits}"
+        parts = [f"W{self.w_bits}A{self.a_bits}"]
+        if first is not None:
+            parts.append(f"first layer {first}-bit weights")
+        if last is not None:
+            parts.append(f"last layer {last}-bit weights")
+        return ", ".join(parts)
 
 
 class SynthConfig(StageConfig):
@@ -182,7 +248,7 @@ class DistillConfig(StageConfig):
     cosine decay) chosen by the data-free agreement check.
     """
 
-    epochs: int = Field(default=50, ge=1)
+    epochs: int = Field(default=50, ge=0)
     iterations_per_epoch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
@@ -200,6 +266,31 @@ class DistillConfig(StageConfig):
     bn: Literal["frozen", "reestimate"] = "frozen"
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(default=None, gt=0.0)
+    # Optimizer of the weights and BN affine parameters; quantizer step sizes (LSQ) get their
+    # own group without weight decay at ``scale_lr`` (``lr`` when None).
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    scale_lr: float | None = Field(default=None, gt=0.0)
+    train_bn_affine: bool = True
+    # SynQ's difficulty-gated CE: the hard-label CE counts only on images whose difficulty
+    # 1 - p_teacher(label) is below this threshold, i.e. where the teacher agrees with the label;
+    # the soft KD term covers the difficult rest (None: CE on every image).
+    ce_difficulty_below: float | None = Field(default=None, gt=0.0, le=1.0)
+    # SynQ's data-side options: a Gaussian low-pass filter of cutoff ``lowpass_cutoff`` (in
+    # frequency-grid units) applied to every training batch (teacher and student both see the
+    # filtered images), and Grad-CAM alignment of the student's last feature map with the
+    # teacher's (MSE of min-max normalized maps, weight ``cam_weight``).
+    lowpass_cutoff: float | None = Field(default=None, gt=0.0)
+    cam_weight: float = Field(default=0.0, ge=0.0)
+    # Self-watching (intraq_core.selection): the student is scored against the teacher on the
+    # held-out synthetic images (and the probe set) at the start, every ``eval_every`` epochs
+    # (None: a tenth of the run) and at the end; ``select: best`` keeps the best-scoring state
+    # when the final one is worse, ``final`` always keeps the final student.
+    select: Literal["best", "final"] = "best"
+    eval_every: int | None = Field(default=None, ge=1)
+
+    def evaluation_interval(self) -> int:
+        """Epochs between two data-free evaluations of the student."""
+        return self.eval_every if self.eval_every is not None else max(1, self.epochs // 10)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

@@ -53,6 +53,100 @@ def augment_batch(x: torch.Tensor, cfg: DistillConfig, generator: torch.Generato
     return apply_lor(x, params)
 
 
+def gated_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, difficulty_below: float | None
+) -> torch.Tensor:
+    """Hard-label CE, averaged over the batch; with ``difficulty_below`` = τ only images whose
+    difficulty ``1 - p_teacher(label)`` is below τ contribute (SynQ's gate)."""
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
+    if difficulty_below is not None:
+        p_label = F.softmax(teacher_logits.float(), dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
+        ce = ce * ((1.0 - p_label) < difficulty_below).float()
+    return ce.mean()
+
+
+def lowpass_filter(x: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Gaussian low-pass filter in the frequency domain (SynQ): ``H = exp(-D² / (2·cutoff²))``,
+    D the distance to the centre of the shifted spectrum, per image and channel."""
+    _, _, height, width = x.shape
+    ys = torch.arange(height, device=x.device, dtype=torch.float32) - height // 2
+    xs = torch.arange(width, device=x.device, dtype=torch.float32) - width // 2
+    d2 = ys.view(-1, 1) ** 2 + xs.view(1, -1) ** 2
+    h = torch.exp(-d2 / (2.0 * cutoff**2))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float(), dim=(-2, -1)), dim=(-2, -1)) * h
+    return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1)), dim=(-2, -1)).real.to(x.dtype)
+
+
+class LastFeatureMap:
+    """Captures the last spatial (4-D, more than 1×1) module output of each forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        leaves = [m for m in model.modules() if not list(m.children())]
+        self._handles = [m.register_forward_hook(self._hook) for m in leaves]
+        self._handles.append(model.register_forward_pre_hook(self._reset))
+
+    def _reset(self, *_: object) -> None:
+        self.value = None
+
+    def _hook(self, _m: nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+            self.value = out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def grad_cam(feature: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor, *, keep_graph: bool) -> torch.Tensor:
+    """Grad-CAM maps [N, H, W] of ``classes``, min-max normalized per image.
+
+    Channel weights are the spatial means of ``∂score/∂feature`` (detached); the map stays
+    differentiable in ``feature`` when ``keep_graph`` (the student's side of the alignment).
+    """
+    score = logits.gather(1, classes.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(score, feature, retain_graph=keep_graph, create_graph=False)
+    weights = grad.detach().mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * feature).sum(1))
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
+    return ((flat - lo) / (hi - lo).clamp(min=1e-8)).view_as(cam)
+
+
+def is_step_size(name: str) -> bool:
+    """Whether a parameter name is a quantizer step size (LSQ), which gets no weight decay."""
+    return name.endswith(".scale") and ("weight_quant" in name or "act_quant" in name)
+
+
+def build_optimizer(student: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    """SGD-Nesterov (or Adam) over the trainable weights; step sizes in their own group.
+
+    Groups: conv/linear weights and biases (``weight_decay``), BN affine parameters (trained
+    when ``train_bn_affine``, weight decay too, as the reference), quantizer step sizes (no
+    weight decay, learning rate ``scale_lr``). Each group records its ``base_lr``.
+    """
+    bn_params = {
+        id(p) for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()
+    }
+    weights, scales = [], []
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_step_size(name):
+            scales.append(p)
+        elif id(p) in bn_params and not cfg.train_bn_affine:
+            continue
+        else:
+            weights.append(p)
+    groups = [{"params": weights, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if scales:
+        scale_lr = cfg.scale_lr if cfg.scale_lr is not None else cfg.lr
+        groups.append({"params": scales, "lr": scale_lr, "base_lr": scale_lr, "weight_decay": 0.0})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups)
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -91,33 +185,40 @@ class Distiller:
         self.student = student.to(self.device).eval()
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.steps_per_epoch = max(1, steps_per_epoch)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.student, cfg)
         self.step_count = 0
         self.generator = torch.Generator().manual_seed(derive_seed(seed, PURPOSE_DISTILL))
+        if cfg.cam_weight > 0:
+            self.teacher.requires_grad_(False)
+            self._teacher_map = LastFeatureMap(self.teacher)
+            self._student_map = LastFeatureMap(self.student)
 
     def _set_lr(self) -> float:
-        lr = self.cfg.lr * lr_factor(self.cfg, self.step_count, self.steps_per_epoch)
+        factor = lr_factor(self.cfg, self.step_count, self.steps_per_epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = group["base_lr"] * factor
+        return self.cfg.lr * factor
 
     def loss(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, kd, ce, student logits, teacher logits) on an already augmented batch."""
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        cam = self.cfg.cam_weight > 0
+        if cam:
+            with torch.enable_grad():  # the input needs grad so the teacher's feature map has a graph
+                t_logits = self.teacher(x.detach().requires_grad_(True))
+                t_map = grad_cam(self._teacher_map.value, t_logits, t_logits.argmax(1), keep_graph=False)
+            t_logits = t_logits.detach()
+        else:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
         s_logits = self.student(x)
         kd = kd_loss(s_logits, t_logits, self.cfg.kd_temperature)
-        ce = F.cross_entropy(s_logits.float(), y)
+        ce = gated_cross_entropy(s_logits, t_logits, y, self.cfg.ce_difficulty_below)
         total = self.cfg.kd_alpha * kd + self.cfg.ce_weight * ce
+        if cam:
+            s_map = grad_cam(self._student_map.value, s_logits, t_logits.argmax(1), keep_graph=True)
+            total = total + self.cfg.cam_weight * F.mse_loss(s_map, t_map)
         return total, kd, ce, s_logits, t_logits
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
@@ -125,6 +226,8 @@ class Distiller:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True).long()
         x = augment_batch(x, self.cfg, self.generator)
+        if self.cfg.lowpass_cutoff is not None:
+            x = lowpass_filter(x, self.cfg.lowpass_cutoff)
         lr = self._set_lr()
         total, kd, ce, s_logits, t_logits = self.loss(x, y)
         if not torch.isfinite(total):

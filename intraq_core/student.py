@@ -8,6 +8,7 @@ to the state dict, so it can be rebuilt (``create_model`` → ``quantize`` →
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,69 @@ import torch
 import torch.nn as nn
 
 from intraq_core.config import ModelConfig, QuantConfig
+from intraq_core.distill import is_step_size, reestimate_bn
 from intraq_core.models import create_model
 from intraq_core.models.checkpoint import CheckpointError
-from intraq_core.quant import quantize, set_act_mode
+from intraq_core.quant import act_quantizers, calibrate, quantize, set_act_mode
+from intraq_core.quant.reconstruct import reconstruct
 
 STUDENT_FORMAT = "intraq-student/1"
 
 
 def build_student(teacher: nn.Module, quant_cfg: QuantConfig) -> nn.Module:
-    """A trainable fake-quantized copy of the teacher (the teacher itself is untouched)."""
-    return quantize(teacher, quant_cfg).requires_grad_(True)
+    """A trainable fake-quantized copy of the teacher (the teacher itself is untouched).
+
+    Weights and BN affine parameters are trainable; quantizer step sizes only when the config
+    learns them in distillation (``learn_weight_scale`` / ``learn_act_scale``).
+    """
+    student = quantize(teacher, quant_cfg).requires_grad_(True)
+    set_step_size_training(student, quant_cfg)
+    return student
+
+
+def set_step_size_training(student: nn.Module, quant_cfg: QuantConfig) -> None:
+    """Mark the LSQ step sizes trainable per ``learn_weight_scale`` / ``learn_act_scale``."""
+    for name, p in student.named_parameters():
+        if is_step_size(name):
+            learn = quant_cfg.learn_weight_scale if "weight_quant" in name else quant_cfg.learn_act_scale
+            p.requires_grad_(learn)
+
+
+def prepare_student(
+    teacher: nn.Module,
+    quant_cfg: QuantConfig,
+    calibration: list[torch.Tensor],
+    images: torch.Tensor | None = None,
+    *,
+    reestimate: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize the teacher and set the student up before distillation (``quant.method``).
+
+    Calibrates the activation ranges on ``calibration`` (a list of image batches) and freezes
+    them; with ``reestimate`` re-estimates BN statistics on those batches and calibrates again;
+    with ``quant.method: reconstruct`` then runs block reconstruction on ``images`` (the
+    synthetic training images). Returns the student and a report (reconstruction errors).
+    """
+    device = torch.device(device)
+    student = build_student(teacher, quant_cfg).to(device)
+    batches = [b.to(device) for b in calibration]
+    calibrate(student, batches)
+    if reestimate:
+        reestimate_bn(student, iter(batches), device=device)
+        for quantizer in act_quantizers(student).values():
+            quantizer.reset()
+        calibrate(student, batches)
+    report: dict[str, Any] = {"method": quant_cfg.method}
+    if quant_cfg.method == "reconstruct":
+        if images is None:
+            raise ValueError("quant.method 'reconstruct' needs the synthetic training images")
+        rec = reconstruct(student, images, quant_cfg.reconstruct, seed=seed, device=device, progress=progress)
+        report["reconstruct"] = rec.summary()
+    set_step_size_training(student, quant_cfg)
+    return student, report
 
 
 def student_checkpoint_bytes(

@@ -20,6 +20,7 @@ ignored (training restarts) when either differs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -31,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from intraq_core.distill import Distiller, distill, reestimate_bn
+from intraq_core.distill import Distiller, distill
 from intraq_core.evaluate import agreement
-from intraq_core.quant import act_quantizers, calibrate
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
-from intraq_core.student import build_student, student_checkpoint_bytes
+from intraq_core.selection import Selector
+from intraq_core.student import prepare_student as prepare_student_core
+from intraq_core.student import student_checkpoint_bytes
 from pipeline.context import RunContext, kill_point
 from pipeline.generate import dataset_storage
 from pipeline.shards import Manifest, read_shard
@@ -70,15 +72,22 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds_calibrate: float = 0.0
     seconds_distill: float = 0.0
+    selection: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "num_train_images": self.num_train,
             "num_holdout_images": self.num_holdout,
             "holdout_agreement_calibrated": self.agreement_calibrated,
             "holdout_agreement_final": self.agreement_final,
             "final_epoch": self.history[-1] if self.history else None,
         }
+        if self.selection is not None:
+            out["selected_epoch"] = self.selection["selected_epoch"]
+            out["selection_rule"] = self.selection["selection_rule"]
+            out["kept_final"] = self.selection["kept_final"]
+            out["evaluations"] = self.selection["evaluations"]
+        return out
 
 
 def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -121,23 +130,57 @@ def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Ten
     return [images[idx] for idx in calibration_positions(images.shape[0], ctx)]
 
 
+def reconstruction_positions(num_images: int, ctx: RunContext) -> torch.Tensor | None:
+    """Which training images (positions) block reconstruction uses; None without reconstruction."""
+    q = ctx.cfg.quant
+    if q.method != "reconstruct":
+        return None
+    n = num_images if q.reconstruct.num_images is None else min(q.reconstruct.num_images, num_images)
+    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION, 1))
+    return torch.randperm(num_images, generator=gen)[:n]
+
+
 def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: torch.Tensor) -> torch.nn.Module:
-    """Quantize, calibrate ranges (then freeze), optionally re-estimate BN (then re-calibrate)."""
-    return calibrate_student(ctx, teacher, calibration_batches(train_images, ctx))
+    """Quantize, calibrate ranges (then freeze), optionally re-estimate BN (then re-calibrate)
+    and, with ``quant.method: reconstruct``, run block reconstruction on the training images."""
+    positions = reconstruction_positions(train_images.shape[0], ctx)
+    images = train_images[positions] if positions is not None else None
+    return calibrate_student(ctx, teacher, calibration_batches(train_images, ctx), images)
 
 
-def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
-    """:func:`prepare_student` on given calibration batches (executors that read only those)."""
-    device = ctx.device
-    student = build_student(teacher, ctx.cfg.quant).to(device)
-    batches = [b.to(device) for b in batches]
-    calibrate(student, batches)
-    if ctx.cfg.distill.bn == "reestimate":
-        reestimate_bn(student, iter(batches), device=device)
-        for quantizer in act_quantizers(student).values():
-            quantizer.reset()
-        calibrate(student, batches)
+def calibrate_student(
+    ctx: RunContext,
+    teacher: torch.nn.Module,
+    batches: list[torch.Tensor],
+    images: torch.Tensor | None = None,
+) -> torch.nn.Module:
+    """:func:`prepare_student` on given calibration batches and reconstruction images
+    (executors that read only those rows)."""
+    student, _ = prepare_student_core(
+        teacher,
+        ctx.cfg.quant,
+        batches,
+        images,
+        reestimate=ctx.cfg.distill.bn == "reestimate",
+        seed=ctx.cfg.seed,
+        device=ctx.device,
+    )
     return student
+
+
+def annotate_history(history: list[dict[str, float]], evaluations: list[dict[str, Any]]) -> None:
+    """Add the selector's data-free scores to the history rows of the epochs it evaluated."""
+    by_epoch = {e["epoch"]: e for e in evaluations if e["epoch"] is not None}
+    for row in history:
+        e = by_epoch.get(int(row["epoch"]))
+        if e is None:
+            continue
+        row["watch_kl"] = e["kl"]
+        row["watch_agreement"] = e["agreement"]
+        for name in ("holdout", "probe"):
+            if name in e:
+                row[f"{name}_agreement"] = e[name]["agreement"]
+                row[f"{name}_kl"] = e[name]["kl"]
 
 
 def dataset_fingerprint(manifest: Manifest) -> str:
@@ -149,7 +192,11 @@ def dataset_fingerprint(manifest: Manifest) -> str:
 
 
 def train_state_bytes(
-    identity: dict[str, Any], epoch: int, history: list[dict[str, float]], distiller: Distiller
+    identity: dict[str, Any],
+    epoch: int,
+    history: list[dict[str, float]],
+    distiller: Distiller,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """The local executor's checkpoint (tensors and plain types only: weights-only loadable)."""
     payload = {
@@ -158,6 +205,7 @@ def train_state_bytes(
         "epoch": int(epoch),
         "history": [dict(row) for row in history],
         "distiller": distiller.state_dict(),
+        **(extra or {}),
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -193,7 +241,9 @@ def load_train_state(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any
     return state
 
 
-def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
+def train_local(
+    ctx: RunContext, manifest: Manifest, *, progress: bool = True, probe: torch.Tensor | None = None
+) -> TrainOutcome:
     """Calibrate and distil in this process; writes the calibrated and final student.
 
     Writes ``train_state.pt`` after every epoch and resumes from it (see the module docstring).
@@ -210,6 +260,13 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
     t0 = time.perf_counter()
     student = prepare_student(ctx, teacher, train_x)
     agree0 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
+    dcfg = ctx.cfg.distill
+    selector = None
+    if hold.any() or probe is not None:
+        selector = Selector(
+            teacher, hold_x if hold.any() else None, probe, every=dcfg.evaluation_interval(), device=device
+        )
+        selector.start(student)
     ctx.storage.write_bytes_atomic(
         CALIBRATED_PATH,
         student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "calibrated"}),
@@ -221,27 +278,45 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
         "num_train": int(train_x.shape[0]),
     }
 
-    def checkpoint(epoch: int, distiller: Distiller, rows: list[dict[str, float]]) -> None:
-        ctx.storage.write_bytes_atomic(TRAIN_STATE_PATH, train_state_bytes(identity, epoch, rows, distiller))
+    def after_epoch(epoch: int, distiller: Distiller, rows: list[dict[str, float]]) -> None:
+        if selector is not None:
+            selector.on_epoch(epoch, distiller.student, last_epoch=dcfg.epochs - 1)
+        extra = {"selector": selector.state()} if selector is not None else {}
+        ctx.storage.write_bytes_atomic(TRAIN_STATE_PATH, train_state_bytes(identity, epoch, rows, distiller, extra))
 
+    start = load_train_state(ctx, identity)
+    if start is not None and selector is not None and "selector" in start:
+        selector.load_state(start["selector"])
     history = distill(
         student,
         teacher,
         train_x,
         train_y,
-        ctx.cfg.distill,
+        dcfg,
         seed=ctx.cfg.seed,
         device=device,
         progress=progress,
-        start=load_train_state(ctx, identity),
+        start=start,
         before_epoch=lambda epoch: kill_point("train", epoch),  # test hook
-        on_epoch=checkpoint,
+        on_epoch=after_epoch,
     ).epochs
+    selection = None
+    if selector is not None:
+        final_epoch = dcfg.epochs - 1 if dcfg.epochs > 0 else None
+        if dcfg.select == "best":
+            selection = selector.finish(student, final_epoch)
+        else:
+            selection = selector.finish(copy.deepcopy(student), final_epoch)
+            selection.selected_epoch, selection.kept_final = final_epoch, True
+        if not selection.kept_final:
+            log.warning("%s", selection.message)
     t2 = time.perf_counter()
     agree1 = agreement(student, teacher, hold_x, device=device) if hold.any() else None
     ctx.storage.write_bytes_atomic(
         STUDENT_PATH, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "final"})
     )
+    if selection is not None:
+        annotate_history(history, selection.evaluations)
     ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, json.dumps(history, indent=1).encode())
     return TrainOutcome(
         int((~hold).sum()),
@@ -251,4 +326,5 @@ def train_local(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -
         history,
         t1 - t0,
         t2 - t1,
+        selection.summary() if selection is not None else None,
     )

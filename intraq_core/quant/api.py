@@ -5,11 +5,13 @@ The model is traced with ``torch.fx`` and rewritten, following the reference pla
 - every ``nn.Conv2d`` / ``nn.Linear`` module becomes a :class:`QuantConv2d` /
   :class:`QuantLinear` (subclasses, so parameter names and state-dict keys are unchanged)
   whose weight is fake-quantized per output channel at ``w_bits`` (the first and last such
-  layer in execution order may get ``first_layer_bits`` / ``last_layer_bits``);
+  layer in execution order may get ``first_layer_bits`` / ``last_layer_bits``; the last
+  layer's input, the latest activation quantizer before it, then gets ``last_layer_bits``
+  too, as in BRECQ/QDrop's 8-bit first/last protocol);
 - after every *call site* of a ReLU / ReLU6 (modules, ``F.relu``, ``torch.relu``,
   ``F.relu6``, ``Tensor.relu``, in-place or not) a new :class:`ActFakeQuant` at ``a_bits``
-  is inserted, registered as ``act_quant.<fx node name>``; a ReLU module called twice gets
-  two quantizers with separate ranges;
+  is inserted, registered as ``act_quant.<fx node name>`` (unsigned: its range starts at 0);
+  a ReLU module called twice gets two quantizers with separate ranges;
 - optionally the network input (``quantize_input``) and every addition of two tensors
   (``quantize_residual``) get an activation quantizer too.
 
@@ -45,12 +47,28 @@ __all__ = [
 ACT_QUANT_PREFIX = "act_quant"
 
 
-def _convert(module: nn.Module, cls: type[nn.Module], bits: int, symmetric: bool) -> nn.Module:
+def _convert(module: nn.Module, cls: type[nn.Module], weight_quant: WeightFakeQuant) -> nn.Module:
     """Re-class ``module`` as ``cls`` sharing its parameters, hyper-parameters and hooks."""
     new = cls.__new__(cls)
     new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
-    new.weight_quant = WeightFakeQuant(bits, symmetric).train(module.training)
+    new.weight_quant = weight_quant.to(module.weight.device).train(module.training)
     return new
+
+
+def weight_quantizer(config: QuantConfig, bits: int, channels: int) -> WeightFakeQuant:
+    """The weight quantizer ``config`` asks for, at ``bits``, for a layer of ``channels`` outputs."""
+    return (
+        WeightFakeQuant(
+            bits,
+            config.weight_symmetric,
+            range_method=config.weight_range,
+            lp_norm=config.lp_norm,
+            learn_scale=config.learn_weight_scale,
+            channels=channels,
+        )
+        if config.stores_weight_range
+        else WeightFakeQuant(bits, config.weight_symmetric)
+    )
 
 
 class QuantConv2d(nn.Conv2d):
@@ -59,9 +77,9 @@ class QuantConv2d(nn.Conv2d):
     weight_quant: WeightFakeQuant
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits: int, symmetric: bool = False) -> QuantConv2d:
+    def from_float(cls, conv: nn.Conv2d, weight_quant: WeightFakeQuant) -> QuantConv2d:
         """Quantized twin of ``conv`` that shares (not copies) its parameters."""
-        return _convert(conv, cls, bits, symmetric)  # type: ignore[return-value]
+        return _convert(conv, cls, weight_quant)  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight_quant(self.weight), self.bias)
@@ -73,9 +91,9 @@ class QuantLinear(nn.Linear):
     weight_quant: WeightFakeQuant
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int, symmetric: bool = False) -> QuantLinear:
+    def from_float(cls, linear: nn.Linear, weight_quant: WeightFakeQuant) -> QuantLinear:
         """Quantized twin of ``linear`` that shares (not copies) its parameters."""
-        return _convert(linear, cls, bits, symmetric)  # type: ignore[return-value]
+        return _convert(linear, cls, weight_quant)  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight_quant(self.weight), self.bias)
@@ -209,7 +227,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         module = gm.get_submodule(name)
         parent_name, _, attr = name.rpartition(".")
         parent = gm.get_submodule(parent_name) if parent_name else gm
-        new = _QUANT_CLASSES[type(module)].from_float(module, bits, config.weight_symmetric)  # type: ignore[attr-defined]
+        quantizer = weight_quantizer(config, bits, int(module.weight.shape[0]))
+        new = _QUANT_CLASSES[type(module)].from_float(module, quantizer)  # type: ignore[attr-defined]
         setattr(parent, attr, new)
 
     # Activations.
@@ -218,18 +237,38 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     container = nn.ModuleDict()
     gm.add_module(ACT_QUANT_PREFIX, container)
 
-    def new_act(bits: int) -> ActFakeQuant:
-        return ActFakeQuant(bits, ema_decay=config.ema_decay)
+    def new_act(bits: int, signed: bool | None) -> ActFakeQuant:
+        return ActFakeQuant(
+            bits,
+            ema_decay=config.ema_decay,
+            range_method=config.act_range,
+            lp_norm=config.lp_norm,
+            learn_scale=config.trains_act_scale,
+            signed=signed,
+        )
 
     memo: dict[fx.Node, bool] = {}
     input_pending = config.quantize_input
+    last_layer = layer_names[-1] if len(layer_names) > 1 else None
+    last_site: fx.Node | None = None
     for node in list(graph.nodes):
         if node.op == "placeholder":
             if input_pending:  # the first input only (the image of a classifier)
-                _insert_act_quant(gm, container, node, new_act(config.input_bits))
+                _insert_act_quant(gm, container, node, new_act(config.input_bits, None))
                 input_pending = False
-        elif _is_relu(node, gm) or (config.quantize_residual and _is_residual_add(node, memo)):
-            _insert_act_quant(gm, container, node, new_act(config.a_bits))
+        elif _is_relu(node, gm):
+            _insert_act_quant(gm, container, node, new_act(config.a_bits, False))
+            last_site = node
+        elif config.quantize_residual and _is_residual_add(node, memo):
+            _insert_act_quant(gm, container, node, new_act(config.a_bits, None))
+            last_site = node
+        elif (
+            node.op == "call_module"
+            and node.target == last_layer
+            and config.last_layer_bits is not None
+            and last_site is not None
+        ):  # the last layer's input: the latest quantized activation
+            container[last_site.name] = new_act(config.last_layer_bits, container[last_site.name].signed)
 
     container.train(training)
     graph.lint()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from intraq_core.quant import ActFakeQuant, WeightFakeQuant, affine_qparams, symmetric_qparams
+from intraq_core.quant.quantizer import lp_search, lsq_fake_quant
 
 
 def t(*values: float) -> torch.Tensor:
@@ -260,3 +261,171 @@ def test_state_dict_restores_mode_and_range():
     torch.testing.assert_close(fresh(x), q(x))
     scale, zp = fresh.qparams()
     assert float(scale) == pytest.approx(0.2) and int(zp) == 5
+
+
+# ---------------------------------------------------------------- Lp range search
+
+
+def test_lp_search_hand_case():
+    # 2 bits (qmax 3), p = 2, factors 1, 2/3, 1/3 of the range [0, 3]:
+    #   f = 1:   Δ = 1,   0.5 -> 0 (ties to even): 9 · 0.25 = 2.25 -> mean 0.225
+    #   f = 2/3: Δ = 2/3, 0.5 -> 2/3 (err 1/36 each), 3 -> 2 (err 1) -> (0.25 + 1)/10 = 0.125
+    #   f = 1/3: Δ = 1/3, 0.5 -> 2/3, 3 -> 1 (err 4) -> 0.425
+    x = t(*([0.5] * 9), 3.0)
+    lo, hi = lp_search(x, 2, p=2.0, grid=3)
+    assert float(lo) == 0.0 and float(hi) == pytest.approx(2.0)
+
+
+def test_lp_search_per_row_matches_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 200, generator=gen) * torch.tensor([[0.1], [1.0], [3.0], [0.5], [2.0]])
+    x[2, 0] = 12.0  # an outlier
+    lo, hi = lp_search(x, 4, p=2.4, grid=50)
+    for c in range(5):
+        best = None
+        for k in range(50, 0, -1):
+            a, b = float(x[c].min()) * k / 50, float(x[c].max()) * k / 50
+            err = (x[c].double() - reference_fake_quant(x[c], a, b, 4).double()).abs().pow(2.4).mean().item()
+            if best is None or err < best[0] - 1e-12:
+                best = (err, a, b)
+        assert float(lo[c]) == pytest.approx(best[1], rel=1e-5) and float(hi[c]) == pytest.approx(best[2], rel=1e-5)
+        assert float(hi[c]) < float(x[c].max())  # at 4 bits some clipping always pays for Gaussian rows
+
+
+def test_lp_weight_quantizer_stores_the_searched_range():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 3, 3, 3, generator=gen)
+    wq = WeightFakeQuant(3, range_method="lp", channels=6)
+    out = wq(w)
+    lo, hi = lp_search(w.reshape(6, -1), 3)
+    for c in range(6):
+        torch.testing.assert_close(out[c], reference_fake_quant(w[c], float(lo[c]), float(hi[c]), 3), rtol=0, atol=1e-5)
+    # The range is stored: it no longer follows the weight.
+    torch.testing.assert_close(wq(w * 10), wq(torch.clamp(w * 10, -100, 100)))
+    scale_before = wq.scale.clone()
+    wq(w * 10)
+    torch.testing.assert_close(wq.scale, scale_before)
+    assert set(wq.state_dict()) == {"scale", "zero_point", "initialized"}
+    with pytest.raises(ValueError, match="channels"):
+        WeightFakeQuant(3, range_method="lp")
+
+
+def test_lp_activation_range_from_calibration_samples():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(4, 8, 6, 6, generator=gen))
+    x[0, 0, 0, 0] = 30.0
+    q = ActFakeQuant(4, range_method="lp", signed=False)
+    q(x)
+    q.mode = "frozen"
+    _, hi = lp_search(x.reshape(-1), 4)
+    a, b = q.range()
+    assert float(a) == 0.0 and float(b) == pytest.approx(float(hi), rel=1e-5) and float(b) < 30.0
+    torch.testing.assert_close(q(x), reference_fake_quant(x, 0.0, float(hi), 4), rtol=0, atol=1e-5)
+    state = q.state_dict()
+    fresh = ActFakeQuant(4, range_method="lp", signed=False)
+    fresh.load_state_dict(state)
+    assert fresh.mode == "frozen"
+    torch.testing.assert_close(fresh(x), q(x))
+
+
+# ---------------------------------------------------------------- LSQ
+
+
+def test_lsq_gradient_by_hand():
+    # Δ = 0.5, zp = 0, 2 bits: x/Δ = -0.6, 0.4, 1.4, 4.0 -> clamp [0, 3] -> round 0, 0, 1, 3.
+    # ∂x̂/∂Δ: below the range qmin-zp = 0; inside round(v)-v = -0.4, -0.4; above qmax-zp = 3.
+    x = t(-0.3, 0.2, 0.7, 2.0).requires_grad_()
+    scale = torch.tensor(0.5, requires_grad=True)
+    out = lsq_fake_quant(x, scale, torch.tensor(0.0), 0, 3, grad_factor=1.0)
+    torch.testing.assert_close(out.detach(), t(0.0, 0.0, 0.5, 1.5))
+    out.sum().backward()
+    assert float(scale.grad) == pytest.approx(0.0 - 0.4 - 0.4 + 3.0)
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    # The gradient factor scales only the step size's gradient.
+    scale2 = torch.tensor(0.5, requires_grad=True)
+    lsq_fake_quant(t(-0.3, 0.2, 0.7, 2.0), scale2, torch.tensor(0.0), 0, 3, grad_factor=0.25).sum().backward()
+    assert float(scale2.grad) == pytest.approx(2.2 * 0.25)
+
+
+def test_lsq_forward_equals_fused_fake_quant():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1000, generator=gen) * 2
+    scale, zp = torch.tensor(0.3), torch.tensor(5.0)
+    fused = torch.fake_quantize_per_tensor_affine(x, 0.3, 5, 0, 15)
+    torch.testing.assert_close(lsq_fake_quant(x, scale, zp, 0, 15, 1.0), fused, rtol=0, atol=1e-6)
+
+
+def test_learned_activation_step_size_trains_and_round_trips():
+    q = ActFakeQuant(3, learn_scale=True, signed=False)
+    x = torch.relu(torch.randn(16, 4, 5, 5, generator=torch.Generator().manual_seed(7)))
+    q(x)
+    q.mode = "frozen"
+    assert isinstance(q.scale, torch.nn.Parameter)
+    assert float(q.scale) == pytest.approx(float(x.max()) / 7, rel=1e-5)  # min/max init
+    ((q(x) - x) ** 2).sum().backward()
+    assert q.scale.grad is not None and float(q.scale.grad) != 0.0
+    # Without grad the fused op gives the same values as the LSQ path.
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), lsq_fake_quant(x, q.scale, q.zero_point, 0, 7, 1.0))
+    fresh = ActFakeQuant(3, learn_scale=True, signed=False)
+    fresh.load_state_dict(q.state_dict())
+    torch.testing.assert_close(fresh.scale.detach(), q.scale.detach())
+
+
+def test_learned_weight_step_size_per_channel():
+    w = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    wq = WeightFakeQuant(4, learn_scale=True, channels=4)
+    out = wq(w)
+    torch.testing.assert_close(out.detach(), WeightFakeQuant(4)(w.detach()), rtol=0, atol=1e-6)  # min/max init
+    out.pow(2).sum().backward()
+    assert wq.scale.grad.shape == (4,) and bool((wq.scale.grad != 0).all())
+    assert w.grad is not None
+
+
+# ---------------------------------------------------------------- AdaRound and QDrop
+
+
+def test_adaround_harden_by_hand():
+    w = torch.nn.Parameter(t(0.26, 0.74, 1.1).view(1, 3))
+    wq = WeightFakeQuant(2, learn_scale=False, range_method="lp", channels=1)
+    wq.scale.fill_(0.5)
+    wq.zero_point.fill_(0.0)
+    wq.initialized.fill_(True)
+    wq.start_adaround(w)
+    # Initialized at the fractional part: the soft-rounded weight equals w (inside the grid).
+    torch.testing.assert_close(wq(w), w.detach(), rtol=0, atol=1e-4)
+    with torch.no_grad():
+        wq.alpha.copy_(t(1.0, -1.0, 1.0).view(1, 3))  # up, down, up
+    wq.harden(w)
+    # floor(w/Δ) = 0, 1, 2 -> 1, 1, 3 -> 0.5, 0.5, 1.5 (nearest rounding would give 0.5, 1.0, 1.0)
+    torch.testing.assert_close(w.detach(), t(0.5, 0.5, 1.5).view(1, 3))
+    assert wq.alpha is None
+    torch.testing.assert_close(wq(w), w.detach())
+
+
+def test_adaround_regularizer_by_hand():
+    w = torch.nn.Parameter(t(0.3, 0.7).view(1, 2))
+    wq = WeightFakeQuant(4, range_method="lp", channels=1)
+    wq(w)
+    wq.start_adaround(w)
+    with torch.no_grad():
+        wq.alpha.zero_()  # σ(0) = 0.5 -> h = 0.5·1.2 - 0.1 = 0.5 -> 1 - |0|^β = 1 each
+    assert float(wq.rounding_regularizer(2.0)) == pytest.approx(2.0)
+    with torch.no_grad():
+        wq.alpha.fill_(10.0)  # h = 1 -> 1 - 1 = 0
+    assert float(wq.rounding_regularizer(2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_qdrop_keeps_elements_unquantized():
+    q = frozen_act(0.0, 3.0, 2)
+    x = torch.rand(10_000, generator=torch.Generator().manual_seed(9)) * 3
+    quantized = q(x)
+    q.drop_prob = 1.0
+    torch.testing.assert_close(q(x), x)
+    q.drop_prob = 0.5
+    torch.manual_seed(0)
+    out = q(x)
+    kept = (out == x) & (quantized != x)
+    assert 0.45 < float(kept.float().sum() / (quantized != x).float().sum()) < 0.55
+    q.drop_prob = 0.0
+    torch.testing.assert_close(q(x), quantized)

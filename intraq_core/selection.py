@@ -1,0 +1,166 @@
+"""Distillation that watches itself: data-free checkpoints of the student and the rule that picks one.
+
+Distillation on synthetic images can destroy a good starting model (a too-large learning rate,
+hard labels the quantized student cannot fit, activation ranges it cannot recover from). The
+:class:`Selector` measures the student against the frozen teacher on images it never trains on
+— the held-out split of the synthetic images and, when given, a *probe set* of synthetic images
+of another kind — at the start (the calibrated or reconstructed student), every ``every`` epochs
+and at the end, keeps a copy of the best state, and puts it back at the end if the final student
+is worse. The test set is never involved.
+
+Rule (``RULE``): the lowest mean KL(teacher ‖ student) over the watched images (held-out and
+probe together, weighted by their sizes); the latest candidate wins ties. KL is continuous, so it
+ranks students even when top-1 agreement saturates at 100% on easy synthetic images, and it is
+the held-out value of what distillation minimizes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from intraq_core.evaluate import agreement
+
+__all__ = ["RULE", "Selection", "Selector"]
+
+RULE = "min held-out+probe KL(teacher||student); start, every N epochs, final; ties -> latest"
+
+
+@dataclass
+class Selection:
+    """What the selector saw and chose (written into ``metrics.json`` / ``train_history.json``)."""
+
+    selected_epoch: int | None
+    """Epoch of the kept student (``None``: the starting model, before any distillation)."""
+    final_epoch: int | None
+    kept_final: bool
+    rule: str = RULE
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "selected_epoch": self.selected_epoch,
+            "selection_rule": self.rule,
+            "kept_final": self.kept_final,
+            "final_epoch": self.final_epoch,
+            "evaluations": self.evaluations,
+        }
+
+    @property
+    def message(self) -> str:
+        """One line for the terminal: what was kept and why."""
+        if self.kept_final:
+            return "final student kept (best by the data-free signals)"
+        best = next(e for e in self.evaluations if e["epoch"] == self.selected_epoch)
+        last = self.evaluations[-1]
+        where = "the starting student" if self.selected_epoch is None else f"epoch {self.selected_epoch + 1}"
+        return (
+            f"final student is worse by the data-free signals (held-out KL {last['kl']:.4f}, agreement "
+            f"{last['agreement']:.1f}%) than {where} (KL {best['kl']:.4f}, agreement {best['agreement']:.1f}%): "
+            f"kept {where}"
+        )
+
+
+class Selector:
+    """Evaluate the student at the start, every ``every`` epochs and at the end; keep the best.
+
+    Use :meth:`start` before training, pass :meth:`on_epoch` as (part of) the training loop's
+    epoch hook, and call :meth:`finish` after the last epoch: it loads the best state back into
+    the student and returns the :class:`Selection`.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> teacher = nn.Linear(4, 3).eval()
+        >>> student = nn.Linear(4, 3)
+        >>> held_out = torch.randn(16, 4)
+        >>> sel = Selector(teacher, held_out, every=1)
+        >>> sel.start(student)
+        >>> with torch.no_grad():
+        ...     _ = student.weight.copy_(teacher.weight)  # "training" makes it perfect
+        ...     _ = student.bias.copy_(teacher.bias)
+        >>> sel.on_epoch(0, student)
+        >>> with torch.no_grad():
+        ...     _ = student.weight.mul_(-1)  # then ruins it
+        >>> sel.finish(student, final_epoch=1).selected_epoch
+        0
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        holdout: torch.Tensor | None,
+        probe: torch.Tensor | None = None,
+        *,
+        every: int = 10,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        sets = {k: v for k, v in (("holdout", holdout), ("probe", probe)) if v is not None and v.shape[0] > 0}
+        if not sets:
+            raise ValueError("the selector needs held-out or probe images")
+        self.teacher = teacher
+        self.sets = sets
+        self.every = max(1, int(every))
+        self.device = device
+        self.evaluations: list[dict[str, Any]] = []
+        self._best: tuple[float, int | None, dict[str, torch.Tensor]] | None = None
+
+    def evaluate(self, student: nn.Module) -> dict[str, Any]:
+        """Agreement and KL on each watched set, and the size-weighted mean KL (the score)."""
+        was_training = student.training
+        row: dict[str, Any] = {}
+        total, kl = 0, 0.0
+        for name, images in self.sets.items():
+            res = agreement(student, self.teacher, images, device=self.device)
+            row[name] = res
+            total += images.shape[0]
+            kl += res["kl"] * images.shape[0]
+        student.train(was_training)
+        row["kl"] = kl / total
+        row["agreement"] = sum(row[n]["agreement"] * self.sets[n].shape[0] for n in self.sets) / total
+        return row
+
+    def _consider(self, student: nn.Module, epoch: int | None) -> None:
+        row = self.evaluate(student)
+        row["epoch"] = epoch
+        self.evaluations.append(row)
+        if self._best is None or row["kl"] <= self._best[0]:
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            self._best = (row["kl"], epoch, state)
+
+    def start(self, student: nn.Module) -> None:
+        """Score the starting student (calibrated or reconstructed)."""
+        self._consider(student, None)
+
+    def on_epoch(self, epoch: int, student: nn.Module, last_epoch: int | None = None) -> None:
+        """Score the student after ``epoch`` (0-based) every ``every`` epochs; the last is left to finish."""
+        if (epoch + 1) % self.every == 0 and epoch != last_epoch:
+            self._consider(student, epoch)
+
+    def state(self) -> dict[str, Any]:
+        """Resumable state (tensors and plain types only)."""
+        best = None
+        if self._best is not None:
+            best = {"kl": self._best[0], "epoch": self._best[1], "state": self._best[2]}
+        return {"evaluations": copy.deepcopy(self.evaluations), "best": best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.evaluations = copy.deepcopy(state["evaluations"])
+        best = state["best"]
+        self._best = None if best is None else (float(best["kl"]), best["epoch"], best["state"])
+
+    def finish(self, student: nn.Module, final_epoch: int | None) -> Selection:
+        """Score the final student, load the best state into ``student``, say what was kept."""
+        if not self.evaluations or self.evaluations[-1]["epoch"] != final_epoch:
+            self._consider(student, final_epoch)
+        assert self._best is not None
+        _, epoch, state = self._best
+        kept_final = epoch == final_epoch
+        if not kept_final:
+            student.load_state_dict(state)
+        return Selection(epoch, final_epoch, kept_final, RULE, list(self.evaluations))

@@ -1,0 +1,113 @@
+"""Block reconstruction: how models are split into units, and that reconstruction reduces the error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from intraq_core.config import ModelConfig, QuantConfig, ReconstructConfig
+from intraq_core.models import create_model
+from intraq_core.quant import calibrate, quantize, weight_quantized_layers
+from intraq_core.quant.reconstruct import graph_units, reconstruct, unit_module
+
+
+class Plain(nn.Module):
+    """A network without skip connections: every layer is its own unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _student(model: nn.Module, bits: int = 4, **extra) -> torch.fx.GraphModule:
+    cfg = QuantConfig(method="reconstruct", w_bits=bits, a_bits=bits, weight_range="lp", act_range="lp", **extra)
+    return quantize(model.eval(), cfg)
+
+
+def test_resnet20_units_are_stem_blocks_head():
+    student = _student(create_model(ModelConfig(arch="cifar_resnet20")))
+    units = graph_units(student)
+    assert [u.name for u in units] == [
+        "conv1",
+        *[f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)],
+        "linear",
+    ]
+    assert all(u.weight_layers == [f"{u.name[:-5]}conv1", f"{u.name[:-5]}conv2"] for u in units[1:-1])
+    # Every block ends at its output activation quantizer; the head starts at the pooling.
+    assert all(u.output.name.startswith("act_quant") for u in units[:-1])
+    assert units[-1].output.name == "linear"
+    # Units chained one after the other reproduce the whole model.
+    x = torch.randn(4, 3, 32, 32)
+    calibrate(student, [x])
+    with torch.no_grad():
+        h = x
+        for u in units:
+            h = unit_module(student, u)(h)
+        torch.testing.assert_close(h, student(x))
+
+
+def test_plain_network_units_are_layers():
+    torch.manual_seed(0)
+    units = graph_units(_student(Plain()))
+    assert [u.weight_layers for u in units] == [["c1"], ["c2"], ["fc"]]
+
+
+def test_option_b_shortcut_conv_is_in_its_block():
+    student = _student(create_model(ModelConfig(arch="cifar_resnet20", shortcut="B")))
+    units = {u.name: u for u in graph_units(student)}
+    assert units["layer2.0.conv1"].weight_layers == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.0"]
+
+
+def test_reconstruction_lowers_unit_error_and_hardens_weights():
+    torch.manual_seed(0)
+    teacher = create_model(ModelConfig(arch="cifar_resnet20")).eval()
+    # Give the random BN layers realistic statistics so the activations are not degenerate.
+    images = torch.randn(96, 3, 32, 32)
+    teacher.train()
+    with torch.no_grad():
+        for _ in range(3):
+            teacher(images)
+    teacher.eval()
+    student = _student(teacher, bits=3)
+    calibrate(student, [images[:48], images[48:]])
+    with torch.no_grad():
+        before = (student(images) - teacher(images)).pow(2).mean()
+    report = reconstruct(student, images, ReconstructConfig(iterations=60, batch_size=32, num_images=None), seed=1)
+    with torch.no_grad():
+        after = (student(images) - teacher(images)).pow(2).mean()
+    assert len(report.units) == 11
+    assert all(r["mse_after"] <= r["mse_before"] * 1.02 for r in report.units)
+    assert sum(r["mse_after"] for r in report.units) < sum(r["mse_before"] for r in report.units)
+    assert after < before
+    # Hardened: every weight sits on its quantizer's grid, so fake quantization returns it.
+    for layer in weight_quantized_layers(student).values():
+        assert layer.weight_quant.alpha is None
+        torch.testing.assert_close(layer.weight_quant(layer.weight), layer.weight.detach(), rtol=0, atol=1e-6)
+    # Only rounding moved: each weight changed by less than one step.
+    for name, layer in weight_quantized_layers(student).items():
+        scale = layer.weight_quant.scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+        original = teacher.get_submodule(name).weight
+        code = original / scale + layer.weight_quant.zero_point.view_as(scale)
+        inside = (code >= 0) & (code <= layer.weight_quant.quant_max)  # not clipped by the range
+        assert bool(((layer.weight - original).abs() <= scale * 1.0001)[inside].all()), name
+
+
+def test_reconstruct_refuses_uncalibrated_or_stateless_models():
+    model = create_model(ModelConfig(arch="cifar_resnet20")).eval()
+    student = _student(model)
+    with pytest.raises(RuntimeError, match="frozen"):
+        reconstruct(student, torch.randn(4, 3, 32, 32), ReconstructConfig(iterations=1))
+    minmax = quantize(model, QuantConfig())
+    calibrate(minmax, [torch.randn(4, 3, 32, 32)])
+    with pytest.raises(RuntimeError, match="stored weight ranges"):
+        reconstruct(minmax, torch.randn(4, 3, 32, 32), ReconstructConfig(iterations=1))

@@ -1,0 +1,51 @@
+"""The training guard end to end: a run whose distillation destroys the student keeps its start.
+
+A deliberately destructive recipe (SGD at lr 20 on the real teacher's W4A4 student, tiny budget)
+drives the student far from the teacher. The run must notice it by the data-free signals
+(held-out synthetic images), write the calibrated student as ``student.pt``, and say so in
+``metrics.json`` (``selected_epoch``: None = the starting student, ``selection_rule``).
+The same run with ``distill.select=final`` keeps the destroyed student, so the guard is what
+made the difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from intraq_core.student import load_student
+from pipeline.config import load_run_config
+from pipeline.run import run_pipeline
+from tests.pipeline.run_helpers import TINY, read_json
+
+pytestmark = pytest.mark.timeout(300)
+
+BAD = (*TINY, "distill.lr=20", "distill.momentum=0.9", "distill.epochs=3", "distill.eval_every=1")
+
+
+def _run(url: Path, *extra: str) -> dict:
+    return run_pipeline(load_run_config("smoke", [*BAD, f"storage.url={url}", *extra]), progress=False)
+
+
+def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> None:
+    metrics = _run(tmp_path / "guarded")
+    training = metrics["training"]
+    assert training["selected_epoch"] is None and training["kept_final"] is False
+    assert "KL" in training["selection_rule"]
+    evals = training["evaluations"]
+    assert [e["epoch"] for e in evals] == [None, 0, 1, 2]
+    assert evals[0]["kl"] < min(e["kl"] for e in evals[1:])  # the run saw training hurt
+    # student.pt is the calibrated student, and the test set agrees.
+    final, _, _, _ = load_student(tmp_path / "guarded" / "student.pt")
+    start, _, _, _ = load_student(tmp_path / "guarded" / "student_calibrated.pt")
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(final.state_dict()[key], value)
+    assert metrics["quant_top1"] == metrics["ptq_top1"]
+    history = read_json(tmp_path / "guarded" / "train_history.json")
+    assert all("watch_kl" in row for row in history)
+
+    unguarded = _run(tmp_path / "final", "distill.select=final")
+    assert unguarded["training"]["kept_final"] is True
+    assert unguarded["quant_top1"] < metrics["quant_top1"] - 5.0
