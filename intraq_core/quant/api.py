@@ -5,9 +5,7 @@ The model is traced with ``torch.fx`` and rewritten, following the reference pla
 - every ``nn.Conv2d`` / ``nn.Linear`` module becomes a :class:`QuantConv2d` /
   :class:`QuantLinear` (subclasses, so parameter names and state-dict keys are unchanged)
   whose weight is fake-quantized per output channel at ``w_bits`` (the first and last such
-  layer in execution order may get ``first_layer_bits`` / ``last_layer_bits``; the last
-  layer's input, the latest activation quantizer before it, then gets ``last_layer_bits``
-  too, as in BRECQ/QDrop's 8-bit first/last protocol);
+  layer in execution order may get ``first_layer_bits`` / ``last_layer_bits``);
 - after every *call site* of a ReLU / ReLU6 (modules, ``F.relu``, ``torch.relu``,
   ``F.relu6``, ``Tensor.relu``, in-place or not) a new :class:`ActFakeQuant` at ``a_bits``
   is inserted, registered as ``act_quant.<fx node name>`` (unsigned: its range starts at 0);
@@ -249,8 +247,6 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
 
     memo: dict[fx.Node, bool] = {}
     input_pending = config.quantize_input
-    last_layer = layer_names[-1] if len(layer_names) > 1 else None
-    last_site: fx.Node | None = None
     for node in list(graph.nodes):
         if node.op == "placeholder":
             if input_pending:  # the first input only (the image of a classifier)
@@ -258,17 +254,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 input_pending = False
         elif _is_relu(node, gm):
             _insert_act_quant(gm, container, node, new_act(config.a_bits, False))
-            last_site = node
         elif config.quantize_residual and _is_residual_add(node, memo):
             _insert_act_quant(gm, container, node, new_act(config.a_bits, None))
-            last_site = node
-        elif (
-            node.op == "call_module"
-            and node.target == last_layer
-            and config.last_layer_bits is not None
-            and last_site is not None
-        ):  # the last layer's input: the latest quantized activation
-            container[last_site.name] = new_act(config.last_layer_bits, container[last_site.name].signed)
 
     container.train(training)
     graph.lint()
