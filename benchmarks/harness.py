@@ -335,13 +335,24 @@ class Bench:
             "seconds": {**best["seconds"], "generate": gen_s},
         }
 
-    def _train_recipe(self, row: Row, seed: int, bits: tuple[int, int], data: Path, recipe: str) -> dict[str, Any]:
+    def _train_recipe(
+        self,
+        row: Row,
+        seed: int,
+        bits: tuple[int, int],
+        data: Path,
+        recipe: str,
+        settings: list[str] | None = None,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Train one recipe (``RECIPES[recipe]``, or explicit ``settings``) on the row's dataset."""
         from intraq_core.distill import DivergenceError
         from intraq_core.evaluate import agreement
 
-        loc = self.workdir / self.budget / f"{row.name}-s{seed}" / f"w{bits[0]}a{bits[1]}-{recipe}"
+        folder = name or f"{row.name}-s{seed}"
+        loc = self.workdir / self.budget / folder / f"w{bits[0]}a{bits[1]}-{recipe}"
         extra = [f"storage.url={loc}", f"dataset={data}", f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]
-        cfg = self.config(row, seed, [*extra, *RECIPES[recipe]])
+        cfg = self.config(row, seed, [*extra, *(RECIPES[recipe] if settings is None else settings)])
         ctx = RunContext.create(cfg)
         manifest = Manifest.load(dataset_storage(ctx))
         try:
@@ -365,6 +376,8 @@ class Bench:
             "holdout_agreement": (outcome.agreement_final or {}).get("agreement", 0.0),
             "holdout_agreement_calibrated": outcome.agreement_calibrated,
             "holdout_agreement_final": outcome.agreement_final,
+            "selection": outcome.selection,
+            "protocol": cfg.quant.protocol,
             "train_history": outcome.history,
             "diverged": any(not np.isfinite(e["loss"]) for e in outcome.history),
             "seconds": {
