@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,22 +39,37 @@ class StageConfig(BaseModel):
 
 
 class ModelConfig(StageConfig):
-    """Which classifier to build and how its inputs are normalized.
+    """Which classifier to build and how its inputs are normalized: the model spec.
 
-    ``arch`` is a registry name (``cifar_resnet20``, ``torchvision:resnet18``) or the path
-    of a checkpoint written by this project (which records its own architecture).
-    ``weights`` is a checkpoint path, a named asset (``cifar10-resnet20``) or None
-    (random initialization; only useful for tests). ``mean``/``std`` left as None are
-    taken from the weights asset, then the checkpoint, then the architecture's default.
+    ``arch`` is a registry name (``cifar_resnet20``, ``torchvision:resnet18``), ``timm:<name>``
+    (optional extra), an import path ``package.module:callable`` returning an ``nn.Module``
+    (called with ``kwargs``), or the path of a checkpoint written by this project (which
+    records its own architecture). ``weights`` is a state_dict file (plain, or under
+    ``state_dict``/``model``; always loaded weights-only), a named asset (``cifar10-resnet20``),
+    ``torchvision:<TAG>`` / ``timm:<TAG>`` published weights, or None (random initialization;
+    only useful for tests). ``mean``/``std`` are the input normalization the weights were
+    trained with (RGB in [0, 1], then ``(x - mean) / std``): left as None they are taken from
+    the weights' metadata, then the checkpoint, then the architecture's default, so set them
+    for a checkpoint of your own. ``shortcut`` (CIFAR ResNets) left as None is read off the
+    checkpoint's keys.
     """
 
     arch: str = "cifar_resnet20"
     weights: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     num_classes: int | None = Field(default=None, ge=2)
     shortcut: Literal["A", "B"] | None = None
     image_size: int | None = Field(default=None, ge=8)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # "--set model.mean=0.49,0.48,0.45" arrives as a string.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.strip("()[] ").split(","))
+        return value
 
     @model_validator(mode="after")
     def _check_std(self) -> ModelConfig:

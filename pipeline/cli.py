@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.exceptions import UsageError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -51,10 +53,6 @@ RepairOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
 
 
 def _fail(exc: BaseException, message: str) -> None:

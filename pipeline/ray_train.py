@@ -48,6 +48,7 @@ import torch
 
 from intraq_core.distill import Distiller
 from intraq_core.evaluate import agreement
+from intraq_core.models.checkpoint import safe_load
 from intraq_core.quant import set_act_mode
 from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
@@ -116,7 +117,7 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """A worker checkpoint's state (``state.pt``), loaded weights-only."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return safe_load(Path(path))
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         fs, _ = storage.pyarrow_filesystem()
         init = ray.train.Checkpoint(path=storage.pyarrow_path(config["init_checkpoint"]), filesystem=fs)
         with init.as_directory() as tmp:
-            payload = torch.load(Path(tmp) / CALIBRATED_PATH, map_location="cpu", weights_only=True)
+            payload = safe_load(Path(tmp) / CALIBRATED_PATH)
         student.load_state_dict(payload["state_dict"])
     set_act_mode(student, "frozen")
     model = rt.prepare_model(student)

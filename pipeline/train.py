@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from intraq_core.distill import Distiller, distill, reestimate_bn
+from intraq_core.errors import CheckpointError
 from intraq_core.evaluate import agreement
+from intraq_core.models.checkpoint import safe_load
 from intraq_core.quant import act_quantizers, calibrate
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
@@ -176,8 +178,8 @@ def load_train_state(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any
         return None
     where = ctx.storage.join(TRAIN_STATE_PATH)
     try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:
+        state = safe_load(raw, what=where)
+    except CheckpointError as exc:
         log.warning(
             "ignoring unreadable training checkpoint %s: %s", where, str(exc).splitlines()[0] if str(exc) else exc
         )
