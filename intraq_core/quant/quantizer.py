@@ -127,6 +127,11 @@ class ActFakeQuant(nn.Module):
     - ``"dynamic"``: range = the current batch's min/max (a quantized copy of the teacher
       built on the fly, e.g. the student of DeepInversion's ADI term); EMAs untouched.
     - ``"off"``: identity.
+
+    ``signed`` False (the output of a ReLU/ReLU6) fixes the lower end of the range at 0: an
+    unsigned grid ``[0, b]`` with zero point 0 (a negative input clamps to 0). ``signed`` True
+    (SiLU, GELU, hardswish, the network input, residual sums) keeps the observed minimum: the
+    asymmetric grid ``[min(a, 0), max(b, 0)]``.
     """
 
     ema_min: Tensor
@@ -134,9 +139,10 @@ class ActFakeQuant(nn.Module):
     num_updates: Tensor
     mode_code: Tensor
 
-    def __init__(self, bits: int, ema_decay: float = 0.9, mode: ActMode = "calibrate") -> None:
+    def __init__(self, bits: int, ema_decay: float = 0.9, mode: ActMode = "calibrate", signed: bool = True) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
+        self.signed = bool(signed)
         if not 0.0 < float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
@@ -195,7 +201,7 @@ class ActFakeQuant(nn.Module):
     def qparams(self) -> tuple[Tensor, Tensor]:
         """``(scale, zero_point int32)`` of the calibrated range (used by export)."""
         lo, hi = self.range()
-        return affine_qparams(lo, hi, self.bits)
+        return affine_qparams(lo if self.signed else torch.zeros_like(lo), hi, self.bits)
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
@@ -213,7 +219,7 @@ class ActFakeQuant(nn.Module):
             return x
         if mode == "dynamic":
             lo, hi = torch.aminmax(x.detach())
-            scale, zero_point = affine_qparams(lo, hi, self.bits)
+            scale, zero_point = affine_qparams(lo if self.signed else torch.zeros_like(lo), hi, self.bits)
         else:
             if mode == "calibrate":
                 self._observe(x)
@@ -241,4 +247,4 @@ class ActFakeQuant(nn.Module):
         self.mode = ACT_MODES[code]
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, ema_decay={self.ema_decay}, mode={self._mode}"
+        return f"bits={self.bits}, signed={self.signed}, ema_decay={self.ema_decay}, mode={self._mode}"
