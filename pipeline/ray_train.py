@@ -66,6 +66,7 @@ from pipeline.train import (
     calibration_positions,
     holdout_mask,
 )
+from pipeline.user_code import with_user_code
 
 __all__ = [
     "FAIL_ONCE_ENV",
@@ -356,6 +357,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=bar.callback(),
             logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=with_user_code(None, cfg.model) or {},
         ),
         datasets={"train": _train_dataset(data, manifest, indices[hold_rows])},
     )
