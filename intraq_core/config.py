@@ -81,11 +81,16 @@ class ModelConfig(StageConfig):
 class QuantConfig(StageConfig):
     """Uniform asymmetric fake quantization (weights per output channel, activations per tensor).
 
-    Placement follows the reference: every Conv/Linear weight, and the output of every
-    ReLU/ReLU6. Optional extras: separate bits for the first/last layer, quantizing the
-    network input and the residual additions.
+    Placement: every Conv/Linear weight, and the output of every activation site (ReLU, ReLU6,
+    SiLU, GELU, hardswish; the reference quantizes after ReLUs). Optional extras: separate bits
+    for the first/last layer, quantizing the network input and the residual additions.
+
+    ``method`` is how the quantization parameters are set once the model is quantized:
+    ``minmax`` runs ``calibration_batches`` synthetic batches and takes the EMA of each
+    activation's min/max as its range (then frozen); see ``intraq_core.api.CALIBRATION_METHODS``.
     """
 
+    method: Literal["minmax"] = "minmax"
     w_bits: int = Field(default=4, ge=2, le=8)
     a_bits: int = Field(default=4, ge=2, le=8)
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)

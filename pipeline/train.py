@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from intraq_core.api import calibrate
+from intraq_core.api import calibration_positions as calibration_positions_of
 from intraq_core.distill import Distiller, distill, reestimate_bn
 from intraq_core.errors import CheckpointError
 from intraq_core.evaluate import agreement
 from intraq_core.models.checkpoint import safe_load
-from intraq_core.quant import act_quantizers, calibrate
-from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
+from intraq_core.quant import act_quantizers
+from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.context import RunContext, kill_point
 from pipeline.generate import dataset_storage
@@ -106,16 +108,7 @@ def calibration_positions(num_images: int, ctx: RunContext) -> list[torch.Tensor
     read just these images and still calibrate on exactly the images the local executor uses.
     """
     q, d = ctx.cfg.quant, ctx.cfg.distill
-    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION))
-    order = torch.randperm(num_images, generator=gen)
-    size = min(d.batch_size, num_images)
-    out = []
-    for b in range(q.calibration_batches):
-        idx = order[(b * size) % num_images :][:size]
-        if idx.numel() < size:
-            idx = torch.cat([idx, order[: size - idx.numel()]])
-        out.append(idx)
-    return out
+    return calibration_positions_of(num_images, q.calibration_batches, d.batch_size, ctx.cfg.seed)
 
 
 def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
@@ -129,16 +122,19 @@ def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: tor
 
 
 def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
-    """:func:`prepare_student` on given calibration batches (executors that read only those)."""
+    """:func:`prepare_student` on given calibration batches (executors that read only those).
+
+    The quantization parameters are set by ``quant.method`` (:func:`intraq_core.api.calibrate`).
+    """
     device = ctx.device
     student = build_student(teacher, ctx.cfg.quant).to(device)
     batches = [b.to(device) for b in batches]
-    calibrate(student, batches)
+    calibrate(student, batches, ctx.cfg.quant, teacher=teacher)
     if ctx.cfg.distill.bn == "reestimate":
         reestimate_bn(student, iter(batches), device=device)
         for quantizer in act_quantizers(student).values():
             quantizer.reset()
-        calibrate(student, batches)
+        calibrate(student, batches, ctx.cfg.quant, teacher=teacher)
     return student
 
 

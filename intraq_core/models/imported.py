@@ -30,6 +30,7 @@ from intraq_core.errors import ModelError, UnknownModelError
 
 __all__ = [
     "build_imported_model",
+    "declared_spec",
     "head_classes",
     "import_callable",
     "imported_defaults",
@@ -120,7 +121,7 @@ def build_imported_model(arch: str, kwargs: Mapping[str, Any], num_classes: int 
     return model
 
 
-def _declared(obj: Any) -> dict[str, Any]:
+def declared_spec(obj: Any) -> dict[str, Any]:
     """num_classes / image_size / mean / std declared in a ``pretrained_cfg``/``default_cfg`` of ``obj``."""
     for attr in _CFG_ATTRS:
         cfg = getattr(obj, attr, None)
@@ -148,10 +149,10 @@ def imported_defaults(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     the classes: its own ``pretrained_cfg``/``default_cfg`` and its last ``nn.Linear`` fill the gaps.
     """
     fn = import_callable(arch)
-    out = _declared(fn)
+    out = declared_spec(fn)
     if "num_classes" not in out:
         probe = build_imported_model(arch, kwargs, None)
-        out = {**_declared(probe), **out}
+        out = {**declared_spec(probe), **out}
         head = head_classes(probe)
         if "num_classes" not in out and head is not None:
             out["num_classes"] = head[1]
