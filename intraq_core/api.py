@@ -102,6 +102,13 @@ def input_spec(
     ``pretrained_cfg``/``default_cfg`` and the size of its last ``nn.Linear``), or None. The
     keyword arguments override what ``source`` says; a field nobody gives is an error.
 
+    Args:
+        source: the model's config, architecture name or module (or None).
+        image_size: input height and width in pixels.
+        mean: per-channel mean of the normalization (RGB in [0, 1]).
+        std: per-channel std of the normalization.
+        num_classes: number of classes the model predicts.
+
     Example:
         >>> input_spec("cifar_resnet20", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
         InputSpec(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), num_classes=10)
@@ -167,6 +174,14 @@ def synthesize(
     sees the class centres of earlier rounds; the same config and seed give the same images as
     ``intraq-pipeline generate``. A teacher without BatchNorm is refused when the method uses the
     BN-statistics loss (``config.method`` ``gaussian``, or ``bns_weight=0``, need none).
+
+    Args:
+        teacher: the full-precision classifier (copied and frozen; left untouched).
+        spec: its input spec (:func:`input_spec`).
+        config: the synthesis settings (method, number of images, batch size, iterations, loss weights).
+        seed: seeds the labels, the initial noise and every batch.
+        device: where to optimize (``"cuda"`` on a GPU).
+        progress: show a progress bar.
 
     Example:
         >>> import intraq_core as iq
@@ -276,6 +291,14 @@ def calibrate(
     seeded batches of ``batch_size`` images are drawn, or a list of batches used as given. With
     ``minmax`` (the default) each activation range is the EMA of the batches' min/max, then frozen.
 
+    Args:
+        student: a model returned by ``quantize`` (modified in place).
+        data: synthetic data, an image tensor ``[N, 3, H, W]``, or a list of batches.
+        config: the quantization config (``method``, ``calibration_batches``).
+        teacher: the full-precision model, for methods that fit the student to it.
+        batch_size: images per calibration batch drawn from ``data``.
+        seed: seeds which images form the batches.
+
     Example:
         >>> import torch, intraq_core as iq
         >>> student = iq.quantize(iq.create_model("cifar_resnet20"), iq.QuantConfig())
@@ -311,6 +334,15 @@ def distill_student(
 
     The pipeline's training loop (KD + CE loss, augmentation, SGD-Nesterov, schedule), in this
     process. Returns one row per epoch (loss, kd, ce, agreement with the teacher, lr).
+
+    Args:
+        student: the calibrated student (trained in place).
+        teacher: the full-precision model it learns from (frozen).
+        data: the synthetic images and their labels.
+        config: epochs, batch size, learning rate, KD weight and temperature, augmentation.
+        seed: seeds the batch order and the augmentation.
+        device: where to train.
+        progress: show a progress bar.
 
     Example:
         >>> import torch, intraq_core as iq
@@ -350,6 +382,15 @@ def accuracy(
 
     ``data`` is what ``eval.data`` takes: a named asset (``cifar10-test``), an ``.npz`` file, an
     ImageFolder directory or ``torchvision:cifar10``; images are normalized with ``spec``.
+
+    Args:
+        model: any classifier (float teacher or quantized student).
+        spec: its input spec (normalization, size, classes).
+        data: the labelled test set.
+        limit: use only the first ``limit`` images.
+        batch_size: images per forward pass.
+        device: where to run.
+        progress: show a progress bar.
     """
     from intraq_core.data import load_test_set
     from intraq_core.evaluate import top1
@@ -373,6 +414,13 @@ def export(
     The file takes a float32 NCHW batch normalized with ``spec`` and returns logits. The ONNX file
     records the normalization (and ``quant_config``, when given) in its metadata. For a student of
     a pipeline run, ``intraq-pipeline export RUN`` also checks the file against PyTorch.
+
+    Args:
+        student: the calibrated (and distilled) student; its activation ranges are frozen in the file.
+        spec: its input spec (the traced input shape and the recorded normalization).
+        path: the file to write (atomically); returned.
+        format: ``onnx``, ``torchscript`` or ``torch-export``.
+        quant_config: recorded in the ONNX metadata when given.
     """
     from intraq_core.deploy import FORMATS, ExportError, export_bytes, onnx_metadata
 

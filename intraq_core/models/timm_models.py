@@ -67,7 +67,10 @@ def _pretrained_cfg(name: str, tag: str | None) -> Any:
     from timm.models import get_pretrained_cfg
 
     full = name if tag in (None, "DEFAULT") else f"{name}.{tag}"
-    cfg = get_pretrained_cfg(full)
+    try:
+        cfg = get_pretrained_cfg(full)
+    except RuntimeError:  # "Invalid pretrained tag"
+        cfg = None
     if cfg is None and tag not in (None, "DEFAULT"):
         tags = [t.split(".", 1)[1] for t in _timm().list_pretrained(f"{name}.*")]
         listed = ", ".join(tags) if tags else "none"

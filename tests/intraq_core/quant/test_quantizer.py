@@ -260,3 +260,18 @@ def test_state_dict_restores_mode_and_range():
     torch.testing.assert_close(fresh(x), q(x))
     scale, zp = fresh.qparams()
     assert float(scale) == pytest.approx(0.2) and int(zp) == 5
+
+
+def test_unsigned_grid_by_hand():
+    # Range [0, 3] at 2 bits: Δ = 1, zero point 0 — a negative input clamps to 0 on the unsigned grid,
+    # while the signed (asymmetric) grid of the same observed values [-1, 3] has Δ = 4/3, zp = 1.
+    x = torch.tensor([-1.0, 0.4, 1.6, 3.0])
+    unsigned = ActFakeQuant(2, mode="dynamic", signed=False)
+    torch.testing.assert_close(unsigned(x), torch.tensor([0.0, 0.0, 2.0, 3.0]))
+    signed = ActFakeQuant(2, mode="dynamic", signed=True)
+    d = 4.0 / 3.0
+    torch.testing.assert_close(signed(x), torch.tensor([-d, 0.0, d, 2 * d]))
+    calibrated = ActFakeQuant(2, ema_decay=0.5, signed=False)
+    calibrated(x)  # EMA range (-1, 3): the unsigned grid still starts at 0
+    scale, zero_point = calibrated.qparams()
+    assert float(scale) == 1.0 and int(zero_point) == 0
