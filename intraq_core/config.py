@@ -46,9 +46,10 @@ class ModelConfig(StageConfig):
     (called with ``kwargs``), or the path of a checkpoint written by this project (which
     records its own architecture). ``weights`` is a state_dict file (plain, or under
     ``state_dict``/``model``; always loaded weights-only), a named asset (``cifar10-resnet20``),
-    ``torchvision:<TAG>`` / ``timm:<TAG>`` published weights, or None (random initialization;
-    only useful for tests). ``mean``/``std`` are the input normalization the weights were
-    trained with (RGB in [0, 1], then ``(x - mean) / std``): left as None they are taken from
+    ``torchvision:<TAG>`` / ``timm:<TAG>`` published weights, or None (random initialization,
+    seeded so that every process builds the same network; only useful for tests).
+    ``mean``/``std`` are the input normalization the weights were trained with (RGB in
+    [0, 1], then ``(x - mean) / std``): left as None they are taken from
     the weights' metadata, then the checkpoint, then the architecture's default, so set them
     for a checkpoint of your own. ``shortcut`` (CIFAR ResNets) left as None is read off the
     checkpoint's keys.

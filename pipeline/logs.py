@@ -112,9 +112,10 @@ def _worker_lines(data: dict[str, Any]) -> Iterator[str]:
     if pid == "autoscaler":
         try:
             from ray._private.worker import filter_autoscaler_events
-        except ImportError:  # pragma: no cover - Ray moved it: drop the status dumps entirely
+
+            lines = list(filter_autoscaler_events(lines))
+        except Exception:  # Ray moved it, or it cannot tell the autoscaler version: drop the status dumps
             return
-        lines = filter_autoscaler_events(lines)
     for line in lines:
         yield prefix + str(line)
 

@@ -193,7 +193,8 @@ class _Pool:
         self.idle: deque[Any] = deque()
         fault = os.environ.get(FAULT_ENV)
         # The user's model module (if any) travels with each actor too: a Ray started elsewhere lacks it.
-        self.runtime_env = with_user_code({"env_vars": {FAULT_ENV: fault}} if fault else None, cfg.model)
+        env = {"env_vars": {FAULT_ENV: fault}} if fault else None
+        self.runtime_env = with_user_code(env, cfg.model, upload=True)
 
     def start(self) -> None:
         while len(self.actors) < self.spec.size:

@@ -357,7 +357,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=bar.callback(),
             logging_config=LoggingConfig(log_level="WARNING"),
-            worker_runtime_env=with_user_code(None, cfg.model) or {},
+            worker_runtime_env=with_user_code(None, cfg.model, upload=True) or {},
         ),
         datasets={"train": _train_dataset(data, manifest, indices[hold_rows])},
     )

@@ -31,11 +31,31 @@ def model_py_modules(model: ModelConfig) -> list[str]:
     return [str(source)] if source is not None else []
 
 
-def with_user_code(runtime_env: dict[str, Any] | None, model: ModelConfig) -> dict[str, Any] | None:
-    """``runtime_env`` plus the ``py_modules`` that ``model`` needs (unchanged when it needs none)."""
+def with_user_code(
+    runtime_env: dict[str, Any] | None, model: ModelConfig, *, upload: bool = False
+) -> dict[str, Any] | None:
+    """``runtime_env`` plus the ``py_modules`` that ``model`` needs (unchanged when it needs none).
+
+    ``ray.init`` uploads the local paths of a job's runtime environment itself. An actor's or a
+    Train worker's must name already uploaded packages: ``upload=True`` uploads them now (Ray
+    content-addresses them, so each is stored once) and names their ``gcs://`` URIs instead.
+    """
     modules = model_py_modules(model)
     if not modules:
         return runtime_env
     env = dict(runtime_env or {})
     env["py_modules"] = sorted({*env.get("py_modules", []), *modules})
+    if upload:
+        env = _upload(env)
     return env
+
+
+def _upload(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with its local ``py_modules`` uploaded to the connected Ray and named by URI."""
+    import tempfile
+
+    # Ray's own upload step of ray.init (a private module: stable since Ray 1.x).
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+
+    with tempfile.TemporaryDirectory(prefix="intraq-py-modules-") as scratch:
+        return upload_py_modules_if_needed(env, include_gitignore=True, scratch_dir=scratch)

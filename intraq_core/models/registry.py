@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from intraq_core.assets import asset_metadata_for, resolve_asset
@@ -76,6 +77,8 @@ CIFAR_DEFAULTS: dict[str, Any] = {
     "std": CIFAR10_STD,
 }
 _FILLED = ("num_classes", "shortcut", "image_size", "mean", "std")
+#: Seed of the initialization when ``model.weights`` is None (the same network in every process).
+RANDOM_INIT_SEED = 0
 _HUB_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
 
@@ -302,9 +305,17 @@ def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:
     elif overrides:
         cfg = ModelConfig.model_validate({**cfg.model_dump(), **overrides})
     resolved = resolve_model_config(cfg)
-    model = get_model_spec(resolved.arch).builder(resolved)
-    if resolved.weights is not None and _hub_weights(resolved.weights) is None:
-        load_weights(model, resolve_asset(resolved.weights))
+    builder = get_model_spec(resolved.arch).builder
+    if resolved.weights is None:
+        # Random weights are seeded, so every process (generation actors, Train workers, the
+        # evaluation) builds the same teacher; the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = builder(resolved)
+    else:
+        model = builder(resolved)
+        if _hub_weights(resolved.weights) is None:
+            load_weights(model, resolve_asset(resolved.weights))
     return model.eval()
 
 
