@@ -186,9 +186,10 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
     then run one stage of ``pipeline.run`` inside a Ray session when the executor needs one."""
     from pipeline import run as stages
     from pipeline.logs import RunLog
+    from pipeline.storage import LockedError
 
     stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
-    with RunLog(cfg.storage, stage) as log:
+    with RunLog(cfg.storage, stage, refusals=(stages.RunExistsError, LockedError)) as log:
         stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
         log.keep()
         with _ray_session(cfg, cluster):

@@ -61,6 +61,25 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= (self.level if own else logging.ERROR)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is when a record is emitted.
+
+    So a handler made while a caller had replaced stderr (a test runner, a notebook cell) does not
+    keep writing into that closed stream afterwards.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_console(level: str | int = "WARNING", *, verbose: bool = False) -> None:
     """Set up the root logger for a CLI command: a filtered stderr handler, warnings as log records.
 
@@ -75,12 +94,13 @@ def configure_console(level: str | int = "WARNING", *, verbose: bool = False) ->
     old = _state["console"]
     if old is not None:
         root.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_ConsoleFilter(numeric))
     root.addHandler(handler)
     root.setLevel(min(numeric, logging.INFO))
     _state["console"] = handler
+    logging.captureWarnings(False)  # re-install: whoever swapped warnings.showwarning since (a test runner)
     logging.captureWarnings(True)
 
 
@@ -154,12 +174,15 @@ class RunLog:
     """The log file of one command: every record from INFO up, copied to the run location at the end.
 
     Use as a context manager around the command; call :meth:`keep` once the command may write to
-    its location (its checks passed). ``url`` is where the file went (None until then).
+    its location (its checks passed). A command that ends with one of ``refusals`` (errors that
+    refuse to touch the location: it is occupied, locked, already trained) leaves no log there
+    either. ``url`` is where the file went (None until then).
     """
 
-    def __init__(self, storage_config: Any, command: str) -> None:
+    def __init__(self, storage_config: Any, command: str, *, refusals: tuple[type[BaseException], ...] = ()) -> None:
         self.storage_config = storage_config
         self.command = command
+        self.refusals = refusals
         self.url: str | None = None
         self._keep = False
         fd, name = tempfile.mkstemp(prefix=f"intraq-{command}-", suffix=".log")
@@ -181,11 +204,12 @@ class RunLog:
             root.setLevel(logging.INFO)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         logging.getLogger().removeHandler(self.handler)
         self.handler.close()
+        refused = exc_type is not None and issubclass(exc_type, self.refusals)
         try:
-            if self._keep:
+            if self._keep and not refused:
                 self.url = self._upload()
         finally:
             self.path.unlink(missing_ok=True)

@@ -15,18 +15,16 @@ from pipeline.storage import StorageConfig
 
 @pytest.fixture()
 def console(capsys: pytest.CaptureFixture[str]):
-    """The CLI's console handler (restored afterwards to the test process's logging)."""
+    """The CLI's console set-up, with Ray's logger routed as the CLI does before starting Ray."""
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level, logging.getLogger("ray").propagate)
+    level = root.level
+    logs.quiet_ray_loggers()
     logs.configure_console("WARNING", verbose=False)
     yield capsys
-    handler = logs._state["console"]
-    if handler is not None:
-        root.removeHandler(handler)
-        logs._state["console"] = None
+    root.removeHandler(logs._state["console"])
+    logs._state.update(console=None, verbose=False)
     logging.captureWarnings(False)
-    root.handlers[:], root.level = saved[0], saved[1]
-    logs._state["verbose"] = False
+    root.setLevel(level)
 
 
 def test_console_shows_our_warnings_and_errors_only(console, tmp_path: Path) -> None:
@@ -34,7 +32,7 @@ def test_console_shows_our_warnings_and_errors_only(console, tmp_path: Path) -> 
         logging.getLogger("pipeline.generate").warning("regenerating 1 bad shard")
         logging.getLogger("pipeline.generate").info("generating 2 shards")
         logging.getLogger("ray._private.worker").info("Started a local Ray instance")
-        logging.getLogger("ray.data").warning("ray data internals")
+        logging.getLogger("ray._private.utils").warning("ray internals")
         logging.getLogger("ray.workers").info("(RayTrainWorker pid=1) TrainingReport(metrics={})")
         logging.getLogger("somelib").error("a library error")
         with warnings.catch_warnings():
@@ -43,7 +41,7 @@ def test_console_shows_our_warnings_and_errors_only(console, tmp_path: Path) -> 
         run_log.keep()
     err = console.readouterr().err
     assert "regenerating 1 bad shard" in err and "a library error" in err
-    for hidden in ("generating 2 shards", "Started a local Ray", "ray data internals", "TrainingReport", "deprecated"):
+    for hidden in ("generating 2 shards", "Started a local Ray", "ray internals", "TrainingReport", "deprecated"):
         assert hidden not in err, hidden
     assert run_log.url is not None
     kept = Path(run_log.url).read_text()
@@ -61,7 +59,23 @@ def test_console_shows_our_warnings_and_errors_only(console, tmp_path: Path) -> 
 def test_verbose_shows_everything(console) -> None:
     logs.configure_console("WARNING", verbose=True)
     logging.getLogger("ray._private.worker").info("Started a local Ray instance")
-    assert "Started a local Ray instance" in console.readouterr().err
+    logging.getLogger("somelib").info("library detail")
+    err = console.readouterr().err
+    assert "Started a local Ray instance" in err and "library detail" in err
+
+
+def test_a_refused_run_leaves_no_log_even_after_its_checks(tmp_path: Path) -> None:
+    from pipeline.storage import LockedError
+
+    url = tmp_path / "run"
+    with pytest.raises(LockedError), logs.RunLog(StorageConfig(url=str(url)), "run", refusals=(LockedError,)) as log:
+        log.keep()
+        raise LockedError("locked by another run")
+    assert not url.exists()
+    with pytest.raises(RuntimeError), logs.RunLog(StorageConfig(url=str(url)), "run", refusals=(LockedError,)) as log:
+        log.keep()
+        raise RuntimeError("the run failed while working")  # the log is what explains it: kept
+    assert [p.name.startswith("run-") for p in (url / "logs").iterdir()] == [True]
 
 
 def test_a_refused_command_leaves_no_log_in_the_location(tmp_path: Path) -> None:
