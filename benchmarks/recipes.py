@@ -62,7 +62,9 @@ RECIPE_ROWS: dict[str, Recipe] = {
             "… + SynQ's difficulty-gated CE (τ 0.5, weight 0.5)",
             (*REC, *LSQ, *KD, "distill.ce_weight=0.5", "distill.ce_difficulty_below=0.5"),
         ),
-        Recipe("rec_kd_lowpass", "… + SynQ's low-pass filter (cutoff 12)", (*REC, *LSQ, *KD, "distill.lowpass_cutoff=12")),
+        Recipe(
+            "rec_kd_lowpass", "… + SynQ's low-pass filter (cutoff 12)", (*REC, *LSQ, *KD, "distill.lowpass_cutoff=12")
+        ),
         Recipe("rec_kd_cam", "… + SynQ's Grad-CAM alignment (weight 50)", (*REC, *LSQ, *KD, "distill.cam_weight=50")),
     ]
 }
@@ -80,7 +82,13 @@ def run_cells(bench: Bench, names: list[str]) -> None:
             data, gen_s = bench.dataset(data_row, seed)
             for bits, path in todo:
                 cell = bench._train_recipe(
-                    data_row, seed, bits, data, recipe.name, list(recipe.settings), name=f"recipes-{recipe.data}-s{seed}"
+                    data_row,
+                    seed,
+                    bits,
+                    data,
+                    recipe.name,
+                    list(recipe.settings),
+                    name=f"recipes-{recipe.data}-s{seed}",
                 )
                 result = {
                     **bench._base(data_row, bits, seed),

@@ -30,6 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from intraq_core.config import IMAGENET_MEAN, IMAGENET_STD
+from intraq_core.errors import AssetError
 
 __all__ = [
     "ASSETS",
@@ -44,10 +45,6 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
-
-
-class AssetError(ValueError):
-    """An asset name or path could not be resolved to a verified local file."""
 
 
 Fetcher = Callable[["Asset", Path], None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,22 +39,38 @@ class StageConfig(BaseModel):
 
 
 class ModelConfig(StageConfig):
-    """Which classifier to build and how its inputs are normalized.
+    """Which classifier to build and how its inputs are normalized: the model spec.
 
-    ``arch`` is a registry name (``cifar_resnet20``, ``torchvision:resnet18``) or the path
-    of a checkpoint written by this project (which records its own architecture).
-    ``weights`` is a checkpoint path, a named asset (``cifar10-resnet20``) or None
-    (random initialization; only useful for tests). ``mean``/``std`` left as None are
-    taken from the weights asset, then the checkpoint, then the architecture's default.
+    ``arch`` is a registry name (``cifar_resnet20``, ``torchvision:resnet18``), ``timm:<name>``
+    (optional extra), an import path ``package.module:callable`` returning an ``nn.Module``
+    (called with ``kwargs``), or the path of a checkpoint written by this project (which
+    records its own architecture). ``weights`` is a state_dict file (plain, or under
+    ``state_dict``/``model``; always loaded weights-only), a named asset (``cifar10-resnet20``),
+    ``torchvision:<TAG>`` / ``timm:<TAG>`` published weights, or None (random initialization,
+    seeded so that every process builds the same network; only useful for tests).
+    ``mean``/``std`` are the input normalization the weights were trained with (RGB in
+    [0, 1], then ``(x - mean) / std``): left as None they are taken from
+    the weights' metadata, then the checkpoint, then the architecture's default, so set them
+    for a checkpoint of your own. ``shortcut`` (CIFAR ResNets) left as None is read off the
+    checkpoint's keys.
     """
 
     arch: str = "cifar_resnet20"
     weights: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     num_classes: int | None = Field(default=None, ge=2)
     shortcut: Literal["A", "B"] | None = None
     image_size: int | None = Field(default=None, ge=8)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # "--set model.mean=0.49,0.48,0.45" arrives as a string.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.strip("()[] ").split(","))
+        return value
 
     @model_validator(mode="after")
     def _check_std(self) -> ModelConfig:
@@ -92,18 +108,19 @@ class ReconstructConfig(StageConfig):
 class QuantConfig(StageConfig):
     """Uniform asymmetric fake quantization (weights per output channel, activations per tensor).
 
-    Placement follows the reference: every Conv/Linear weight, and the output of every
-    ReLU/ReLU6 (an unsigned grid: the range starts at 0). Optional extras: separate bits for
-    the first/last layer (the 8-bit first/last protocol of Genie/QDrop), quantizing the network
-    input and the residual additions.
+    Placement: every Conv/Linear weight, and the output of every activation site (ReLU, ReLU6,
+    SiLU, GELU, hardswish; the reference quantizes after ReLUs). After a ReLU/ReLU6 the grid is
+    unsigned (the range starts at 0). Optional extras: separate bits for the first/last layer
+    (the 8-bit first/last protocol of Genie/QDrop), quantizing the network input and the
+    residual additions.
 
     ``method`` says how the quantized model is set up before any distillation: ``minmax``
-    (the reference: ranges calibrated on synthetic batches, nearest rounding) or
-    ``reconstruct`` (block-reconstruction PTQ on the synthetic images, see
-    :class:`ReconstructConfig`). ``weight_range``/``act_range`` choose the range rule
-    (``minmax``, or ``lp``: the range minimizing the Lp error, ``lp_norm`` = p), and
-    ``learn_weight_scale``/``learn_act_scale`` make the step sizes trainable (LSQ) during
-    distillation and reconstruction.
+    (the reference: ``calibration_batches`` synthetic batches, the EMA of each activation's
+    min/max, nearest rounding) or ``reconstruct`` (block-reconstruction PTQ on the synthetic
+    images, see :class:`ReconstructConfig`); see ``intraq_core.api.CALIBRATION_METHODS``.
+    ``weight_range``/``act_range`` choose the range rule (``minmax``, or ``lp``: the range
+    minimizing the Lp error, ``lp_norm`` = p), and ``learn_weight_scale``/``learn_act_scale``
+    make the step sizes trainable (LSQ) during distillation and reconstruction.
     """
 
     method: Literal["minmax", "reconstruct"] = "minmax"

@@ -19,10 +19,7 @@ import numpy as np
 import torch
 
 from intraq_core.config import EvalConfig, ModelConfig
-
-
-class DatasetError(ValueError):
-    """The test set cannot be used (missing, malformed, or classes that do not fit the model)."""
+from intraq_core.errors import DatasetError
 
 
 @dataclass

@@ -16,12 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from intraq_core.config import DistillConfig
+from intraq_core.errors import DivergenceError
 from intraq_core.seeding import PURPOSE_DISTILL, derive_seed
 from intraq_core.synth.lor import apply_lor, sample_lor_params
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss: the recipe is unstable for this data."""
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,28 +1,28 @@
 """The quantized student: building it, and saving/loading it as a weights-only checkpoint.
 
-A student checkpoint records the resolved model config and the quantization config next
-to the state dict, so it can be rebuilt (``create_model`` → ``quantize`` →
-``load_state_dict``) anywhere, and is loadable with ``torch.load(weights_only=True)``.
+A student checkpoint is the project's one checkpoint format
+(:data:`~intraq_core.models.checkpoint.MODEL_CHECKPOINT_FORMAT`) with a ``quant_config``: the
+resolved model config and the quantization config next to the state dict, so it can be rebuilt
+(``create_model`` → ``quantize`` → ``load_state_dict``) anywhere, and it is loadable with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from intraq_core.config import ModelConfig, QuantConfig
-from intraq_core.distill import is_step_size, reestimate_bn
+from intraq_core.distill import is_step_size
+from intraq_core.errors import CheckpointError
 from intraq_core.models import create_model
-from intraq_core.models.checkpoint import CheckpointError
-from intraq_core.quant import act_quantizers, calibrate, quantize, set_act_mode
-from intraq_core.quant.reconstruct import reconstruct
+from intraq_core.models.checkpoint import checkpoint_bytes, read_model_checkpoint, write_checkpoint
+from intraq_core.quant import quantize, set_act_mode
 
-STUDENT_FORMAT = "intraq-student/1"
+__all__ = ["build_student", "load_student", "save_student", "set_step_size_training", "student_checkpoint_bytes"]
 
 
 def build_student(teacher: nn.Module, quant_cfg: QuantConfig) -> nn.Module:
@@ -44,73 +44,53 @@ def set_step_size_training(student: nn.Module, quant_cfg: QuantConfig) -> None:
             p.requires_grad_(learn)
 
 
-def prepare_student(
-    teacher: nn.Module,
-    quant_cfg: QuantConfig,
-    calibration: list[torch.Tensor],
-    images: torch.Tensor | None = None,
-    *,
-    reestimate: bool = False,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    progress: Callable[[int, int, str], None] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize the teacher and set the student up before distillation (``quant.method``).
-
-    Calibrates the activation ranges on ``calibration`` (a list of image batches) and freezes
-    them; with ``reestimate`` re-estimates BN statistics on those batches and calibrates again;
-    with ``quant.method: reconstruct`` then runs block reconstruction on ``images`` (the
-    synthetic training images). Returns the student and a report (reconstruction errors).
-    """
-    device = torch.device(device)
-    student = build_student(teacher, quant_cfg).to(device)
-    batches = [b.to(device) for b in calibration]
-    calibrate(student, batches)
-    if reestimate:
-        reestimate_bn(student, iter(batches), device=device)
-        for quantizer in act_quantizers(student).values():
-            quantizer.reset()
-        calibrate(student, batches)
-    report: dict[str, Any] = {"method": quant_cfg.method}
-    if quant_cfg.method == "reconstruct":
-        if images is None:
-            raise ValueError("quant.method 'reconstruct' needs the synthetic training images")
-        rec = reconstruct(student, images, quant_cfg.reconstruct, seed=seed, device=device, progress=progress)
-        report["reconstruct"] = rec.summary()
-    set_step_size_training(student, quant_cfg)
-    return student, report
-
-
 def student_checkpoint_bytes(
     student: nn.Module, model_cfg: ModelConfig, quant_cfg: QuantConfig, extra: dict[str, Any] | None = None
 ) -> bytes:
-    """Serialize a student (plain types and tensors only, no pickled objects)."""
-    stored = model_cfg.model_dump(mode="json")
-    stored["weights"] = None
-    payload = {
-        "format": STUDENT_FORMAT,
-        "model_config": stored,
-        "quant_config": quant_cfg.model_dump(mode="json"),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-        "extra": dict(extra or {}),
-    }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
+    """Serialize a student (plain types and tensors only, no pickled objects).
+
+    ``model_cfg`` should be resolved (see ``resolve_model_config``) so the file is self-describing.
+    """
+    return checkpoint_bytes(
+        student.state_dict(),
+        model_cfg.model_dump(mode="json"),
+        quant_config=quant_cfg.model_dump(mode="json"),
+        extra=extra,
+    )
+
+
+def save_student(
+    path: str | os.PathLike[str],
+    student: nn.Module,
+    model_cfg: ModelConfig,
+    quant_cfg: QuantConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a student checkpoint to ``path`` atomically; :func:`load_student` rebuilds it.
+
+    ``model_cfg`` must name an architecture that can be rebuilt (a registered name, ``timm:``,
+    or an import path), since the file holds weights, not code.
+    """
+    return write_checkpoint(
+        path,
+        student.state_dict(),
+        model_cfg.model_dump(mode="json"),
+        quant_config=quant_cfg.model_dump(mode="json"),
+        extra=extra,
+    )
 
 
 def load_student(source: str | Path | bytes) -> tuple[nn.Module, ModelConfig, QuantConfig, dict[str, Any]]:
     """Rebuild a student from checkpoint bytes or a file: (model, model cfg, quant cfg, extra)."""
-    raw = source if isinstance(source, bytes) else Path(source).expanduser().read_bytes()
     try:
-        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError and others for foreign files
-        raise CheckpointError(f"not a loadable student checkpoint (weights_only): {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != STUDENT_FORMAT:
-        raise CheckpointError("not an intraq student checkpoint (missing format 'intraq-student/1')")
+        payload = read_model_checkpoint(source)
+    except CheckpointError as exc:
+        raise CheckpointError(f"not a loadable intraq student checkpoint: {exc}") from None
+    if payload["quant_config"] is None:
+        raise CheckpointError("not an intraq student checkpoint: it holds a float model (no quant_config)")
     model_cfg = ModelConfig.model_validate(payload["model_config"])
     quant_cfg = QuantConfig.model_validate(payload["quant_config"])
     student = quantize(create_model(model_cfg), quant_cfg)
     student.load_state_dict(payload["state_dict"])
     set_act_mode(student, "frozen")
-    return student.eval(), model_cfg, quant_cfg, dict(payload.get("extra") or {})
+    return student.eval(), model_cfg, quant_cfg, dict(payload["extra"])

@@ -1,20 +1,25 @@
 """``intraq-pipeline``: the command-line interface.
 
 Every command takes ``--config FILE`` (or the name of a shipped config), repeated
-``--set key.path=value`` overrides and ``--storage URL`` (the run location). Bad input
-prints one line and exits with code 2 (add ``--debug`` for the traceback). Heavy imports
-(torch, Ray) happen inside the commands so ``--help`` stays fast.
+``--set key.path=value`` overrides and ``--storage URL`` (the run location). The model options
+are the same everywhere: ``--arch``/``--weights`` are shortcuts for ``--set model.arch=…`` /
+``--set model.weights=…`` and every ``model.*`` key can be set (``--set model.mean=…``). Bad
+input prints one line and exits with code 2 (add ``--debug`` for the traceback). The terminal
+shows progress bars, the dashboard URL and results; Ray's and the workers' output goes to the
+run's log file (``--verbose`` shows it, see :mod:`pipeline.logs`). Heavy imports (torch, Ray)
+happen inside the commands so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from pipeline.exceptions import UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -23,7 +28,7 @@ app = typer.Typer(
     help="Data-free (zero-shot) quantization of image classifiers with IntraQ synthetic data.",
 )
 
-_STATE = {"debug": False}
+_STATE = {"debug": False, "verbose": False}
 
 ConfigOpt = Annotated[
     str | None,
@@ -51,10 +56,21 @@ RepairOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-
-
-class UsageError(ValueError):
-    """Bad command-line input."""
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Model (= --set model.arch=…): cifar_resnet20, torchvision:resnet18, timm:resnet18, "
+        "package.module:callable, or a checkpoint written by a run.",
+    ),
+]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights",
+        help="Teacher weights (= --set model.weights=…): a state_dict file, an asset name, torchvision:/timm:<TAG>.",
+    ),
+]
 
 
 def _fail(exc: BaseException, message: str) -> None:
@@ -94,19 +110,50 @@ def _guard(fn):
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
-    log_level: Annotated[str, typer.Option("--log-level", help="Logging level.")] = "WARNING",
+    log_level: Annotated[str, typer.Option("--log-level", help="Level of the project's own log lines.")] = "WARNING",
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also show Ray's log lines, warnings and the workers' output."),
+    ] = False,
 ) -> None:
+    from pipeline.logs import configure_console
+
     _STATE["debug"] = debug
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    _STATE["verbose"] = verbose
+    configure_console(log_level, verbose=verbose)
 
 
-def _load_config(config: str | None, sets: list[str] | None, storage: str | None, cluster: str | None):
+def _model_sets(arch: str | None, weights: str | None) -> list[str]:
+    """``--arch``/``--weights`` as the ``--set`` overrides they stand for."""
+    out = []
+    if arch is not None:
+        out.append(f"model.arch={_yaml_string(arch)}")
+    if weights is not None:
+        out.append(f"model.weights={_yaml_string(weights)}")
+    return out
+
+
+def _yaml_string(text: str) -> str:
+    """``text`` quoted for a ``--set`` value, so ``null``, ``1e3`` or ``a: b`` stay strings."""
+    return json.dumps(text)
+
+
+def _load_config(
+    config: str | None,
+    sets: list[str] | None,
+    storage: str | None,
+    cluster: str | None,
+    *,
+    arch: str | None = None,
+    weights: str | None = None,
+    base: dict[str, Any] | None = None,
+):
     from pipeline.config import load_run_config
 
-    overrides = list(sets or [])
+    overrides = [*_model_sets(arch, weights), *(sets or [])]
     if storage is not None:
         overrides.append(f"storage.url={storage}")
-    cfg = load_run_config(config, overrides)
+    cfg = load_run_config(config, overrides, base=base)
     if cluster is not None:
         from pipeline.cluster import load_cluster_config
 
@@ -121,38 +168,86 @@ def run(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     cluster: ClusterOpt = None,
+    arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
-    cfg = _load_config(config, set_, storage, cluster)
-    metrics = _run_stage("run", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
-    _print_metrics(metrics, cfg.storage.url)
+    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    metrics, log_url = _run_stage("run", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    _print_metrics(metrics, cfg.storage.url, log_url)
 
 
 def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
     """Preflight (bad input fails here, before Ray starts and before the location is touched),
     then run one stage of ``pipeline.run`` inside a Ray session when the executor needs one."""
     from pipeline import run as stages
+    from pipeline.logs import RunLog
+    from pipeline.storage import LockedError
 
     stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
-    stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
-        return stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    with RunLog(cfg.storage, stage, refusals=(stages.RunExistsError, LockedError)) as log:
+        stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
+        log.keep()
+        with _ray_session(cfg, cluster):
+            result = stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    return result, log.url
 
 
-def _print_metrics(metrics: dict[str, Any], where: str) -> None:
-    typer.echo(
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The result lines of a run: accuracies, and what happened when distillation lost accuracy.
+
+    When the final student is worse than the calibrated one (its starting point), a second line
+    says by how much, at which budget, and whether the data-free signal (teacher–student
+    agreement on held-out synthetic images, measured without test data) saw it coming.
+    """
+    ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
+    lines = [
         f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
-        f"calibrated {metrics['ptq_top1']:.2f}% → distilled {metrics['quant_top1']:.2f}%"
+        f"calibrated {ptq:.2f}% → distilled {final:.2f}%"
+    ]
+    if final >= ptq:
+        return lines
+    iterations = metrics.get("gen_iterations")
+    budget = f"{metrics.get('num_images', '?')} synthetic images"
+    budget += f" × {iterations} iterations" if iterations else " (not optimized)"
+    budget += f", {metrics.get('epochs', '?')} epoch(s)"
+    training = metrics.get("training") or {}
+    before = (training.get("holdout_agreement_calibrated") or {}).get("agreement")
+    after = (training.get("holdout_agreement_final") or {}).get("agreement")
+    if before is None or after is None:
+        signal = "no held-out synthetic images to check it without test data (distill.holdout_fraction=0)"
+    elif after < before:
+        signal = f"the data-free signal saw it: held-out teacher agreement fell {before:.1f}% → {after:.1f}%"
+    else:
+        signal = (
+            f"the data-free signal did not: held-out teacher agreement went {before:.1f}% → {after:.1f}% "
+            "(the synthetic images do not represent the test set well)"
+        )
+    lines.append(
+        f"note: the final model is {ptq - final:.2f} points WORSE than its starting point (calibrated) at this "
+        f"budget ({budget}); {signal}. A small budget such as the smoke config's is expected to lose accuracy."
     )
+    return lines
+
+
+def _print_metrics(metrics: dict[str, Any], where: str, log_url: str | None = None) -> None:
+    for line in summary_lines(metrics):
+        typer.echo(line)
     typer.echo(f"metrics: {where.rstrip('/')}/metrics.json")
+    if log_url:
+        typer.echo(f"log: {log_url}")
 
 
 class _ray_session:
-    """Start or connect to Ray when the executor needs it; shut it down afterwards."""
+    """Start or connect to Ray when the executor needs it; shut it down afterwards.
+
+    Ray's own log lines and the workers' output are routed to the command's log (see
+    :mod:`pipeline.logs`) unless ``--verbose``.
+    """
 
     def __init__(self, cfg: Any, cluster: str | None) -> None:
         self.cfg = cfg
@@ -162,18 +257,25 @@ class _ray_session:
     def __enter__(self) -> _ray_session:
         if self.cfg.executor != "ray":
             return self
+        from pipeline.logs import quiet_ray_loggers, route_worker_output
         from pipeline.ray_session import start_ray
 
+        verbose = bool(_STATE["verbose"])
+        if not verbose:
+            quiet_ray_loggers()
         info = start_ray(self.cfg, self.cluster)
         self.started = True
+        route_worker_output(verbose=verbose)
         if info.get("dashboard_url"):
             typer.echo(f"Ray dashboard: {info['dashboard_url']}", err=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.started:
+            from pipeline.logs import stop_routing_worker_output
             from pipeline.ray_session import stop_ray
 
+            stop_routing_worker_output()
             stop_ray()
 
 
@@ -184,15 +286,21 @@ def generate(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     cluster: ClusterOpt = None,
+    arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
-    cfg = _load_config(config, set_, storage, cluster)
-    manifest = _run_stage("generate", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    manifest, log_url = _run_stage(
+        "generate", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet
+    )
     typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
+    if log_url:
+        typer.echo(f"log: {log_url}")
 
 
 @app.command()
@@ -205,17 +313,19 @@ def train(
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Run location whose synthetic data to train on.")
     ] = None,
+    arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     repair: RepairOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
-    cfg = _load_config(config, set_, storage, cluster)
+    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
-    metrics = _run_stage("train", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
-    _print_metrics(metrics, cfg.storage.url)
+    metrics, log_url = _run_stage("train", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    _print_metrics(metrics, cfg.storage.url, log_url)
 
 
 @app.command("tune")
@@ -232,13 +342,17 @@ def tune_command(
         str | None,
         typer.Option("--output", "-o", help="Also write the best config (YAML for `run --config`) here."),
     ] = None,
+    arch: ArchOpt = None,
+    weights: WeightsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
-    cfg = _load_config(config, set_, storage, cluster)
+    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    from pipeline.logs import RunLog
     from pipeline.tune import BEST_PATH, tune_search, write_best_config
 
-    with _ray_session(cfg.model_copy(update={"executor": "ray"}), cluster):
+    with RunLog(cfg.storage, "tune") as log, _ray_session(cfg.model_copy(update={"executor": "ray"}), cluster):
+        log.keep()
         best, table = tune_search(cfg, progress=not quiet)
     finished = sum(1 for row in table if row["status"] != "error")
     top = table[0]
@@ -251,6 +365,8 @@ def tune_command(
     typer.echo(f"best config: {cfg.storage.url.rstrip('/')}/{BEST_PATH}")
     if output is not None:
         typer.echo(f"best config: {write_best_config(best, output)}")
+    if log.url:
+        typer.echo(f"log: {log.url}")
 
 
 def _parse_bits(bits: str) -> tuple[int, int]:
@@ -265,16 +381,23 @@ def _parse_bits(bits: str) -> tuple[int, int]:
 @app.command()
 @_guard
 def evaluate(
-    arch: Annotated[str, typer.Option("--arch", help="Architecture (cifar_resnet20, torchvision:resnet18, …).")] = (
-        "cifar_resnet20"
-    ),
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Take the model and test set from this run config (a path or name)."),
+    ] = None,
+    set_: SetOpt = None,
+    arch: ArchOpt = None,
     weights: Annotated[
         str | None,
-        typer.Option("--weights", help="Checkpoint path or asset name; a student.pt evaluates as is."),
+        typer.Option(
+            "--weights",
+            help="Checkpoint path, asset name or torchvision:/timm:<TAG> (= --set model.weights=…); "
+            "a student.pt evaluates as is.",
+        ),
     ] = None,
-    data: Annotated[str, typer.Option("--data", help="Test set: asset name, .npz, ImageFolder dir.")] = (
-        "cifar10-test"
-    ),
+    data: Annotated[
+        str | None, typer.Option("--data", help="Test set (= --set eval.data=…): asset name, .npz, ImageFolder dir.")
+    ] = None,
     bits: Annotated[
         str | None, typer.Option("--bits", help="Quantize (PTQ, min/max) before evaluating, e.g. W4A4.")
     ] = None,
@@ -282,27 +405,46 @@ def evaluate(
         str | None, typer.Option("--calib", help="Data to calibrate activation ranges for --bits.")
     ] = None,
     calib_images: Annotated[int, typer.Option("--calib-images", help="Images used for calibration.")] = 512,
-    mean: Annotated[str | None, typer.Option("--mean", help="Input mean, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Input std, e.g. 0.229,0.224,0.225.")] = None,
-    num_classes: Annotated[int | None, typer.Option("--num-classes")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
+    mean: Annotated[
+        str | None, typer.Option("--mean", help="Input mean (= --set model.mean=…), e.g. 0.485,0.456,0.406.")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option("--std", help="Input std (= --set model.std=…), e.g. 0.229,0.224,0.225.")
+    ] = None,
+    num_classes: Annotated[int | None, typer.Option("--num-classes", help="= --set model.num_classes=…")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="= --set eval.batch_size=…")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N test images.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"top1": …, "n": …}.')] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Top-1 accuracy of a model (optionally quantized) on a real labelled test set."""
+    """Top-1 accuracy of a model (optionally quantized) on a real labelled test set.
+
+    The model is the run config's ``model`` section (``--config``, ``--set model.…``, or the
+    shortcuts); without ``--config`` it starts from a randomly initialized ``cifar_resnet20``.
+    """
     from pipeline.evaluate import evaluate_command
 
+    shortcuts = []
+    for key, value in (("model.mean", _floats(mean, "--mean")), ("model.std", _floats(std, "--std"))):
+        if value is not None:
+            shortcuts.append(f"{key}={list(value)}")
+    for key, value in (
+        ("model.num_classes", num_classes),
+        ("eval.batch_size", batch_size),
+        ("eval.limit", limit),
+    ):
+        if value is not None:
+            shortcuts.append(f"{key}={value}")
+    if data is not None:
+        shortcuts.append(f"eval.data={_yaml_string(data)}")
+    base = None if config is not None else {"model": {"weights": None}}
+    cfg = _load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
     result = evaluate_command(
-        arch=arch,
-        weights=weights,
-        data=data,
+        model_cfg=cfg.model,
+        eval_cfg=cfg.eval,
         bits=_parse_bits(bits) if bits else None,
         calib=calib,
         calib_images=calib_images,
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        num_classes=num_classes,
-        batch_size=batch_size,
         progress=not quiet and not as_json,
     )
     if as_json:

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.exceptions import ClusterAuthError
+
 __all__ = [
     "DEFAULT_CLIENT_PORT",
     "ClusterAuthError",
@@ -58,10 +60,6 @@ _MAX_REASON = 300
 
 class ClusterConfigError(ValueError):
     """A cluster config that cannot be used; the message is one line naming file and reason."""
-
-
-class ClusterAuthError(RuntimeError):
-    """Token authentication is required but cannot be satisfied; the message is one line."""
 
 
 @dataclass(frozen=True)

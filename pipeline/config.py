@@ -116,7 +116,7 @@ class RunConfig(StageConfig):
         """Hash of everything that determines the synthetic dataset (not quantization/training)."""
         keys = {
             "seed": self.seed,
-            "model": self.model.model_dump(mode="json"),
+            "model": _model_identity(self),
             "generate": _gen_identity(self),
         }
         return _hash(keys)
@@ -127,7 +127,15 @@ class RunConfig(StageConfig):
         for k in ("storage", "ray", "tune", "executor", "device", "name", "dataset"):
             d.pop(k, None)
         d["generate"] = _gen_identity(self)
+        d["model"] = _model_identity(self)
         return _hash(d)
+
+
+def _model_identity(cfg: RunConfig) -> dict[str, Any]:
+    m = cfg.model.model_dump(mode="json")
+    if not m["kwargs"]:  # the hash of every config written before model.kwargs existed stays the same
+        del m["kwargs"]
+    return m
 
 
 def _gen_identity(cfg: RunConfig) -> dict[str, Any]:

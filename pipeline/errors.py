@@ -13,19 +13,19 @@ Ray wraps errors raised in tasks, actors and Train workers: ``RayTaskError`` (``
 worker reads like one raised here. An actor whose ``__init__`` raised arrives as a
 ``GenerationError`` naming the original exception (the object itself does not survive Ray).
 
-This module imports nothing heavy (no torch, no Ray).
+This module imports nothing heavy (no torch, no Ray) and none of the stages: the exception
+classes it recognizes live in the leaf modules :mod:`pipeline.exceptions` and
+:mod:`intraq_core.errors`.
 """
 
 from __future__ import annotations
 
 import re
 
+from intraq_core.errors import DivergenceError
+from pipeline.exceptions import ClusterAuthError, GenerationError, InputError
+
 __all__ = ["InputError", "explain", "root_cause"]
-
-
-class InputError(ValueError):
-    """Bad input found before any work started (the run location is left untouched)."""
-
 
 _MAX_DEPTH = 16
 
@@ -69,33 +69,16 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _explained_types() -> tuple[type[BaseException], ...]:
-    from pipeline.storage import StorageError
-
-    types: list[type[BaseException]] = [
-        ValueError,  # ConfigError, StorageError, ShardError, CheckpointError, DatasetError, ...
-        FileNotFoundError,
-        PermissionError,
-        NotADirectoryError,
-        IsADirectoryError,
-        StorageError,
-    ]
-    try:
-        from pipeline.generate import GenerationError
-
-        types.append(GenerationError)
-    except ImportError:  # pragma: no cover - torch missing
-        pass
-    try:
-        from intraq_core.distill import DivergenceError
-
-        types.append(DivergenceError)
-    except ImportError:  # pragma: no cover
-        pass
-    from pipeline.cluster import ClusterAuthError
-
-    types.append(ClusterAuthError)
-    return tuple(types)
+_EXPLAINED_TYPES: tuple[type[BaseException], ...] = (
+    ValueError,  # ConfigError, StorageError, ShardError, CheckpointError, DatasetError, ModelError, ...
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    GenerationError,
+    DivergenceError,
+    ClusterAuthError,
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,7 +115,7 @@ def explain(exc: BaseException) -> str | None:
 
     root = root_cause(exc)
     cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
-    if not (isinstance(root, _explained_types()) or cannot_reach_ray):
+    if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):
         return explain_storage_failure(root)  # None: not a storage failure either
     text = _first_line(root)
     refusal = _weights_only_refusal(root)

@@ -26,23 +26,18 @@ def evaluate_model(
 
 def evaluate_command(
     *,
-    arch: str,
-    weights: str | None,
-    data: str,
+    model_cfg: ModelConfig,
+    eval_cfg: EvalConfig,
     bits: tuple[int, int] | None = None,
     calib: str | None = None,
     calib_images: int = 512,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    num_classes: int | None = None,
-    batch_size: int = 500,
     progress: bool = True,
 ) -> dict[str, float]:
     """``intraq-pipeline evaluate``: a float model, a PTQ model, or a saved student.
 
-    ``weights`` may be a student checkpoint written by a run (evaluated as saved). With
-    ``bits`` a float model is quantized and its activation ranges calibrated (min/max EMA)
-    on the first ``calib_images`` images of ``calib`` — a naive PTQ baseline.
+    ``model_cfg.weights`` may be a student checkpoint written by a run (evaluated as saved). With
+    ``bits`` a float model is quantized and its activation ranges calibrated (min/max EMA) on
+    the first ``calib_images`` images of ``calib`` — a naive PTQ baseline.
     """
     from intraq_core.config import QuantConfig
     from intraq_core.models import create_model, resolve_model_config
@@ -50,17 +45,14 @@ def evaluate_command(
     from intraq_core.quant import calibrate
     from intraq_core.student import build_student, load_student
 
-    eval_cfg = EvalConfig(data=data, batch_size=batch_size)
     student = None
-    if weights is not None and bits is None:
+    if model_cfg.weights is not None and bits is None:
         try:
-            student, model_cfg, _, _ = load_student(weights)
+            student, saved_cfg, _, _ = load_student(model_cfg.weights)
         except (CheckpointError, FileNotFoundError, IsADirectoryError):
             student = None
     if student is None:
-        model_cfg = resolve_model_config(
-            ModelConfig(arch=arch, weights=weights, mean=mean, std=std, num_classes=num_classes)
-        )
+        model_cfg = resolve_model_config(model_cfg)
         model = create_model(model_cfg)
         if bits is not None:
             if calib is None:
@@ -68,7 +60,10 @@ def evaluate_command(
             w_bits, a_bits = bits
             model = build_student(model, QuantConfig(w_bits=w_bits, a_bits=a_bits)).eval()
             calib_set = load_test_set(EvalConfig(data=calib, limit=calib_images), model_cfg)
-            calibrate(model, (x for x, _ in calib_set.batches(min(batch_size, calib_images))))
+            calibrate(model, (x for x, _ in calib_set.batches(min(eval_cfg.batch_size, calib_images))))
     else:
         model = student
+        # The student records its normalization; explicit model.* values still win.
+        explicit = {k: v for k, v in model_cfg.model_dump(exclude_unset=True).items() if k in ("mean", "std")}
+        model_cfg = saved_cfg.model_copy(update=explicit)
     return evaluate_model(model, model_cfg, eval_cfg, progress=progress)

@@ -24,6 +24,7 @@ import torch
 from intraq_core.synth.centres import ClassCentres
 from intraq_core.synth.engine import Synthesizer, SynthResult
 from pipeline.context import RunContext, kill_point
+from pipeline.exceptions import GenerationError
 from pipeline.plan import ShardTask, make_plan, rounds
 from pipeline.shards import Manifest, ShardInfo, read_shard, write_shard
 from pipeline.storage import Storage
@@ -32,10 +33,6 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = "data"
 HISTORY_EVERY = 10
-
-
-class GenerationError(RuntimeError):
-    """Generation could not complete (e.g. the storage holds another run's dataset)."""
 
 
 @dataclass

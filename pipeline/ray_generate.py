@@ -66,6 +66,7 @@ from pipeline.generate import (
 from pipeline.plan import ShardTask, rounds
 from pipeline.shards import Manifest
 from pipeline.storage import Storage
+from pipeline.user_code import with_user_code
 
 __all__ = ["FAULT_ENV", "GeneratorActor", "PoolSpec", "generate_ray", "pool_spec"]
 
@@ -191,7 +192,9 @@ class _Pool:
         self.actors: list[Any] = []
         self.idle: deque[Any] = deque()
         fault = os.environ.get(FAULT_ENV)
-        self.runtime_env = {"env_vars": {FAULT_ENV: fault}} if fault else None
+        # The user's model module (if any) travels with each actor too: a Ray started elsewhere lacks it.
+        env = {"env_vars": {FAULT_ENV: fault}} if fault else None
+        self.runtime_env = with_user_code(env, cfg.model, upload=True)
 
     def start(self) -> None:
         while len(self.actors) < self.spec.size:

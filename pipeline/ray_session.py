@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.user_code import with_user_code
 
 __all__ = ["WORKER_ENV_VARS", "ray_info", "ray_session", "start_ray", "stop_ray", "worker_env_vars"]
 
@@ -99,7 +100,7 @@ def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]
             log.warning("Ray is already initialized in this process; --cluster %s is ignored", cluster_file)
         return ray_info()
 
-    runtime_env = {"env_vars": worker_env_vars()}
+    runtime_env = with_user_code({"env_vars": worker_env_vars()}, cfg.model)
     if cluster_file is None and cfg.ray.address:
         from pipeline.cluster import resolve_auth_mode
 

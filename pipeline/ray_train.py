@@ -48,6 +48,7 @@ import torch
 
 from intraq_core.distill import Distiller
 from intraq_core.evaluate import agreement
+from intraq_core.models.checkpoint import safe_load
 from intraq_core.quant import set_act_mode
 from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
@@ -65,6 +66,7 @@ from pipeline.train import (
     calibration_positions,
     holdout_mask,
 )
+from pipeline.user_code import with_user_code
 
 __all__ = [
     "FAIL_ONCE_ENV",
@@ -116,7 +118,7 @@ def resolve_use_gpu(cfg: RunConfig) -> bool:
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """A worker checkpoint's state (``state.pt``), loaded weights-only."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return safe_load(Path(path))
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -355,6 +357,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=bar.callback(),
             logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env=with_user_code(None, cfg.model, upload=True) or {},
         ),
         datasets={"train": _train_dataset(data, manifest, indices[hold_rows])},
     )
@@ -479,7 +482,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         fs, _ = storage.pyarrow_filesystem()
         init = ray.train.Checkpoint(path=storage.pyarrow_path(config["init_checkpoint"]), filesystem=fs)
         with init.as_directory() as tmp:
-            payload = torch.load(Path(tmp) / CALIBRATED_PATH, map_location="cpu", weights_only=True)
+            payload = safe_load(Path(tmp) / CALIBRATED_PATH)
         student.load_state_dict(payload["state_dict"])
     set_act_mode(student, "frozen")
     model = rt.prepare_model(student)

@@ -97,12 +97,17 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
             f"{_first_line(exc)}"
         ) from exc
     if generate:
+        from intraq_core.synth.engine import check_teacher
         from pipeline.plan import make_plan
 
         try:
             make_plan(cfg, ctx.num_classes)
         except ValueError as exc:
             raise InputError(f"generate.num_images={cfg.generate.num_images}: {_first_line(exc)}") from exc
+        try:
+            check_teacher(ctx.teacher(), cfg.generate)  # no BatchNorm for a method that needs BN statistics
+        except ValueError as exc:
+            raise InputError(_first_line(exc)) from exc
     if evaluate:
         from intraq_core.data import load_test_set
 

@@ -32,12 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from intraq_core.distill import Distiller, distill
+from intraq_core.api import CalibrationInputs, run_calibration
+from intraq_core.api import calibration_positions as calibration_positions_of
+from intraq_core.distill import Distiller, distill, reestimate_bn
+from intraq_core.errors import CheckpointError
 from intraq_core.evaluate import agreement
+from intraq_core.models.checkpoint import safe_load
+from intraq_core.quant import act_quantizers
+from intraq_core.quant import calibrate as calibrate_ranges
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.selection import Selector
-from intraq_core.student import prepare_student as prepare_student_core
-from intraq_core.student import student_checkpoint_bytes
+from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.context import RunContext, kill_point
 from pipeline.generate import dataset_storage
 from pipeline.shards import Manifest, read_shard
@@ -113,16 +118,7 @@ def calibration_positions(num_images: int, ctx: RunContext) -> list[torch.Tensor
     read just these images and still calibrate on exactly the images the local executor uses.
     """
     q, d = ctx.cfg.quant, ctx.cfg.distill
-    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION))
-    order = torch.randperm(num_images, generator=gen)
-    size = min(d.batch_size, num_images)
-    out = []
-    for b in range(q.calibration_batches):
-        idx = order[(b * size) % num_images :][:size]
-        if idx.numel() < size:
-            idx = torch.cat([idx, order[: size - idx.numel()]])
-        out.append(idx)
-    return out
+    return calibration_positions_of(num_images, q.calibration_batches, d.batch_size, ctx.cfg.seed)
 
 
 def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
@@ -155,16 +151,21 @@ def calibrate_student(
     images: torch.Tensor | None = None,
 ) -> torch.nn.Module:
     """:func:`prepare_student` on given calibration batches and reconstruction images
-    (executors that read only those rows)."""
-    student, _ = prepare_student_core(
-        teacher,
-        ctx.cfg.quant,
-        batches,
-        images,
-        reestimate=ctx.cfg.distill.bn == "reestimate",
-        seed=ctx.cfg.seed,
-        device=ctx.device,
-    )
+    (executors that read only those rows).
+
+    With ``distill.bn: reestimate`` the BN statistics are re-estimated on the batches first (the
+    ranges calibrated before and after); then the quantization parameters are set by
+    ``quant.method`` (:func:`intraq_core.api.run_calibration`).
+    """
+    device = ctx.device
+    student = build_student(teacher, ctx.cfg.quant).to(device)
+    batches = [b.to(device) for b in batches]
+    if ctx.cfg.distill.bn == "reestimate":
+        calibrate_ranges(student, batches)
+        reestimate_bn(student, iter(batches), device=device)
+        for quantizer in act_quantizers(student).values():
+            quantizer.reset()
+    run_calibration(student, ctx.cfg.quant, CalibrationInputs(batches, teacher, images, ctx.cfg.seed))
     return student
 
 
@@ -224,8 +225,8 @@ def load_train_state(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any
         return None
     where = ctx.storage.join(TRAIN_STATE_PATH)
     try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:
+        state = safe_load(raw, what=where)
+    except CheckpointError as exc:
         log.warning(
             "ignoring unreadable training checkpoint %s: %s", where, str(exc).splitlines()[0] if str(exc) else exc
         )

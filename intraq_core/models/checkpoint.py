@@ -1,18 +1,25 @@
-"""Safe checkpoint loading, key-layout adaptation and the project's own model checkpoints.
+"""Checkpoint files: one safe loader, key-layout adaptation, and the project's one checkpoint format.
 
-Checkpoints are only ever read with ``torch.load(..., weights_only=True)``: unpickling
-arbitrary objects can execute code, and a state_dict never needs it. Key layouts of the
-two common CIFAR ResNet conventions are adapted to the model's own names:
+A leaf module: it imports torch and :mod:`intraq_core.errors`, nothing else of the project.
 
-* akamaster: head ``linear``, option-B shortcut ``shortcut.0/1``;
-* torchvision-style (e.g. chenyaofo's CIFAR ResNets): head ``fc``, shortcut ``downsample.0/1``.
-
-Loading is strict: any missing, unexpected or mis-shaped key raises
-``CheckpointMismatchError`` listing them, instead of silently leaving random weights.
+* :func:`safe_load` is the only way the project reads a torch file: ``torch.load(...,
+  weights_only=True)``, because unpickling arbitrary objects can execute code and a state_dict
+  never needs it. A refused file raises :class:`CheckpointError` naming the refused global.
+* Key layouts of the two common CIFAR ResNet conventions are adapted to the model's own names:
+  akamaster (head ``linear``, option-B shortcut ``shortcut.0/1``) and torchvision-style (e.g.
+  chenyaofo's CIFAR ResNets: head ``fc``, shortcut ``downsample.0/1``). Loading is strict: any
+  missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` listing them,
+  instead of silently leaving random weights.
+* The project's checkpoint format (:data:`MODEL_CHECKPOINT_FORMAT`) stores
+  ``{"format", "model_config", "quant_config", "state_dict", "extra"}`` in plain types and
+  tensors only. A float model has ``quant_config`` None; a quantized student records its
+  quantization config, so it is rebuilt as ``create_model`` → ``quantize`` → ``load_state_dict``.
+  Files of the former student format (``intraq-student/1``, same fields) are still read.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import pickle
@@ -20,70 +27,35 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
+
+from intraq_core.errors import CheckpointError, CheckpointMismatchError
 
 __all__ = [
     "MODEL_CHECKPOINT_FORMAT",
     "CheckpointError",
     "CheckpointMismatchError",
     "adapt_state_dict",
+    "checkpoint_bytes",
+    "checkpoint_payload",
     "extract_state_dict",
     "is_model_checkpoint",
     "load_state_dict_file",
     "load_weights",
     "read_model_checkpoint",
-    "save_model_checkpoint",
+    "safe_load",
+    "write_checkpoint",
 ]
 
 MODEL_CHECKPOINT_FORMAT = "intraq-model/1"
+_LEGACY_FORMATS = ("intraq-student/1",)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
-_MAX_LISTED = 8
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be read or holds no usable state_dict."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A state_dict does not fit the model; lists missing, unexpected and mis-shaped keys."""
-
-    def __init__(
-        self,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
-        *,
-        model_name: str = "model",
-        source: str | None = None,
-        hints: Iterable[str] = (),
-    ) -> None:
-        self.missing = missing
-        self.unexpected = unexpected
-        self.mismatched = mismatched
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) {_listing(unexpected)}")
-        if mismatched:
-            shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
-            parts.append(f"{len(mismatched)} shape mismatch(es) {_listing(shown)}")
-        where = f" {source}" if source else ""
-        msg = f"checkpoint{where} does not match {model_name}: " + "; ".join(parts)
-        hints = list(hints)
-        if hints:
-            msg += " (hint: " + "; ".join(hints) + ")"
-        super().__init__(msg)
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
-    return f"[{shown}{more}]"
+Source = str | os.PathLike[str] | bytes | IO[bytes]
 
 
 def _unpickler_detail(message: str) -> str:
@@ -100,23 +72,38 @@ def _unpickler_detail(message: str) -> str:
     return lines[0] if lines else "invalid pickle"
 
 
-def _torch_load(path: Path, *, mmap: bool = False) -> Any:
-    """``torch.load`` with weights_only=True, turning every failure into a CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"file not found: {path}")
+def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) -> Any:
+    """Read a torch file with ``torch.load(weights_only=True)`` onto the CPU.
+
+    ``source`` is a path, the file's bytes or a binary file object; ``what`` names it in
+    messages (default: the path, or "checkpoint"). Every failure is a :class:`CheckpointError`
+    with one informative line: a missing file, a corrupt one, or a refusal that names the
+    global the file would need to unpickle (e.g. ``Unsupported global: GLOBAL posix.system``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        name = what or str(path)
+        if not path.is_file():
+            raise CheckpointError(f"file not found: {path}")
+        target: Any = path
+        mmap = mmap and zipfile.is_zipfile(path)
+    else:
+        name = what or "checkpoint"
+        target = io.BytesIO(source) if isinstance(source, bytes) else source
+        mmap = False
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
         if "global" not in detail.lower():  # corrupt or not a pickle at all
-            raise CheckpointError(f"could not read {path} as a torch checkpoint: {detail}") from None
+            raise CheckpointError(f"could not read {name} as a torch checkpoint: {detail}") from None
         raise CheckpointError(
-            f"refused to load {path}: it is not loadable with torch.load(weights_only=True) ({detail}); "
+            f"refused to load {name}: it is not loadable with torch.load(weights_only=True) ({detail}); "
             "only plain tensors/containers are accepted because unpickling arbitrary objects can "
             "execute code. Re-save it as {'state_dict': model.state_dict()} from a trusted environment."
         ) from None
     except Exception as exc:
-        raise CheckpointError(f"could not read {path} as a torch checkpoint: {exc}") from exc
+        raise CheckpointError(f"could not read {name} as a torch checkpoint: {exc}") from exc
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -163,7 +150,7 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a state_dict from a file with ``weights_only=True`` (CPU tensors, prefixes stripped)."""
     p = Path(path).expanduser()
-    return extract_state_dict(_torch_load(p), source=str(p))
+    return extract_state_dict(safe_load(p), source=str(p))
 
 
 def _variants(key: str) -> list[str]:
@@ -266,31 +253,53 @@ def _plain(obj: Any, where: str, allow_tensors: bool) -> Any:
     raise TypeError(f"{where} has a {type(obj).__name__}; only plain types can be stored in a checkpoint")
 
 
-def save_model_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    model_config: Mapping[str, Any] | Any,
+def checkpoint_payload(
+    state_dict: Mapping[str, Tensor],
+    model_config: Mapping[str, Any],
+    *,
+    quant_config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``{"format", "model_config", "state_dict", "extra"}`` atomically; returns the path.
+) -> dict[str, Any]:
+    """The checkpoint as plain types and CPU tensors (what :func:`safe_load` reads back).
 
-    ``model_config`` (a dict or ModelConfig) is resolved so the file records its
-    architecture, classes and normalization; its ``weights`` is cleared because the
-    weights are in the file. Such a file can be used as ``ModelConfig.arch``.
+    ``model_config`` should be resolved (architecture, classes, input size, normalization), so the
+    file describes itself; its ``weights`` is cleared because the weights are in the file.
+    Raises TypeError when ``extra`` (or a config) holds an object that is not a plain type.
     """
-    from intraq_core.config import ModelConfig
-    from intraq_core.models.registry import resolve_model_config
-
-    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
-    resolved = resolve_model_config(cfg)
-    stored = resolved.model_dump(mode="json")
+    stored = _plain(dict(model_config), "model_config", allow_tensors=False)
     stored["weights"] = None
-    payload = {
+    return {
         "format": MODEL_CHECKPOINT_FORMAT,
-        "model_config": _plain(stored, "model_config", allow_tensors=False),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model_config": stored,
+        "quant_config": None if quant_config is None else _plain(dict(quant_config), "quant_config", False),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
         "extra": _plain(dict(extra or {}), "extra", allow_tensors=True),
     }
+
+
+def checkpoint_bytes(
+    state_dict: Mapping[str, Tensor],
+    model_config: Mapping[str, Any],
+    *,
+    quant_config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> bytes:
+    """:func:`checkpoint_payload` serialized with ``torch.save`` (for object storage)."""
+    buf = io.BytesIO()
+    torch.save(checkpoint_payload(state_dict, model_config, quant_config=quant_config, extra=extra), buf)
+    return buf.getvalue()
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, Tensor],
+    model_config: Mapping[str, Any],
+    *,
+    quant_config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write :func:`checkpoint_payload` to ``path`` atomically (a temp file, then a rename)."""
+    payload = checkpoint_payload(state_dict, model_config, quant_config=quant_config, extra=extra)
     dest = Path(path).expanduser()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -303,8 +312,35 @@ def save_model_checkpoint(
     return dest
 
 
+def read_model_checkpoint(source: str | os.PathLike[str] | bytes) -> dict[str, Any]:
+    """Load a project checkpoint (a path, memory-mapped, or its bytes) and check its format.
+
+    Returns ``{"format", "model_config", "quant_config", "state_dict", "extra"}``; ``quant_config``
+    is None for a float model. Raises CheckpointError for any other kind of file.
+    """
+    name = "checkpoint" if isinstance(source, bytes) else str(Path(source).expanduser())
+    obj = safe_load(source, mmap=True)
+    formats = (MODEL_CHECKPOINT_FORMAT, *_LEGACY_FORMATS)
+    if not isinstance(obj, Mapping) or obj.get("format") not in formats:
+        raise CheckpointError(
+            f"{name} is not an intraq-pipeline model checkpoint (no 'format': '{MODEL_CHECKPOINT_FORMAT}')"
+        )
+    if not isinstance(obj.get("model_config"), Mapping) or not _is_tensor_dict(obj.get("state_dict")):
+        raise CheckpointError(f"{name} is a malformed model checkpoint (model_config/state_dict missing)")
+    quant = obj.get("quant_config")
+    if quant is not None and not isinstance(quant, Mapping):
+        raise CheckpointError(f"{name} is a malformed model checkpoint (quant_config is not a mapping)")
+    return {
+        "format": obj["format"],
+        "model_config": dict(obj["model_config"]),
+        "quant_config": None if quant is None else dict(quant),
+        "state_dict": dict(obj["state_dict"]),
+        "extra": dict(obj.get("extra") or {}),
+    }
+
+
 def is_model_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a file written by ``save_model_checkpoint``."""
+    """Whether ``path`` is a file in the project's checkpoint format (a float model or a student)."""
     p = Path(path).expanduser()
     if not p.is_file() or not zipfile.is_zipfile(p):
         return False
@@ -313,17 +349,3 @@ def is_model_checkpoint(path: str | os.PathLike[str]) -> bool:
     except CheckpointError:
         return False
     return True
-
-
-def read_model_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a project model checkpoint (memory-mapped) and check its format tag."""
-    p = Path(path).expanduser()
-    mmap = p.is_file() and zipfile.is_zipfile(p)
-    obj = _torch_load(p, mmap=mmap)
-    if not isinstance(obj, Mapping) or obj.get("format") != MODEL_CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{p} is not an intraq-pipeline model checkpoint (no 'format': '{MODEL_CHECKPOINT_FORMAT}')"
-        )
-    if not isinstance(obj.get("model_config"), Mapping) or not _is_tensor_dict(obj.get("state_dict")):
-        raise CheckpointError(f"{p} is a malformed model checkpoint (model_config/state_dict missing)")
-    return dict(obj)

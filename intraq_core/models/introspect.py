@@ -1,25 +1,80 @@
-"""Generic access to a classifier's BatchNorm layers and features (no hard-coded names).
+"""Generic access to a classifier's BatchNorm layers, activation sites and features (no hard-coded names).
 
 BNS needs every BN layer; MDC needs the penultimate feature, i.e. the input of the
 classifier, found as the last ``nn.Linear`` executed in a forward pass. This works for the
 CIFAR ResNets (``linear``), torchvision ResNets (``fc``), MobileNetV2 (``classifier.1``)
-and any model whose head is an ``nn.Linear``.
+and any model whose head is an ``nn.Linear``. The quantizer places its activation quantizers
+at the activation sites of the traced graph (:func:`activation_site`): every call of ReLU,
+ReLU6, SiLU, GELU or hardswish, as a module or a functional call.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureTap", "bn_layers", "classifier_layer", "flatten_feature"]
+__all__ = ["ActivationSite", "FeatureTap", "activation_site", "bn_layers", "classifier_layer", "flatten_feature"]
 
 PENULTIMATE = "penultimate"
+
+#: Activations whose output is never negative (an unsigned quantization grid fits them).
+NON_NEGATIVE = frozenset({"relu", "relu6"})
+_ACT_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.GELU: "gelu",
+    nn.Hardswish: "hardswish",
+}
+_ACT_FUNCTIONS: dict[Callable[..., Tensor], str] = {
+    F.relu: "relu",
+    F.relu_: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu6: "relu6",
+    F.silu: "silu",
+    F.gelu: "gelu",
+    F.hardswish: "hardswish",
+}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """One call of an activation in a traced graph: which one, and whether its output can be negative.
+
+    ``signed`` is False for ReLU/ReLU6 (outputs in [0, ∞)) and True for SiLU, GELU and
+    hardswish, whose outputs dip below zero and need a grid with negative levels.
+    """
+
+    kind: str
+    signed: bool
+
+
+def activation_site(node: fx.Node, gm: fx.GraphModule) -> ActivationSite | None:
+    """The activation ``node`` calls (a module, a function or a tensor method), None if it is none.
+
+    Modules match by type, including subclasses (a user's ``class MyReLU(nn.ReLU)``).
+    """
+    kind: str | None = None
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        kind = next((k for cls, k in _ACT_MODULES.items() if isinstance(module, cls)), None)
+    elif node.op == "call_function":
+        kind = _ACT_FUNCTIONS.get(node.target)  # type: ignore[arg-type]
+    elif node.op == "call_method":
+        kind = _ACT_METHODS.get(str(node.target))
+    if kind is None:
+        return None
+    return ActivationSite(kind, kind not in NON_NEGATIVE)
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

@@ -1,13 +1,20 @@
 """Model registry: architecture names -> builders, config resolution, ``create_model``.
 
-Built-in names: ``cifar_resnet{20,32,44,56,110}`` and ``torchvision:<name>`` for every
-torchvision classifier. ``ModelConfig.arch`` may also be the path of a checkpoint written
-by ``save_model_checkpoint`` (it records its own architecture and normalization).
+``ModelConfig.arch`` is one of
+
+* a registered name: ``cifar_resnet{20,32,44,56,110}``, ``torchvision:<name>`` for every
+  torchvision classifier, or anything added with :func:`register_model`;
+* ``timm:<name>`` for any timm model (optional extra, see :mod:`intraq_core.models.timm_models`);
+* ``package.module:callable``: a user's function or class returning an ``nn.Module``, called with
+  ``model.kwargs`` (see :mod:`intraq_core.models.imported`);
+* the path of a checkpoint written by :func:`save_model_checkpoint` (it records its own
+  architecture and normalization).
 
 Unset config fields are filled in this order: explicit config values, then the metadata
 of the weights (a named asset, a file whose sha256 is a registered asset's, or a
-``torchvision:<TAG>`` weights tag), then the project checkpoint's ``model_config``, then
-the architecture's defaults.
+``torchvision:<TAG>`` / ``timm:<TAG>`` weights tag), then what the checkpoint's keys tell (a
+CIFAR ResNet's shortcut option and classes), then the project checkpoint's ``model_config``,
+then the architecture's defaults.
 """
 
 from __future__ import annotations
@@ -21,12 +28,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from intraq_core.assets import asset_metadata_for, resolve_asset
 from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, ModelConfig
-from intraq_core.models.checkpoint import CheckpointError, load_weights, read_model_checkpoint
+from intraq_core.errors import CheckpointError, UnknownModelError
+from intraq_core.models.checkpoint import load_state_dict_file, load_weights, read_model_checkpoint, write_checkpoint
 from intraq_core.models.cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
+from intraq_core.models.imported import build_imported_model, imported_defaults, is_import_path
+from intraq_core.models.timm_models import (
+    TIMM_PREFIX,
+    build_timm_model,
+    check_timm_model,
+    parse_timm_weights,
+    timm_defaults,
+    timm_weights_metadata,
+)
 from intraq_core.models.torchvision_models import (
     TORCHVISION_PREFIX,
     build_torchvision_model,
@@ -46,6 +64,7 @@ __all__ = [
     "model_from_checkpoint",
     "register_model",
     "resolve_model_config",
+    "save_model_checkpoint",
 ]
 
 Builder = Callable[[ModelConfig], nn.Module]
@@ -58,18 +77,21 @@ CIFAR_DEFAULTS: dict[str, Any] = {
     "std": CIFAR10_STD,
 }
 _FILLED = ("num_classes", "shortcut", "image_size", "mean", "std")
-
-
-class UnknownModelError(ValueError):
-    """``arch`` is neither a registered model nor a project checkpoint file."""
+#: Seed of the initialization when ``model.weights`` is None (the same network in every process).
+RANDOM_INIT_SEED = 0
+_HUB_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered architecture: builder (given the resolved config) and default fields.
+    """An architecture: builder (given the resolved config) and where its unset fields come from.
 
-    ``shortcut`` tells whether the architecture takes the CIFAR-ResNet shortcut option;
-    ``weights_metadata(tag)`` describes ``torchvision:<tag>`` weights when supported.
+    ``defaults`` holds num_classes, image_size, mean, std (and shortcut); ``defaults_for(cfg)``
+    computes them instead when they depend on the config (an imported callable's kwargs).
+    ``shortcut`` tells whether the architecture takes the CIFAR-ResNet shortcut option.
+    ``weights_prefix`` (``torchvision:``, ``timm:``) names the published weights it accepts and
+    ``weights_metadata(tag)`` describes them. ``from_state_dict(state)`` reads fields off a
+    checkpoint's keys and shapes. ``kwargs`` tells whether ``model.kwargs`` reaches the builder.
     """
 
     name: str
@@ -77,6 +99,10 @@ class ModelSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     shortcut: bool = False
     weights_metadata: Callable[[str], dict[str, Any]] | None = None
+    weights_prefix: str | None = None
+    defaults_for: Callable[[ModelConfig], Mapping[str, Any]] | None = None
+    from_state_dict: Callable[[Mapping[str, Tensor]], dict[str, Any]] | None = None
+    kwargs: bool = True
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -88,30 +114,69 @@ def register_model(
     defaults: Mapping[str, Any] | None = None,
     shortcut: bool = False,
     weights_metadata: Callable[[str], dict[str, Any]] | None = None,
+    weights_prefix: str | None = None,
+    from_state_dict: Callable[[Mapping[str, Tensor]], dict[str, Any]] | None = None,
+    kwargs: bool = True,
 ) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder(cfg: ModelConfig) -> nn.Module`` under ``name``.
 
     ``defaults`` may hold num_classes, image_size, mean, std (and shortcut); fields
-    without a default must then be given in the config.
+    without a default must then be given in the config. The builder reads ``cfg.kwargs``
+    for any extra arguments (pass ``kwargs=False`` to refuse them).
     """
 
     def decorator(builder: Builder) -> Builder:
-        _REGISTRY[name] = ModelSpec(name, builder, dict(defaults or {}), shortcut, weights_metadata)
+        _REGISTRY[name] = ModelSpec(
+            name,
+            builder,
+            dict(defaults or {}),
+            shortcut,
+            weights_metadata,
+            weights_prefix,
+            None,
+            from_state_dict,
+            kwargs,
+        )
         return builder
 
     return decorator
 
 
 def list_models() -> list[str]:
-    """All registered architecture names, sorted."""
+    """All registered architecture names, sorted (``timm:<name>`` and import paths also work)."""
     return sorted(_REGISTRY)
 
 
+def _build_timm(name: str, cfg: ModelConfig) -> nn.Module:
+    assert cfg.num_classes is not None
+    return build_timm_model(name, cfg.num_classes, cfg.weights, dict(cfg.kwargs))
+
+
+def _build_imported(arch: str, cfg: ModelConfig) -> nn.Module:
+    return build_imported_model(arch, cfg.kwargs, cfg.num_classes)
+
+
 def get_model_spec(name: str) -> ModelSpec:
-    """The spec registered under ``name``; UnknownModelError suggests the closest names."""
+    """The spec of ``name`` (registered, ``timm:``, or an import path); UnknownModelError suggests names."""
     spec = _REGISTRY.get(name)
     if spec is not None:
         return spec
+    if name.startswith(TIMM_PREFIX):
+        model = name[len(TIMM_PREFIX) :]
+        check_timm_model(model)
+        return ModelSpec(
+            name,
+            partial(_build_timm, model),
+            timm_defaults(model),
+            weights_metadata=partial(timm_weights_metadata, model),
+            weights_prefix=TIMM_PREFIX,
+        )
+    if is_import_path(name) and not name.startswith(TORCHVISION_PREFIX):
+        return ModelSpec(
+            name,
+            partial(_build_imported, name),
+            defaults_for=lambda cfg: imported_defaults(name, cfg.kwargs),
+        )
     names = list_models()
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     prefixed = f"{TORCHVISION_PREFIX}{name}"
@@ -119,19 +184,45 @@ def get_model_spec(name: str) -> ModelSpec:
         close.insert(0, prefixed)
     hint = f"did you mean {', '.join(repr(c) for c in close[:3])}? " if close else ""
     raise UnknownModelError(
-        f"unknown model architecture '{name}' (neither a registered model nor an existing checkpoint "
-        f"file); {hint}see list_models() for the {len(names)} registered names"
+        f"unknown model architecture '{name}' (neither a registered model nor an existing checkpoint file, "
+        f"timm:<name> or an importable package.module:callable); {hint}see list_models() for the "
+        f"{len(names)} registered names"
     )
 
 
-def _project_checkpoint_config(path: Path) -> dict[str, Any] | None:
-    """model_config of a project checkpoint at ``path``, None if it is another kind of file."""
+def _project_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The project checkpoint at ``path`` (config, quant config), None if it is another kind of file."""
     if not path.is_file() or not zipfile.is_zipfile(path):
         return None
     try:
-        return dict(read_model_checkpoint(path)["model_config"])
+        return read_model_checkpoint(path)
     except CheckpointError:
         return None
+
+
+def _refuse_student(ckpt: Mapping[str, Any], path: Path) -> None:
+    if ckpt.get("quant_config") is not None:
+        raise CheckpointError(
+            f"{path} is a quantized student, not a float model: evaluate it with `intraq-pipeline evaluate "
+            "--weights` or load it with intraq_core.load_student"
+        )
+
+
+def _hub_weights(weights: str | None) -> tuple[str, str] | None:
+    """``(prefix, tag)`` of published-weights tags (``torchvision:<TAG>``, ``timm:<TAG>``), else None."""
+    for prefix, parse in ((TORCHVISION_PREFIX, parse_torchvision_weights), (TIMM_PREFIX, parse_timm_weights)):
+        tag = parse(weights)
+        if tag is not None:
+            return prefix, tag
+    return None
+
+
+def _weights_file(weights: str | None) -> Path | None:
+    """The local file of ``weights`` when it is a path (asset names are not resolved: no download)."""
+    if weights is None or _hub_weights(weights) is not None:
+        return None
+    path = Path(weights).expanduser()
+    return path if path.is_file() else None
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
@@ -140,55 +231,91 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     When ``arch`` is a project checkpoint, the copy's ``arch`` is the recorded architecture
     and its ``weights`` the checkpoint (unless weights were given). Never downloads.
     """
-    arch, weights = cfg.arch, cfg.weights
+    arch, weights, kwargs = cfg.arch, cfg.weights, dict(cfg.kwargs)
     ckpt_cfg: dict[str, Any] = {}
     if arch not in _REGISTRY and Path(arch).expanduser().is_file():
         ckpt_path = Path(arch).expanduser()
-        ckpt_cfg = dict(read_model_checkpoint(ckpt_path)["model_config"])
+        ckpt = read_model_checkpoint(ckpt_path)
+        _refuse_student(ckpt, ckpt_path)
+        ckpt_cfg = dict(ckpt["model_config"])
         arch = str(ckpt_cfg.get("arch"))
+        kwargs = {**dict(ckpt_cfg.get("kwargs") or {}), **kwargs}
         weights = weights if weights is not None else str(ckpt_path)
     spec = get_model_spec(arch)
 
-    tag = parse_torchvision_weights(weights)
-    if tag is not None:
-        if spec.weights_metadata is None:
-            raise ValueError(f"weights '{weights}' are torchvision weights, but arch '{arch}' is not")
+    weights_meta: dict[str, Any] = {}
+    from_keys: dict[str, Any] = {}
+    hub = _hub_weights(weights)
+    if hub is not None:
+        prefix, tag = hub
+        if spec.weights_metadata is None or spec.weights_prefix != prefix:
+            raise ValueError(f"weights '{weights}' are {prefix.rstrip(':')} weights, but arch '{arch}' is not")
         weights_meta = spec.weights_metadata(tag)
     else:
         weights_meta = asset_metadata_for(weights) or {}
-        if not ckpt_cfg and weights is not None:
-            ckpt_cfg = _project_checkpoint_config(Path(weights).expanduser()) or {}
+        path = _weights_file(weights)
+        if path is not None:
+            ckpt = _project_checkpoint(path) if not ckpt_cfg else None
+            if ckpt is not None:
+                _refuse_student(ckpt, path)
+                ckpt_cfg = dict(ckpt["model_config"])
+            elif spec.from_state_dict is not None and not ckpt_cfg:
+                from_keys = spec.from_state_dict(load_state_dict_file(path))
 
     if cfg.shortcut is not None and not spec.shortcut:
         raise ValueError(f"shortcut applies only to CIFAR ResNets, not to '{arch}'")
+    if kwargs and not spec.kwargs:
+        raise ValueError(f"model.kwargs does not apply to '{arch}' (its options are model.* keys)")
+    explicit = {name: getattr(cfg, name) for name in _FILLED}
     values: dict[str, Any] = {}
+    computed: Mapping[str, Any] | None = None
     for name in _FILLED:
         if name == "shortcut" and not spec.shortcut:
             values[name] = None
             continue
-        explicit = getattr(cfg, name)
-        layers = (weights_meta.get(name), ckpt_cfg.get(name), spec.defaults.get(name))
-        value = explicit if explicit is not None else next((v for v in layers if v is not None), None)
+        layers = (explicit[name], weights_meta.get(name), from_keys.get(name), ckpt_cfg.get(name))
+        value = next((v for v in layers if v is not None), None)
         if value is None:
-            raise ValueError(f"model '{arch}' has no default for {name}; set model.{name} explicitly")
+            if computed is None:
+                probe = cfg.model_copy(update={"arch": arch, "kwargs": kwargs})
+                computed = {**spec.defaults, **(spec.defaults_for(probe) if spec.defaults_for else {})}
+            value = computed.get(name)
+        if value is None:
+            raise ValueError(
+                f"model '{arch}' has no default for {name}; set model.{name} explicitly"
+                + (" (or declare it in a pretrained_cfg dict on the callable)" if spec.defaults_for else "")
+            )
         values[name] = value
-    return ModelConfig.model_validate({"arch": arch, "weights": weights, **values})
+    return ModelConfig.model_validate({"arch": arch, "weights": weights, "kwargs": kwargs, **values})
 
 
 def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:
     """Build the model of ``cfg`` (an arch name or ModelConfig), load its weights, set eval mode.
 
     Weights given as an asset name are resolved (and downloaded once) via ``resolve_asset``;
-    ``torchvision:<TAG>`` weights go through torchvision's weights API.
+    ``torchvision:<TAG>`` / ``timm:<TAG>`` weights go through those libraries' weights APIs.
+
+    Example:
+        >>> model = create_model("cifar_resnet20", num_classes=100)
+        >>> model.linear.out_features
+        100
     """
     if isinstance(cfg, str):
         cfg = ModelConfig.model_validate({"arch": cfg, **overrides})
     elif overrides:
         cfg = ModelConfig.model_validate({**cfg.model_dump(), **overrides})
     resolved = resolve_model_config(cfg)
-    model = get_model_spec(resolved.arch).builder(resolved)
-    if resolved.weights is not None and parse_torchvision_weights(resolved.weights) is None:
-        load_weights(model, resolve_asset(resolved.weights))
+    builder = get_model_spec(resolved.arch).builder
+    if resolved.weights is None:
+        # Random weights are seeded, so every process (generation actors, Train workers, the
+        # evaluation) builds the same teacher; the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = builder(resolved)
+    else:
+        model = builder(resolved)
+        if _hub_weights(resolved.weights) is None:
+            load_weights(model, resolve_asset(resolved.weights))
     return model.eval()
 
 
@@ -199,6 +326,37 @@ def model_from_checkpoint(path: str | os.PathLike[str]) -> nn.Module:
     return create_model(ModelConfig(arch=str(p)))
 
 
+def save_model_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    model_config: Mapping[str, Any] | ModelConfig,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a float model in the project's checkpoint format, atomically; returns the path.
+
+    ``model_config`` (a dict or ModelConfig) is resolved so the file records its
+    architecture, classes and normalization; its ``weights`` is cleared because the
+    weights are in the file. Such a file can be used as ``ModelConfig.arch``.
+    """
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
+    resolved = resolve_model_config(cfg)
+    return write_checkpoint(path, model.state_dict(), resolved.model_dump(mode="json"), extra=extra)
+
+
+def cifar_from_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Shortcut option and classes of a CIFAR ResNet state_dict (either key layout).
+
+    Option B has parameters on the shortcut (``shortcut.*`` or ``downsample.*`` keys), option A
+    has none; the classes are the rows of the head's weight (``linear`` or ``fc``).
+    """
+    out: dict[str, Any] = {"shortcut": "B" if any(".shortcut." in k or ".downsample." in k for k in state) else "A"}
+    for head in ("linear.weight", "fc.weight"):
+        if head in state and state[head].dim() == 2:
+            out["num_classes"] = int(state[head].shape[0])
+            break
+    return out
+
+
 def _build_cifar(depth: int, cfg: ModelConfig) -> nn.Module:
     assert cfg.num_classes is not None and cfg.shortcut is not None
     return cifar_resnet(depth, num_classes=cfg.num_classes, shortcut=cfg.shortcut)
@@ -206,17 +364,24 @@ def _build_cifar(depth: int, cfg: ModelConfig) -> nn.Module:
 
 def _build_torchvision(name: str, cfg: ModelConfig) -> nn.Module:
     assert cfg.num_classes is not None
-    return build_torchvision_model(name, cfg.num_classes, cfg.weights)
+    return build_torchvision_model(name, cfg.num_classes, cfg.weights, dict(cfg.kwargs))
 
 
 def _register_builtins() -> None:
     for depth in CIFAR_RESNET_DEPTHS:
-        register_model(f"cifar_resnet{depth}", defaults=CIFAR_DEFAULTS, shortcut=True)(partial(_build_cifar, depth))
+        register_model(
+            f"cifar_resnet{depth}",
+            defaults=CIFAR_DEFAULTS,
+            shortcut=True,
+            from_state_dict=cifar_from_state_dict,
+            kwargs=False,
+        )(partial(_build_cifar, depth))
     for name in torchvision_model_names():
         register_model(
             f"{TORCHVISION_PREFIX}{name}",
             defaults=torchvision_defaults(name),
             weights_metadata=partial(torchvision_weights_metadata, name),
+            weights_prefix=TORCHVISION_PREFIX,
         )(partial(_build_torchvision, name))
 
 

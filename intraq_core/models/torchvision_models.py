@@ -81,13 +81,16 @@ def torchvision_defaults(name: str) -> dict[str, Any]:
     }
 
 
-def build_torchvision_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
-    """Build ``name``; ``weights`` is ``torchvision:<TAG>`` (downloads if not cached) or None."""
+def build_torchvision_model(
+    name: str, num_classes: int, weights: str | None = None, kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """Build ``name`` (``kwargs`` go to its builder, e.g. ``width_mult``); ``weights`` is
+    ``torchvision:<TAG>`` (downloads if not cached) or None."""
     tag = parse_torchvision_weights(weights)
     if tag is None:
-        return get_model(name, weights=None, num_classes=num_classes)
+        return get_model(name, weights=None, num_classes=num_classes, **(kwargs or {}))
     enum = _weights_enum(name, tag)
     n = len(enum.meta["categories"])
     if num_classes != n:
         raise ValueError(f"torchvision weights {enum} have {n} classes, but num_classes={num_classes}")
-    return get_model(name, weights=enum)
+    return get_model(name, weights=enum, **(kwargs or {}))

@@ -6,10 +6,13 @@ The model is traced with ``torch.fx`` and rewritten, following the reference pla
   :class:`QuantLinear` (subclasses, so parameter names and state-dict keys are unchanged)
   whose weight is fake-quantized per output channel at ``w_bits`` (the first and last such
   layer in execution order may get ``first_layer_bits`` / ``last_layer_bits``);
-- after every *call site* of a ReLU / ReLU6 (modules, ``F.relu``, ``torch.relu``,
-  ``F.relu6``, ``Tensor.relu``, in-place or not) a new :class:`ActFakeQuant` at ``a_bits``
-  is inserted, registered as ``act_quant.<fx node name>`` (unsigned: its range starts at 0);
-  a ReLU module called twice gets two quantizers with separate ranges;
+- after every *activation site* (a call of ReLU, ReLU6, SiLU, GELU or hardswish: modules,
+  ``F.relu``, ``torch.relu``, ``F.relu6``, ``F.silu``, ``F.gelu``, ``F.hardswish``,
+  ``Tensor.relu``, in-place or not; see :func:`intraq_core.models.introspect.activation_site`)
+  a new :class:`ActFakeQuant` at ``a_bits`` is inserted, registered as
+  ``act_quant.<fx node name>``, unsigned after ReLU/ReLU6 and signed after the others (their
+  outputs dip below zero); an activation module called twice gets two quantizers with
+  separate ranges;
 - optionally the network input (``quantize_input``) and every addition of two tensors
   (``quantize_residual``) get an activation quantizer too.
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from intraq_core.config import QuantConfig
+from intraq_core.models.introspect import activation_site
 from intraq_core.quant.quantizer import ACT_MODES, ActFakeQuant, WeightFakeQuant
 
 __all__ = [
@@ -99,9 +103,8 @@ class QuantLinear(nn.Linear):
 
 _QUANT_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
-_RELU_FUNCTIONS = {F.relu, F.relu_, F.relu6, torch.relu, torch.relu_}
-_RELU_METHODS = {"relu", "relu_"}
 _INPLACE_FUNCTIONS = {F.relu_, torch.relu_, operator.iadd}
+_INPLACE_KWARG_FUNCTIONS = {F.relu, F.relu6, F.silu, F.hardswish}  # in place when inplace=True
 _INPLACE_METHODS = {"relu_", "add_"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -109,22 +112,14 @@ _NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "st
 _NON_TENSOR_FUNCTIONS = {getattr, len}
 
 
-def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), (nn.ReLU, nn.ReLU6))
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
 def _mutated_input(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
-    """The node whose tensor ``node`` modifies in place (in-place ReLU / add), else None."""
+    """The node whose tensor ``node`` modifies in place (in-place activation / add), else None."""
     inplace = False
     if node.op == "call_module":
         inplace = bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
     elif node.op == "call_function":
         inplace = node.target in _INPLACE_FUNCTIONS or (
-            node.target in (F.relu, F.relu6)
+            node.target in _INPLACE_KWARG_FUNCTIONS
             and bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False))
         )
     elif node.op == "call_method":
@@ -235,7 +230,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     container = nn.ModuleDict()
     gm.add_module(ACT_QUANT_PREFIX, container)
 
-    def new_act(bits: int, signed: bool | None) -> ActFakeQuant:
+    def new_act(bits: int, signed: bool = True) -> ActFakeQuant:
         return ActFakeQuant(
             bits,
             ema_decay=config.ema_decay,
@@ -250,12 +245,12 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "placeholder":
             if input_pending:  # the first input only (the image of a classifier)
-                _insert_act_quant(gm, container, node, new_act(config.input_bits, None))
+                _insert_act_quant(gm, container, node, new_act(config.input_bits))
                 input_pending = False
-        elif _is_relu(node, gm):
-            _insert_act_quant(gm, container, node, new_act(config.a_bits, False))
+        elif (site := activation_site(node, gm)) is not None:
+            _insert_act_quant(gm, container, node, new_act(config.a_bits, site.signed))
         elif config.quantize_residual and _is_residual_add(node, memo):
-            _insert_act_quant(gm, container, node, new_act(config.a_bits, None))
+            _insert_act_quant(gm, container, node, new_act(config.a_bits))
 
     container.train(training)
     graph.lint()
@@ -356,6 +351,7 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
                 "name": name,
                 "kind": "act",
                 "bits": quant.bits,
+                "signed": quant.signed,
                 "mode": quant.mode,
                 "updates": int(quant.num_updates),
                 "range": None,

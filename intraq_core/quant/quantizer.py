@@ -381,9 +381,11 @@ class ActFakeQuant(nn.Module):
       built on the fly, e.g. the student of DeepInversion's ADI term); EMAs untouched.
     - ``"off"``: identity.
 
-    ``signed=False`` (the output of a ReLU) pins the range's low end at 0: an unsigned grid.
-    ``drop_prob`` > 0 (QDrop, used during block reconstruction) passes each element through
-    unquantized with that probability.
+    ``signed`` False (the output of a ReLU/ReLU6) fixes the lower end of the range at 0: an
+    unsigned grid ``[0, b]`` with zero point 0 (a negative input clamps to 0). ``signed`` True
+    (SiLU, GELU, hardswish, the network input, residual sums) keeps the observed minimum: the
+    asymmetric grid ``[min(a, 0), max(b, 0)]``. ``drop_prob`` > 0 (QDrop, used during block
+    reconstruction) passes each element through unquantized with that probability.
     """
 
     ema_min: Tensor
@@ -400,17 +402,17 @@ class ActFakeQuant(nn.Module):
         range_method: RangeMethod = "minmax",
         lp_norm: float = 2.4,
         learn_scale: bool = False,
-        signed: bool | None = None,
+        signed: bool = True,
     ) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
+        self.signed = bool(signed)
         if not 0.0 < float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
         self.range_method = _check_range_method(range_method)
         self.lp_norm = float(lp_norm)
         self.learn_scale = bool(learn_scale)
-        self.signed = signed
         self.stateful = self.range_method != "minmax" or self.learn_scale
         self.register_buffer("ema_min", torch.zeros((), dtype=torch.float32))
         self.register_buffer("ema_max", torch.zeros((), dtype=torch.float32))
@@ -477,7 +479,7 @@ class ActFakeQuant(nn.Module):
             raise RuntimeError("activation quantizer has no calibrated range (never run in 'calibrate')")
         correction = 1.0 - torch.pow(self.ema_decay, self.num_updates.float())
         lo, hi = self.ema_min.float() / correction, self.ema_max.float() / correction
-        if self.signed is False:
+        if not self.signed:
             lo = torch.zeros_like(lo)
         return lo, hi
 
@@ -526,7 +528,7 @@ class ActFakeQuant(nn.Module):
             values = torch.cat(self._samples)
             assert self._seen is not None
             lo_seen, hi_seen = self._seen
-            if self.signed is False:
+            if not self.signed:
                 lo_seen = 0.0
                 values = values.clamp(min=0.0)
             # The search starts from the widest range seen, which the samples may miss.
@@ -545,7 +547,7 @@ class ActFakeQuant(nn.Module):
             return x
         if mode == "dynamic":
             lo, hi = torch.aminmax(x.detach())
-            scale, zero_point = affine_qparams(lo, hi, self.bits)
+            scale, zero_point = affine_qparams(lo if self.signed else torch.zeros_like(lo), hi, self.bits)
             return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
         if mode == "calibrate":
             self._observe(x)
@@ -584,4 +586,4 @@ class ActFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", range={self.range_method}, learn_scale={self.learn_scale}" if self.stateful else ""
-        return f"bits={self.bits}, ema_decay={self.ema_decay}, mode={self._mode}{extra}"
+        return f"bits={self.bits}, signed={self.signed}, ema_decay={self.ema_decay}, mode={self._mode}{extra}"

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from intraq_core.config import SynthConfig
+from intraq_core.errors import ModelError
 from intraq_core.models.introspect import FeatureTap, bn_layers
 from intraq_core.synth import losses
 from intraq_core.synth.lor import apply_lor, sample_lor_params
@@ -89,8 +90,6 @@ class _BNStats:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for _, m in bn_layers(model)]
-        if not self.layers:
-            raise ValueError("the teacher has no BatchNorm layers: the BNS loss needs them")
         self.means: list[torch.Tensor] = []
         self.vars: list[torch.Tensor] = []
         self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
@@ -109,6 +108,20 @@ class _BNStats:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def check_teacher(teacher: nn.Module, cfg: SynthConfig) -> None:
+    """ModelError (one line) when the synthesis method needs BN statistics the teacher lacks.
+
+    The BN-statistics loss matches the batch statistics of every BatchNorm input to the layer's
+    running statistics: without a BatchNorm layer there is nothing to match.
+    """
+    if cfg.weights()["bns"] > 0 and not bn_layers(teacher):
+        raise ModelError(
+            f"the teacher ({type(teacher).__name__}) has no BatchNorm layer, but generate.method={cfg.method} "
+            "uses the BN-statistics loss, which needs the running statistics of BN layers; use a teacher with "
+            "BatchNorm, or a method without that loss (generate.method=gaussian, or generate.bns_weight=0)"
+        )
 
 
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -153,6 +166,7 @@ class Synthesizer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False).to(self.device)
         self.teacher = self.teacher.to(memory_format=self.memory_format)
+        check_teacher(self.teacher, cfg)
         self.bn = _BNStats(self.teacher)
         layer = None if cfg.mdc_feature == "penultimate" else cfg.mdc_feature
         self.tap = FeatureTap(self.teacher, layer)

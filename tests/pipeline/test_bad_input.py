@@ -12,6 +12,8 @@ and library storage errors (botocore) reach the same one-line path.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,14 @@ class _Evil:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Bad inputs on disk: checkpoints, configs, a test set."""
+def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Bad inputs on disk: checkpoints, configs, a test set, a user module whose model has no BatchNorm."""
     root = tmp_path_factory.mktemp("bad-input")
+    (root / "nobn_nets.py").write_text(
+        "import torch.nn as nn\n"
+        "def mlp(num_classes=10):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.ReLU(), nn.Linear(8, num_classes))\n"
+    )
     out = {"root": root, "marker": root / "pwned"}
     out["wrong_keys"] = root / "wrong-keys.pt"
     torch.save({"state_dict": {"not_a_layer.weight": torch.zeros(3)}}, out["wrong_keys"])
@@ -65,7 +72,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     out["a_file"] = root / "a-file"
     out["a_file"].write_text("not a directory\n")
-    return out
+    sys.path.insert(0, str(root))
+    try:
+        yield out
+    finally:
+        sys.path.remove(str(root))
 
 
 @pytest.fixture()
@@ -123,12 +134,24 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("unknown_key", ["distill.epoch=3"], ["unknown key 'distill.epoch'", "did you mean 'distill.epochs'?"]),
     ("unknown_key_alias", ["distill.learning_rate=0.1"], ["did you mean 'distill.lr'?"]),
     ("test_set_classes", ["eval.data={test100}"], ["test100.npz has 100 classes but the model predicts 10"]),
+    (
+        "user_module_missing",
+        ["model.arch=no_such_user_module:build"],
+        ["cannot load the teacher", "no module named 'no_such_user_module'", "PYTHONPATH"],
+    ),
+    (
+        "teacher_without_batchnorm",
+        ["model.arch=nobn_nets:mlp", "model.weights=null"],
+        ["has no BatchNorm layer", "generate.method=intraq", "generate.method=gaussian"],
+    ),
 ]
 
 
 def _applies(command: str, items: list[str]) -> bool:
     """generate never evaluates; train reuses an existing dataset (no plan to check)."""
     if command == "generate" and items[0].startswith("eval."):
+        return False
+    if command == "train" and items[0].startswith("model.arch=nobn"):  # train synthesizes nothing
         return False
     return not (command == "train" and items[0].startswith("generate.num_images"))
 

@@ -40,6 +40,34 @@ def test_evaluate_prints_the_published_accuracy(teacher_path: Path) -> None:
     assert json.loads(out.stdout) == {"top1": 91.73, "n": 10000}
 
 
+def test_evaluate_another_lineage_without_naming_its_shortcut(data_dir: Path) -> None:
+    # chenyaofo's ResNet-20: option-B shortcuts named `downsample`, head `fc`, CIFAR normalization.
+    # The shortcut option is read off the checkpoint's keys; the normalization is the model spec's.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "evaluate",
+            "--arch",
+            "cifar_resnet20",
+            "--weights",
+            str(data_dir / "chenyaofo_cifar10_resnet20-eb80202b.pth"),
+            "--data",
+            "cifar10-test",
+            "--set",
+            "model.mean=[0.4914,0.4822,0.4465]",
+            "--set",
+            "model.std=[0.2023,0.1994,0.2010]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "top-1 92.60% on 10000 images"
+
+
 @pytest.mark.slow
 def test_smoke_run_local_executor(tmp_path: Path) -> None:
     res = runner.invoke(app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r")])

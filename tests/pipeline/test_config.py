@@ -96,3 +96,12 @@ def test_dataset_hash_ignores_training_settings() -> None:
     c = load_run_config(None, ["generate.iterations=10"])
     assert a.dataset_hash() == b.dataset_hash() != c.dataset_hash()
     assert a.config_hash() != b.config_hash()
+
+
+def test_model_normalization_takes_lists_or_comma_separated_numbers() -> None:
+    from pipeline.config import load_run_config
+
+    as_list = load_run_config(None, ["model.mean=[0.4914,0.4822,0.4465]", "model.std=(0.2023, 0.1994, 0.2010)"])
+    as_text = load_run_config(None, ["model.mean=0.4914,0.4822,0.4465", "model.std=0.2023,0.1994,0.2010"])
+    assert as_list.model.mean == as_text.model.mean == (0.4914, 0.4822, 0.4465)
+    assert as_list.model.std == as_text.model.std == (0.2023, 0.1994, 0.2010)

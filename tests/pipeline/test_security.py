@@ -83,11 +83,11 @@ FORBIDDEN_CALLS = {
 
 # The documented exceptions: (file, enclosing function, call) → why it is safe.
 ALLOWED = {
-    ("pipeline/export.py", "run_exported", "torch.jit.load"): (
+    ("intraq_core/deploy.py", "run_exported", "torch.jit.load"): (
         "verification of an export: loads only the bytes export_bytes produced moments before in the "
         "same process (export_run → verify_export → run_exported), never a user-supplied file"
     ),
-    ("pipeline/export.py", "run_exported", "torch.export.load"): "as above, for the .pt2 format",
+    ("intraq_core/deploy.py", "run_exported", "torch.export.load"): "as above, for the .pt2 format",
 }
 
 
@@ -188,7 +188,7 @@ def _is_false_or_absent(node: ast.AST | None) -> bool:
 def test_the_export_loader_only_sees_bytes_made_in_process() -> None:
     """The allow-listed loads stay reachable only through export_run's own verification."""
     callers = {(rel, fn) for rel, fn, call, _ in package_calls() if call.endswith("run_exported")}
-    assert callers == {("pipeline/export.py", "verify_export")}
+    assert callers == {("intraq_core/deploy.py", "verify_export")}
     callers = {(rel, fn) for rel, fn, call, _ in package_calls() if call.endswith("verify_export")}
     assert callers == {("pipeline/export.py", "export_run")}
     from pipeline.export import export_run

@@ -160,10 +160,11 @@ def test_project_checkpoint_format(tmp_path: Path) -> None:
     )
     assert sorted(p.name for p in path.parent.iterdir()) == ["m.pt"]  # atomic write, no temp left
     ck = read_model_checkpoint(path)
-    assert ck["format"] == "intraq-model/1"
+    assert ck["format"] == "intraq-model/1" and ck["quant_config"] is None
     assert ck["model_config"] == {
         "arch": "cifar_resnet20",
         "weights": None,
+        "kwargs": {},
         "num_classes": 10,
         "shortcut": "B",
         "image_size": 32,

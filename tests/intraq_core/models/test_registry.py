@@ -155,3 +155,38 @@ def test_model_from_checkpoint_rejects_plain_files(teacher_path: Path) -> None:
         model_from_checkpoint(teacher_path)
     with pytest.raises(CheckpointError, match=r"not an intraq-pipeline model checkpoint"):
         create_model(ModelConfig(arch=str(teacher_path)))
+
+
+def _torchvision_style_option_b(num_classes: int) -> dict[str, torch.Tensor]:
+    """A chenyaofo-style state dict: option-B shortcuts named ``downsample``, head ``fc``, no prefix."""
+    sd = create_model("cifar_resnet20", shortcut="B", num_classes=num_classes).state_dict()
+    return {k.replace("linear.", "fc.", 1).replace(".shortcut.", ".downsample."): v for k, v in sd.items()}
+
+
+def test_shortcut_and_classes_are_read_off_the_checkpoint_keys(tmp_path: Path, teacher_path: Path) -> None:
+    torch.save(_torchvision_style_option_b(100), tmp_path / "b100.pth")
+    cfg = resolve_model_config(ModelConfig(arch="cifar_resnet20", weights=str(tmp_path / "b100.pth")))
+    assert (cfg.shortcut, cfg.num_classes) == ("B", 100)
+    model = create_model(cfg)
+    assert model.shortcut_option == "B" and model.linear.out_features == 100
+    # Explicit settings still win (and then a mismatch is reported as such).
+    with pytest.raises(CheckpointError, match=r"use shortcut 'B'"):
+        create_model(ModelConfig(arch="cifar_resnet20", weights=str(tmp_path / "b100.pth"), shortcut="A"))
+    # The akamaster teacher (option A) copied under another name: detected as A from its keys too.
+    shutil.copyfile(teacher_path, tmp_path / "teacher.th")
+    assert resolve_model_config(ModelConfig(weights=str(tmp_path / "teacher.th"))).shortcut == "A"
+
+
+def test_a_student_checkpoint_is_not_a_teacher(tmp_path: Path) -> None:
+    from intraq_core.config import QuantConfig
+    from intraq_core.quant import calibrate, quantize
+    from intraq_core.student import save_student
+
+    cfg = resolve_model_config(ModelConfig())
+    student = quantize(create_model(cfg), QuantConfig())
+    calibrate(student, [torch.randn(4, 3, 32, 32)])
+    path = save_student(tmp_path / "student.pt", student, cfg, QuantConfig())
+    with pytest.raises(CheckpointError, match=r"is a quantized student, not a float model"):
+        resolve_model_config(ModelConfig(arch=str(path)))
+    with pytest.raises(CheckpointError, match=r"is a quantized student"):
+        resolve_model_config(ModelConfig(weights=str(path)))

@@ -360,3 +360,57 @@ def test_errors():
 def test_act_quantizers_are_act_fake_quant():
     q = quantize(ResNetish(), cfg(ema_decay=0.5, a_bits=5))
     assert all(isinstance(m, ActFakeQuant) and m.ema_decay == 0.5 and m.bits == 5 for m in act_quantizers(q).values())
+
+
+class SmoothActs(nn.Module):
+    """Every activation kind, as modules, functional calls and a tensor method (one in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.silu = nn.SiLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.hswish = nn.Hardswish()
+        self.relu6 = nn.ReLU6()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.silu(self.bn1(self.conv1(x)))  # module SiLU
+        x = F.gelu(self.conv2(x))  # functional GELU
+        x = self.hswish(x)  # module hardswish
+        x = F.hardswish(x, inplace=True)  # functional, in place
+        x = self.relu6(x)  # module ReLU6
+        x = x.relu()  # tensor method
+        x = F.silu(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_every_activation_site_gets_a_quantizer_signed_where_outputs_dip_below_zero():
+    q = quantize(SmoothActs().eval(), QuantConfig(a_bits=4))
+    sites = {name.removeprefix("act_quant."): quant.signed for name, quant in act_quantizers(q).items()}
+    assert sites == {
+        "silu": True,
+        "gelu": True,
+        "hswish": True,
+        "hardswish": True,
+        "relu6": False,
+        "relu": False,
+        "silu_1": True,
+    }
+    x = torch.randn(8, 3, 6, 6)
+    calibrate(q, [x])
+    lo, _ = act_quantizers(q)["act_quant.gelu"].range()
+    assert float(lo) < 0  # GELU's negative dip is kept on the signed grid
+    # A ReLU output is non-negative: its unsigned grid starts at 0 (zero point 0).
+    assert int(act_quantizers(q)["act_quant.relu6"].qparams()[1]) == 0
+
+
+def test_subclassed_activation_module_is_a_site():
+    class MyReLU(nn.ReLU):
+        pass
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), MyReLU(), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.randn(1, 3, 5, 5))
+    quants = act_quantizers(quantize(net.eval(), QuantConfig()))
+    assert [q.signed for q in quants.values()] == [False]

@@ -361,7 +361,7 @@ def test_learned_activation_step_size_trains_and_round_trips():
     q(x)
     q.mode = "frozen"
     assert isinstance(q.scale, torch.nn.Parameter)
-    assert float(q.scale) == pytest.approx(float(x.max()) / 7, rel=1e-5)  # min/max init
+    assert float(q.scale.detach()) == pytest.approx(float(x.max()) / 7, rel=1e-5)  # min/max init
     ((q(x) - x) ** 2).sum().backward()
     assert q.scale.grad is not None and float(q.scale.grad) != 0.0
     # Without grad the fused op gives the same values as the LSQ path.
@@ -429,3 +429,18 @@ def test_qdrop_keeps_elements_unquantized():
     assert 0.45 < float(kept.float().sum() / (quantized != x).float().sum()) < 0.55
     q.drop_prob = 0.0
     torch.testing.assert_close(q(x), quantized)
+
+
+def test_unsigned_grid_by_hand():
+    # Range [0, 3] at 2 bits: Δ = 1, zero point 0 — a negative input clamps to 0 on the unsigned grid,
+    # while the signed (asymmetric) grid of the same observed values [-1, 3] has Δ = 4/3, zp = 1.
+    x = torch.tensor([-1.0, 0.4, 1.6, 3.0])
+    unsigned = ActFakeQuant(2, mode="dynamic", signed=False)
+    torch.testing.assert_close(unsigned(x), torch.tensor([0.0, 0.0, 2.0, 3.0]))
+    signed = ActFakeQuant(2, mode="dynamic", signed=True)
+    d = 4.0 / 3.0
+    torch.testing.assert_close(signed(x), torch.tensor([-d, 0.0, d, 2 * d]))
+    calibrated = ActFakeQuant(2, ema_decay=0.5, signed=False)
+    calibrated(x)  # EMA range (-1, 3): the unsigned grid still starts at 0
+    scale, zero_point = calibrated.qparams()
+    assert float(scale) == 1.0 and int(zero_point) == 0

@@ -1,0 +1,190 @@
+"""Any classifier as the teacher, through ``run``: a user-defined VGG-style network (a module on the
+path, random weights saved as a plain state_dict), torchvision's mobilenet_v2 (ReLU6, inverted
+residuals) and timm's resnet18, on the local executor and on a local Ray. On Ray the user's module
+is found by the actors and Train workers only because it is shipped in the runtime environment:
+the workers' environment does not have it on its path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from intraq_core.student import load_student
+from pipeline.cli import app
+from tests.pipeline.run_helpers import TINY
+
+MODULE = "test_vgg_nets"
+VGG = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VGGish(nn.Module):
+    """conv-BN-ReLU blocks with max pooling, a functional ReLU and a small MLP head."""
+
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width))
+        self.head = nn.Sequential(nn.Linear(2 * width, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        x = F.max_pool2d(self.block1(x), 2)
+        x = F.relu(self.block2(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build_net(num_classes=10, width=8):
+    return VGGish(num_classes, width)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_code(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``test_vgg_nets.py`` in a directory of its own, and a random state_dict of its network."""
+    root = tmp_path_factory.mktemp("user_code")
+    (root / f"{MODULE}.py").write_text(textwrap.dedent(VGG))
+    sys.path.insert(0, str(root))
+    try:
+        import importlib
+
+        net = importlib.import_module(MODULE).build_net()
+        torch.manual_seed(0)
+        for m in net.modules():  # non-trivial BN statistics for the BN-statistics loss to match
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        torch.save(net.state_dict(), root / "net.pt")
+        yield {"dir": root, "weights": root / "net.pt"}
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop(MODULE, None)
+
+
+def _model_sets(kind: str, user_code: dict[str, Path] | Any) -> list[str]:
+    if kind == "vgg":
+        return [f"model.arch={MODULE}:build_net", f"model.weights={user_code['weights']}"]
+    return [f"model.arch={kind}", "model.weights=null"]
+
+
+def _check_run(run: Path, arch: str) -> dict[str, Any]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["quant_top1"] <= 100.0 and metrics["test_images"] == 200
+    final, model_cfg, _, _ = load_student(run / "student.pt")  # rebuilt from the recorded arch
+    calibrated, _, _, _ = load_student(run / "student_calibrated.pt")
+    assert model_cfg.arch == arch and model_cfg.image_size == 32 and model_cfg.num_classes == 10
+    moved = [not torch.equal(v, calibrated.state_dict()[k]) for k, v in final.state_dict().items()]
+    assert any(moved), "distillation left the student unchanged"
+    return metrics
+
+
+@pytest.mark.parametrize("kind", ["vgg", "torchvision:mobilenet_v2", "timm:resnet18"])
+def test_run_on_the_local_executor(kind: str, user_code: dict[str, Path], tmp_path: Path) -> None:
+    if kind.startswith("timm:"):
+        pytest.importorskip("timm")
+    sets = [*TINY, *_model_sets(kind, user_code)]
+    args = ["run", "-c", "smoke", "-q", "-o", str(tmp_path / "run")]
+    for item in sets:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    arch = f"{MODULE}:build_net" if kind == "vgg" else kind
+    _check_run(tmp_path / "run", arch)
+
+
+RAY_TINY = (
+    *(item for item in TINY if not item.startswith("executor=")),
+    "executor=ray",
+    "ray.generation_actors=2",
+    "ray.train_workers=1",
+)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_mobilenet_v2_runs_on_ray(ray_cluster: dict[str, Any], tmp_path: Path) -> None:
+    """ReLU6 sites and inverted residuals through generation actors and a Ray Train worker; its random
+    weights are seeded, so every process builds the same teacher (the shards' teacher hash agrees)."""
+    from pipeline.config import load_run_config
+    from pipeline.run import run_pipeline
+
+    sets = [*RAY_TINY, *_model_sets("torchvision:mobilenet_v2", {}), f"storage.url={tmp_path / 'run'}"]
+    run_pipeline(load_run_config("smoke", sets), progress=False)
+    _check_run(tmp_path / "run", "torchvision:mobilenet_v2")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_user_module_is_shipped_to_workers_of_a_ray_started_elsewhere(
+    user_code: dict[str, Path], ray_cluster: dict[str, Any]
+) -> None:
+    """The session's Ray started before the user's module existed, so its workers cannot import it
+    from their path; with the runtime env the generation actors and Train workers get, they can."""
+    import ray
+
+    from intraq_core.config import ModelConfig
+    from pipeline.user_code import with_user_code
+
+    def build() -> str:
+        import importlib
+
+        return type(importlib.import_module(MODULE).build_net()).__name__
+
+    remote = ray.remote(num_cpus=0.1)(build)
+    with pytest.raises(ray.exceptions.RayTaskError, match=MODULE):
+        ray.get(remote.remote(), timeout=60)  # not on the workers' path
+    env = with_user_code(None, ModelConfig(arch=f"{MODULE}:build_net"), upload=True)
+    assert env is not None and all(uri.startswith("gcs://") for uri in env["py_modules"])
+    assert ray.get(remote.options(runtime_env=env).remote(), timeout=60) == "VGGish"
+
+
+FORBIDDEN = ("core_worker", "Deprecat", "TrainingReport(", "BuildBackendWarning")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_run_of_a_user_module_on_ray_keeps_the_terminal_quiet(user_code: dict[str, Path], tmp_path: Path) -> None:
+    """``intraq-pipeline run -c smoke --set model.arch=my_models:build_net --set model.weights=PATH`` on the
+    CLI's own local Ray: the module is importable by the driver only (its directory is put on the
+    driver's sys.path, not in the environment the Ray workers inherit), the terminal shows bars,
+    the dashboard URL and results but no Ray internals, and those are in the run's log file."""
+    run = tmp_path / "run"
+    args = ["run", "-c", "smoke", "-o", str(run)]
+    for item in (*RAY_TINY, *_model_sets("vgg", user_code)):
+        args += ["--set", item]
+    launcher = (
+        f"import sys; sys.path.insert(0, {str(user_code['dir'])!r}); "
+        f"sys.argv = ['intraq-pipeline', *{args!r}]; from pipeline.cli import main; main()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the project only, not the user's code
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    terminal = proc.stdout + proc.stderr
+    assert proc.returncode == 0, terminal
+    for text in FORBIDDEN:
+        assert text not in terminal, f"{text!r} reached the terminal:\n{terminal}"
+    assert "Ray dashboard: http://127.0.0.1:" in terminal
+    assert "calibrated" in proc.stdout and "metrics:" in proc.stdout
+    _check_run(run, f"{MODULE}:build_net")
+    logs = sorted((run / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"log: {logs[0]}" in proc.stdout
+    text = logs[0].read_text()
+    assert "(RayTrainWorker" in text and "TrainingReport(" in text  # routed to the file, not lost
