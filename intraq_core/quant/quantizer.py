@@ -557,9 +557,9 @@ class ActFakeQuant(nn.Module):
         else:
             scale, zero_point = self.qparams()
             out = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
-        if self.drop_prob > 0.0:
-            keep_float = torch.rand_like(x) < self.drop_prob
-            out = torch.where(keep_float, x, out)
+        if self.drop_prob > 0.0:  # QDrop: keep each element in float with probability drop_prob
+            keep_float = (torch.rand_like(x) < self.drop_prob).to(x.dtype)
+            out = torch.lerp(out, x, keep_float)  # several times faster than torch.where on CPU
         return out
 
     def _load_from_state_dict(

@@ -297,8 +297,8 @@ def _reconstruct_unit(
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
             inp = x_q[idx]
             if cfg.drop_prob > 0:
-                mask = torch.rand(inp.shape, generator=gen) < cfg.drop_prob
-                inp = torch.where(mask, x_fp[idx], inp)
+                mask = (torch.rand(inp.shape, generator=gen) < cfg.drop_prob).to(inp.dtype)
+                inp = torch.lerp(inp, x_fp[idx], mask)
             inp, target = inp.to(device), y_fp[idx].to(device)
             if scales:  # cosine decay of the step-size learning rate, as BRECQ
                 opt.param_groups[1]["lr"] = cfg.act_lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations))
