@@ -67,20 +67,36 @@ class QuantConfig(StageConfig):
     """Uniform asymmetric fake quantization (weights per output channel, activations per tensor).
 
     Placement follows the reference: every Conv/Linear weight, and the output of every
-    ReLU/ReLU6. Optional extras: separate bits for the first/last layer, quantizing the
+    ReLU/ReLU6. Optional extras: separate bits for the first/last layer, for the activations
+    that feed the last layer (``last_input_bits``; SQuant's protocol uses 8), quantizing the
     network input and the residual additions.
+
+    ``method`` decides how the weights are rounded and where activation ranges come from:
+    ``minmax`` rounds to nearest on the per-channel min/max grid and calibrates activation
+    ranges on synthetic images; ``squant`` (SQuant, ICLR 2022) flips rounding directions to
+    minimize the kernel- and channel-wise summed error and sets activation ranges from the BN
+    statistics, with no image at all (``intraq_core.quant.squant``; ``squant_*`` keys).
     """
 
+    method: Literal["minmax", "squant"] = "minmax"
     w_bits: int = Field(default=4, ge=2, le=8)
     a_bits: int = Field(default=4, ge=2, le=8)
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)
     last_layer_bits: int | None = Field(default=None, ge=2, le=8)
+    last_input_bits: int | None = Field(default=None, ge=2, le=8)
     quantize_input: bool = False
     input_bits: int = Field(default=8, ge=2, le=8)
     quantize_residual: bool = False
     weight_symmetric: bool = False
     ema_decay: float = Field(default=0.9, gt=0.0, lt=1.0)
     calibration_batches: int = Field(default=8, ge=1)
+    # SQuant: the kernel (K) and output-channel (C) flip stages (both off = SQuant-E, nearest),
+    # the activation clipping factor (None = the paper's value for the bit width) and the number
+    # of BN-statistics samples (input-sized) its activation statistics are measured on.
+    squant_kernel: bool = True
+    squant_channel: bool = True
+    squant_act_sigma: float | None = Field(default=None, gt=0.0)
+    squant_act_images: int = Field(default=256, ge=1)
 
     @property
     def tag(self) -> str:
@@ -179,10 +195,11 @@ class DistillConfig(StageConfig):
     Loss = kd_alpha * T^2 * KL(teacher/T || student/T) + ce_weight * CE(student, label).
     The reference uses kd_alpha = T = 20 and lr 1e-4, which diverges on the shared
     CIFAR-10 teacher; the defaults here are the stable recipe (alpha 1, T 4, lr 1e-3,
-    cosine decay) chosen by the data-free agreement check.
+    cosine decay) chosen by the data-free agreement check. ``epochs: 0`` skips distillation: the
+    quantized student (calibrated, or SQuant's) is the final model.
     """
 
-    epochs: int = Field(default=50, ge=1)
+    epochs: int = Field(default=50, ge=0)
     iterations_per_epoch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
