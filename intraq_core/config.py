@@ -111,9 +111,15 @@ class SynthConfig(StageConfig):
     the ZeroQ/GDFQ-style baseline), ``adi`` (IntraQ with MDC replaced by DeepInversion's
     teacher–student competition term), ``gaussian`` (N(0,1) noise, no optimization) and
     ``custom`` (all weights as given, zero when absent).
+
+    ``gdfq`` and ``qimera`` do not optimize pixels: they train a conditional generator against
+    the teacher (CE + 0.1·BNS; Qimera adds boundary-supporting samples and its mapping layer),
+    for ``generator_iterations`` steps of ``generator_batch_size`` images, then sample the plan's
+    shards from it (``intraq_core.synth.generator``). Pixel keys (iterations, lr, LOR, SIL, MDC)
+    do not apply to them.
     """
 
-    method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom"] = "intraq"
+    method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom", "gdfq", "qimera"] = "intraq"
     num_images: int = Field(default=5120, ge=1)
     batch_size: int = Field(default=256, ge=2)
     iterations: int = Field(default=1000, ge=1)
@@ -148,6 +154,18 @@ class SynthConfig(StageConfig):
     clip_pixels: bool = False
     # ADI: bits of the quantized copy of the teacher that plays the student.
     adi_bits: int = Field(default=4, ge=2, le=8)
+    # Generator methods (gdfq, qimera): the generator's training budget and Adam step size
+    # (betas 0.5, 0.999 as GDFQ), its latent size, and Qimera's boundary-supporting samples
+    # (probability of a superposed batch / image, classes per superposition, mapping layer).
+    generator_iterations: int = Field(default=2000, ge=1)
+    generator_batch_size: int = Field(default=200, ge=2)
+    generator_lr: float = Field(default=1e-3, gt=0.0)
+    generator_latent_dim: int = Field(default=100, ge=2)
+    qimera_mix_prob: float = Field(default=0.4, ge=0.0, le=1.0)
+    qimera_mix_classes: int = Field(default=2, ge=2)
+    qimera_mapping: bool = True
+    # Engineering knob: iterations between generator checkpoints (resume points).
+    generator_checkpoint_every: int = Field(default=50, ge=1)
     # Engineering knobs (do not change the method).
     shards_per_round: int = Field(default=4, ge=1)
     channels_last: bool = True
@@ -179,6 +197,11 @@ class SynthConfig(StageConfig):
     def optimizes(self) -> bool:
         return self.method != "gaussian"
 
+    @property
+    def uses_generator(self) -> bool:
+        """Whether images come from a trained conditional generator (gdfq, qimera)."""
+        return self.method in ("gdfq", "qimera")
+
 
 SYNTH_PRESETS: dict[str, dict[str, float]] = {
     "intraq": {"bns": 1.0, "sil": 1.0, "mdc": 1.0, "lor": 1.0},
@@ -186,6 +209,8 @@ SYNTH_PRESETS: dict[str, dict[str, float]] = {
     "adi": {"bns": 1.0, "sil": 1.0, "adi": 1.0, "lor": 1.0},
     "gaussian": {},
     "custom": {},
+    "gdfq": {"bns": 0.1, "ce": 1.0},
+    "qimera": {"bns": 0.1, "ce": 1.0},
 }
 
 

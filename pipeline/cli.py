@@ -139,14 +139,19 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
 
     stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
     stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
+    # A run that needs no images (SQuant without distillation) has no work for Ray.
+    needs_ray = stage != "run" or cfg.needs_synthetic_data()
+    with _ray_session(cfg if needs_ray else cfg.model_copy(update={"executor": "local"}), cluster):
         return stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
 
 
 def _print_metrics(metrics: dict[str, Any], where: str) -> None:
+    if metrics.get("epochs") == 0:
+        result = f"{metrics['quant_top1']:.2f}% (no distillation)"
+    else:
+        result = f"calibrated {metrics['ptq_top1']:.2f}% → distilled {metrics['quant_top1']:.2f}%"
     typer.echo(
-        f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
-        f"calibrated {metrics['ptq_top1']:.2f}% → distilled {metrics['quant_top1']:.2f}%"
+        f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: {result}"
     )
     typer.echo(f"metrics: {where.rstrip('/')}/metrics.json")
 

@@ -33,7 +33,7 @@ import torch
 
 from intraq_core.distill import Distiller, distill, reestimate_bn
 from intraq_core.evaluate import agreement
-from intraq_core.quant import act_quantizers, calibrate
+from intraq_core.quant import act_quantizers, calibrate, set_act_mode, squant_
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.context import RunContext, kill_point
@@ -127,10 +127,17 @@ def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: tor
 
 
 def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
-    """:func:`prepare_student` on given calibration batches (executors that read only those)."""
+    """:func:`prepare_student` on given calibration batches (executors that read only those).
+
+    ``quant.method: squant`` needs no batches: SQuant rounds the weights and sets the activation
+    ranges from the BN statistics (after re-estimating BN on the batches with ``distill.bn:
+    reestimate``).
+    """
     device = ctx.device
     student = build_student(teacher, ctx.cfg.quant).to(device)
     batches = [b.to(device) for b in batches]
+    if ctx.cfg.quant.method == "squant":
+        return _squant_student(ctx, student, batches)
     calibrate(student, batches)
     if ctx.cfg.distill.bn == "reestimate":
         reestimate_bn(student, iter(batches), device=device)
@@ -138,6 +145,49 @@ def calibrate_student(ctx: RunContext, teacher: torch.nn.Module, batches: list[t
             quantizer.reset()
         calibrate(student, batches)
     return student
+
+
+def _squant_student(ctx: RunContext, student: torch.nn.Module, batches: list[torch.Tensor]) -> torch.nn.Module:
+    if ctx.cfg.distill.bn == "reestimate" and batches:
+        set_act_mode(student, "off")
+        reestimate_bn(student, iter(batches), device=ctx.device)
+    report = squant_(
+        student,
+        ctx.cfg.quant,
+        image_shape=ctx.image_shape,
+        normalization=ctx.normalization,
+        seed=derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION),
+    )
+    summary = report.summary()
+    log.info(
+        "SQuant: %d of %d weights flipped from nearest rounding (max |kernel error| %.3f, max |channel error| %.3f "
+        "steps), %d activation ranges from BN statistics, %.2f s",
+        summary["flipped"],
+        summary["weights"],
+        summary["max_kernel_error"],
+        summary["max_channel_error"],
+        summary["activation_quantizers"],
+        summary["seconds"],
+    )
+    return student
+
+
+def quantize_only(ctx: RunContext) -> TrainOutcome:
+    """The student of a run that needs no images (SQuant with ``distill.epochs: 0``).
+
+    Writes it as both the calibrated and the final student (there is no distillation, no dataset
+    and so no held-out agreement).
+    """
+    teacher = ctx.teacher().to(ctx.device)
+    t0 = time.perf_counter()
+    student = calibrate_student(ctx, teacher, [])
+    seconds = time.perf_counter() - t0
+    for path, stage in ((CALIBRATED_PATH, "calibrated"), (STUDENT_PATH, "final")):
+        ctx.storage.write_bytes_atomic(
+            path, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": stage})
+        )
+    ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, b"[]")
+    return TrainOutcome(0, 0, None, None, [], seconds, 0.0)
 
 
 def dataset_fingerprint(manifest: Manifest) -> str:
