@@ -149,7 +149,7 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
         METHODS.get(part, (part, part))[1] if i == 0 else f"distillation on {METHODS.get(part, (part, part))[0]} images"
         for i, part in enumerate(key.split("+"))
     )
-    return {"method": key, "name": method_name(key), "summary": summary, "protocol": lines}
+    return {"method": key, "name": method_name(key), "summary": summary[:1].upper() + summary[1:], "protocol": lines}
 
 
 @dataclass(frozen=True)

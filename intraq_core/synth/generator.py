@@ -234,7 +234,7 @@ class GeneratorTrainer:
             "iteration": self.iteration,
             "done": self.done,
             "generator": {k: v.detach().cpu().clone() for k, v in self.generator.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not the live moments
             "rng": self.rng.get_state(),
             "history": {k: list(v) for k, v in self.history.items()},
         }
@@ -255,10 +255,12 @@ class GeneratorTrainer:
 class GeneratorSampler:
     """Samples shard images from a trained generator (same interface as the pixel Synthesizer).
 
-    :meth:`synthesize` draws every image from its own seed (latents, and for Qimera whether it is a
-    boundary-supporting sample, its other classes and its mixing coefficients, the largest one on
-    the plan label), runs the generator in eval mode (BN running statistics, so an image does not
-    depend on its batch) and returns the teacher's MDC-layer features with them.
+    :meth:`synthesize` draws every image's inputs from its own seed (latents, and for Qimera whether
+    it is a boundary-supporting sample, its other classes and its mixing coefficients, the largest
+    one on the plan label) and runs the generator on the shard as one batch with batch-statistics
+    BatchNorm, as GDFQ and Qimera always run their generator (it is never used in eval mode there,
+    and its running statistics lag far behind a short training); so a shard is a deterministic
+    function of its labels and seeds. It returns the teacher's MDC-layer features with the images.
     """
 
     def __init__(
@@ -278,7 +280,8 @@ class GeneratorSampler:
         self.num_classes = num_classes
         self.generator = build_generator(cfg, num_classes, image_shape, 0)
         self.generator.load_state_dict(generator_state["generator"])
-        self.generator = self.generator.to(self.device).eval().requires_grad_(False)
+        # Train mode = batch statistics; the running statistics this updates are never read.
+        self.generator = self.generator.to(self.device).train().requires_grad_(False)
         history = generator_state.get("history") or {}
         self.history = {k: [float(v) for v in history.get(k, [])] for k in TERMS if history.get(k)}
         self.final = {k: v[-1] for k, v in self.history.items()}
