@@ -33,6 +33,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from intraq_core.student import load_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
@@ -518,7 +520,11 @@ def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
     calibrated, _, _, _ = load_student(ctx.storage.read_bytes(CALIBRATED_PATH))
     ptq = evaluate_model(calibrated, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     final, _, _, _ = load_student(ctx.storage.read_bytes(STUDENT_PATH))
-    quant = evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
+    same = ctx.cfg.distill.epochs == 0 and all(
+        torch.equal(a, b) for a, b in zip(final.state_dict().values(), calibrated.state_dict().values(), strict=True)
+    )
+    # Without distillation the final student is the calibrated one: evaluated once.
+    quant = ptq if same else evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     return {
         "fp_top1": fp["top1"],
         "ptq_top1": ptq["top1"],
