@@ -537,7 +537,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 ACCURACY_COLUMNS = (
     ("run", "Run"),
-    ("method", "Method"),
+    ("method_name", "Method"),
     ("bits", "Bits"),
     ("images", "Images"),
     ("gen_iterations", "Gen. iterations"),
@@ -564,7 +564,8 @@ def accuracy_row(run: RunData) -> dict[str, Any]:
     budget = generation_budget(cfg)
     return {
         "run": run.label,
-        "method": method_name(run.method),
+        "method": run.method,
+        "method_name": method_name(run.method),
         "bits": f"W{m.get('w_bits', cfg.quant.w_bits)}A{m.get('a_bits', cfg.quant.a_bits)}",
         "images": m.get("num_images", budget["num_images"]),
         "gen_iterations": m.get("gen_iterations", budget["gen_iterations"]),

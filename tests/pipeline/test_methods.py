@@ -155,7 +155,8 @@ def test_report_of_a_run_without_images_shows_method_protocol_and_table(
     assert "no synthetic images (the method uses none)" in md
     assert not list((squant_run / "report").glob("samples-*.png"))
     assert result.stats["methods"][0]["method"] == "squant"
-    assert result.stats["accuracy"][0]["method"] == "SQuant"
+    assert result.stats["accuracy"][0]["method"] == "squant"
+    assert result.stats["accuracy"][0]["method_name"] == "SQuant"
 
 
 def test_parse_markdown_table() -> None:
