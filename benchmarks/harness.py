@@ -1,7 +1,8 @@
 """Shared harness of the accuracy benchmarks: budgets, rows, cells, real-data split, statistics.
 
-A *row* is one way of producing training data (a synthetic method, real images, or none);
-a *cell* is (row, bit width, seed). Every cell runs the product's own code path
+A *row* is one way of producing training data (a synthetic method, real images, or none:
+``datafree`` rows such as SQuant build the student without any image); a *cell* is (row, bit
+width, seed). Every cell runs the product's own code path
 (``generate_local`` → ``train_local`` with the run config of the budget + row), evaluates
 the FINAL model on the real CIFAR-10 test set and is saved as one JSON file as soon as it
 finishes, so studies can be built over several sittings; finished cells are skipped.
@@ -55,6 +56,9 @@ BUDGETS: dict[str, list[str]] = {
         "distill.epochs=120",
         "distill.batch_size=128",
         "quant.calibration_batches=8",
+        # gdfq / qimera rows only: the generator's training budget (~7 min on 2 cores).
+        "generate.generator_iterations=400",
+        "generate.generator_batch_size=64",
     ],
     "full": [
         "generate.num_images=5120",
@@ -63,6 +67,8 @@ BUDGETS: dict[str, list[str]] = {
         "generate.shards_per_round=1",
         "distill.epochs=100",
         "distill.batch_size=256",
+        "generate.generator_iterations=8000",
+        "generate.generator_batch_size=200",
     ],
     "tiny": [
         "generate.num_images=40",
@@ -73,6 +79,8 @@ BUDGETS: dict[str, list[str]] = {
         "distill.batch_size=16",
         "quant.calibration_batches=1",
         "eval.limit=500",
+        "generate.generator_iterations=3",
+        "generate.generator_batch_size=8",
     ],
 }
 
@@ -104,8 +112,10 @@ class Row:
 
     name: str
     label: str
-    kind: Literal["synthetic", "fp", "ptq_real", "real"] = "synthetic"
+    kind: Literal["synthetic", "fp", "ptq_real", "real", "datafree"] = "synthetic"
     settings: tuple[str, ...] = ()
+    #: Train on the dataset of this row (same generation settings) instead of generating one.
+    data_row: str | None = None
 
 
 @dataclass
@@ -204,13 +214,17 @@ class Bench:
                 for b, p in todo:
                     self._save(p, self._ptq_real(row, b, seed))
                 continue
+            if row.kind == "datafree":
+                for b, p in todo:
+                    self._save(p, self._datafree(row, b, seed))
+                continue
             loc, gen_s = self.dataset(row, seed)
             for b, p in todo:
                 self._save(p, self._train(row, seed, b, loc, gen_s))
 
     def dataset(self, row: Row, seed: int) -> tuple[Path, float]:
         """Generate (or reuse) the dataset of a row; returns (location, generation seconds)."""
-        loc = self.workdir / self.budget / f"{row.name}-s{seed}"
+        loc = self.workdir / self.budget / f"{row.data_row or row.name}-s{seed}"
         cfg = self.config(row, seed, [f"storage.url={loc}"])
         if row.kind == "real":
             return self._real_dataset(cfg, loc), 0.0
@@ -289,6 +303,34 @@ class Bench:
             **self.accuracy(student),
             "calibration_images": int(x.shape[0]),
             "seconds": {"total": time.perf_counter() - t0},
+        }
+
+    def _datafree(self, row: Row, bits: tuple[int, int], seed: int) -> dict[str, Any]:
+        """A student built without any image (the product's path: ``quantize_only``), evaluated."""
+        from intraq_core.evaluate import agreement
+        from pipeline.train import quantize_only
+
+        loc = self.workdir / self.budget / f"{row.name}-s{seed}" / f"w{bits[0]}a{bits[1]}"
+        cfg = self.config(row, seed, [f"storage.url={loc}", f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"])
+        if cfg.needs_synthetic_data():
+            raise ValueError(f"row {row.name} is 'datafree' but its config needs synthetic data")
+        ctx = RunContext.create(cfg)
+        outcome = quantize_only(ctx)
+        student, _, _, _ = load_student(ctx.storage.read_bytes(STUDENT_PATH))
+        teacher = ctx.teacher().to(self.device)
+        probe = agreement(student.to(self.device), teacher, self.probe, device=self.device)
+        t0 = time.perf_counter()
+        acc = self.accuracy(student)
+        return {
+            **self._base(row, bits, seed),
+            **acc,
+            "calibrated_top1_all": acc["top1_all"],
+            "calibrated_top1_heldout": acc["top1_heldout"],
+            "probe_agreement": probe["agreement"],
+            "probe_kl": probe["kl"],
+            "images_used": 0,
+            "seconds": {"quantize": outcome.seconds_calibrate, "evaluate": time.perf_counter() - t0},
+            "device": str(ctx.device),
         }
 
     @property

@@ -276,6 +276,8 @@ class CalibrationInputs:
     images: Tensor | None = None
     seed: int = 0
     progress: Callable[[int, int, str], None] | None = None
+    image_shape: tuple[int, int, int] | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def _minmax(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
@@ -297,11 +299,43 @@ def _reconstruct(student: nn.Module, config: QuantConfig, inputs: CalibrationInp
     return {"reconstruct": report.summary()}
 
 
+def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
+    """SQuant: flip the weights' rounding (kernel- and channel-wise summed error) and set the
+    activation ranges from the BN statistics; no image is used (:func:`intraq_core.quant.squant_`)."""
+    import logging
+
+    from intraq_core.quant import squant_
+
+    shape = inputs.image_shape
+    if shape is None:
+        shape = tuple(inputs.batches[0].shape[1:]) if inputs.batches else (3, 32, 32)  # type: ignore[assignment]
+    report = squant_(
+        student,
+        config,
+        image_shape=shape,
+        normalization=inputs.normalization,
+        seed=derive_seed(inputs.seed, PURPOSE_CALIBRATION),
+    )
+    summary = report.summary()
+    logging.getLogger(__name__).info(
+        "SQuant: %d of %d weights flipped from nearest rounding (max |kernel error| %.3f, max |channel error| %.3f "
+        "steps), %d activation ranges from BN statistics, %.2f s",
+        summary["flipped"],
+        summary["weights"],
+        summary["max_kernel_error"],
+        summary["max_channel_error"],
+        summary["activation_quantizers"],
+        summary["seconds"],
+    )
+    return {"squant": summary}
+
+
 #: ``QuantConfig.method`` → the step that sets the student's quantization parameters:
 #: ``step(student, config, inputs) -> report`` (a dict for the run's metrics).
 CALIBRATION_METHODS: dict[str, Callable[[nn.Module, QuantConfig, CalibrationInputs], dict[str, Any]]] = {
     "minmax": _minmax,
     "reconstruct": _reconstruct,
+    "squant": _squant,
 }
 
 

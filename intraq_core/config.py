@@ -111,23 +111,28 @@ class QuantConfig(StageConfig):
     Placement: every Conv/Linear weight, and the output of every activation site (ReLU, ReLU6,
     SiLU, GELU, hardswish; the reference quantizes after ReLUs). After a ReLU/ReLU6 the grid is
     unsigned (the range starts at 0). Optional extras: separate bits for the first/last layer
-    (the 8-bit first/last protocol of Genie/QDrop), quantizing the network input and the
+    (the 8-bit first/last protocol of Genie/QDrop), for the activations that feed the last
+    layer (``last_input_bits``; SQuant's protocol uses 8), quantizing the network input and the
     residual additions.
 
     ``method`` says how the quantized model is set up before any distillation: ``minmax``
     (the reference: ``calibration_batches`` synthetic batches, the EMA of each activation's
-    min/max, nearest rounding) or ``reconstruct`` (block-reconstruction PTQ on the synthetic
-    images, see :class:`ReconstructConfig`); see ``intraq_core.api.CALIBRATION_METHODS``.
-    ``weight_range``/``act_range`` choose the range rule (``minmax``, or ``lp``: the range
-    minimizing the Lp error, ``lp_norm`` = p), and ``learn_weight_scale``/``learn_act_scale``
-    make the step sizes trainable (LSQ) during distillation and reconstruction.
+    min/max, nearest rounding), ``reconstruct`` (block-reconstruction PTQ on the synthetic
+    images, see :class:`ReconstructConfig`) or ``squant`` (SQuant, ICLR 2022: rounding
+    directions flipped to minimize the kernel- and channel-wise summed error, activation ranges
+    from the BN statistics, no image at all; ``intraq_core.quant.squant``, ``squant_*`` keys);
+    see ``intraq_core.api.CALIBRATION_METHODS``. ``weight_range``/``act_range`` choose the range
+    rule (``minmax``, or ``lp``: the range minimizing the Lp error, ``lp_norm`` = p), and
+    ``learn_weight_scale``/``learn_act_scale`` make the step sizes trainable (LSQ) during
+    distillation and reconstruction.
     """
 
-    method: Literal["minmax", "reconstruct"] = "minmax"
+    method: Literal["minmax", "reconstruct", "squant"] = "minmax"
     w_bits: int = Field(default=4, ge=2, le=8)
     a_bits: int = Field(default=4, ge=2, le=8)
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)
     last_layer_bits: int | None = Field(default=None, ge=2, le=8)
+    last_input_bits: int | None = Field(default=None, ge=2, le=8)
     quantize_input: bool = False
     input_bits: int = Field(default=8, ge=2, le=8)
     quantize_residual: bool = False
@@ -140,6 +145,13 @@ class QuantConfig(StageConfig):
     ema_decay: float = Field(default=0.9, gt=0.0, lt=1.0)
     calibration_batches: int = Field(default=8, ge=1)
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    # SQuant: the kernel (K) and output-channel (C) flip stages (both off = SQuant-E, nearest),
+    # the activation clipping factor (None = the paper's value for the bit width) and the number
+    # of BN-statistics samples (input-sized) its activation statistics are measured on.
+    squant_kernel: bool = True
+    squant_channel: bool = True
+    squant_act_sigma: float | None = Field(default=None, gt=0.0)
+    squant_act_images: int = Field(default=256, ge=1)
 
     @property
     def tag(self) -> str:
@@ -178,9 +190,15 @@ class SynthConfig(StageConfig):
     the ZeroQ/GDFQ-style baseline), ``adi`` (IntraQ with MDC replaced by DeepInversion's
     teacher–student competition term), ``gaussian`` (N(0,1) noise, no optimization) and
     ``custom`` (all weights as given, zero when absent).
+
+    ``gdfq`` and ``qimera`` do not optimize pixels: they train a conditional generator against
+    the teacher (CE + 0.1·BNS; Qimera adds boundary-supporting samples and its mapping layer),
+    for ``generator_iterations`` steps of ``generator_batch_size`` images, then sample the plan's
+    shards from it (``intraq_core.synth.generator``). Pixel keys (iterations, lr, LOR, SIL, MDC)
+    do not apply to them.
     """
 
-    method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom"] = "intraq"
+    method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom", "gdfq", "qimera"] = "intraq"
     num_images: int = Field(default=5120, ge=1)
     batch_size: int = Field(default=256, ge=2)
     iterations: int = Field(default=1000, ge=1)
@@ -215,6 +233,18 @@ class SynthConfig(StageConfig):
     clip_pixels: bool = False
     # ADI: bits of the quantized copy of the teacher that plays the student.
     adi_bits: int = Field(default=4, ge=2, le=8)
+    # Generator methods (gdfq, qimera): the generator's training budget and Adam step size
+    # (betas 0.5, 0.999 as GDFQ), its latent size, and Qimera's boundary-supporting samples
+    # (probability of a superposed batch / image, classes per superposition, mapping layer).
+    generator_iterations: int = Field(default=2000, ge=1)
+    generator_batch_size: int = Field(default=200, ge=2)
+    generator_lr: float = Field(default=1e-3, gt=0.0)
+    generator_latent_dim: int = Field(default=100, ge=2)
+    qimera_mix_prob: float = Field(default=0.4, ge=0.0, le=1.0)
+    qimera_mix_classes: int = Field(default=2, ge=2)
+    qimera_mapping: bool = True
+    # Engineering knob: iterations between generator checkpoints (resume points).
+    generator_checkpoint_every: int = Field(default=50, ge=1)
     # Engineering knobs (do not change the method).
     shards_per_round: int = Field(default=4, ge=1)
     channels_last: bool = True
@@ -246,6 +276,11 @@ class SynthConfig(StageConfig):
     def optimizes(self) -> bool:
         return self.method != "gaussian"
 
+    @property
+    def uses_generator(self) -> bool:
+        """Whether images come from a trained conditional generator (gdfq, qimera)."""
+        return self.method in ("gdfq", "qimera")
+
 
 SYNTH_PRESETS: dict[str, dict[str, float]] = {
     "intraq": {"bns": 1.0, "sil": 1.0, "mdc": 1.0, "lor": 1.0},
@@ -253,6 +288,8 @@ SYNTH_PRESETS: dict[str, dict[str, float]] = {
     "adi": {"bns": 1.0, "sil": 1.0, "adi": 1.0, "lor": 1.0},
     "gaussian": {},
     "custom": {},
+    "gdfq": {"bns": 0.1, "ce": 1.0},
+    "qimera": {"bns": 0.1, "ce": 1.0},
 }
 
 
@@ -262,7 +299,8 @@ class DistillConfig(StageConfig):
     Loss = kd_alpha * T^2 * KL(teacher/T || student/T) + ce_weight * CE(student, label).
     The reference uses kd_alpha = T = 20 and lr 1e-4, which diverges on the shared
     CIFAR-10 teacher; the defaults here are the stable recipe (alpha 1, T 4, lr 1e-3,
-    cosine decay) chosen by the data-free agreement check.
+    cosine decay) chosen by the data-free agreement check. ``epochs: 0`` skips distillation: the
+    quantized student (calibrated, or SQuant's) is the final model.
     """
 
     epochs: int = Field(default=50, ge=0)

@@ -192,7 +192,9 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
     with RunLog(cfg.storage, stage, refusals=(stages.RunExistsError, LockedError)) as log:
         stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
         log.keep()
-        with _ray_session(cfg, cluster):
+        # A run that needs no images (SQuant without distillation) has no work for Ray.
+        needs_ray = stage != "run" or cfg.needs_synthetic_data()
+        with _ray_session(cfg if needs_ray else cfg.model_copy(update={"executor": "local"}), cluster):
             result = stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
     return result, log.url
 
@@ -205,10 +207,18 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     agreement on held-out synthetic images, measured without test data) saw it coming.
     """
     ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
-    lines = [
-        f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
-        f"calibrated {ptq:.2f}% → distilled {final:.2f}%"
-    ]
+    head = f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
+    if metrics.get("epochs") == 0:
+        return [head + f"{final:.2f}% (no distillation)"]
+    lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%"]
+    training = metrics.get("training") or {}
+    if training.get("kept_final") is False:
+        chosen = training.get("selected_epoch")
+        where = "the starting (calibrated) student" if chosen is None else f"the student after epoch {chosen + 1}"
+        lines.append(
+            f"guard: the final student was worse by the data-free signals ({training.get('selection_rule')}); "
+            f"kept {where} (distill.select=final keeps the last one)"
+        )
     if final >= ptq:
         return lines
     iterations = metrics.get("gen_iterations")

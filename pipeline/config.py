@@ -109,6 +109,11 @@ class RunConfig(StageConfig):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def needs_synthetic_data(self) -> bool:
+        """Whether the run needs a synthetic dataset: all but SQuant without distillation
+        (SQuant rounds weights and sets activation ranges from the BN statistics, no image)."""
+        return not (self.quant.method == "squant" and self.distill.epochs == 0)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -141,7 +146,7 @@ def _model_identity(cfg: RunConfig) -> dict[str, Any]:
 def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
     g = cfg.generate.model_dump(mode="json")
     # Engineering knobs that do not change the images' law are not part of the identity.
-    for k in ("channels_last", "compile", "amp"):
+    for k in ("channels_last", "compile", "amp", "generator_checkpoint_every"):
         g.pop(k, None)
     return g
 

@@ -8,6 +8,10 @@ rewritten atomically after each finished shard; re-running skips listed shards.
 
 Two executors share this logic: ``local`` (one process, the laptop/debug path) and
 ``ray`` (a pool of actors, see :mod:`pipeline.ray_generate`).
+
+Generator methods (``gdfq``, ``qimera``) first train their generator
+(:mod:`pipeline.generator`, resumable); their shards are then sampled from it through the
+same shard tasks, files and manifest (:func:`make_synthesizer`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from intraq_core.synth.centres import ClassCentres
 from intraq_core.synth.engine import Synthesizer, SynthResult
+from intraq_core.synth.generator import GeneratorSampler
 from pipeline.context import RunContext, kill_point
 from pipeline.exceptions import GenerationError
 from pipeline.plan import ShardTask, make_plan, rounds
@@ -47,6 +52,22 @@ class ShardOutcome:
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     image_iterations: int = 0
+
+
+def make_synthesizer(ctx: RunContext, storage: Storage) -> Synthesizer | GeneratorSampler:
+    """What produces the run's shards: the pixel optimizer, or the trained generator's sampler."""
+    if ctx.cfg.generate.uses_generator:
+        from pipeline.generator import make_sampler
+
+        return make_sampler(ctx, storage)
+    return Synthesizer(
+        ctx.teacher(),
+        ctx.cfg.generate,
+        image_shape=ctx.image_shape,
+        num_classes=ctx.num_classes,
+        device=ctx.device,
+        normalization=ctx.normalization,
+    )
 
 
 def dataset_storage(ctx: RunContext) -> Storage:
@@ -97,7 +118,7 @@ def loss_history(result: SynthResult) -> dict[str, Any]:
 
 
 def synthesize_shard(
-    synth: Synthesizer,
+    synth: Synthesizer | GeneratorSampler,
     ctx: RunContext,
     storage: Storage,
     task: ShardTask,
@@ -256,15 +277,12 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
     if not todo:
         return manifest, stats
     g = ctx.cfg.generate
-    synth = Synthesizer(
-        ctx.teacher(),
-        g,
-        image_shape=ctx.image_shape,
-        num_classes=ctx.num_classes,
-        device=ctx.device,
-        normalization=ctx.normalization,
-    )
-    iters = g.iterations if g.optimizes else 1
+    if g.uses_generator:
+        from pipeline.generator import train_generator
+
+        train_generator(ctx, storage, progress=progress)
+    synth = make_synthesizer(ctx, storage)
+    iters = g.iterations if g.optimizes and not g.uses_generator else 1
     bar = tqdm(total=len(todo) * iters, desc="generate", unit="it", disable=not progress)
     done_shards = len(tasks) - len(todo)
     try:
@@ -283,9 +301,10 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
                     if it % 20 == 0 or it == total:
                         bar.set_postfix(shard=label, loss=f"{losses['total']:.4f}")
 
-                outcome = synthesize_shard(synth, ctx, storage, task, state, progress=tick if g.optimizes else None)
+                stepwise = g.optimizes and not g.uses_generator
+                outcome = synthesize_shard(synth, ctx, storage, task, state, progress=tick if stepwise else None)
                 kill_point("generate", task.index)  # test hook: shard file written, not yet listed
-                if not g.optimizes:
+                if not stepwise:
                     bar.update(1)
                 manifest.add_shard(outcome.info, round=task.round)
                 manifest.save(storage)

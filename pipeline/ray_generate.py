@@ -13,11 +13,14 @@ labels and features for the same config and seed, whatever the number of actors)
   are read once from storage) and sums them in shard order, exactly as the local executor
   does. A separate centre-store actor would add a process and RPCs without changing any
   result, since centres only change between rounds.
+* Generator methods (``gdfq``, ``qimera``) first train their generator in one actor
+  (:func:`pipeline.generator.train_generator_ray`, checkpointed and resumed on actor death).
 * Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
-  :class:`~intraq_core.synth.engine.Synthesizer` once, optimizes the shards it is given, writes
-  each one itself (atomic Parquet write, :func:`pipeline.generate.synthesize_shard`) and returns
-  its :class:`~pipeline.generate.ShardOutcome`. The driver adds every finished shard to the
-  manifest and saves it atomically at once, so a crash loses at most the in-flight shards, and
+  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
+  optimizes the shards it is given, writes each one itself (atomic Parquet write,
+  :func:`pipeline.generate.synthesize_shard`) and returns its
+  :class:`~pipeline.generate.ShardOutcome`. The driver adds every finished shard to the manifest
+  and saves it atomically at once, so a crash loses at most the in-flight shards, and
   a re-run skips listed shards.
 * An actor that dies mid-shard (``RayActorError``: killed, OOM, node lost) is replaced by a
   fresh actor and its shard re-dispatched, at most ``ray.max_failures`` times per shard. A
@@ -50,7 +53,6 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from intraq_core.synth.engine import Synthesizer
 from pipeline import metrics
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
@@ -60,6 +62,7 @@ from pipeline.generate import (
     ShardOutcome,
     centres_before_round,
     dataset_storage,
+    make_synthesizer,
     pending_work,
     synthesize_shard,
 )
@@ -89,15 +92,7 @@ class GeneratorActor:
         self.storage = dataset_storage(self.ctx)
         self.board = board
         self.fault_marker = os.environ.get(FAULT_ENV) or None
-        g = cfg.generate
-        self.synth = Synthesizer(
-            self.ctx.teacher(),
-            g,
-            image_shape=self.ctx.image_shape,
-            num_classes=self.ctx.num_classes,
-            device=self.ctx.device,
-            normalization=self.ctx.normalization,
-        )
+        self.synth = make_synthesizer(self.ctx, self.storage)
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
@@ -116,7 +111,8 @@ class GeneratorActor:
                 if self.board is not None:
                     self.board.report.remote(task.index, it, total, loss)
 
-        progress = report if self.ctx.cfg.generate.optimizes else None
+        g = self.ctx.cfg.generate
+        progress = report if g.optimizes and not g.uses_generator else None
         outcome = synthesize_shard(self.synth, self.ctx, self.storage, task, centres_state, progress=progress)
         if outcome.seconds > 0:
             rate = outcome.image_iterations / outcome.seconds
@@ -277,6 +273,10 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             storage.url,
             len(ray.nodes()),
         )
+    if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
+        from pipeline.generator import train_generator_ray
+
+        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress)
     board = metrics.progress_board_actor() if progress else None
     pool = _Pool(_actor_config(ctx), spec, board)
     bar = tqdm(total=len(todo), desc="generate", unit="shard", disable=not progress)

@@ -14,7 +14,11 @@ Contents: (a) a grid of synthetic images per class (de-normalized with the run's
 distillation curves (``train_history.json``); (c) PCA and t-SNE projections of the teacher's
 penultimate features of the synthetic images (and of real test images), one row per run — with
 ``--compare`` runs side by side, the paper's "MDC vs ADI" figure; (d) intra-class diversity of
-those features next to real test images; (e) the accuracy and timing table from ``metrics.json``.
+those features next to real test images; (e) the accuracy and timing table from ``metrics.json``;
+(f) every run's method and protocol (how weights are rounded, where activation ranges come from,
+which layers keep more bits, its data and distillation; :mod:`pipeline.methods`) and the benchmark
+tables it is a row of (the committed ``benchmarks/results`` table, when this is a source checkout).
+A run that uses no images (SQuant without distillation) has no image or feature sections.
 """
 
 from __future__ import annotations
@@ -84,7 +88,14 @@ class RunData:
 
     @property
     def method(self) -> str:
-        return str(self.cfg.generate.method)
+        """The run's method key (``metrics.json``, else derived from the config)."""
+        from pipeline.methods import run_method
+
+        return str((self.metrics or {}).get("method") or run_method(self.cfg))
+
+    @property
+    def has_images(self) -> bool:
+        return self.labels.size > 0
 
 
 @dataclass
@@ -126,6 +137,8 @@ def load_run(url: str, label: str | None = None) -> RunData:
     except FileNotFoundError:
         raise FileNotFoundError(f"{storage.url} holds no run (run.yaml is missing)") from None
     cfg = RunConfig.model_validate(yaml.safe_load(raw))
+    if not cfg.needs_synthetic_data():
+        return _run_without_images(storage, cfg, label)
     data = dataset_storage(RunContext(cfg, storage))
     try:
         manifest = Manifest.load(data)
@@ -165,6 +178,26 @@ def load_run(url: str, label: str | None = None) -> RunData:
         std=list(manifest.std),
         num_classes=manifest.num_classes,
         loss_histories=histories,
+    )
+
+
+def _run_without_images(storage: Storage, cfg: RunConfig, label: str | None) -> RunData:
+    """A run that used no images (SQuant alone): metrics and config only."""
+    from pipeline.context import RunContext
+
+    model_cfg = RunContext(cfg, storage).model_cfg
+    return RunData(
+        url=storage.url,
+        label=label or storage.url.rstrip("/").rsplit("/", 1)[-1],
+        cfg=cfg,
+        metrics=_read_json(storage, "metrics.json"),
+        train_history=_read_json(storage, "train_history.json") or None,
+        grid_images={},
+        labels=np.zeros(0, dtype=np.int64),
+        features=None,
+        mean=list(model_cfg.mean or ()),
+        std=list(model_cfg.std or ()),
+        num_classes=int(model_cfg.num_classes or 0),
     )
 
 
@@ -504,10 +537,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 ACCURACY_COLUMNS = (
     ("run", "Run"),
-    ("method", "Method"),
+    ("method_name", "Method"),
     ("bits", "Bits"),
     ("images", "Images"),
     ("gen_iterations", "Gen. iterations"),
+    ("generator_iterations", "Generator iterations"),
     ("epochs", "Epochs"),
     ("fp_top1", "FP top-1 %"),
     ("ptq_top1", "Calibrated (PTQ) top-1 %"),
@@ -525,12 +559,17 @@ def accuracy_row(run: RunData) -> dict[str, Any]:
     m = run.metrics or {}
     cfg = run.cfg
     seconds = m.get("seconds") or {}
+    from pipeline.methods import generation_budget, method_name
+
+    budget = generation_budget(cfg)
     return {
         "run": run.label,
-        "method": m.get("method", cfg.generate.method),
+        "method": run.method,
+        "method_name": method_name(run.method),
         "bits": f"W{m.get('w_bits', cfg.quant.w_bits)}A{m.get('a_bits', cfg.quant.a_bits)}",
-        "images": m.get("num_images", cfg.generate.num_images),
-        "gen_iterations": m.get("gen_iterations", cfg.generate.iterations if cfg.generate.optimizes else 0),
+        "images": m.get("num_images", budget["num_images"]),
+        "gen_iterations": m.get("gen_iterations", budget["gen_iterations"]),
+        "generator_iterations": m.get("generator_iterations", budget["generator_iterations"]),
         "epochs": m.get("epochs", cfg.distill.epochs),
         "fp_top1": m.get("fp_top1"),
         "ptq_top1": m.get("ptq_top1"),
@@ -649,78 +688,18 @@ def _unique_labels(urls: list[str]) -> list[str]:
 # -- the command ---------------------------------------------------------------------------------
 
 
-def build_report(
-    run: str,
-    compare: list[str] | None = None,
+def _feature_sections(
+    runs: list[RunData],
+    main: RunData,
+    sections: list[_Section],
+    pngs: dict[str, bytes],
     *,
-    real_data: str | None = None,
-    real_images: int = DEFAULT_REAL_IMAGES,
-    tsne: bool = True,
-    seed: int = 0,
-) -> ReportResult:
-    """Write the report of the run at ``run`` (path or URL) into ``<run>/report/``.
-
-    ``compare`` runs appear next to it in every plot and table. Real test images (the first
-    ``real_images`` of ``real_data`` or of the run's eval set; 0 disables them) give the
-    reference for the feature statistics and projections.
-    """
-    t0 = time.perf_counter()
-    urls = [run, *(compare or [])]
-    runs = [load_run(url, label) for url, label in zip(urls, _unique_labels(urls), strict=True)]
-    main = runs[0]
-    for other in runs[1:]:
-        if other.cfg.model != main.cfg.model:
-            log.warning("%s uses another teacher than %s; its features are not comparable", other.url, main.url)
-
-    pngs: dict[str, bytes] = {}
-    sections: list[_Section] = []
-
-    # (e) accuracy table first: the headline.
-    acc_rows = [accuracy_row(r) for r in runs]
-    sections.append(
-        _Section(
-            "Accuracy",
-            "Top-1 on the real test set: full-precision teacher (FP), the quantized student after "
-            "activation-range calibration on synthetic images (Calibrated/PTQ), and after "
-            "quantization-aware distillation (Final). Seconds are wall-clock per stage.",
-            table=(ACCURACY_COLUMNS, acc_rows, 2),
-        )
-    )
-
-    # (a) image grids.
-    grid_figs = []
-    for r in runs:
-        name = f"samples-{_slug(r.label)}.png"
-        pngs[name] = plot_image_grid(r)
-        grid_figs.append((name, f"{r.label}: synthetic images per class ({r.method})"))
-    sections.append(
-        _Section(
-            "Synthetic images",
-            "A row per class, de-normalized with the run's mean/std and clipped to [0, 1].",
-            grid_figs,
-        )
-    )
-
-    # (b) curves.
-    curve_figs = []
-    gen = plot_generation_losses(runs)
-    if gen is not None:
-        pngs["generation-losses.png"] = gen
-        curve_figs.append(("generation-losses.png", "Generation loss terms per iteration (mean over shards)"))
-    dist = plot_distillation(runs)
-    if dist is not None:
-        pngs["distillation.png"] = dist
-        curve_figs.append(("distillation.png", "Distillation statistics per epoch (train_history.json)"))
-    missing = [r.label for r in runs if not r.loss_histories and r.cfg.generate.optimizes]
-    note = (
-        "Generation curves come from the loss history stored in each shard's metadata "
-        "(every 10th iteration and the last); distillation curves from train_history.json."
-    )
-    if missing:
-        note += f"\n\nNo generation loss history recorded for: {', '.join(missing)} (older shards)."
-    sections.append(_Section("Training curves", note, curve_figs))
-
-    # (c) + (d) features.
+    real_data: str | None,
+    real_images: int,
+    tsne: bool,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The teacher-feature projections and the intra-class diversity table (runs with images)."""
     feature_sets: list[tuple[str, np.ndarray, np.ndarray]] = [
         (f"{r.label} ({r.method})", _ensure_features(r), r.labels) for r in runs
     ]
@@ -761,6 +740,165 @@ def build_report(
             table=(DIVERSITY_COLUMNS, div_rows, 3),
         )
     )
+    return div_rows
+
+
+def parse_markdown_table(text: str) -> tuple[tuple[tuple[str, str], ...], list[dict[str, Any]]] | None:
+    """The first Markdown table of ``text`` as (columns, rows); None if it has none."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1):
+        if lines[i].lstrip().startswith("|") and re.fullmatch(r"\s*\|[\s:|-]+\|\s*", lines[i + 1]):
+            block = [lines[i]]
+            for line in lines[i + 2 :]:
+                if not line.lstrip().startswith("|"):
+                    break
+                block.append(line)
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in block]
+            columns = tuple((f"c{k}", title) for k, title in enumerate(cells[0]))
+            rows = [{f"c{k}": value for k, value in enumerate(row)} for row in cells[1:]]
+            return columns, rows
+    return None
+
+
+def method_and_tables(runs: list[RunData]) -> tuple[list[dict[str, Any]], list[_Section]]:
+    """Each run's method and protocol, and a section per benchmark table a run is a row of."""
+    from pipeline.methods import RESULTS_DIR, comparison_tables, describe
+
+    rows: list[dict[str, Any]] = []
+    parts: list[str] = []
+    tables: dict[str, tuple[Any, list[tuple[RunData, str]]]] = {}
+    for run in runs:
+        info = describe(run.cfg)
+        memberships = comparison_tables(run.cfg)
+        rows.append({"run": run.label, **info, "tables": [{"table": t.key, "row": label} for t, label in memberships]})
+        parts.append(f"{run.label}: {info['name']}. {info['summary']}.")
+        parts += info["protocol"]
+        for table, label in memberships:
+            tables.setdefault(table.key, (table, []))[1].append((run, label))
+    sections = [_Section("Method and protocol", "\n\n".join(parts))]
+    for table, members in tables.values():
+        files = sorted(RESULTS_DIR.glob(f"{table.stem}-*.md")) if RESULTS_DIR.is_dir() else []
+        lines = []
+        for run, label in members:
+            m = run.metrics or {}
+            top1 = (
+                f"final top-1 {m['quant_top1']:.2f}% on {m.get('test_images')} test images" if m else "no metrics yet"
+            )
+            lines.append(f"{run.label} is the row '{label}' of this table ({top1}).")
+        parsed = None
+        if files:
+            text = files[0].read_text()
+            parsed = parse_markdown_table(text)
+            budget = next((line for line in text.splitlines() if "Budget" in line), "")
+            lines.append(
+                f"The committed table: benchmarks/results/{files[0].name} ({table.command}). {budget}".strip()
+                + " Its numbers come from the benchmark's own runs at its budget; compare a run with them only at "
+                "the same budget."
+            )
+            if len(files) > 1:
+                lines.append("Other budgets: " + ", ".join(f"benchmarks/results/{f.name}" for f in files[1:]) + ".")
+        else:
+            lines.append(
+                f"This table is not in this installation yet (benchmarks/results/{table.stem}-<budget>.md); "
+                f"`{table.command}` builds it."
+            )
+        sections.append(
+            _Section(
+                f"Comparison: {table.title}",
+                "\n\n".join(lines),
+                table=(parsed[0], parsed[1], 2) if parsed else None,
+            )
+        )
+    return rows, sections
+
+
+def build_report(
+    run: str,
+    compare: list[str] | None = None,
+    *,
+    real_data: str | None = None,
+    real_images: int = DEFAULT_REAL_IMAGES,
+    tsne: bool = True,
+    seed: int = 0,
+) -> ReportResult:
+    """Write the report of the run at ``run`` (path or URL) into ``<run>/report/``.
+
+    ``compare`` runs appear next to it in every plot and table. Real test images (the first
+    ``real_images`` of ``real_data`` or of the run's eval set; 0 disables them) give the
+    reference for the feature statistics and projections.
+    """
+    t0 = time.perf_counter()
+    urls = [run, *(compare or [])]
+    runs = [load_run(url, label) for url, label in zip(urls, _unique_labels(urls), strict=True)]
+    main = runs[0]
+    for other in runs[1:]:
+        if other.cfg.model != main.cfg.model:
+            log.warning("%s uses another teacher than %s; its features are not comparable", other.url, main.url)
+
+    pngs: dict[str, bytes] = {}
+    sections: list[_Section] = []
+
+    # (e) accuracy table first: the headline.
+    acc_rows = [accuracy_row(r) for r in runs]
+    sections.append(
+        _Section(
+            "Accuracy",
+            "Top-1 on the real test set: full-precision teacher (FP), the quantized student after "
+            "activation-range calibration on synthetic images (Calibrated/PTQ; for SQuant, its data-free "
+            "rounding and BN-based ranges), and after quantization-aware distillation (Final; equal to the "
+            "calibrated student when there is no distillation). Seconds are wall-clock per stage.",
+            table=(ACCURACY_COLUMNS, acc_rows, 2),
+        )
+    )
+
+    # (f) method, protocol and the comparison tables each run belongs to.
+    method_rows, method_sections = method_and_tables(runs)
+    sections += method_sections
+
+    with_images = [r for r in runs if r.has_images]
+    without = [r.label for r in runs if not r.has_images]
+    no_images_note = f"\n\n{', '.join(without)}: no synthetic images (the method uses none)." if without else ""
+
+    # (a) image grids.
+    grid_figs = []
+    for r in with_images:
+        name = f"samples-{_slug(r.label)}.png"
+        pngs[name] = plot_image_grid(r)
+        grid_figs.append((name, f"{r.label}: synthetic images per class ({r.method})"))
+    sections.append(
+        _Section(
+            "Synthetic images",
+            "A row per class, de-normalized with the run's mean/std and clipped to [0, 1]." + no_images_note,
+            grid_figs,
+        )
+    )
+
+    # (b) curves.
+    curve_figs = []
+    gen = plot_generation_losses(with_images)
+    if gen is not None:
+        pngs["generation-losses.png"] = gen
+        curve_figs.append(("generation-losses.png", "Generation loss terms per iteration (mean over shards)"))
+    dist = plot_distillation(runs)
+    if dist is not None:
+        pngs["distillation.png"] = dist
+        curve_figs.append(("distillation.png", "Distillation statistics per epoch (train_history.json)"))
+    missing = [r.label for r in with_images if not r.loss_histories and r.cfg.generate.optimizes]
+    note = (
+        "Generation curves come from the loss history stored in each shard's metadata "
+        "(every 10th iteration and the last; for a generator method, the generator's training); "
+        "distillation curves from train_history.json."
+    )
+    if missing:
+        note += f"\n\nNo generation loss history recorded for: {', '.join(missing)} (older shards)."
+    sections.append(_Section("Training curves", note, curve_figs))
+
+    # (c) + (d) features.
+    div_rows: list[dict[str, Any]] = []
+    if with_images:
+        div_rows = _feature_sections(
+            with_images, main, sections, pngs, real_data=real_data, real_images=real_images, tsne=tsne, seed=seed
+        )
 
     title = f"IntraQ run report: {main.label}"
     meta = [
@@ -776,6 +914,7 @@ def build_report(
         files.append(name)
     stats = {
         "accuracy": acc_rows,
+        "methods": method_rows,
         "diversity": div_rows,
         "paper_diversity": PAPER_DIVERSITY,
         "figures": list(pngs),

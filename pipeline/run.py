@@ -33,15 +33,18 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from intraq_core.student import load_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_model
 from pipeline.generate import GenerationStats, dataset_storage, generate_local
+from pipeline.methods import generation_budget, run_method
 from pipeline.shards import Manifest, ShardError, validate_dataset
 from pipeline.storage import Lock, Storage, StorageError, run_lock
-from pipeline.train import CALIBRATED_PATH, STUDENT_PATH, TRAIN_STATE_PATH, train_local
+from pipeline.train import CALIBRATED_PATH, STUDENT_PATH, TRAIN_STATE_PATH, TrainOutcome, quantize_only, train_local
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,8 @@ def preflight(
     """
     _check_flags(resume, overwrite, repair)
     ctx = RunContext.create(cfg)
-    check_inputs(ctx, generate=command != "train" and cfg.dataset is None, evaluate=command != "generate")
+    needs_plan = command == "generate" or (command == "run" and cfg.dataset is None and cfg.needs_synthetic_data())
+    check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
     if command == "train":
         ctx.storage.check_writable()
     else:
@@ -276,7 +280,7 @@ def run_pipeline(
     """
     _check_flags(resume, overwrite, repair)
     ctx = RunContext.create(cfg)
-    check_inputs(ctx, generate=cfg.dataset is None, evaluate=True)
+    check_inputs(ctx, generate=cfg.dataset is None and cfg.needs_synthetic_data(), evaluate=True)
     check_location(ctx, resume=resume or repair, overwrite=overwrite)
     with run_lock(ctx.storage) as lock:
         prepare_location(ctx, resume=resume or repair, overwrite=overwrite)
@@ -414,12 +418,7 @@ def train_stage(
         else:
             prepare_location(ctx, resume=resume or repair, overwrite=overwrite)
         t0 = time.perf_counter()
-        if ctx.cfg.executor == "ray":
-            from pipeline.ray_train import train_ray
-
-            outcome = train_ray(ctx, manifest, progress=progress)
-        else:
-            outcome = train_local(ctx, manifest, progress=progress)
+        outcome = _train(ctx, manifest, progress=progress)
         seconds = {
             "calibrate": outcome.seconds_calibrate,
             "distill": outcome.seconds_distill,
@@ -429,14 +428,15 @@ def train_stage(
         t0 = time.perf_counter()
         metrics = evaluate_stage(ctx, progress=progress)
         seconds["evaluate"] = time.perf_counter() - t0
-        gen = source_cfg.generate
+        gen_cfg = source_cfg.model_copy(update={"quant": ctx.cfg.quant, "distill": ctx.cfg.distill})
         metrics.update(
             {
-                "method": gen.method,
+                "method": run_method(gen_cfg),
                 "w_bits": ctx.cfg.quant.w_bits,
                 "a_bits": ctx.cfg.quant.a_bits,
                 "num_images": manifest.rows,
-                "gen_iterations": gen.iterations if gen.optimizes else 0,
+                "gen_iterations": generation_budget(source_cfg)["gen_iterations"],
+                "generator_iterations": generation_budget(source_cfg)["generator_iterations"],
                 "epochs": ctx.cfg.distill.epochs,
                 "seed": ctx.cfg.seed,
                 "executor": ctx.cfg.executor,
@@ -456,21 +456,34 @@ def train_stage(
     return metrics
 
 
+def _train(ctx: RunContext, manifest: Manifest | None, *, progress: bool) -> TrainOutcome:
+    """The training stage on the chosen executor; no dataset: the data-free student only.
+
+    Without distillation (``distill.epochs: 0``) there is nothing for Ray Train to distribute, so
+    calibration runs in this process whatever the executor.
+    """
+    if manifest is None:
+        return quantize_only(ctx)
+    if ctx.cfg.executor == "ray" and ctx.cfg.distill.epochs > 0:
+        from pipeline.ray_train import train_ray
+
+        return train_ray(ctx, manifest, progress=progress)
+    return train_local(ctx, manifest, progress=progress)
+
+
 def _run_stages(ctx: RunContext, lock: Lock, *, repair: bool, progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    manifest, gen_stats, repaired = build_dataset(ctx, repair=repair, progress=progress)
+    manifest: Manifest | None = None
+    gen_stats, repaired = GenerationStats(), []
+    if cfg.needs_synthetic_data():
+        manifest, gen_stats, repaired = build_dataset(ctx, repair=repair, progress=progress)
     seconds["generate"] = time.perf_counter() - t0
     lock.check()
 
     t0 = time.perf_counter()
-    if cfg.executor == "ray":
-        from pipeline.ray_train import train_ray
-
-        outcome = train_ray(ctx, manifest, progress=progress)
-    else:
-        outcome = train_local(ctx, manifest, progress=progress)
+    outcome = _train(ctx, manifest, progress=progress)
     seconds["calibrate"] = outcome.seconds_calibrate
     seconds["distill"] = outcome.seconds_distill
     seconds["train_total"] = time.perf_counter() - t0
@@ -482,23 +495,22 @@ def _run_stages(ctx: RunContext, lock: Lock, *, repair: bool, progress: bool) ->
 
     metrics.update(
         {
-            "method": cfg.generate.method,
+            "method": run_method(cfg),
             "w_bits": cfg.quant.w_bits,
             "a_bits": cfg.quant.a_bits,
-            "num_images": cfg.generate.num_images,
-            "gen_iterations": cfg.generate.iterations if cfg.generate.optimizes else 0,
+            **generation_budget(cfg),
             "epochs": cfg.distill.epochs,
             "seed": cfg.seed,
             "executor": cfg.executor,
             "device": str(ctx.device),
             "config_hash": cfg.config_hash(),
-            "dataset_hash": cfg.dataset_hash(),
+            "dataset_hash": cfg.dataset_hash() if manifest is not None else None,
             "generation": gen_stats.summary(),
             "training": outcome.summary(),
             "seconds": seconds,
         }
     )
-    metrics["dataset_shards"] = len(manifest.shards)
+    metrics["dataset_shards"] = len(manifest.shards) if manifest is not None else 0
     if repaired:
         metrics["generation"]["repaired_shards"] = repaired
     lock.check()
@@ -513,7 +525,11 @@ def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
     calibrated, _, _, _ = load_student(ctx.storage.read_bytes(CALIBRATED_PATH))
     ptq = evaluate_model(calibrated, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     final, _, _, _ = load_student(ctx.storage.read_bytes(STUDENT_PATH))
-    quant = evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
+    same = ctx.cfg.distill.epochs == 0 and all(
+        torch.equal(a, b) for a, b in zip(final.state_dict().values(), calibrated.state_dict().values(), strict=True)
+    )
+    # Without distillation the final student is the calibrated one: evaluated once.
+    quant = ptq if same else evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     return {
         "fp_top1": fp["top1"],
         "ptq_top1": ptq["top1"],

@@ -155,17 +155,21 @@ def calibrate_student(
 
     With ``distill.bn: reestimate`` the BN statistics are re-estimated on the batches first (the
     ranges calibrated before and after); then the quantization parameters are set by
-    ``quant.method`` (:func:`intraq_core.api.run_calibration`).
+    ``quant.method`` (:func:`intraq_core.api.run_calibration`). ``squant`` needs no batches: it
+    rounds the weights and sets the activation ranges from the BN statistics.
     """
     device = ctx.device
     student = build_student(teacher, ctx.cfg.quant).to(device)
     batches = [b.to(device) for b in batches]
-    if ctx.cfg.distill.bn == "reestimate":
+    if ctx.cfg.distill.bn == "reestimate" and batches:
         calibrate_ranges(student, batches)
         reestimate_bn(student, iter(batches), device=device)
         for quantizer in act_quantizers(student).values():
             quantizer.reset()
-    run_calibration(student, ctx.cfg.quant, CalibrationInputs(batches, teacher, images, ctx.cfg.seed))
+    inputs = CalibrationInputs(
+        batches, teacher, images, ctx.cfg.seed, image_shape=ctx.image_shape, normalization=ctx.normalization
+    )
+    run_calibration(student, ctx.cfg.quant, inputs)
     return student
 
 
@@ -182,6 +186,24 @@ def annotate_history(history: list[dict[str, float]], evaluations: list[dict[str
             if name in e:
                 row[f"{name}_agreement"] = e[name]["agreement"]
                 row[f"{name}_kl"] = e[name]["kl"]
+
+
+def quantize_only(ctx: RunContext) -> TrainOutcome:
+    """The student of a run that needs no images (SQuant with ``distill.epochs: 0``).
+
+    Writes it as both the calibrated and the final student (there is no distillation, no dataset
+    and so no held-out agreement).
+    """
+    teacher = ctx.teacher().to(ctx.device)
+    t0 = time.perf_counter()
+    student = calibrate_student(ctx, teacher, [])
+    seconds = time.perf_counter() - t0
+    for path, stage in ((CALIBRATED_PATH, "calibrated"), (STUDENT_PATH, "final")):
+        ctx.storage.write_bytes_atomic(
+            path, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": stage})
+        )
+    ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, b"[]")
+    return TrainOutcome(0, 0, None, None, [], seconds, 0.0)
 
 
 def dataset_fingerprint(manifest: Manifest) -> str:

@@ -1,4 +1,4 @@
-"""Fake quantization of CNN classifiers: quantizer primitives and the ``quantize`` verb."""
+"""Fake quantization of CNN classifiers: quantizer primitives, the ``quantize`` verb and SQuant."""
 
 from intraq_core.quant.api import (
     QuantConv2d,
@@ -18,6 +18,7 @@ from intraq_core.quant.quantizer import (
     affine_qparams,
     symmetric_qparams,
 )
+from intraq_core.quant.squant import SQuantReport, squant_
 
 __all__ = [
     "ACT_MODES",
@@ -25,6 +26,7 @@ __all__ = [
     "ActMode",
     "QuantConv2d",
     "QuantLinear",
+    "SQuantReport",
     "WeightFakeQuant",
     "act_quantizers",
     "affine_qparams",
@@ -32,6 +34,7 @@ __all__ = [
     "quant_summary",
     "quantize",
     "set_act_mode",
+    "squant_",
     "symmetric_qparams",
     "weight_quantized_layers",
 ]

@@ -185,6 +185,27 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         ) from exc
 
 
+def _last_layer_feeders(gm: fx.GraphModule, layer_names: list[str], quantized_here: Any) -> set[fx.Node]:
+    """The activation nodes (those that get a quantizer) whose values reach the last weight layer
+    without passing another weight layer: the quantizers of the last layer's input."""
+    last = layer_names[-1]
+    layers = set(layer_names)
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == last]
+    found: set[fx.Node] = set()
+    seen: set[fx.Node] = set()
+    stack = [a for n in calls for a in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if quantized_here(node):
+            found.add(node)
+        elif not (node.op == "call_module" and node.target in layers):
+            stack.extend(node.all_input_nodes)
+    return found
+
+
 def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     """Fake-quantized copy of ``model`` (a ``torch.fx.GraphModule``), per ``config``.
 
@@ -194,6 +215,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     uses are dropped by tracing. State-dict keys of the original layers are unchanged; the
     quantizers add ``act_quant.<node>.{ema_min,ema_max,num_updates,mode_code}``. If the
     model has a single conv/linear layer, ``first_layer_bits`` wins over ``last_layer_bits``.
+    ``last_input_bits`` sets the bits of the activation quantizers whose output reaches the last
+    layer without another weight layer in between (its input, e.g. the ReLU before the pooled
+    classifier). ``config.method`` does not change the structure built here: SQuant is applied
+    afterwards by :func:`intraq_core.quant.squant_`.
     """
     if any(isinstance(m, (ActFakeQuant, WeightFakeQuant)) for m in model.modules()):
         raise ValueError("model is already quantized (it contains fake-quant modules)")
@@ -241,6 +266,13 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         )
 
     memo: dict[fx.Node, bool] = {}
+
+    def quantized_here(node: fx.Node) -> bool:
+        return activation_site(node, gm) is not None or (config.quantize_residual and _is_residual_add(node, memo))
+
+    feeders: set[fx.Node] = set()
+    if config.last_input_bits is not None and layer_names:
+        feeders = _last_layer_feeders(gm, layer_names, quantized_here)
     input_pending = config.quantize_input
     for node in list(graph.nodes):
         if node.op == "placeholder":
@@ -248,9 +280,11 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 _insert_act_quant(gm, container, node, new_act(config.input_bits))
                 input_pending = False
         elif (site := activation_site(node, gm)) is not None:
-            _insert_act_quant(gm, container, node, new_act(config.a_bits, site.signed))
+            bits = config.last_input_bits if node in feeders else config.a_bits
+            _insert_act_quant(gm, container, node, new_act(bits, site.signed))  # type: ignore[arg-type]
         elif config.quantize_residual and _is_residual_add(node, memo):
-            _insert_act_quant(gm, container, node, new_act(config.a_bits))
+            bits = config.last_input_bits if node in feeders else config.a_bits
+            _insert_act_quant(gm, container, node, new_act(bits))  # type: ignore[arg-type]
 
     container.train(training)
     graph.lint()

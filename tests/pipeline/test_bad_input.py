@@ -130,7 +130,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["distill.iterations_per_epoch=-3"],
         ["distill.iterations_per_epoch", "greater than or equal to 1"],
     ),
-    ("distill_epochs_zero", ["distill.epochs=0"], ["distill.epochs", "greater than or equal to 1"]),
+    ("distill_epochs_negative", ["distill.epochs=-1"], ["distill.epochs", "greater than or equal to 0"]),
     ("unknown_key", ["distill.epoch=3"], ["unknown key 'distill.epoch'", "did you mean 'distill.epochs'?"]),
     ("unknown_key_alias", ["distill.learning_rate=0.1"], ["did you mean 'distill.lr'?"]),
     ("test_set_classes", ["eval.data={test100}"], ["test100.npz has 100 classes but the model predicts 10"]),

@@ -151,6 +151,22 @@ def test_first_last_and_symmetric_bits():
     assert single.get_submodule("1").weight_quant.bits == 8
 
 
+def test_last_input_bits_set_the_quantizers_that_feed_the_last_layer():
+    # ResNetish: relu3 → pool → flatten → fc; relu1 also reaches fc, but only through conv2/conv3
+    # (and the residual add goes through relu3), so only relu3 is the last layer's input.
+    q = quantize(ResNetish(), cfg(a_bits=4, last_input_bits=8))
+    bits = {name: m.bits for name, m in act_quantizers(q).items()}
+    assert bits == {"act_quant.relu1": 4, "act_quant.relu2": 4, "act_quant.relu3": 8}
+    # With the residual add quantized, relu3 is still the one that feeds the head.
+    q = quantize(ResNetish(), cfg(a_bits=3, last_input_bits=8, quantize_residual=True))
+    bits = {name: m.bits for name, m in act_quantizers(q).items()}
+    assert bits == {"act_quant.relu1": 3, "act_quant.relu2": 3, "act_quant.add": 3, "act_quant.relu3": 8}
+    # A plain conv-ReLU-Linear stack: its one activation quantizer is the head's input.
+    head_on_add = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    q = quantize(head_on_add, cfg(last_input_bits=8))
+    assert [m.bits for m in act_quantizers(q).values()] == [8]
+
+
 def test_input_and_residual_options():
     q = quantize(ResNetish(), cfg(quantize_input=True, input_bits=8, quantize_residual=True, a_bits=3))
     quants = act_quantizers(q)
