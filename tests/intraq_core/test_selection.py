@@ -54,10 +54,34 @@ def test_improving_student_keeps_the_final_one_and_ties_go_to_the_latest():
     assert selection.kept_final and selection.selected_epoch == 1
     assert selection.message.startswith("final student kept")
     last = selection.evaluations[-1]
-    assert set(last) >= {"holdout", "probe", "kl", "agreement"} and last["agreement"] == 100.0
-    # The score weights the two sets by their sizes.
-    expected = (last["holdout"]["kl"] * 32 + last["probe"]["kl"] * 8) / 40
-    assert last["kl"] == pytest.approx(expected)
+    assert set(last) >= {"holdout", "probe", "kl", "agreement", "vetoed"} and last["agreement"] == 100.0
+    # The score is the held-out split's KL; the probe only vetoes.
+    assert last["kl"] == last["holdout"]["kl"]
+
+
+def test_probe_vetoes_a_student_that_fits_the_held_out_images_but_collapsed_elsewhere():
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 4).eval()
+    held = torch.randn(32, 6) * 0.001  # a degenerate data split, e.g. noise
+    probe = torch.randn(64, 6) * 3
+    student = nn.Linear(6, 4)
+    _copy(teacher, student)
+    with torch.no_grad():
+        student.bias.add_(torch.tensor([0.3, -0.3, 0.2, 0.0]))  # the start: close to the teacher, not exact
+    sel = Selector(teacher, held, probe, every=1)
+    sel.start(student)
+    good = {k: v.clone() for k, v in student.state_dict().items()}
+    with torch.no_grad():  # "training" fits the held-out inputs (near 0) exactly, wrecks the rest
+        student.bias.copy_(teacher.bias)
+        student.weight.copy_(-teacher.weight * 50)
+    sel.on_epoch(0, student, last_epoch=1)
+    start, row = sel.evaluations
+    assert row["kl"] < start["kl"]  # by the held-out KL alone it would win ...
+    assert row["vetoed"] and row["probe"]["agreement"] < 0.5 * start["probe"]["agreement"]  # ... but it collapsed
+    selection = sel.finish(student, final_epoch=1)
+    assert selection.selected_epoch is None
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, good[k])
 
 
 def test_bad_start_is_kept_when_training_only_hurts():
