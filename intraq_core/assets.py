@@ -280,6 +280,49 @@ register_asset(
 
 register_asset(
     Asset(
+        name="cifar10-resnet32",
+        filename="resnet32-d509ac18.th",
+        sha256="d509ac1820d7f25398913559d7e81a13229b1e7adc5648e3bfa5e22dc137f850",
+        url=("https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet32-d509ac18.th"),
+        metadata={
+            "kind": "weights",
+            "arch": "cifar_resnet32",
+            "num_classes": 10,
+            "shortcut": "A",
+            "image_size": 32,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        },
+        description="akamaster CIFAR-10 ResNet-32 (92.63% top-1; trained with ImageNet normalization)",
+    )
+)
+
+register_asset(
+    Asset(
+        name="cifar10-resnet20-chenyaofo",
+        filename="chenyaofo_cifar10_resnet20-eb80202b.pth",
+        sha256="eb80202b9fc54073b36fa88baeed99801c2afe3375e5d4b757145b44f7395f05",
+        url=(
+            "https://github.com/robtad/DANS/raw/e0f876e613add351e409cf6aae9bb4061ec9c5a2/models/cifar10_resnet20.pth"
+        ),
+        metadata={
+            "kind": "weights",
+            "arch": "cifar_resnet20",
+            "num_classes": 10,
+            "shortcut": "B",
+            "image_size": 32,
+            "mean": (0.4914, 0.4822, 0.4465),
+            "std": (0.2023, 0.1994, 0.2010),
+        },
+        description=(
+            "chenyaofo/pytorch-cifar-models CIFAR-10 ResNet-20 (option-B shortcuts, head fc, 92.60% top-1; "
+            "CIFAR normalization with std 0.2023/0.1994/0.2010), as re-saved in robtad/DANS"
+        ),
+    )
+)
+
+register_asset(
+    Asset(
         name="cifar10-test",
         filename="cifar10_test.npz",
         sha256="f0af87a8a9f49a2afa5273786cb6887e59c1d2469a75111296c8135b01d9b8ed",

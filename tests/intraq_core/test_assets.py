@@ -218,3 +218,18 @@ def test_cifar10_test_conversion_rejects_wrong_arrays(
     with pytest.raises(AssetError, match=r"do not match the registered hashes"):
         resolve_asset("cifar10-test")
     assert list(empty_env.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "filename", "arch", "shortcut"),
+    [
+        ("cifar10-resnet32", "resnet32-d509ac18.th", "cifar_resnet32", "A"),
+        ("cifar10-resnet20-chenyaofo", "chenyaofo_cifar10_resnet20-eb80202b.pth", "cifar_resnet20", "B"),
+    ],
+)
+def test_more_shared_teachers_resolve_and_verify(name: str, filename: str, arch: str, shortcut: str) -> None:
+    path = resolve_asset(name)  # from INTRAQ_DATA_DIR (the shared data), checked by sha256
+    assert path.name == filename
+    assert sha256_file(path) == assets.ASSETS[name].sha256
+    meta = assets.ASSETS[name].metadata
+    assert meta["arch"] == arch and meta["shortcut"] == shortcut and assets.ASSETS[name].url.startswith("https://")
