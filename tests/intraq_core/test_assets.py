@@ -68,7 +68,7 @@ def test_sha_mismatch_in_data_dir(teacher_path: Path, tmp_path: Path, monkeypatc
 
 def test_unknown_name_lists_known_assets() -> None:
     with pytest.raises(AssetError) as info:
-        resolve_asset("cifar10-resnet21")
+        resolve_asset("cifar10-resnt20")
     msg = str(info.value)
     assert isinstance(info.value, ValueError)
     assert "\n" not in msg
