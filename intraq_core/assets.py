@@ -302,9 +302,7 @@ register_asset(
         name="cifar10-resnet20-chenyaofo",
         filename="chenyaofo_cifar10_resnet20-eb80202b.pth",
         sha256="eb80202b9fc54073b36fa88baeed99801c2afe3375e5d4b757145b44f7395f05",
-        url=(
-            "https://github.com/robtad/DANS/raw/e0f876e613add351e409cf6aae9bb4061ec9c5a2/models/cifar10_resnet20.pth"
-        ),
+        url=("https://github.com/robtad/DANS/raw/e0f876e613add351e409cf6aae9bb4061ec9c5a2/models/cifar10_resnet20.pth"),
         metadata={
             "kind": "weights",
             "arch": "cifar_resnet20",

@@ -342,6 +342,9 @@ class DistillConfig(StageConfig):
     # when the final one is worse, ``final`` always keeps the final student.
     select: Literal["best", "final"] = "best"
     eval_every: int | None = Field(default=None, ge=1)
+    # Augmented views (the training augmentation, fixed seed) of each held-out image the guard
+    # scores besides the image itself.
+    watch_views: int = Field(default=3, ge=0)
 
     def evaluation_interval(self) -> int:
         """Epochs between two data-free evaluations of the student."""

@@ -34,7 +34,7 @@ import torch
 
 from intraq_core.api import CalibrationInputs, run_calibration
 from intraq_core.api import calibration_positions as calibration_positions_of
-from intraq_core.distill import Distiller, distill, reestimate_bn
+from intraq_core.distill import Distiller, augment_batch, distill, reestimate_bn
 from intraq_core.errors import CheckpointError
 from intraq_core.evaluate import agreement
 from intraq_core.models.checkpoint import safe_load
@@ -287,7 +287,14 @@ def train_local(
     selector = None
     if hold.any() or probe is not None:
         selector = Selector(
-            teacher, hold_x if hold.any() else None, probe, every=dcfg.evaluation_interval(), device=device
+            teacher,
+            hold_x if hold.any() else None,
+            probe,
+            every=dcfg.evaluation_interval(),
+            device=device,
+            augment=lambda x, gen: augment_batch(x, dcfg, gen),
+            views=dcfg.watch_views,
+            seed=derive_seed(ctx.cfg.seed, HOLDOUT_PURPOSE, 1),
         )
         selector.start(student)
     ctx.storage.write_bytes_atomic(

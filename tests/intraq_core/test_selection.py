@@ -115,3 +115,20 @@ def test_needs_images():
     teacher, _, _ = _pair()
     with pytest.raises(ValueError, match="held-out or probe"):
         Selector(teacher, None, torch.empty(0, 6))
+
+
+def test_held_out_images_are_scored_with_their_augmented_views():
+    teacher, student, held = _pair()
+    calls = []
+
+    def negate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        calls.append(gen.initial_seed())
+        return -x
+
+    sel = Selector(teacher, held, every=1, augment=negate, views=2, seed=7)
+    assert sel.sets["holdout"].shape[0] == 3 * held.shape[0] and calls == [7, 7]
+    torch.testing.assert_close(sel.sets["holdout"][32:64], -held)
+    # The score is the KL over images and views together.
+    row = sel.evaluate(student)
+    plain = Selector(teacher, torch.cat([held, -held, -held]), every=1).evaluate(student)
+    assert row["kl"] == pytest.approx(plain["kl"])
