@@ -200,6 +200,11 @@ class DistillConfig(StageConfig):
     bn: Literal["frozen", "reestimate"] = "frozen"
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(default=None, gt=0.0)
+    # Cadence, in epochs (None: a tenth of the run); both also fall on the last epoch.
+    # checkpoint_every: resume points (train_state.pt locally, Ray Train checkpoints on Ray).
+    # eval_every: teacher agreement on the held-out synthetic split, recorded in the history.
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    eval_every: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
