@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from intraq_core.config import (
     DistillConfig,
@@ -47,6 +47,11 @@ class RayConfig(StageConfig):
     gpus_per_actor: float = Field(default=1.0, ge=0.0)
     train_workers: int = Field(default=1, ge=1)
     cpus_per_train_worker: float = Field(default=1.0, gt=0.0)
+    # Where each Train worker keeps its share of the synthetic images: "memory" (read once,
+    # every epoch from RAM or the GPU), "stream" (one pass per epoch from storage), or "auto":
+    # memory when a worker's share is at most train_memory_gb GiB.
+    train_data: Literal["auto", "memory", "stream"] = "auto"
+    train_memory_gb: float = Field(default=8.0, gt=0.0)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpu", mode="before")
@@ -105,6 +110,16 @@ class RunConfig(StageConfig):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> RunConfig:
+        workers, batch = self.ray.train_workers, self.distill.batch_size
+        if self.executor == "ray" and batch % workers:
+            raise ValueError(
+                f"distill.batch_size={batch} is the global batch and must be divisible by ray.train_workers="
+                f"{workers} (each worker takes batch_size / train_workers images per step)"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
