@@ -8,9 +8,11 @@ prints one line and exits with code 2 (add ``--debug`` for the traceback). Heavy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,14 +135,13 @@ def run(
 
 
 def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
-    """Preflight (bad input fails here, before Ray starts and before the location is touched),
-    then run one stage of ``pipeline.run`` inside a Ray session when the executor needs one."""
-    from pipeline import run as stages
+    """Open the run (every check: bad input fails here, before Ray starts and before the location
+    is touched), then execute it inside a Ray session when its executor needs one."""
+    from pipeline.run import open_run
 
-    stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
-    stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
-    with _ray_session(cfg, cluster):
-        return stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+    run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
+    with _ray_session(cfg, cluster, run.executor.needs_ray):
+        return run.execute(progress=not quiet)
 
 
 def _print_metrics(metrics: dict[str, Any], where: str) -> None:
@@ -151,30 +152,18 @@ def _print_metrics(metrics: dict[str, Any], where: str) -> None:
     typer.echo(f"metrics: {where.rstrip('/')}/metrics.json")
 
 
-class _ray_session:
-    """Start or connect to Ray when the executor needs it; shut it down afterwards."""
+@contextlib.contextmanager
+def _ray_session(cfg: Any, cluster: str | None, needed: bool = True) -> Iterator[None]:
+    """The command's Ray session (:func:`pipeline.ray_session.ray_session`), when ``needed``."""
+    if not needed:
+        yield
+        return
+    from pipeline.ray_session import ray_session
 
-    def __init__(self, cfg: Any, cluster: str | None) -> None:
-        self.cfg = cfg
-        self.cluster = cluster
-        self.started = False
-
-    def __enter__(self) -> _ray_session:
-        if self.cfg.executor != "ray":
-            return self
-        from pipeline.ray_session import start_ray
-
-        info = start_ray(self.cfg, self.cluster)
-        self.started = True
+    with ray_session(cfg, cluster) as info:
         if info.get("dashboard_url"):
             typer.echo(f"Ray dashboard: {info['dashboard_url']}", err=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            from pipeline.ray_session import stop_ray
-
-            stop_ray()
+        yield
 
 
 @app.command()
@@ -238,7 +227,7 @@ def tune_command(
     cfg = _load_config(config, set_, storage, cluster)
     from pipeline.tune import BEST_PATH, tune_search, write_best_config
 
-    with _ray_session(cfg.model_copy(update={"executor": "ray"}), cluster):
+    with _ray_session(cfg, cluster):
         best, table = tune_search(cfg, progress=not quiet)
     finished = sum(1 for row in table if row["status"] != "error")
     top = table[0]

@@ -240,13 +240,10 @@ class _Pool:
 def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
     """Generate the dataset with a pool of Ray actors, resuming from the manifest.
 
-    Uses the Ray this process is connected to (a local one is started, and stopped afterwards,
-    when there is none).
+    Uses the Ray this process is connected to: the caller enters the Ray session (the CLI does,
+    once per command; see :mod:`pipeline.ray_session`).
     """
-    from pipeline.ray_session import ray_session
-
-    with ray_session(ctx.cfg):
-        return _generate(ctx, progress=progress)
+    return _generate(ctx, progress=progress)
 
 
 def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
@@ -258,6 +255,8 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "
             "location every actor can reach (a local path on one machine, or s3://)"
         )
+    if not ray.is_initialized():
+        raise GenerationError("the ray executor needs a running Ray (pipeline.ray_session.start_ray)")
     tasks, manifest, todo = pending_work(ctx, storage)
     stats = GenerationStats()
     if not todo:
