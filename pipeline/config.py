@@ -52,6 +52,9 @@ class RayConfig(StageConfig):
     # memory when a worker's share is at most train_memory_gb GiB.
     train_data: Literal["auto", "memory", "stream"] = "auto"
     train_memory_gb: float = Field(default=8.0, gt=0.0)
+    # Placement of the Train workers: "pack" onto few nodes (fast collectives), or "spread" one
+    # per node first (e.g. to use every node's CPUs, memory and disk bandwidth).
+    train_placement: Literal["pack", "spread"] = "pack"
     use_gpu: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpu", mode="before")
@@ -74,7 +77,12 @@ class TuneConfig(StageConfig):
     search: Literal["optuna", "random"] = "optuna"
     objective: Literal["agreement", "validation"] = "agreement"
     validation_data: str | None = None
-    grace_epochs: int = Field(default=1, ge=1)
+    # ASHA's grace period, in reports: a trial reports after each generation round (the PTQ
+    # agreement of a student calibrated on its images so far) and after each distillation epoch,
+    # so a bad trial can be stopped before or during its most expensive phase.
+    grace_reports: int = Field(default=1, ge=1)
+    # GPUs per trial when the cluster has GPUs: fractional, so small (CIFAR) trials share one.
+    gpus_per_trial: float = Field(default=0.25, gt=0.0)
     space: dict[str, list[float]] = Field(
         default_factory=lambda: {
             "generate.bns_weight": [0.1, 10.0],
@@ -88,6 +96,13 @@ class TuneConfig(StageConfig):
             "distill.kd_temperature": [1.0, 8.0],
         }
     )
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("tune.gpus_per_trial must be a fraction of one GPU or a whole number of GPUs")
+        return value
 
 
 class RunConfig(StageConfig):

@@ -24,7 +24,8 @@ labels and features for the same config and seed, whatever the number of actors)
   shard is only listed after its file is complete, so no partial shard is ever visible.
 * Pool size: ``ray.generation_actors``, else as many actors as the cluster fits (one per
   ``ray.gpus_per_actor`` GPUs on GPU clusters, else one per ``ray.cpus_per_actor`` CPUs), and
-  never more than the shards of a round. CPU actors bound torch to their CPUs.
+  never more than the shards of a round, spread over the nodes. CPU actors bound torch to
+  their CPUs.
 * Progress: the driver shows a tqdm bar over shards (fractional while shards run, with
   image·iterations/s and the latest loss); actors report every ~10% of a shard's iterations to
   a zero-CPU :class:`pipeline.metrics.ProgressBoard` (fire-and-forget), and record Ray metrics
@@ -206,6 +207,8 @@ class _Pool:
             "num_gpus": self.spec.num_gpus,
             "max_restarts": 0,
             "max_task_retries": 0,
+            # One actor per node before two on one: actors are independent and compute-bound.
+            "scheduling_strategy": "SPREAD",
         }
         if self.runtime_env is not None:
             options["runtime_env"] = self.runtime_env

@@ -429,7 +429,12 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         _train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus},
+            placement_strategy=cfg.ray.train_placement.upper(),
+        ),
         run_config=RunConfig(
             name=train_run_name(cfg),
             storage_path=ctx.storage.pyarrow_path(RAY_TRAIN_DIR),
@@ -487,8 +492,15 @@ class _Collective:
         return reduced.cpu()
 
 
+_DTYPES = {"image": torch.float32, "label": torch.int64, "index": torch.int64}
+
+
 class _WorkerData:
-    """This worker's share of the shards: resident tensors (``memory``) or per-epoch streams."""
+    """This worker's share of the shards: resident tensors (``memory``) or per-epoch streams.
+
+    In ``memory`` mode the one read starts at once in a background thread, so it overlaps the
+    worker's other start-up work (teacher, student); :meth:`wait` joins it.
+    """
 
     def __init__(self, config: dict[str, Any], rank: int, world: int, device: torch.device, batch: int) -> None:
         import ray.train
@@ -499,13 +511,32 @@ class _WorkerData:
         self.rank, self.device = rank, device
         self.seed = int(config["run_config"]["seed"])
         self.hold_x: torch.Tensor | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         if self.mode == "memory":
-            self.train_x, self.train_y, self.hold_x = self._read_once(
-                ray.train.get_dataset_shard("all"), np.asarray(config["holdout"]), int(config["rows"]) // world
-            )
+            shard = ray.train.get_dataset_shard("all")
+            holdout, capacity = np.asarray(config["holdout"]), int(config["rows"]) // world
+
+            def load() -> None:
+                try:
+                    self.train_x, self.train_y, self.hold_x = self._read_once(shard, holdout, capacity)
+                except BaseException as exc:  # re-raised by wait(), in the training thread
+                    self._error = exc
+
+            self._thread = threading.Thread(target=load, name="intraq-read-once", daemon=True)
+            self._thread.start()
         else:
             self.train_it = ray.train.get_dataset_shard("train")
             self.hold_it = ray.train.get_dataset_shard("holdout") if config["num_holdout"] else None
+
+    def wait(self) -> _WorkerData:
+        """The data, once read (``memory``); raises what the read raised."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self
 
     def _read_once(
         self, it: Any, holdout: np.ndarray, capacity: int
@@ -524,7 +555,7 @@ class _WorkerData:
         for batch in it.iter_torch_batches(
             batch_size=max(self.batch, 256),
             prefetch_batches=PREFETCH_BATCHES,
-            dtypes={"image": torch.float32, "label": torch.int64, "index": torch.int64},
+            dtypes=_DTYPES,
             device=where,
             pin_memory=pin,
         ):
@@ -573,7 +604,7 @@ class _WorkerData:
             prefetch_batches=PREFETCH_BATCHES,
             local_shuffle_buffer_size=self.batch * SHUFFLE_BUFFER_BATCHES,
             local_shuffle_seed=derive_seed(seed, PURPOSE_SHUFFLE, epoch) % 2**32,
-            dtypes={"image": torch.float32, "label": torch.int64, "index": torch.int64},
+            dtypes=_DTYPES,
             device=self.device,
         ):
             if produced == self.steps:
@@ -595,7 +626,7 @@ class _WorkerData:
         if self.hold_it is None:
             return
         for batch in self.hold_it.iter_torch_batches(
-            batch_size=500, prefetch_batches=PREFETCH_BATCHES, dtypes={"image": torch.float32}, device="cpu"
+            batch_size=500, prefetch_batches=PREFETCH_BATCHES, dtypes=_DTYPES, device="cpu"
         ):
             yield batch["image"].reshape(-1, *self.shape)
 
@@ -623,6 +654,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = rt.get_device()
+    d = cfg.distill
+    data = _WorkerData(config, rank, world, device, d.batch_size // world)  # the read starts now
     teacher = ctx.teacher()
     if state_dict_sha256(teacher) != config["teacher_sha256"]:
         raise RuntimeError(
@@ -636,8 +669,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     set_act_mode(student, "frozen")
     student = student.to(device).eval()
 
-    d = cfg.distill
-    data = _WorkerData(config, rank, world, device, d.batch_size // world)
+    data.wait()
     reduce = _Collective(world, device)
     has_holdout = int(config["num_holdout"]) > 0
 
@@ -656,7 +688,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     if resumed is not None:
         with resumed.as_directory() as tmp:
             state = parse_train_state((Path(tmp) / TRAIN_STATE_PATH).read_bytes(), identity, resumed.path)
-    model = rt.prepare_model(student, parallel_strategy_kwargs={"broadcast_buffers": False})
+    # BN statistics and activation ranges are frozen buffers: synced once at wrap, never per forward.
+    model = rt.prepare_model(student, parallel_strategy_kwargs={"forward_sync_buffers": False})
     seed = cfg.seed if rank == 0 else derive_seed(cfg.seed, PURPOSE_RANK, rank)
     distiller = Distiller(model, teacher, d, steps_per_epoch=int(config["steps_per_epoch"]), seed=seed, device=device)
     first, history, attempt = 0, [], 1
