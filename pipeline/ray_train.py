@@ -5,10 +5,10 @@ Same outputs as :func:`pipeline.train.train_local` (``student_calibrated.pt``, `
 
 * **Driver** (this process, e.g. the head node; it never needs a GPU). Reads only the ``index``
   column of every shard to compute the held-out split (:func:`pipeline.train.holdout_mask`, so
-  the same images as the local executor) and the calibration images, which Ray tasks pick out of
-  the shards (:func:`pipeline.shards.read_rows`: only the row groups holding them), so only
-  those rows reach the driver. Calibrates the student's activation ranges on exactly the local
-  executor's batches and writes ``student_calibrated.pt``, which the workers read.
+  the same images as the local executor), and the calibration images, picked out of the shards
+  (:func:`pipeline.shards.read_rows`: only the row groups holding them). Calibrates the
+  student's activation ranges on exactly the local executor's batches and writes
+  ``student_calibrated.pt``, which the workers read.
 * **Workers** (``ray.train_workers`` = N; gloo on CPU, NCCL on GPU). Each drives the same
   :func:`intraq_core.distill.train_epochs` as the local executor, with ``distill.batch_size / N``
   images per step: the global batch, steps per epoch and learning-rate schedule do not depend
@@ -96,7 +96,7 @@ RAY_TRAIN_DIR = "ray_train"
 #: (the marker file records that it did), after the checkpoints reported so far are committed.
 #: Read on the driver, passed in ``train_loop_config``.
 FAIL_ONCE_ENV = "INTRAQ_TEST_FAIL_ONCE"
-#: CPUs of each Ray Data read/filter task and row-picking task (fractional, beside the Train workers).
+#: CPUs of each Ray Data read/filter task (fractional, beside the Train workers).
 DATA_TASK_CPUS = 0.25
 SHUFFLE_BUFFER_BATCHES = 4
 PREFETCH_BATCHES = 2
@@ -190,31 +190,29 @@ def plan_training(ctx: RunContext, manifest: Manifest) -> TrainPlan:
     return plan
 
 
-def _pick_rows(storage_config: dict[str, Any], path: str, rows: np.ndarray, shape: list[int]) -> np.ndarray:
-    """Ray task: the images at ``rows`` of one shard (only the row groups holding them are read)."""
-    storage = Storage.from_config(StorageConfig.model_validate(storage_config))
-    return read_rows(storage, path, rows, shape)
-
-
 def read_images(data: Storage, manifest: Manifest, plan: TrainPlan, wanted: np.ndarray) -> torch.Tensor:
-    """Images of the given global indices, in that order, picked out of the shards by Ray tasks."""
-    import ray
+    """Images of the given global indices, in that order, picked out of the shards.
 
-    remote = ray.remote(num_cpus=DATA_TASK_CPUS, scheduling_strategy="SPREAD", max_retries=2)(_pick_rows)
+    Only the row groups holding them are read (:func:`pipeline.shards.read_rows`), the shards in
+    parallel threads (object-storage latency), so the driver reads the calibration images and
+    not the dataset.
+    """
+    import concurrent.futures
+
     shape = list(manifest.image_shape)
     out = np.empty((len(wanted), *shape), dtype=np.float32)
-    config = data.config.model_copy(update={"url": data.url}).model_dump(mode="json")
     jobs = []
     for path, shard_indices in zip(shard_paths(manifest), plan.per_shard, strict=True):
         sorter = np.argsort(shard_indices)
-        pos = np.searchsorted(shard_indices, wanted, sorter=sorter)
-        pos = np.clip(pos, 0, len(shard_indices) - 1)
+        pos = np.clip(np.searchsorted(shard_indices, wanted, sorter=sorter), 0, len(shard_indices) - 1)
         rows = sorter[pos]
         where = np.flatnonzero(shard_indices[rows] == wanted)
         if where.size:
-            jobs.append((where, remote.remote(config, path, rows[where], shape)))
-    for where, ref in jobs:
-        out[where] = ray.get(ref)
+            jobs.append((path, rows[where], where))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
+        futures = [(where, pool.submit(read_rows, data, path, rows, shape)) for path, rows, where in jobs]
+        for where, future in futures:
+            out[where] = future.result()
     return torch.from_numpy(out)
 
 
