@@ -315,9 +315,20 @@ def trial_resources(cfg: RunConfig) -> dict[str, float]:
 
 
 def _planned_reports(cfg: RunConfig) -> int:
-    """Reports of a trial of the base config: one per generation round and one per epoch."""
-    shards = math.ceil(cfg.generate.num_images / min(cfg.generate.batch_size, cfg.generate.num_images))
-    return math.ceil(shards / cfg.generate.shards_per_round) + cfg.distill.epochs
+    """The most reports a trial can make (ASHA's ``max_t``): one per generation round, one per
+    epoch, at the extremes of ``tune.space`` for the keys that change those counts."""
+    space = cfg.tune.space
+
+    def extreme(key: str, value: float, pick: Any) -> float:
+        return float(pick(space[key])) if key in space else float(value)
+
+    g = cfg.generate
+    images = extreme("generate.num_images", g.num_images, max)
+    batch = extreme("generate.batch_size", g.batch_size, min)
+    per_round = extreme("generate.shards_per_round", g.shards_per_round, min)
+    epochs = extreme("distill.epochs", cfg.distill.epochs, max)
+    shards = math.ceil(images / min(batch, images))
+    return int(math.ceil(shards / per_round) + epochs)
 
 
 class _TrialBar:

@@ -128,3 +128,49 @@ def test_reestimate_bn_matches_data_statistics() -> None:
         pre = model[0](x)
     assert_close(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
     assert not bn.training
+
+
+def test_cadence_is_a_tenth_of_the_run_and_always_includes_the_last_epoch() -> None:
+    from intraq_core.distill import cadence, is_due
+
+    assert cadence(None, 50) == 5 and cadence(None, 7) == 1 and cadence(3, 50) == 3
+    assert [e for e in range(12) if is_due(e, cadence(None, 12), 12)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert [e for e in range(25) if is_due(e, cadence(None, 25), 25)] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 24]
+    assert [e for e in range(10) if is_due(e, 4, 10)] == [3, 7, 9]
+
+
+def test_train_epochs_sums_over_workers_and_evaluates_and_checkpoints_at_its_cadence() -> None:
+    from intraq_core.distill import EpochBatches, train_epochs
+
+    teacher = _tiny().eval()
+    x = torch.randn(32, 3, 8, 8)
+    y = teacher(x).argmax(1)
+    cfg = DistillConfig(epochs=5, batch_size=8, lr=0.01, eval_every=2, checkpoint_every=3)
+
+    def run(reduce: object) -> tuple[list[dict], list[int], list[int]]:
+        evaluated: list[int] = []
+        saved: list[int] = []
+        d = Distiller(_tiny(), teacher, cfg, steps_per_epoch=4, seed=1)
+
+        def evaluate() -> dict[str, float]:
+            evaluated.append(d.step_count)
+            return {"agreement": 50.0, "kl": 0.5}
+
+        rows = train_epochs(
+            d,
+            EpochBatches(x, y, 8, steps=4, seed=1),
+            reduce=reduce,  # type: ignore[arg-type]
+            evaluate=evaluate,
+            checkpoint=lambda epoch, _d, rows: saved.append(epoch),
+            tags={"workers": 2},
+        ).epochs
+        return rows, evaluated, saved
+
+    alone, evaluated, saved = run(None)
+    # Two identical workers: sums double, means do not change.
+    twice, _, _ = run(lambda t: 2 * t)
+    assert [r["loss"] for r in alone] == pytest.approx([r["loss"] for r in twice])
+    assert evaluated == [8, 16, 20]  # after epochs 1, 3 and the last (4), in optimizer steps
+    assert saved == [2, 4]  # every 3 epochs and the last
+    assert [("holdout_agreement" in r) for r in alone] == [False, True, False, True, True]
+    assert all(r["workers"] == 2 for r in alone) and [r["step"] for r in alone] == [4, 8, 12, 16, 20]

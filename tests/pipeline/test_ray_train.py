@@ -184,9 +184,8 @@ def n_invariance(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.Te
     return {"cfg": cfg, "url": Path(url), "two": two, "one": one, "local_url": Path(local_cfg.storage.url)}
 
 
-@pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_driver_picks_the_local_calibration_images(ray_cluster: Any, dataset_url: str, tmp_path: Path) -> None:
+def test_driver_picks_the_local_calibration_images(dataset_url: str, tmp_path: Path) -> None:
     """The Ray driver calibrates on exactly the local executor's batches, reading only those rows."""
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
