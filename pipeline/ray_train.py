@@ -413,6 +413,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         "identity": train_identity(ctx, manifest, plan.num_train),
         "image_shape": list(manifest.image_shape),
         "rows": int(plan.order.size),
+        "num_train": plan.num_train,
         "num_holdout": int(plan.holdout_indices.size),
         "holdout": plan.holdout_indices,
         "steps_per_epoch": plan.steps_per_epoch,
@@ -524,6 +525,8 @@ class _WorkerData:
             self._thread = threading.Thread(target=load, name="intraq-read-once", daemon=True)
             self._thread.start()
         else:
+            # An equal split of fewer rows than a batch still gives its one (partial) batch.
+            self.drop_last = int(config["num_train"]) // world >= batch
             self.train_it = ray.train.get_dataset_shard("train")
             self.hold_it = ray.train.get_dataset_shard("holdout") if config["num_holdout"] else None
 
@@ -598,7 +601,7 @@ class _WorkerData:
         produced = 0
         for batch in self.train_it.iter_torch_batches(
             batch_size=self.batch,
-            drop_last=True,
+            drop_last=self.drop_last,
             prefetch_batches=PREFETCH_BATCHES,
             local_shuffle_buffer_size=self.batch * SHUFFLE_BUFFER_BATCHES,
             local_shuffle_seed=derive_seed(seed, PURPOSE_SHUFFLE, epoch) % 2**32,
