@@ -30,9 +30,11 @@ COPY --chown=1000:100 intraq_core/ ./intraq_core/
 COPY --chown=1000:100 pipeline/ ./pipeline/
 COPY --chown=1000:100 configs/ ./configs/
 
-# Install the project; keep Ray at the base image's version so pip never swaps the Ray that the
-# cluster launcher and the image were built for. torch/torchvision come from PyPI's CUDA wheels.
-RUN pip install --no-cache-dir . "ray[default,train,tune,data]==2.60.0" \
+# Install the project with every extra a CLI command imports (tune: optuna; report: matplotlib,
+# scikit-learn; export: onnx, onnxruntime, onnxscript). pyproject.toml pins Ray to the base
+# image's version, so pip never swaps the Ray the cluster launcher and the image were built
+# for. torch/torchvision come from PyPI's CUDA wheels. ("./[...]" is "." with extras.)
+RUN pip install --no-cache-dir "./[tune,report,export]" \
     && rm -rf build ./*.egg-info
 
 # Stay the base image's unprivileged user (ray:users), spelled numerically for the host.

@@ -1,30 +1,42 @@
-"""Pipeline overhead: generation and training throughput, bare loop vs the Ray pipeline.
+"""Pipeline overhead: the Ray pipeline against the bare loops, side by side, on one machine.
 
-In one run, on the same budget and the same thread count per worker:
+    python -m benchmarks.throughput --stage distill --out DIR      # training only
+    python -m benchmarks.throughput --stage generate --out DIR     # generation only
+    python -m benchmarks.throughput --out DIR                      # both
 
-- generation: image·iterations/s of a bare single-process loop (``Synthesizer`` in this
-  process, one torch thread, shards one after the other, nothing written) vs the Ray
-  pipeline (``generate_ray``: actors, Parquet shards, manifest, progress) with 1 and 2
-  actors of one CPU each. Overhead = 1 − pipeline(1 actor) / bare loop; with 2 actors the
-  ideal is twice the bare loop (the plan's rounds hold two shards so both actors work);
-- training: distillation samples/s with 1 vs 2 Ray Train workers (``train_ray``), against
-  the single-process loop (``train_local``) of the same recipe.
+Writes ``DIR/throughput.json`` and ``DIR/throughput.md``.
 
-    python -m benchmarks.throughput --out benchmarks/results/throughput
+* **distill**: on ONE synthetic dataset, the local executor (``train_local``: the training loop
+  in this process, one torch thread) and Ray Train with 1 and 2 workers (``train_ray``: the same
+  loop in each worker, one thread each, the global batch split between them). Per variant:
+  ``samples_per_s``, the steady state after the first epoch (samples = optimizer steps x global
+  batch, the same for every variant since the recipe does not depend on the worker count,
+  divided by the wall time of epochs 2..E), and ``startup_s``, from the call of the training
+  stage to its first step (reading the data, calibration, for Ray the trainer, worker group,
+  process group and the workers' data loading). ``ratio_ray1_vs_local`` and
+  ``ratio_ray2_vs_ray1`` compare the steady states. The variants run interleaved,
+  ``--repeats`` times, and the median of each is reported (the machine may be shared).
+* **generate**: image·iterations/s of a bare single-process loop (``Synthesizer`` in this
+  process, one torch thread, shards one after the other, nothing written) against the Ray
+  pipeline (``generate_ray``: actors, Parquet shards, manifest) with 1 and 2 actors of one CPU
+  each, wall time of the whole stage (actor start-up included). ``ratio_1_actor_vs_bare`` is
+  the pipeline's share of the bare loop's speed; with 2 actors the ideal is twice the bare loop.
 
-Writes ``<out>.json`` and ``<out>.md``. Wall times include everything a user waits for
-inside each stage (actor start-up, shard writes, Ray Data reads, checkpoints), except the
-one-time start of the local Ray cluster.
+Every measurement records the 1-minute load average before and after it: on a shared machine
+the numbers are only comparable when the load was the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,24 +46,52 @@ from pipeline.config import load_run_config
 from pipeline.context import RunContext
 from pipeline.plan import make_plan
 
+VARIANTS = ("local", "ray_1_worker", "ray_2_workers")
+LABELS = {
+    "local": "local loop, 1 thread",
+    "ray_1_worker": "Ray Train, 1 worker",
+    "ray_2_workers": "Ray Train, 2 workers",
+}
 
-def budget(shards: int, batch: int, iterations: int, extra: list[str]) -> list[str]:
+
+def load() -> float:
+    """The 1-minute load average."""
+    return round(os.getloadavg()[0], 2)
+
+
+def generation_budget(args: argparse.Namespace) -> list[str]:
     return [
-        f"generate.num_images={shards * batch}",
-        f"generate.batch_size={batch}",
-        f"generate.iterations={iterations}",
+        f"generate.num_images={args.shards * args.batch}",
+        f"generate.batch_size={args.batch}",
+        f"generate.iterations={args.iterations}",
         "generate.shards_per_round=2",
         "generate.method=intraq",
         "ray.cpus_per_actor=1",
-        *extra,
+        "device=cpu",
     ]
 
 
-def bare_loop(sets: list[str]) -> float:
+def distill_budget(args: argparse.Namespace) -> list[str]:
+    return [
+        f"generate.num_images={args.train_images}",
+        "generate.batch_size=256",
+        "generate.method=gaussian",  # throughput does not depend on what the images show
+        f"distill.epochs={args.epochs}",
+        f"distill.batch_size={args.train_batch}",
+        "quant.calibration_batches=2",
+        "device=cpu",
+    ]
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+def bare_generation(sets: list[str]) -> dict[str, float]:
     """Image-iterations/s of the engine alone, one thread, shards in sequence."""
-    cfg = load_run_config(None, [*sets, "executor=local", "device=cpu"])
+    cfg = load_run_config(None, [*sets, "executor=local"])
     ctx = RunContext.create(cfg)
     torch.set_num_threads(1)
+    before = load()
     synth = Synthesizer(
         ctx.teacher(),
         cfg.generate,
@@ -59,113 +99,244 @@ def bare_loop(sets: list[str]) -> float:
         num_classes=ctx.num_classes,
         normalization=ctx.normalization,
     )
-    tasks = make_plan(cfg, ctx.num_classes)
     t0 = time.perf_counter()
-    for task in tasks:
+    for task in make_plan(cfg, ctx.num_classes):
         synth.synthesize(torch.tensor(task.labels), torch.tensor(task.image_seeds), task.batch_seed)
     seconds = time.perf_counter() - t0
-    return cfg.generate.num_images * cfg.generate.iterations / seconds
+    work = cfg.generate.num_images * cfg.generate.iterations
+    return {"img_it_per_s": work / seconds, "seconds": seconds, "load_before": before, "load_after": load()}
 
 
-def pipeline_generation(sets: list[str], actors: int, root: Path) -> float:
+def pipeline_generation(sets: list[str], actors: int, url: Path) -> dict[str, float]:
+    """Image-iterations/s of ``generate_ray`` with ``actors`` actors, whole-stage wall time."""
     from pipeline.ray_generate import generate_ray
 
-    cfg = load_run_config(
-        None,
-        [*sets, "executor=ray", "device=cpu", f"ray.generation_actors={actors}", f"storage.url={root}/gen{actors}"],
-    )
+    cfg = load_run_config(None, [*sets, "executor=ray", f"ray.generation_actors={actors}", f"storage.url={url}"])
     ctx = RunContext.create(cfg)
+    before = load()
     t0 = time.perf_counter()
-    generate_ray(ctx, progress=False)
+    _, stats = generate_ray(ctx, progress=False)
     seconds = time.perf_counter() - t0
-    return cfg.generate.num_images * cfg.generate.iterations / seconds
+    work = cfg.generate.num_images * cfg.generate.iterations
+    return {
+        "img_it_per_s": work / seconds,
+        "seconds": seconds,
+        # Inside the actors only: the optimization loops, without start-up, writes and dispatch.
+        "actor_img_it_per_s": stats.image_iterations / stats.seconds * actors,
+        "load_before": before,
+        "load_after": load(),
+    }
 
 
-def training(sets: list[str], workers: int | None, root: Path, dataset: Path) -> float:
-    """Distillation samples/s: Ray Train with ``workers`` workers, or the local loop (None)."""
-    from pipeline.shards import Manifest
-    from pipeline.train import train_local
+def bench_generation(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    sets = generation_budget(args)
+    # Warm-up: the first actor start in a fresh cluster pays for worker processes.
+    warm = [*sets, "generate.iterations=1", "generate.num_images=64", "generate.batch_size=32"]
+    pipeline_generation(warm, 1, root / "gen-warm")
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "ray_1_actor": [], "ray_2_actors": []}
+    for r in range(args.repeats):
+        runs["bare"].append(bare_generation(sets))
+        runs["ray_1_actor"].append(pipeline_generation(sets, 1, root / f"gen1-{r}"))
+        runs["ray_2_actors"].append(pipeline_generation(sets, 2, root / f"gen2-{r}"))
+    out: dict[str, Any] = {"budget": sets, "repeats": args.repeats}
+    work = args.shards * args.batch * args.iterations
+    for name, rs in runs.items():
+        out[name] = {"img_it_per_s": statistics.median(x["img_it_per_s"] for x in rs), "runs": rs}
+        if name != "bare":
+            out[name]["actor_img_it_per_s"] = statistics.median(x["actor_img_it_per_s"] for x in rs)
+            out[name]["fixed_s"] = statistics.median(x["seconds"] - work / x["actor_img_it_per_s"] for x in rs)
+    bare = out["bare"]["img_it_per_s"]
+    out["ratio_1_actor_vs_bare"] = out["ray_1_actor"]["img_it_per_s"] / bare
+    out["ratio_2_actors_vs_bare"] = out["ray_2_actors"]["img_it_per_s"] / bare
+    return out
 
-    tag = "local" if workers is None else f"w{workers}"
-    extra = (
-        ["executor=local"]
-        if workers is None
-        else ["executor=ray", f"ray.train_workers={workers}", "ray.cpus_per_train_worker=0.5"]
-    )
-    cfg = load_run_config(None, [*sets, *extra, "device=cpu", f"storage.url={root}/train-{tag}", f"dataset={dataset}"])
-    ctx = RunContext.create(cfg)
+
+# -- distillation -----------------------------------------------------------------------------
+
+
+def make_dataset(args: argparse.Namespace, root: Path) -> Path:
+    from pipeline.generate import generate_local
+
+    url = root / "dataset"
+    cfg = load_run_config(None, [*distill_budget(args), "executor=local", f"storage.url={url}"])
+    generate_local(RunContext.create(cfg), progress=False)
+    return url
+
+
+def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Path) -> dict[str, Any]:
+    """One training stage: steady-state samples/s after the first epoch, and start-up seconds."""
     from pipeline.generate import dataset_storage
+    from pipeline.shards import Manifest
 
+    extra = {
+        "local": ["executor=local"],
+        "ray_1_worker": ["executor=ray", "ray.train_workers=1", "ray.cpus_per_train_worker=1"],
+        "ray_2_workers": ["executor=ray", "ray.train_workers=2", "ray.cpus_per_train_worker=1"],
+    }[variant]
+    cfg = load_run_config(None, [*distill_budget(args), *extra, f"storage.url={url}", f"dataset={dataset}"])
+    ctx = RunContext.create(cfg)
     manifest = Manifest.load(dataset_storage(ctx))
-    if workers is None:
+    before = load()
+    t0 = time.perf_counter()
+    if variant == "local":
+        from pipeline.train import train_local
+
         torch.set_num_threads(1)
         outcome = train_local(ctx, manifest, progress=False)
     else:
         from pipeline.ray_train import train_ray
 
         outcome = train_ray(ctx, manifest, progress=False)
-    samples = outcome.num_train * cfg.distill.epochs
-    return samples / outcome.seconds_distill
+    wall = time.perf_counter() - t0
+    steady = outcome.epoch_seconds[1:]
+    if len(steady) != cfg.distill.epochs - 1:
+        raise RuntimeError(f"{variant}: expected {cfg.distill.epochs} epoch times, got {outcome.epoch_seconds}")
+    samples = outcome.steps_per_epoch * outcome.global_batch_size * len(steady)
+    return {
+        "samples_per_s": samples / sum(steady),
+        "startup_s": outcome.startup_s,
+        "stage_wall_s": wall,
+        "epoch_seconds": outcome.epoch_seconds,
+        "train_workers": outcome.train_workers,
+        "global_batch_size": outcome.global_batch_size,
+        "steps_per_epoch": outcome.steps_per_epoch,
+        "optimizer_steps": outcome.optimizer_steps,
+        "load_before": before,
+        "load_after": load(),
+    }
+
+
+def bench_distill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    dataset = make_dataset(args, root)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for r in range(args.repeats):
+        for variant in VARIANTS:
+            runs[variant].append(train_variant(args, variant, root / f"{variant}-{r}", dataset))
+    out: dict[str, Any] = {"budget": distill_budget(args), "dataset_images": args.train_images, "repeats": args.repeats}
+    for variant, rs in runs.items():
+        out[variant] = {
+            "samples_per_s": statistics.median(x["samples_per_s"] for x in rs),
+            "startup_s": statistics.median(x["startup_s"] for x in rs),
+            "runs": rs,
+        }
+    out["ratio_ray1_vs_local"] = out["ray_1_worker"]["samples_per_s"] / out["local"]["samples_per_s"]
+    out["ratio_ray2_vs_ray1"] = out["ray_2_workers"]["samples_per_s"] / out["ray_1_worker"]["samples_per_s"]
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _loads(runs: list[dict[str, Any]]) -> str:
+    values = [v for r in runs for v in (r["load_before"], r["load_after"])]
+    return f"{min(values):.1f}–{max(values):.1f}"
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    lines = [
+        "# Pipeline throughput",
+        "",
+        f"Command: `{command}`. Date {result['date']}. Machine: {result['machine']}.",
+        "The load column is the machine's 1-minute load average around the runs of that row (the",
+        "machine is shared: a load above its core count means other jobs were running).",
+        "",
+    ]
+    d = result.get("distill")
+    if d:
+        lines += [
+            "## Distillation (one dataset, the same recipe for every variant)",
+            "",
+            f"Budget: `{' '.join(d['budget'])}`; median of {d['repeats']} interleaved runs.",
+            "",
+            "| variant | steady samples/s (after epoch 1) | start-up s | vs local | load |",
+            "| --- | ---: | ---: | ---: | --- |",
+        ]
+        local = d["local"]["samples_per_s"]
+        for v, label in zip(
+            VARIANTS, ("local loop, 1 thread", "Ray Train, 1 worker", "Ray Train, 2 workers"), strict=True
+        ):
+            row = d[v]
+            lines.append(
+                f"| {label} | {row['samples_per_s']:.1f} | {row['startup_s']:.1f} | "
+                f"{row['samples_per_s'] / local:.2f}× | {_loads(row['runs'])} |"
+            )
+        lines += [
+            "",
+            f"`ratio_ray1_vs_local` = {d['ratio_ray1_vs_local']:.3f}; 2 workers vs 1: {d['ratio_ray2_vs_ray1']:.2f}×.",
+            "",
+        ]
+    g = result.get("generate")
+    if g:
+        lines += [
+            "## Generation",
+            "",
+            f"Budget: `{' '.join(g['budget'])}`; median of {g['repeats']} interleaved runs.",
+            "",
+            "| setting | img·it/s (whole stage) | vs bare loop | inside the actors | fixed s | load |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            f"| bare loop, 1 process, 1 thread | {g['bare']['img_it_per_s']:.1f} | 1.00× | | "
+            f"| {_loads(g['bare']['runs'])} |",
+        ]
+        for name, label, ratio in (
+            ("ray_1_actor", "pipeline, 1 actor × 1 CPU", g["ratio_1_actor_vs_bare"]),
+            ("ray_2_actors", "pipeline, 2 actors × 1 CPU", g["ratio_2_actors_vs_bare"]),
+        ):
+            row = g[name]
+            lines.append(
+                f"| {label} | {row['img_it_per_s']:.1f} | {ratio:.3f}× | {row['actor_img_it_per_s']:.1f} | "
+                f"{row['fixed_s']:.1f} | {_loads(row['runs'])} |"
+            )
+        lines += [
+            "",
+            "Whole stage: the wall time of `generate_ray`, actor start-up (process, imports, teacher),",
+            "shard writes and dispatch included. Inside the actors: their optimization loops alone.",
+            "Fixed s: whole-stage seconds minus the loops' seconds (with 2 actors, per actor).",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=("distill", "generate", "all"), default="all")
+    ap.add_argument("--out", default="benchmarks/results/throughput", help="output directory")
+    ap.add_argument("--repeats", type=int, default=2)
+    # Generation budget (the "medium" budget: 4 shards of 128 images, 60 iterations).
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iterations", type=int, default=40)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/throughput")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--iterations", type=int, default=60)
+    # Distillation budget.
+    ap.add_argument("--train-images", type=int, default=1024)
+    ap.add_argument("--train-batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     args = ap.parse_args()
 
     from pipeline.ray_session import start_ray, stop_ray
 
-    sets = budget(args.shards, args.batch, args.iterations, [f"distill.epochs={args.epochs}", "distill.batch_size=64"])
+    out = Path(args.out)
     root = Path(tempfile.mkdtemp(prefix="intraq-throughput-"))
-    result: dict = {"date": date.today().isoformat(), "machine": machine(), "budget": sets}
-    result["bare_img_it_per_s"] = bare_loop(sets)
-    start_ray(load_run_config(None, [*sets, "ray.num_cpus=2", "ray.dashboard=false"]), None)
+    result: dict[str, Any] = {"date": date.today().isoformat(), "machine": machine(), "args": vars(args)}
+    # The product's default Ray: the dashboard (and its State API, which Ray Train polls) on.
+    start_ray(load_run_config(None, [f"ray.num_cpus={args.ray_cpus}", "ray.dashboard=true"]), None)
     try:
-        # Warm-up: the first actor start in a fresh cluster pays for worker processes.
-        pipeline_generation(
-            [*sets, "generate.iterations=1", "generate.num_images=64", "generate.batch_size=32"], 1, root / "warm"
-        )
-        result["pipeline_1_actor_img_it_per_s"] = pipeline_generation(sets, 1, root)
-        result["pipeline_2_actors_img_it_per_s"] = pipeline_generation(sets, 2, root)
-        dataset = root / "gen2"
-        result["train_local_samples_per_s"] = training(sets, None, root, dataset)
-        result["train_1_worker_samples_per_s"] = training(sets, 1, root, dataset)
-        result["train_2_workers_samples_per_s"] = training(sets, 2, root, dataset)
+        if args.stage in ("distill", "all"):
+            result["distill"] = bench_distill(args, root)
+            for key in ("ratio_ray1_vs_local", "ratio_ray2_vs_ray1"):
+                result[key] = result["distill"][key]
+            for v in VARIANTS:
+                result[v] = {k: result["distill"][v][k] for k in ("samples_per_s", "startup_s")}
+        if args.stage in ("generate", "all"):
+            result["generate"] = bench_generation(args, root)
+            result["ratio_1_actor_vs_bare"] = result["generate"]["ratio_1_actor_vs_bare"]
     finally:
         stop_ray()
-    bare = result["bare_img_it_per_s"]
-    result["overhead_1_actor"] = 1.0 - result["pipeline_1_actor_img_it_per_s"] / bare
-    result["overhead_2_actors_vs_2x_bare"] = 1.0 - result["pipeline_2_actors_img_it_per_s"] / (2 * bare)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [
-        "# Pipeline throughput",
-        "",
-        f"Command: `python -m benchmarks.throughput --shards {args.shards} --batch {args.batch} "
-        f"--iterations {args.iterations} --epochs {args.epochs}`. Date {result['date']}. Machine: {result['machine']}.",
-        f"Budget: `{' '.join(sets)}`.",
-        "",
-        "| stage | setting | throughput | vs reference |",
-        "| --- | --- | ---: | --- |",
-        f"| generation | bare loop, 1 process, 1 thread | {bare:.1f} img·it/s | reference |",
-        f"| generation | pipeline, 1 actor × 1 CPU | {result['pipeline_1_actor_img_it_per_s']:.1f} img·it/s "
-        f"| overhead {100 * result['overhead_1_actor']:.1f}% |",
-        f"| generation | pipeline, 2 actors × 1 CPU | {result['pipeline_2_actors_img_it_per_s']:.1f} img·it/s "
-        f"| {100 * result['overhead_2_actors_vs_2x_bare']:.1f}% below 2× bare |",
-        f"| distillation | local loop, 1 thread | {result['train_local_samples_per_s']:.1f} samples/s | reference |",
-        f"| distillation | Ray Train, 1 worker | {result['train_1_worker_samples_per_s']:.1f} samples/s | "
-        f"{result['train_1_worker_samples_per_s'] / result['train_local_samples_per_s']:.2f}× local |",
-        f"| distillation | Ray Train, 2 workers | {result['train_2_workers_samples_per_s']:.1f} samples/s | "
-        f"{result['train_2_workers_samples_per_s'] / result['train_1_worker_samples_per_s']:.2f}× 1 worker |",
-        "",
-    ]
-    Path(f"{out}.md").write_text("\n".join(md))
-    print("\n".join(md))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    command = f"python -m benchmarks.throughput --stage {args.stage} --repeats {args.repeats} --out {args.out}"
+    md = markdown(result, command)
+    (out / "throughput.md").write_text(md + "\n")
+    print(md)
 
 
 if __name__ == "__main__":

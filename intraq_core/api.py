@@ -411,11 +411,16 @@ def distill_student(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    holdout: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune the calibrated ``student`` by distillation from the frozen ``teacher`` on ``data``.
 
     The pipeline's training loop (KD + CE loss, augmentation, SGD-Nesterov, schedule), in this
-    process. Returns one row per epoch (loss, kd, ce, agreement with the teacher, lr).
+    process. Returns one row per epoch (loss, kd, ce, agreement with the teacher, lr). With
+    ``holdout`` images (synthetic images it does not train on), the pipeline's data-free guard
+    watches the student every ``config.eval_every`` epochs and, with ``config.select="best"``,
+    leaves ``student`` at its best-scoring state, which may be the calibrated start
+    (:class:`intraq_core.selection.Selector`).
 
     Args:
         student: the calibrated student (trained in place).
@@ -425,6 +430,7 @@ def distill_student(
         seed: seeds the batch order and the augmentation.
         device: where to train.
         progress: show a progress bar.
+        holdout: images for the data-free guard (None: no guard, the final student is kept).
 
     Example:
         >>> import torch, intraq_core as iq
@@ -435,18 +441,32 @@ def distill_student(
         >>> sorted(rows[0])[:3]
         ['agreement', 'ce', 'epoch']
     """
-    from intraq_core.distill import distill
+    from intraq_core.distill import augment_batch, cadence, distill
+    from intraq_core.selection import Selector
 
     teacher = teacher.eval().requires_grad_(False)
+    config = config or DistillConfig()
+    selector = None
+    if holdout is not None and holdout.shape[0] > 0:
+        selector = Selector(
+            teacher,
+            holdout,
+            every=cadence(config.eval_every, config.epochs),
+            device=device,
+            augment=lambda x, gen: augment_batch(x, config, gen),
+            views=config.watch_views,
+            seed=seed,
+        )
     return distill(
         student.requires_grad_(True),
         teacher,
         data.images,
         data.labels,
-        config or DistillConfig(),
+        config,
         seed=seed,
         device=device,
         progress=progress,
+        selector=selector,
     ).epochs
 
 

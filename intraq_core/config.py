@@ -338,17 +338,17 @@ class DistillConfig(StageConfig):
     cam_weight: float = Field(default=0.0, ge=0.0)
     # Self-watching (intraq_core.selection): the student is scored against the teacher on the
     # held-out synthetic images (and the probe set) at the start, every ``eval_every`` epochs
-    # (None: a tenth of the run) and at the end; ``select: best`` keeps the best-scoring state
-    # when the final one is worse, ``final`` always keeps the final student.
+    # and at the end; ``select: best`` keeps the best-scoring state when the final one is worse,
+    # ``final`` always keeps the final student.
     select: Literal["best", "final"] = "best"
-    eval_every: int | None = Field(default=None, ge=1)
     # Augmented views (the training augmentation, fixed seed) of each held-out image the guard
     # scores besides the image itself.
     watch_views: int = Field(default=3, ge=0)
-
-    def evaluation_interval(self) -> int:
-        """Epochs between two data-free evaluations of the student."""
-        return self.eval_every if self.eval_every is not None else max(1, self.epochs // 10)
+    # Cadence, in epochs (None: a tenth of the run); both also fall on the last epoch.
+    # checkpoint_every: resume points (train_state.pt locally, Ray Train checkpoints on Ray).
+    # eval_every: the data-free score of the student (intraq_core.selection), recorded in the history.
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    eval_every: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

@@ -1,15 +1,27 @@
 """Quantization-aware distillation of the quantized student from the frozen teacher.
 
 :class:`Distiller` owns one training step (augmentation, KD + CE loss, SGD-Nesterov
-update, per-step learning-rate schedule). The single-process loop :func:`distill` and the
-Ray Train worker loop both drive it, so both train the same way.
+update, per-step learning-rate schedule). :func:`train_epochs` is THE epoch loop: the local
+executor (through :func:`distill`), every Ray Train worker and every Tune trial run it, so
+they all train the same way. What differs between them is passed in: where a batch comes
+from (:class:`EpochBatches` over in-memory images, or a stream), how the epoch statistics
+and the held-out agreement are summed over workers (``reduce``), and what happens at a
+checkpoint or after an epoch (hooks).
+
+Cadence: the student is scored by the data-free selector (:mod:`intraq_core.selection`:
+held-out synthetic images and their augmented views) every ``distill.eval_every`` epochs and a
+checkpoint taken every ``distill.checkpoint_every`` epochs (both default to a tenth of the
+run), and both at the last epoch. The history row of an evaluated epoch carries
+``holdout_agreement`` / ``holdout_kl``. The loop ends with the best-scoring student when the
+final one is worse (``distill.select: best``), so no executor can return a destroyed student.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +30,7 @@ import torch.nn.functional as F
 from intraq_core.config import DistillConfig
 from intraq_core.errors import DivergenceError
 from intraq_core.seeding import PURPOSE_DISTILL, derive_seed
+from intraq_core.selection import Selection, Selector
 from intraq_core.synth.lor import apply_lor, sample_lor_params
 
 
@@ -155,9 +168,10 @@ class StepStats:
 
 @dataclass
 class DistillHistory:
-    """Per-epoch averages of the training step statistics."""
+    """Per-epoch averages of the training step statistics, and what the selector kept."""
 
-    epochs: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    selection: Selection | None = None
 
 
 class Distiller:
@@ -242,20 +256,35 @@ class Distiller:
         agree = (s_logits.argmax(1) == t_logits.argmax(1)).float().mean()
         return StepStats(total.item(), kd.item(), ce.item(), agree.item(), lr)
 
+    @property
+    def module(self) -> nn.Module:
+        """The student itself, unwrapped from a data-parallel wrapper (DDP) if there is one."""
+        return bare_module(self.student)
+
     def state_dict(self) -> dict:
-        """Everything needed to resume: student, optimizer, step, augmentation RNG."""
+        """Everything needed to resume: student, optimizer, step, augmentation RNG.
+
+        The student's keys are those of the bare module (no DDP ``module.`` prefix), so a state
+        saved by any number of workers loads into any other number, or into a plain process.
+        """
         return {
-            "student": self.student.state_dict(),
+            "student": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
             "rng": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
+        self.module.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = int(state["step"])
         self.generator.set_state(state["rng"])
+
+
+def bare_module(model: nn.Module) -> nn.Module:
+    """``model`` without its DistributedDataParallel (or DataParallel) wrapper."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def epoch_batches(
@@ -280,10 +309,140 @@ def epoch_batches(
 
 
 def steps_per_epoch(n: int, cfg: DistillConfig) -> int:
-    """Number of optimizer steps in one epoch for ``n`` training images."""
+    """Optimizer steps in one epoch for ``n`` training images at the global ``distill.batch_size``.
+
+    The same for any number of data-parallel workers: each of N workers takes batch_size / N
+    images per step, so N workers take the steps of one process with the full batch.
+    """
     if cfg.iterations_per_epoch is not None:
         return cfg.iterations_per_epoch
     return max(1, n // cfg.batch_size) if n >= cfg.batch_size else 1
+
+
+def cadence(every: int | None, epochs: int) -> int:
+    """Epochs between two checkpoints (or held-out evaluations): ``every``, else a tenth of the run."""
+    return max(1, every if every is not None else epochs // 10)
+
+
+def is_due(epoch: int, every: int, epochs: int) -> bool:
+    """Whether a cadence of ``every`` epochs falls on ``epoch`` (the last epoch always does)."""
+    return (epoch + 1) % every == 0 or epoch == epochs - 1
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class EpochBatches:
+    """The batches of every epoch from images held in memory (a CPU or GPU tensor).
+
+    Epoch ``e`` is :func:`epoch_batches` of the images: a shuffle seeded by ``(seed, e)``, so
+    the order of an epoch does not depend on what ran before it (exact resume), cycled to
+    ``steps`` batches.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, steps: int, seed: int) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        if images.shape[0] == 0:
+            raise ValueError("no training images")
+        self.images, self.labels = images, labels
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        n = self.images.shape[0]
+        for idx in epoch_batches(n, self.batch_size, epoch, self.seed, self.steps):
+            idx = idx.to(self.images.device)
+            yield self.images[idx], self.labels[idx]
+
+
+def train_epochs(
+    distiller: Distiller,
+    batches: Callable[[int], Iterable[Batch]],
+    *,
+    first_epoch: int = 0,
+    history: list[dict[str, Any]] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    selector: Selector | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+    checkpoint: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
+    on_epoch: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> DistillHistory:
+    """Run epochs ``first_epoch .. distill.epochs - 1`` of ``distiller``: the one training loop.
+
+    * ``batches(epoch)`` yields this process's ``(images, labels)`` batches of that epoch;
+    * ``reduce(t)`` sums a float64 tensor over all data-parallel workers (None: one process), so
+      the epoch statistics are means over every step of every worker;
+    * ``selector`` (:class:`~intraq_core.selection.Selector`, summing over workers itself)
+      scores the starting student (unless a resumed selector already did), the student every
+      ``distill.eval_every`` epochs and at the last (``holdout_agreement`` / ``holdout_kl`` and
+      ``probe_*`` in those rows), and at the end keeps the best one by its rule when
+      ``distill.select`` is ``best``: :attr:`DistillHistory.selection` says what was kept;
+    * ``before_epoch(epoch)`` runs first; ``checkpoint(epoch, distiller, rows)`` every
+      ``distill.checkpoint_every`` epochs and at the last; ``on_epoch(epoch, distiller, rows)``
+      after every epoch. ``tags`` are added to every history row this call writes.
+
+    Returns the history: ``history`` (rows of earlier epochs, e.g. from a checkpoint) plus one
+    row per epoch run. Rows hold only values determined by the config and seed, never times.
+    """
+    cfg = distiller.cfg
+    rows = DistillHistory([dict(row) for row in history or []])
+    eval_every = cadence(cfg.eval_every, cfg.epochs)
+    ckpt_every = cadence(cfg.checkpoint_every, cfg.epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        spe = distiller.steps_per_epoch
+        bar = tqdm(total=cfg.epochs * spe, initial=first_epoch * spe, desc="distill", unit="step", leave=False)
+    if selector is not None and not selector.started:
+        selector.start(distiller.module)
+    try:
+        for epoch in range(first_epoch, cfg.epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, kd, ce, agreement, steps
+            lr = 0.0
+            for x, y in batches(epoch):
+                stats = distiller.step(x, y)
+                sums += torch.tensor([stats.loss, stats.kd, stats.ce, stats.agreement, 1.0], dtype=torch.float64)
+                lr = stats.lr
+                if bar is not None:
+                    bar.update(1)
+            if reduce is not None:
+                sums = reduce(sums)
+            steps = max(float(sums[4]), 1.0)
+            row: dict[str, Any] = {
+                "loss": float(sums[0]) / steps,
+                "kd": float(sums[1]) / steps,
+                "ce": float(sums[2]) / steps,
+                "agreement": float(sums[3]) / steps,
+                "epoch": epoch,
+                "lr": lr,
+                "step": distiller.step_count,
+            }
+            if selector is not None and is_due(epoch, eval_every, cfg.epochs):
+                scores = selector.consider(distiller.module, epoch)
+                row["holdout_agreement"] = scores.pop("agreement")
+                row["holdout_kl"] = scores.pop("kl")
+                row.update(scores)
+                if epoch == cfg.epochs - 1:  # keep the best student before the last checkpoint
+                    rows.selection = selector.finish(distiller.module, epoch, cfg.select)
+            row.update(tags or {})
+            rows.epochs.append(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", agree=f"{row['agreement']:.3f}")
+            if checkpoint is not None and is_due(epoch, ckpt_every, cfg.epochs):
+                checkpoint(epoch, distiller, rows.epochs)
+            if on_epoch is not None:
+                on_epoch(epoch, distiller, rows.epochs)
+    finally:
+        if bar is not None:
+            bar.close()
+    if selector is not None and rows.selection is None:  # no epoch left to run (resumed, or none)
+        rows.selection = selector.finish(distiller.module, cfg.epochs - 1 if cfg.epochs > 0 else None, cfg.select)
+    return rows
 
 
 def distill(
@@ -297,50 +456,40 @@ def distill(
     device: str | torch.device = "cpu",
     progress: bool = True,
     start: dict | None = None,
+    selector: Selector | None = None,
     before_epoch: Callable[[int], None] | None = None,
-    on_epoch: Callable[[int, Distiller, list[dict[str, float]]], None] | None = None,
+    checkpoint: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
+    on_epoch: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
 ) -> DistillHistory:
     """Single-process distillation over in-memory synthetic images (the laptop path).
 
-    ``start`` = ``{"distiller": Distiller.state_dict(), "history": [...], "epoch": e}`` resumes
-    after epoch ``e`` exactly as if training had never stopped (the batch order and the
-    augmentation RNG are seeded per run). ``before_epoch(epoch)`` runs before and
-    ``on_epoch(epoch, distiller, history)`` after every epoch (e.g. to write a checkpoint).
+    :func:`train_epochs` over :class:`EpochBatches` of ``images``. ``start`` =
+    ``{"distiller": Distiller.state_dict(), "history": [...], "epoch": e}`` resumes after epoch
+    ``e`` exactly as if training had never stopped (the batch order and the augmentation RNG are
+    seeded per run). ``selector`` watches the student on images it never trains on and keeps
+    the best state (see :func:`train_epochs`); a resumed run passes the selector restored from
+    the same checkpoint (:meth:`~intraq_core.selection.Selector.load_state`).
     """
-    from tqdm.auto import tqdm
-
     n = images.shape[0]
     spe = steps_per_epoch(n, cfg)
     distiller = Distiller(student, teacher, cfg, steps_per_epoch=spe, seed=seed, device=device)
-    history = DistillHistory()
+    history: list[dict[str, Any]] = []
     first = 0
     if start is not None:
         distiller.load_state_dict(start["distiller"])
-        history.epochs = [dict(row) for row in start["history"]]
+        history = list(start["history"])
         first = int(start["epoch"]) + 1
-    bar = tqdm(
-        total=cfg.epochs * spe, initial=first * spe, desc="distill", unit="step", disable=not progress, leave=False
+    return train_epochs(
+        distiller,
+        EpochBatches(images, labels, cfg.batch_size, steps=spe, seed=seed),
+        first_epoch=first,
+        history=history,
+        selector=selector,
+        before_epoch=before_epoch,
+        checkpoint=checkpoint,
+        on_epoch=on_epoch,
+        progress=progress,
     )
-    for epoch in range(first, cfg.epochs):
-        if before_epoch is not None:
-            before_epoch(epoch)
-        sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "agreement": 0.0}
-        count = 0
-        for idx in epoch_batches(n, cfg.batch_size, epoch, seed, cfg.iterations_per_epoch):
-            stats = distiller.step(images[idx], labels[idx])
-            for k in sums:
-                sums[k] += getattr(stats, k)
-            count += 1
-            bar.update(1)
-        row = {k: v / count for k, v in sums.items()}
-        row["epoch"] = epoch
-        row["lr"] = stats.lr
-        history.epochs.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", agree=f"{row['agreement']:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, distiller, history.epochs)
-    bar.close()
-    return history
 
 
 @torch.no_grad()

@@ -41,6 +41,40 @@ def top1(
 
 
 @torch.no_grad()
+def agreement_sums(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """``[agreeing images, KL sum, images]`` (float64) of the student vs the teacher on ``images``.
+
+    Sums, so that data-parallel workers can add theirs up before :func:`agreement_from_sums`.
+    """
+    student.eval()
+    teacher.eval()
+    agree = 0
+    kl_sum = 0.0
+    n = images.shape[0]
+    for start in range(0, n, batch_size):
+        x = images[start : start + batch_size].to(device)
+        s = student(x).float()
+        t = teacher(x).float()
+        agree += int((s.argmax(1) == t.argmax(1)).sum())
+        kl_sum += float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="sum", log_target=True))
+    return torch.tensor([agree, kl_sum, n], dtype=torch.float64)
+
+
+def agreement_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """``{"agreement": %, "kl": mean KL}`` from (possibly summed) :func:`agreement_sums`."""
+    n = float(sums[2])
+    if n == 0:
+        raise ValueError("agreement needs at least one image")
+    return {"agreement": 100.0 * float(sums[0]) / n, "kl": float(sums[1]) / n}
+
+
 def agreement(
     student: nn.Module,
     teacher: nn.Module,
@@ -54,17 +88,6 @@ def agreement(
     Computed on images the student was not trained on (a held-out synthetic split), this
     is the objective used to pick recipes and hyper-parameters without touching test data.
     """
-    student.eval()
-    teacher.eval()
-    agree = 0
-    kl_sum = 0.0
-    n = images.shape[0]
-    if n == 0:
+    if images.shape[0] == 0:
         raise ValueError("agreement needs at least one image")
-    for start in range(0, n, batch_size):
-        x = images[start : start + batch_size].to(device)
-        s = student(x).float()
-        t = teacher(x).float()
-        agree += int((s.argmax(1) == t.argmax(1)).sum())
-        kl_sum += float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="sum", log_target=True))
-    return {"agreement": 100.0 * agree / n, "kl": kl_sum / n}
+    return agreement_from_sums(agreement_sums(student, teacher, images, batch_size=batch_size, device=device))

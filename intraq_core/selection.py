@@ -9,9 +9,14 @@ and at the end, keeps a copy of the best state, and puts it back at the end if t
 is worse. The test set is never involved.
 
 The held-out images are scored as they are and in ``views`` augmented views each (the training
-augmentation, with a fixed seed): distillation trains on augmented images, and a reconstructed
-start already matches the teacher on the plain held-out images almost perfectly (KL ~0.002 at
-W4A4), so the plain images alone cannot tell a useful fine-tuning from noise.
+augmentation, re-seeded at every evaluation so every candidate sees the same views):
+distillation trains on augmented images, and a reconstructed start already matches the teacher
+on the plain held-out images almost perfectly (KL ~0.002 at W4A4), so the plain images alone
+cannot tell a useful fine-tuning from noise.
+
+Every executor runs it: :func:`intraq_core.distill.train_epochs` consults it at the
+``distill.eval_every`` cadence. Data-parallel workers each score their own held-out images and
+sum the counts (``reduce``), so all of them take the same decision and keep the same state.
 
 Rule (``RULE``): the lowest mean KL(teacher ‖ student) on the held-out synthetic images and their
 views (the probe set's when there is no held-out split); the latest candidate wins ties. KL is continuous,
@@ -28,22 +33,24 @@ unlike real test images.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from intraq_core.evaluate import agreement
+from intraq_core.evaluate import agreement_from_sums, agreement_sums
 
-__all__ = ["RULE", "Selection", "Selector"]
+__all__ = ["RULE", "RULE_FINAL", "Selection", "Selector"]
 
 RULE = (
     "min KL(teacher||student) on held-out synthetic images and augmented views of them (probe KL without a "
     "held-out split); candidates: start, every N epochs, final; ties -> latest; vetoed if probe agreement < half "
     "the best seen"
 )
+#: The rule of ``distill.select: final`` (the scores are still recorded).
+RULE_FINAL = "final student (distill.select=final); scores recorded, not used"
 #: A candidate whose probe agreement falls below this fraction of the best one seen is not eligible.
 PROBE_VETO = 0.5
 
@@ -68,6 +75,17 @@ class Selection:
             "evaluations": self.evaluations,
         }
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> Selection:
+        """The selection a :meth:`summary` describes (e.g. one reported by a Ray Train worker)."""
+        return cls(
+            summary["selected_epoch"],
+            summary["final_epoch"],
+            bool(summary["kept_final"]),
+            summary["selection_rule"],
+            list(summary["evaluations"]),
+        )
+
     @property
     def message(self) -> str:
         """One line for the terminal: what was kept and why."""
@@ -86,9 +104,15 @@ class Selection:
 class Selector:
     """Evaluate the student at the start, every ``every`` epochs and at the end; keep the best.
 
-    Use :meth:`start` before training, pass :meth:`on_epoch` as (part of) the training loop's
-    epoch hook, and call :meth:`finish` after the last epoch: it loads the best state back into
-    the student and returns the :class:`Selection`.
+    Use :meth:`start` before training, :meth:`consider` after an evaluated epoch (or
+    :meth:`on_epoch` after every epoch, which applies the ``every`` cadence), and :meth:`finish`
+    after the last epoch: it loads the best state back into the student (``keep="best"``) and
+    returns the :class:`Selection`.
+
+    ``holdout`` is a tensor, or a callable returning an iterable of batches (images streamed
+    from storage at each evaluation). ``reduce`` sums a float64 tensor over data-parallel
+    workers (each scores its own held-out images); the probe set is not reduced (every worker
+    holds all of it).
 
     Example::
 
@@ -112,7 +136,7 @@ class Selector:
     def __init__(
         self,
         teacher: nn.Module,
-        holdout: torch.Tensor | None,
+        holdout: torch.Tensor | Callable[[], Iterable[torch.Tensor]] | None,
         probe: torch.Tensor | None = None,
         *,
         every: int = 10,
@@ -120,26 +144,56 @@ class Selector:
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         views: int = 0,
         seed: int = 0,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batch_size: int = 500,
     ) -> None:
-        if holdout is not None and holdout.shape[0] > 0 and augment is not None and views > 0:
-            gen = torch.Generator().manual_seed(seed)
-            holdout = torch.cat([holdout, *(augment(holdout, gen) for _ in range(views))])
-        sets = {k: v for k, v in (("holdout", holdout), ("probe", probe)) if v is not None and v.shape[0] > 0}
-        if not sets:
+        if isinstance(holdout, torch.Tensor) and holdout.shape[0] == 0:
+            holdout = None
+        if probe is not None and probe.shape[0] == 0:
+            probe = None
+        if holdout is None and probe is None:
             raise ValueError("the selector needs held-out or probe images")
         self.teacher = teacher
-        self.sets = sets
+        self.holdout = holdout
+        self.probe = probe
         self.every = max(1, int(every))
         self.device = device
+        self.augment = augment if views > 0 else None
+        self.views = int(views) if augment is not None else 0
+        self.seed = int(seed)
+        self.reduce = reduce
+        self.batch_size = int(batch_size)
         self.evaluations: list[dict[str, Any]] = []
+        #: The last :meth:`finish`'s result.
+        self.selection: Selection | None = None
         self._best: tuple[float, int | None, dict[str, torch.Tensor], bool] | None = None
+
+    def _held_out_batches(self) -> Iterable[torch.Tensor]:
+        if isinstance(self.holdout, torch.Tensor):
+            return self.holdout.split(self.batch_size)
+        return self.holdout() if self.holdout is not None else ()
+
+    def _score(self, student: nn.Module, batches: Iterable[torch.Tensor], *, views: bool, reduce: bool) -> dict:
+        sums = torch.zeros(3, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(self.seed)  # the same views for every candidate
+        for x in batches:
+            sums += agreement_sums(student, self.teacher, x, batch_size=self.batch_size, device=self.device)
+            if views and self.augment is not None:
+                for _ in range(self.views):
+                    v = self.augment(x, gen)
+                    sums += agreement_sums(student, self.teacher, v, batch_size=self.batch_size, device=self.device)
+        if reduce and self.reduce is not None:
+            sums = self.reduce(sums)
+        return agreement_from_sums(sums)
 
     def evaluate(self, student: nn.Module) -> dict[str, Any]:
         """Agreement and KL on each watched set; ``kl``/``agreement`` of the scored set."""
         was_training = student.training
         row: dict[str, Any] = {}
-        for name, images in self.sets.items():
-            row[name] = agreement(student, self.teacher, images, device=self.device)
+        if self.holdout is not None:
+            row["holdout"] = self._score(student, self._held_out_batches(), views=True, reduce=True)
+        if self.probe is not None:
+            row["probe"] = self._score(student, self.probe.split(self.batch_size), views=False, reduce=False)
         student.train(was_training)
         scored = row["holdout"] if "holdout" in row else row["probe"]
         row["kl"] = scored["kl"]
@@ -152,7 +206,12 @@ class Selector:
         best = max(e["probe"]["agreement"] for e in self.evaluations)
         return row["probe"]["agreement"] < PROBE_VETO * best
 
-    def _consider(self, student: nn.Module, epoch: int | None) -> None:
+    def consider(self, student: nn.Module, epoch: int | None) -> dict[str, float]:
+        """Score the student after ``epoch`` (None: the start), keep its state if it is the best.
+
+        Returns the flat scores a history row records: ``agreement``/``kl`` of the scored set and
+        ``probe_agreement``/``probe_kl`` when there is a probe set.
+        """
         row = self.evaluate(student)
         row["epoch"] = epoch
         self.evaluations.append(row)
@@ -162,15 +221,25 @@ class Selector:
         if (better and not row["vetoed"]) or (best_vetoed and not row["vetoed"]) or (better and best_vetoed):
             state = {k: v.detach().clone() for k, v in student.state_dict().items()}
             self._best = (row["kl"], epoch, state, row["vetoed"])
+        flat = {"agreement": float(row["agreement"]), "kl": float(row["kl"])}
+        if "probe" in row:
+            flat["probe_agreement"] = float(row["probe"]["agreement"])
+            flat["probe_kl"] = float(row["probe"]["kl"])
+        return flat
+
+    @property
+    def started(self) -> bool:
+        """Whether the starting student was scored (a resumed selector has been)."""
+        return bool(self.evaluations)
 
     def start(self, student: nn.Module) -> None:
         """Score the starting student (calibrated or reconstructed)."""
-        self._consider(student, None)
+        self.consider(student, None)
 
     def on_epoch(self, epoch: int, student: nn.Module, last_epoch: int | None = None) -> None:
         """Score the student after ``epoch`` (0-based) every ``every`` epochs; the last is left to finish."""
         if (epoch + 1) % self.every == 0 and epoch != last_epoch:
-            self._consider(student, epoch)
+            self.consider(student, epoch)
 
     def state(self) -> dict[str, Any]:
         """Resumable state (tensors and plain types only)."""
@@ -186,13 +255,20 @@ class Selector:
             None if best is None else (float(best["kl"]), best["epoch"], best["state"], bool(best.get("vetoed")))
         )
 
-    def finish(self, student: nn.Module, final_epoch: int | None) -> Selection:
-        """Score the final student, load the best state into ``student``, say what was kept."""
+    def finish(self, student: nn.Module, final_epoch: int | None, keep: str = "best") -> Selection:
+        """Score the final student (unless already scored), say what was best and, with
+        ``keep="best"``, load the best state into ``student``; ``keep="final"`` leaves it as is."""
+        if keep not in ("best", "final"):
+            raise ValueError(f"keep must be 'best' or 'final', not {keep!r}")
         if not self.evaluations or self.evaluations[-1]["epoch"] != final_epoch:
-            self._consider(student, final_epoch)
+            self.consider(student, final_epoch)
         assert self._best is not None
         _, epoch, state, _ = self._best
+        if keep == "final":
+            self.selection = Selection(final_epoch, final_epoch, True, RULE_FINAL, list(self.evaluations))
+            return self.selection
         kept_final = epoch == final_epoch
         if not kept_final:
             student.load_state_dict(state)
-        return Selection(epoch, final_epoch, kept_final, RULE, list(self.evaluations))
+        self.selection = Selection(epoch, final_epoch, kept_final, RULE, list(self.evaluations))
+        return self.selection

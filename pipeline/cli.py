@@ -12,8 +12,10 @@ happen inside the commands so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -182,20 +184,19 @@ def run(
 
 
 def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
-    """Preflight (bad input fails here, before Ray starts and before the location is touched),
-    then run one stage of ``pipeline.run`` inside a Ray session when the executor needs one."""
-    from pipeline import run as stages
+    """Open the run (every check: bad input fails here, before Ray starts and before the location
+    is touched), then execute it inside a Ray session when its executor needs one."""
     from pipeline.logs import RunLog
+    from pipeline.run import RunExistsError, open_run
     from pipeline.storage import LockedError
 
-    stage_fn = {"run": stages.run_pipeline, "generate": stages.generate_stage, "train": stages.train_stage}[stage]
-    with RunLog(cfg.storage, stage, refusals=(stages.RunExistsError, LockedError)) as log:
-        stages.preflight(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
+    with RunLog(cfg.storage, stage, refusals=(RunExistsError, LockedError)) as log:
+        run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
         log.keep()
         # A run that needs no images (SQuant without distillation) has no work for Ray.
-        needs_ray = stage != "run" or cfg.needs_synthetic_data()
-        with _ray_session(cfg if needs_ray else cfg.model_copy(update={"executor": "local"}), cluster):
-            result = stage_fn(cfg, resume=resume, overwrite=overwrite, repair=repair, progress=not quiet)
+        needs_ray = run.executor.needs_ray and (stage != "run" or cfg.needs_synthetic_data())
+        with _ray_session(cfg, cluster, needs_ray):
+            result = run.execute(progress=not quiet)
     return result, log.url
 
 
@@ -252,41 +253,30 @@ def _print_metrics(metrics: dict[str, Any], where: str, log_url: str | None = No
         typer.echo(f"log: {log_url}")
 
 
-class _ray_session:
-    """Start or connect to Ray when the executor needs it; shut it down afterwards.
+@contextlib.contextmanager
+def _ray_session(cfg: Any, cluster: str | None, needed: bool = True) -> Iterator[None]:
+    """The command's Ray session (:func:`pipeline.ray_session.ray_session`), when ``needed``.
 
     Ray's own log lines and the workers' output are routed to the command's log (see
     :mod:`pipeline.logs`) unless ``--verbose``.
     """
+    if not needed:
+        yield
+        return
+    from pipeline.logs import quiet_ray_loggers, route_worker_output, stop_routing_worker_output
+    from pipeline.ray_session import ray_session
 
-    def __init__(self, cfg: Any, cluster: str | None) -> None:
-        self.cfg = cfg
-        self.cluster = cluster
-        self.started = False
-
-    def __enter__(self) -> _ray_session:
-        if self.cfg.executor != "ray":
-            return self
-        from pipeline.logs import quiet_ray_loggers, route_worker_output
-        from pipeline.ray_session import start_ray
-
-        verbose = bool(_STATE["verbose"])
-        if not verbose:
-            quiet_ray_loggers()
-        info = start_ray(self.cfg, self.cluster)
-        self.started = True
+    verbose = bool(_STATE["verbose"])
+    if not verbose:
+        quiet_ray_loggers()
+    with ray_session(cfg, cluster) as info:
         route_worker_output(verbose=verbose)
-        if info.get("dashboard_url"):
-            typer.echo(f"Ray dashboard: {info['dashboard_url']}", err=True)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            from pipeline.logs import stop_routing_worker_output
-            from pipeline.ray_session import stop_ray
-
+        try:
+            if info.get("dashboard_url"):
+                typer.echo(f"Ray dashboard: {info['dashboard_url']}", err=True)
+            yield
+        finally:
             stop_routing_worker_output()
-            stop_ray()
 
 
 @app.command()
@@ -361,7 +351,7 @@ def tune_command(
     from pipeline.logs import RunLog
     from pipeline.tune import BEST_PATH, tune_search, write_best_config
 
-    with RunLog(cfg.storage, "tune") as log, _ray_session(cfg.model_copy(update={"executor": "ray"}), cluster):
+    with RunLog(cfg.storage, "tune") as log, _ray_session(cfg, cluster):
         log.keep()
         best, table = tune_search(cfg, progress=not quiet)
     finished = sum(1 for row in table if row["status"] != "error")

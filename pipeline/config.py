@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from intraq_core.config import (
     DistillConfig,
@@ -47,6 +47,14 @@ class RayConfig(StageConfig):
     gpus_per_actor: float = Field(default=1.0, ge=0.0)
     train_workers: int = Field(default=1, ge=1)
     cpus_per_train_worker: float = Field(default=1.0, gt=0.0)
+    # Where each Train worker keeps its share of the synthetic images: "memory" (read once,
+    # every epoch from RAM or the GPU), "stream" (one pass per epoch from storage), or "auto":
+    # memory when a worker's share is at most train_memory_gb GiB.
+    train_data: Literal["auto", "memory", "stream"] = "auto"
+    train_memory_gb: float = Field(default=8.0, gt=0.0)
+    # Placement of the Train workers: "pack" onto few nodes (fast collectives), or "spread" one
+    # per node first (e.g. to use every node's CPUs, memory and disk bandwidth).
+    train_placement: Literal["pack", "spread"] = "pack"
     use_gpu: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpu", mode="before")
@@ -69,7 +77,12 @@ class TuneConfig(StageConfig):
     search: Literal["optuna", "random"] = "optuna"
     objective: Literal["agreement", "validation"] = "agreement"
     validation_data: str | None = None
-    grace_epochs: int = Field(default=1, ge=1)
+    # ASHA's grace period, in reports: a trial reports after each generation round (the PTQ
+    # agreement of a student calibrated on its images so far) and after each distillation epoch,
+    # so a bad trial can be stopped before or during its most expensive phase.
+    grace_reports: int = Field(default=1, ge=1)
+    # GPUs per trial when the cluster has GPUs: fractional, so small (CIFAR) trials share one.
+    gpus_per_trial: float = Field(default=0.25, gt=0.0)
     space: dict[str, list[float]] = Field(
         default_factory=lambda: {
             "generate.bns_weight": [0.1, 10.0],
@@ -83,6 +96,13 @@ class TuneConfig(StageConfig):
             "distill.kd_temperature": [1.0, 8.0],
         }
     )
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("tune.gpus_per_trial must be a fraction of one GPU or a whole number of GPUs")
+        return value
 
 
 class RunConfig(StageConfig):
@@ -105,6 +125,16 @@ class RunConfig(StageConfig):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_split(self) -> RunConfig:
+        workers, batch = self.ray.train_workers, self.distill.batch_size
+        if self.executor == "ray" and batch % workers:
+            raise ValueError(
+                f"distill.batch_size={batch} is the global batch and must be divisible by ray.train_workers="
+                f"{workers} (each worker takes batch_size / train_workers images per step)"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

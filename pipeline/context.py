@@ -89,7 +89,19 @@ class RunContext:
 
     @cached_property
     def device(self) -> torch.device:
+        """The device of the model work: ``device`` resolved here (``cuda`` without a GPU is an error)."""
         return resolve_device(self.cfg.device)
+
+    @cached_property
+    def driver_device(self) -> torch.device:
+        """The device of this process's own small work (calibration, evaluation) as the driver.
+
+        With the ray executor the GPUs belong to the actors and Train workers: a driver without
+        one (a CPU head node) works on the CPU even for ``device: cuda``.
+        """
+        if self.cfg.executor == "ray" and self.cfg.device == "cuda" and not torch.cuda.is_available():
+            return torch.device("cpu")
+        return self.device
 
     def teacher(self) -> nn.Module:
         """A fresh frozen copy of the full-precision teacher, in eval mode, on CPU."""

@@ -267,8 +267,13 @@ class GenerationStats:
         }
 
 
-def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
-    """Generate the dataset in this process (no Ray), resuming from the manifest."""
+def generate_local(
+    ctx: RunContext, *, progress: bool = True, on_round: Callable[[Manifest], None] | None = None
+) -> tuple[Manifest, GenerationStats]:
+    """Generate the dataset in this process (no Ray), resuming from the manifest.
+
+    ``on_round(manifest)`` runs after each round that generated shards (Tune trials report from it).
+    """
     from tqdm.auto import tqdm
 
     storage = dataset_storage(ctx)
@@ -310,6 +315,8 @@ def generate_local(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest,
                 manifest.save(storage)
                 stats.add(outcome)
                 done_shards += 1
+            if on_round is not None:
+                on_round(manifest)
     finally:
         bar.close()
         synth.close()

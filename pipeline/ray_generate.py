@@ -27,7 +27,8 @@ labels and features for the same config and seed, whatever the number of actors)
   shard is only listed after its file is complete, so no partial shard is ever visible.
 * Pool size: ``ray.generation_actors``, else as many actors as the cluster fits (one per
   ``ray.gpus_per_actor`` GPUs on GPU clusters, else one per ``ray.cpus_per_actor`` CPUs), and
-  never more than the shards of a round. CPU actors bound torch to their CPUs.
+  never more than the shards of a round, spread over the nodes. CPU actors bound torch to
+  their CPUs.
 * Progress: the driver shows a tqdm bar over shards (fractional while shards run, with
   image·iterations/s and the latest loss); actors report every ~10% of a shard's iterations to
   a zero-CPU :class:`pipeline.metrics.ProgressBoard` (fire-and-forget), and record Ray metrics
@@ -205,6 +206,8 @@ class _Pool:
             "num_gpus": self.spec.num_gpus,
             "max_restarts": 0,
             "max_task_retries": 0,
+            # One actor per node before two on one: actors are independent and compute-bound.
+            "scheduling_strategy": "SPREAD",
         }
         if self.runtime_env is not None:
             options["runtime_env"] = self.runtime_env
@@ -239,13 +242,10 @@ class _Pool:
 def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
     """Generate the dataset with a pool of Ray actors, resuming from the manifest.
 
-    Uses the Ray this process is connected to (a local one is started, and stopped afterwards,
-    when there is none).
+    Uses the Ray this process is connected to: the caller enters the Ray session (the CLI does,
+    once per command; see :mod:`pipeline.ray_session`).
     """
-    from pipeline.ray_session import ray_session
-
-    with ray_session(ctx.cfg):
-        return _generate(ctx, progress=progress)
+    return _generate(ctx, progress=progress)
 
 
 def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
@@ -257,6 +257,8 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "
             "location every actor can reach (a local path on one machine, or s3://)"
         )
+    if not ray.is_initialized():
+        raise GenerationError("the ray executor needs a running Ray (pipeline.ray_session.start_ray)")
     tasks, manifest, todo = pending_work(ctx, storage)
     stats = GenerationStats()
     if not todo:

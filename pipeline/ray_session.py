@@ -115,7 +115,7 @@ def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]
         else:
             ray.init(address=cfg.ray.address, runtime_env=runtime_env)
         info = ray_info()
-        info["local"] = False
+        info["local"] = _is_loopback(cfg.ray.address)  # a cluster on this machine
     else:
         from pipeline.cluster import connect
 

@@ -12,6 +12,13 @@ The run location (``storage.url``) holds everything of one run::
     train_history.json       per-epoch distillation statistics
     metrics.json             the numbers (written last)
 
+One way through a command: :func:`open_run` checks everything that needs no lock (bad input
+fails here, before Ray starts and before the location is touched), resolves the dataset and
+chooses the executor once (:mod:`pipeline.executor`); :meth:`Run.execute` then takes the run
+lock and runs the stages, each handed the same :class:`~pipeline.context.RunContext`, and
+:func:`run_metrics` builds ``metrics.json`` for every command that trains. The stages assume
+Ray is up when the executor is ``ray`` (the CLI enters the Ray session between the two).
+
 Failure and recovery (README "Failure and recovery"):
 
 * Bad input is found by :func:`preflight` before Ray starts and before the location is touched:
@@ -31,7 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -40,11 +48,19 @@ from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_model
-from pipeline.generate import GenerationStats, dataset_storage, generate_local
+from pipeline.executor import Executor, executor_for
+from pipeline.generate import GenerationStats, dataset_storage
 from pipeline.methods import generation_budget, run_method
 from pipeline.shards import Manifest, ShardError, validate_dataset
 from pipeline.storage import Lock, Storage, StorageError, run_lock
-from pipeline.train import CALIBRATED_PATH, STUDENT_PATH, TRAIN_STATE_PATH, TrainOutcome, quantize_only, train_local
+from pipeline.train import (
+    CALIBRATED_PATH,
+    STUDENT_PATH,
+    TRAIN_HISTORY_PATH,
+    TRAIN_STATE_PATH,
+    TrainOutcome,
+    quantize_only,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +136,12 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
             raise InputError(f"eval.data={cfg.eval.data!r}: {_first_line(exc)}") from exc
 
 
-def check_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
-    """The location is writable and free (or holds this very run, being resumed). Writes nothing
-    but a probe object that it deletes again."""
+def check_location(ctx: RunContext, *, resume: bool, overwrite: bool, probe: bool = True) -> None:
+    """The location is writable (``probe``) and free (or holds this very run, being resumed).
+    Writes nothing but a probe object that it deletes again."""
     storage = ctx.storage
-    storage.check_writable()
+    if probe:
+        storage.check_writable()
     if not storage.exists(RUN_CONFIG_PATH):
         return
     if not (resume or overwrite):
@@ -142,29 +159,10 @@ def check_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
             )
 
 
-def preflight(
-    cfg: RunConfig, command: str = "run", *, resume: bool = False, overwrite: bool = False, repair: bool = False
-) -> RunContext:
-    """All checks of ``command`` (run, generate, train) that need no lock; touches nothing.
-
-    The CLI calls it before starting Ray, so bad input fails in a second, not after a cluster
-    start. The stages repeat the checks themselves (they are cheap).
-    """
-    _check_flags(resume, overwrite, repair)
-    ctx = RunContext.create(cfg)
-    needs_plan = command == "generate" or (command == "run" and cfg.dataset is None and cfg.needs_synthetic_data())
-    check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
-    if command == "train":
-        ctx.storage.check_writable()
-    else:
-        check_location(ctx, resume=resume or repair, overwrite=overwrite)
-    return ctx
-
-
 def prepare_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
-    """Check the run location is writable and free (or being resumed), then record the config."""
+    """Under the lock: check the location is still free (or being resumed), then record the config."""
     storage = ctx.storage
-    check_location(ctx, resume=resume, overwrite=overwrite)
+    check_location(ctx, resume=resume, overwrite=overwrite, probe=False)
     has_run = storage.exists(RUN_CONFIG_PATH)
     if has_run and overwrite:
         for rel in storage.ls(""):
@@ -178,14 +176,6 @@ def prepare_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
 
 
 # -- dataset: generate, validate, repair -------------------------------------------------------
-
-
-def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
-    if ctx.cfg.executor == "ray":
-        from pipeline.ray_generate import generate_ray
-
-        return generate_ray(ctx, progress=progress)
-    return generate_local(ctx, progress=progress)
 
 
 def _bad_shards_message(data: Storage, bad: list[ShardError], *, after_repair: bool) -> str:
@@ -230,7 +220,7 @@ def drop_bad_shards(
 
 
 def build_dataset(
-    ctx: RunContext, *, repair: bool = False, progress: bool = True
+    ctx: RunContext, *, repair: bool = False, progress: bool = True, executor: Executor | None = None
 ) -> tuple[Manifest, GenerationStats, list[int]]:
     """Generate the run's dataset (resuming from its manifest) and return it validated.
 
@@ -238,6 +228,7 @@ def build_dataset(
     are validated first: later rounds compute their MDC centres from them. After generation
     every shard is validated before it can reach training (see :func:`drop_bad_shards`).
     """
+    executor = executor or executor_for(ctx.cfg)
     data = dataset_storage(ctx)
     if repair and ctx.cfg.dataset is not None:
         raise InputError(
@@ -251,18 +242,145 @@ def build_dataset(
     if not (ours and manifest.is_complete()):  # a complete dataset of ours goes straight to validation
         if ours and manifest.shards:
             repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
-        manifest, more = _generate(ctx, progress=progress)
+        manifest, more = executor.generate(ctx, progress=progress)
         stats.merge(more)
     dropped = drop_bad_shards(ctx, data, manifest, repair=repair)
     if dropped:
         repaired += dropped
-        manifest, more = _generate(ctx, progress=progress)
+        manifest, more = executor.generate(ctx, progress=progress)
         stats.merge(more)
         drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
     return manifest, stats, sorted(set(repaired))
 
 
-# -- stages ------------------------------------------------------------------------------------
+# -- a run: opened once, then executed ----------------------------------------------------------
+
+Command = Literal["run", "generate", "train"]
+
+#: What the training stage writes (replaced by ``train --overwrite``, the dataset is kept).
+TRAIN_OUTPUTS = (CALIBRATED_PATH, STUDENT_PATH, TRAIN_HISTORY_PATH, METRICS_PATH, "ray_train", TRAIN_STATE_PATH)
+
+
+@dataclass
+class Run:
+    """One command on one run location, checked and ready: see :func:`open_run`."""
+
+    ctx: RunContext
+    command: Command
+    executor: Executor
+    resume: bool = False
+    overwrite: bool = False
+    repair: bool = False
+    #: ``train`` only: the dataset's manifest, and the config that generated it.
+    manifest: Manifest | None = None
+    source_cfg: RunConfig | None = None
+    lock: Lock | None = field(default=None, repr=False)
+
+    @property
+    def continues(self) -> bool:
+        """Whether the command continues what is at the location (--resume or --repair)."""
+        return self.resume or self.repair
+
+    def execute(self, *, progress: bool = True) -> Any:
+        """Take the run lock and run the command's stages: metrics (``run``, ``train``) or the manifest."""
+        with run_lock(self.ctx.storage) as lock:
+            self.lock = lock
+            try:
+                if self.command == "generate":
+                    prepare_location(self.ctx, resume=self.continues, overwrite=self.overwrite)
+                    manifest, _, _ = build_dataset(
+                        self.ctx, repair=self.repair, progress=progress, executor=self.executor
+                    )
+                    return manifest
+                if self.command == "run":
+                    return _run_stages(self, progress=progress)
+                return _train_stages(self, progress=progress)
+            finally:
+                self.lock = None
+
+
+def open_run(
+    cfg: RunConfig,
+    command: Command = "run",
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    repair: bool = False,
+    dataset: str | None = None,
+) -> Run:
+    """Every check of ``command`` that needs no lock, once; touches nothing.
+
+    Loads the teacher (hashed once, cached in the context), checks the inputs, probes the
+    location once, resolves ``train``'s dataset and chooses the executor. The CLI calls it
+    before starting Ray, so bad input fails in a second, not after a cluster start.
+    """
+    _check_flags(resume, overwrite, repair)
+    if dataset is not None:
+        cfg = cfg.model_copy(update={"dataset": dataset})
+    ctx = RunContext.create(cfg)
+    run = Run(ctx, command, executor_for(cfg), resume=resume, overwrite=overwrite, repair=repair)
+    if command == "train":
+        _open_training(run)
+        return run
+    needs_plan = command == "generate" or (cfg.dataset is None and cfg.needs_synthetic_data())
+    check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
+    check_location(ctx, resume=run.continues, overwrite=overwrite)
+    return run
+
+
+def preflight(
+    cfg: RunConfig, command: Command = "run", *, resume: bool = False, overwrite: bool = False, repair: bool = False
+) -> Run:
+    """:func:`open_run` (the name the CLI and the bad-input tests know)."""
+    return open_run(cfg, command, resume=resume, overwrite=overwrite, repair=repair)
+
+
+def _open_training(run: Run) -> None:
+    """``train``'s checks: its dataset (another location's, or its own) exists, is complete and
+    comes from this teacher; the location is writable."""
+    import yaml
+
+    from pipeline.shards import read_shard
+
+    ctx, cfg = run.ctx, run.ctx.cfg
+    if cfg.dataset is not None:
+        other = Storage.from_config(cfg.storage.model_copy(update={"url": cfg.dataset}))
+        if other.url.rstrip("/") == ctx.storage.url.rstrip("/"):
+            ctx = RunContext.create(cfg.model_copy(update={"dataset": None}))
+            run.ctx = ctx
+    own = ctx.cfg.dataset is None
+    if run.repair and not own:
+        raise InputError(
+            f"--repair regenerates this run's own dataset, but the dataset at {dataset_storage(ctx).url} "
+            f"belongs to another run location: repair it there (intraq-pipeline generate --repair -o {cfg.dataset})"
+        )
+    check_inputs(ctx, generate=False, evaluate=True)
+    data = dataset_storage(ctx)
+    if not Manifest.exists(data):
+        raise FileNotFoundError(
+            f"no synthetic dataset at {data.url} (manifest.json missing): run `intraq-pipeline generate` "
+            "first or pass --dataset"
+        )
+    manifest = Manifest.load(data)
+    if not manifest.is_complete():
+        raise StorageError(
+            f"{data.url} holds {len(manifest.shards)}/{manifest.num_shards_planned} shards: finish it "
+            "with `intraq-pipeline generate --resume`"
+        )
+    if manifest.shards:
+        try:
+            meta = read_shard(data, manifest.shards[0].path).meta
+        except (ShardError, FileNotFoundError):
+            meta = {}  # reported, with every other problem, by the validation under the lock
+        if meta.get("teacher_sha256") not in (None, ctx.teacher_sha256):
+            raise StorageError(f"{data.url} was synthesized from another teacher than model.weights")
+    source_cfg = ctx.cfg
+    dataset_root = data.url.rstrip("/").rsplit("/", 1)[0]
+    with_yaml = Storage.from_config(cfg.storage.model_copy(update={"url": dataset_root}))
+    if with_yaml.exists(RUN_CONFIG_PATH):
+        source_cfg = RunConfig.model_validate(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)))
+    ctx.storage.check_writable()
+    run.manifest, run.source_cfg = manifest, source_cfg
 
 
 def run_pipeline(
@@ -278,13 +396,7 @@ def run_pipeline(
     ``repair`` continues the run (like ``resume``) and regenerates only shards that fail
     validation. Bad input is refused before the location is touched.
     """
-    _check_flags(resume, overwrite, repair)
-    ctx = RunContext.create(cfg)
-    check_inputs(ctx, generate=cfg.dataset is None and cfg.needs_synthetic_data(), evaluate=True)
-    check_location(ctx, resume=resume or repair, overwrite=overwrite)
-    with run_lock(ctx.storage) as lock:
-        prepare_location(ctx, resume=resume or repair, overwrite=overwrite)
-        return _run_stages(ctx, lock, repair=repair, progress=progress)
+    return open_run(cfg, "run", resume=resume, overwrite=overwrite, repair=repair).execute(progress=progress)
 
 
 def generate_stage(
@@ -295,18 +407,29 @@ def generate_stage(
     The dataset is validated at the end (bad shards: an error naming them); with ``repair`` only
     the bad shards are regenerated.
     """
-    _check_flags(resume, overwrite, repair)
-    ctx = RunContext.create(cfg)
-    check_inputs(ctx, generate=True, evaluate=False)
-    check_location(ctx, resume=resume or repair, overwrite=overwrite)
-    with run_lock(ctx.storage):
-        prepare_location(ctx, resume=resume or repair, overwrite=overwrite)
-        manifest, _, _ = build_dataset(ctx, repair=repair, progress=progress)
-    return manifest
+    return open_run(cfg, "generate", resume=resume, overwrite=overwrite, repair=repair).execute(progress=progress)
 
 
-#: What the training stage writes (replaced by ``train --overwrite``, the dataset is kept).
-TRAIN_OUTPUTS = (CALIBRATED_PATH, STUDENT_PATH, "train_history.json", METRICS_PATH, "ray_train", TRAIN_STATE_PATH)
+def train_stage(
+    cfg: RunConfig,
+    *,
+    dataset: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    repair: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate.
+
+    The dataset is ``dataset`` (a run location), else ``cfg.dataset``, else the run location's
+    own ``data/`` (from ``intraq-pipeline generate``). Training on the location's own dataset
+    keeps it: ``--overwrite`` then replaces only the training outputs. The dataset's generation
+    settings need not be repeated in ``cfg``; its model must be the same teacher. ``--resume``
+    continues an interrupted training from its last epoch checkpoint (either executor). Every
+    shard is validated first; ``repair`` regenerates bad shards of the location's own dataset.
+    """
+    run = open_run(cfg, "train", resume=resume, overwrite=overwrite, repair=repair, dataset=dataset)
+    return run.execute(progress=progress)
 
 
 def _generation_context(ctx: RunContext, candidates: list[RunConfig], manifest: Manifest) -> RunContext:
@@ -330,205 +453,141 @@ def _generation_context(ctx: RunContext, candidates: list[RunConfig], manifest: 
     )
 
 
-def train_stage(
-    cfg: RunConfig,
-    *,
-    dataset: str | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    repair: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate.
-
-    The dataset is ``dataset`` (a run location), else ``cfg.dataset``, else the run location's
-    own ``data/`` (from ``intraq-pipeline generate``). Training on the location's own dataset
-    keeps it: ``--overwrite`` then replaces only the training outputs. The dataset's generation
-    settings need not be repeated in ``cfg``; its model must be the same teacher. ``--resume``
-    continues an interrupted training from its last epoch checkpoint (either executor). Every
-    shard is validated first; ``repair`` regenerates bad shards of the location's own dataset.
-    """
-    import yaml
-
-    from pipeline.shards import read_shard
-
-    _check_flags(resume, overwrite, repair)
-    if dataset is not None:
-        cfg = cfg.model_copy(update={"dataset": dataset})
-    ctx = RunContext.create(cfg)
-    if cfg.dataset is not None:
-        other = Storage.from_config(cfg.storage.model_copy(update={"url": cfg.dataset}))
-        if other.url.rstrip("/") == ctx.storage.url.rstrip("/"):
-            ctx = RunContext.create(cfg.model_copy(update={"dataset": None}))
+def _train_stages(run: Run, *, progress: bool) -> dict[str, Any]:
+    """``train``: validate (and repair) the dataset, train, evaluate, write metrics.json."""
+    ctx, storage, lock = run.ctx, run.ctx.storage, run.lock
+    assert run.manifest is not None and run.source_cfg is not None and lock is not None
+    manifest, data = run.manifest, dataset_storage(ctx)
     own = ctx.cfg.dataset is None
-    if repair and not own:
-        raise InputError(
-            f"--repair regenerates this run's own dataset, but the dataset at {dataset_storage(ctx).url} "
-            f"belongs to another run location: repair it there (intraq-pipeline generate --repair -o {cfg.dataset})"
-        )
-    check_inputs(ctx, generate=False, evaluate=True)
-    data = dataset_storage(ctx)
-    if not Manifest.exists(data):
-        raise FileNotFoundError(
-            f"no synthetic dataset at {data.url} (manifest.json missing): run `intraq-pipeline generate` "
-            "first or pass --dataset"
-        )
-    manifest = Manifest.load(data)
-    if not manifest.is_complete():
-        raise StorageError(
-            f"{data.url} holds {len(manifest.shards)}/{manifest.num_shards_planned} shards: finish it "
-            "with `intraq-pipeline generate --resume`"
-        )
-    if manifest.shards:
-        try:
-            meta = read_shard(data, manifest.shards[0].path).meta
-        except (ShardError, FileNotFoundError):
-            meta = {}  # reported, with every other problem, by the validation below
-        if meta.get("teacher_sha256") not in (None, ctx.teacher_sha256):
-            raise StorageError(f"{data.url} was synthesized from another teacher than model.weights")
-    source_cfg = ctx.cfg
-    dataset_root = data.url.rstrip("/").rsplit("/", 1)[0]
-    with_yaml = Storage.from_config(cfg.storage.model_copy(update={"url": dataset_root}))
-    if with_yaml.exists(RUN_CONFIG_PATH):
-        source_cfg = RunConfig.model_validate(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)))
+    if own:
+        trained = [p for p in TRAIN_OUTPUTS if storage.exists(p)]
+        if trained and not (run.resume or run.overwrite or run.repair):
+            raise RunExistsError(
+                f"{storage.url} already holds a trained student; pass --resume to continue it or "
+                "--overwrite to retrain (the dataset is kept)"
+            )
+    else:
+        check_location(ctx, resume=run.continues, overwrite=run.overwrite, probe=False)
+    # Validate (and repair) before anything at the location is written.
+    repaired = drop_bad_shards(ctx, data, manifest, repair=run.repair)
+    gen_stats = None
+    if repaired:
+        gen_ctx = _generation_context(ctx, [run.source_cfg, ctx.cfg], manifest)
+        manifest, gen_stats = run.executor.generate(gen_ctx, progress=progress)
+        drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
+    if own:
+        if run.overwrite:
+            for rel in trained:
+                storage.delete(rel, recursive=True)
+        storage.write_bytes_atomic(RUN_CONFIG_PATH, ctx.cfg.to_yaml().encode())
+    else:
+        prepare_location(ctx, resume=run.continues, overwrite=run.overwrite)
+    return _train_and_evaluate(run, manifest, {}, gen_stats, repaired, progress=progress)
 
-    storage = ctx.storage
-    storage.check_writable()
-    with run_lock(storage) as lock:
-        if own:
-            trained = [p for p in TRAIN_OUTPUTS if storage.exists(p)]
-            if trained and not (resume or overwrite or repair):
-                raise RunExistsError(
-                    f"{storage.url} already holds a trained student; pass --resume to continue it or "
-                    "--overwrite to retrain (the dataset is kept)"
-                )
-        else:
-            check_location(ctx, resume=resume or repair, overwrite=overwrite)
-        # Validate (and repair) before anything at the location is written.
-        repaired = drop_bad_shards(ctx, data, manifest, repair=repair)
-        if repaired:
-            gen_ctx = _generation_context(ctx, [source_cfg, ctx.cfg], manifest)
-            manifest, _ = _generate(gen_ctx, progress=progress)
-            drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
-        if own:
-            if overwrite:
-                for rel in trained:
-                    storage.delete(rel, recursive=True)
-            storage.write_bytes_atomic(RUN_CONFIG_PATH, ctx.cfg.to_yaml().encode())
-        else:
-            prepare_location(ctx, resume=resume or repair, overwrite=overwrite)
-        t0 = time.perf_counter()
-        outcome = _train(ctx, manifest, progress=progress)
-        seconds = {
+
+def _run_stages(run: Run, *, progress: bool) -> dict[str, Any]:
+    """``run``: generate (or resume, repair) the dataset, train, evaluate, write metrics.json."""
+    ctx = run.ctx
+    prepare_location(ctx, resume=run.continues, overwrite=run.overwrite)
+    t0 = time.perf_counter()
+    manifest: Manifest | None = None
+    gen_stats, repaired = GenerationStats(), []
+    if ctx.cfg.needs_synthetic_data():  # not SQuant without distillation
+        manifest, gen_stats, repaired = build_dataset(ctx, repair=run.repair, progress=progress, executor=run.executor)
+    seconds = {"generate": time.perf_counter() - t0}
+    run.source_cfg = ctx.cfg
+    return _train_and_evaluate(run, manifest, seconds, gen_stats, repaired, progress=progress)
+
+
+def _train_and_evaluate(
+    run: Run,
+    manifest: Manifest | None,
+    seconds: dict[str, float],
+    gen_stats: GenerationStats | None,
+    repaired: list[int],
+    *,
+    progress: bool,
+) -> dict[str, Any]:
+    assert run.lock is not None
+    run.lock.check()
+    t0 = time.perf_counter()
+    # No dataset: the data-free student only (SQuant without distillation).
+    outcome = quantize_only(run.ctx) if manifest is None else run.executor.train(run.ctx, manifest, progress=progress)
+    seconds.update(
+        {
             "calibrate": outcome.seconds_calibrate,
             "distill": outcome.seconds_distill,
             "train_total": time.perf_counter() - t0,
         }
-        lock.check()
-        t0 = time.perf_counter()
-        metrics = evaluate_stage(ctx, progress=progress)
-        seconds["evaluate"] = time.perf_counter() - t0
-        gen_cfg = source_cfg.model_copy(update={"quant": ctx.cfg.quant, "distill": ctx.cfg.distill})
-        metrics.update(
-            {
-                "method": run_method(gen_cfg),
-                "w_bits": ctx.cfg.quant.w_bits,
-                "a_bits": ctx.cfg.quant.a_bits,
-                "num_images": manifest.rows,
-                "gen_iterations": generation_budget(source_cfg)["gen_iterations"],
-                "generator_iterations": generation_budget(source_cfg)["generator_iterations"],
-                "epochs": ctx.cfg.distill.epochs,
-                "seed": ctx.cfg.seed,
-                "executor": ctx.cfg.executor,
-                "device": str(ctx.device),
-                "config_hash": ctx.cfg.config_hash(),
-                "dataset_hash": manifest.config_hash,
-                "dataset": data.url,
-                "training": outcome.summary(),
-                "seconds": seconds,
-                "dataset_shards": len(manifest.shards),
-            }
-        )
-        if repaired:
-            metrics["repaired_shards"] = repaired
-        lock.check()
-        storage.write_json_atomic(METRICS_PATH, metrics)
+    )
+    run.lock.check()
+    t0 = time.perf_counter()
+    evaluation = evaluate_stage(run.ctx, progress=progress)
+    seconds["evaluate"] = time.perf_counter() - t0
+    metrics = run_metrics(run, manifest, outcome, evaluation, seconds, gen_stats, repaired)
+    run.lock.check()
+    run.ctx.storage.write_json_atomic(METRICS_PATH, metrics)
     return metrics
 
 
-def _train(ctx: RunContext, manifest: Manifest | None, *, progress: bool) -> TrainOutcome:
-    """The training stage on the chosen executor; no dataset: the data-free student only.
+def run_metrics(
+    run: Run,
+    manifest: Manifest | None,
+    outcome: TrainOutcome,
+    evaluation: dict[str, Any],
+    seconds: dict[str, float],
+    gen_stats: GenerationStats | None,
+    repaired: list[int],
+) -> dict[str, Any]:
+    """``metrics.json``: the test-set numbers, the recipe, the data-parallel shape and the timings.
 
-    Without distillation (``distill.epochs: 0``) there is nothing for Ray Train to distribute, so
-    calibration runs in this process whatever the executor.
+    ``train_workers``, ``global_batch_size`` and ``optimizer_steps`` are top-level: the same
+    recipe gives the same ``global_batch_size`` and ``optimizer_steps`` for any ``train_workers``.
     """
-    if manifest is None:
-        return quantize_only(ctx)
-    if ctx.cfg.executor == "ray" and ctx.cfg.distill.epochs > 0:
-        from pipeline.ray_train import train_ray
-
-        return train_ray(ctx, manifest, progress=progress)
-    return train_local(ctx, manifest, progress=progress)
-
-
-def _run_stages(ctx: RunContext, lock: Lock, *, repair: bool, progress: bool) -> dict[str, Any]:
-    cfg = ctx.cfg
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    manifest: Manifest | None = None
-    gen_stats, repaired = GenerationStats(), []
-    if cfg.needs_synthetic_data():
-        manifest, gen_stats, repaired = build_dataset(ctx, repair=repair, progress=progress)
-    seconds["generate"] = time.perf_counter() - t0
-    lock.check()
-
-    t0 = time.perf_counter()
-    outcome = _train(ctx, manifest, progress=progress)
-    seconds["calibrate"] = outcome.seconds_calibrate
-    seconds["distill"] = outcome.seconds_distill
-    seconds["train_total"] = time.perf_counter() - t0
-    lock.check()
-
-    t0 = time.perf_counter()
-    metrics = evaluate_stage(ctx, progress=progress)
-    seconds["evaluate"] = time.perf_counter() - t0
-
-    metrics.update(
-        {
-            "method": run_method(cfg),
-            "w_bits": cfg.quant.w_bits,
-            "a_bits": cfg.quant.a_bits,
-            **generation_budget(cfg),
-            "epochs": cfg.distill.epochs,
-            "seed": cfg.seed,
-            "executor": cfg.executor,
-            "device": str(ctx.device),
-            "config_hash": cfg.config_hash(),
-            "dataset_hash": cfg.dataset_hash() if manifest is not None else None,
-            "generation": gen_stats.summary(),
-            "training": outcome.summary(),
-            "seconds": seconds,
-        }
-    )
-    metrics["dataset_shards"] = len(manifest.shards) if manifest is not None else 0
+    ctx = run.ctx
+    source = run.source_cfg or ctx.cfg
+    # The dataset's generation settings with this run's quantization and distillation.
+    method_cfg = source.model_copy(update={"quant": ctx.cfg.quant, "distill": ctx.cfg.distill})
+    budget = generation_budget(source)
+    metrics = {
+        **evaluation,
+        "method": run_method(method_cfg),
+        "w_bits": ctx.cfg.quant.w_bits,
+        "a_bits": ctx.cfg.quant.a_bits,
+        **budget,
+        "num_images": manifest.rows if manifest is not None else 0,
+        "epochs": ctx.cfg.distill.epochs,
+        "seed": ctx.cfg.seed,
+        "executor": run.executor.name,
+        "device": outcome.device,
+        "train_workers": outcome.train_workers,
+        "global_batch_size": outcome.global_batch_size,
+        "optimizer_steps": outcome.optimizer_steps,
+        "config_hash": ctx.cfg.config_hash(),
+        "dataset_hash": manifest.config_hash if manifest is not None else None,
+        "dataset": dataset_storage(ctx).url if manifest is not None else None,
+        "training": outcome.summary(),
+        "seconds": seconds,
+        "dataset_shards": len(manifest.shards) if manifest is not None else 0,
+    }
+    if gen_stats is not None and run.command == "run":
+        metrics["generation"] = gen_stats.summary()
     if repaired:
-        metrics["generation"]["repaired_shards"] = repaired
-    lock.check()
-    ctx.storage.write_json_atomic(METRICS_PATH, metrics)
+        metrics["repaired_shards"] = repaired
     return metrics
 
 
 def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
     """FP teacher, calibrated (PTQ on synthetic data) and final student on the real test set."""
-    device = ctx.device
+    device = ctx.driver_device
     fp = evaluate_model(ctx.teacher(), ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     calibrated, _, _, _ = load_student(ctx.storage.read_bytes(CALIBRATED_PATH))
     ptq = evaluate_model(calibrated, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     final, _, _, _ = load_student(ctx.storage.read_bytes(STUDENT_PATH))
-    same = ctx.cfg.distill.epochs == 0 and all(
+    same = all(
         torch.equal(a, b) for a, b in zip(final.state_dict().values(), calibrated.state_dict().values(), strict=True)
     )
-    # Without distillation the final student is the calibrated one: evaluated once.
+    # Without distillation, or when the guard kept the start, the final student is the calibrated one.
     quant = ptq if same else evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
     return {
         "fp_top1": fp["top1"],
@@ -544,6 +603,4 @@ def load_metrics(ctx: RunContext) -> dict[str, Any]:
 
 
 def dataset_manifest(ctx: RunContext) -> Manifest:
-    from pipeline.generate import dataset_storage
-
     return Manifest.load(dataset_storage(ctx))

@@ -48,7 +48,9 @@ __all__ = [
     "ShardInfo",
     "pyarrow_dataset_source",
     "read_all",
+    "read_rows",
     "read_shard",
+    "row_group_rows",
     "shard_path",
     "shard_paths",
     "validate_dataset",
@@ -63,6 +65,10 @@ METADATA_KEY = b"intraq"
 COLUMNS = ("image", "label", "seed", "index")
 FEATURE_COLUMN = "feature"
 ROW_GROUP_SIZE = 1024
+#: Row groups are kept at most this large (ImageNet-size float32 images: ~220 rows a group), so a
+#: reader that needs a few rows (the Ray driver's calibration images) or a Ray Data read task
+#: never has to hold more than this of one shard.
+ROW_GROUP_MAX_BYTES = 128 * 1024 * 1024
 
 #: Keys a caller must put in ``meta`` for :func:`write_shard`.
 REQUIRED_META = ("round", "config_hash", "teacher_sha256", "mean", "std", "num_classes", "seed")
@@ -100,6 +106,11 @@ class _ShardRecord(Protocol):
     rows: int
     sha256: str
     bytes: int
+
+
+def row_group_rows(bytes_per_row: int) -> int:
+    """Rows per Parquet row group: :data:`ROW_GROUP_SIZE`, fewer for large images (:data:`ROW_GROUP_MAX_BYTES`)."""
+    return max(1, min(ROW_GROUP_SIZE, ROW_GROUP_MAX_BYTES // max(1, bytes_per_row)))
 
 
 def shard_path(index: int) -> str:
@@ -267,7 +278,7 @@ def write_shard(
     schema = _schema(size, None if feats is None else feats.shape[1])
     table = pa.Table.from_arrays(columns, schema=schema.with_metadata({METADATA_KEY: meta_json.encode("utf-8")}))
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE, compression="snappy")
+    pq.write_table(table, buf, row_group_size=row_group_rows(size * 4), compression="snappy")
     data = buf.getvalue()
     rel = shard_path(shard_index)
     storage.write_bytes_atomic(rel, data)
@@ -544,6 +555,32 @@ def pyarrow_dataset_source(storage: Storage, manifest: Manifest) -> tuple[pafs.F
     """``(filesystem, paths)`` for ``ray.data.read_parquet(paths, filesystem=fs)`` or pyarrow.dataset."""
     fs, _ = storage.pyarrow_filesystem()
     return fs, [storage.pyarrow_path(p) for p in shard_paths(manifest)]
+
+
+def read_rows(storage: Storage, path: str, rows: np.ndarray, image_shape: Iterable[int]) -> np.ndarray:
+    """Images at positions ``rows`` of a shard (``[len(rows), C, H, W]`` float32, in that order).
+
+    Reads only the ``image`` column of the row groups that hold those rows (random access on
+    object storage), so picking a few images out of a large shard does not read the shard.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    shape = tuple(int(v) for v in image_shape)
+    if rows.size == 0:
+        return np.zeros((0, *shape), dtype=np.float32)
+    with storage.open(path) as f:
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        if rows.min() < 0 or rows.max() >= starts[-1]:
+            raise ShardError(f"{storage.join(path)}: rows outside [0, {starts[-1]})", None, path)
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of)
+        table = pf.read_row_groups([int(g) for g in groups], columns=["image"])
+    # Position of each wanted row inside the concatenation of the groups read.
+    offset_in_read = np.cumsum([0, *[sizes[g] for g in groups]])[np.searchsorted(groups, group_of)]
+    local = offset_in_read + rows - starts[group_of]
+    picked = table.take(pa.array(local))
+    return _fixed_list_to_numpy(picked, "image").reshape(len(rows), *shape)
 
 
 def read_all(storage: Storage, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

@@ -1,26 +1,30 @@
 """Ray Tune search of the generation and distillation knobs (``intraq-pipeline tune``).
 
-What a trial is. One trial = generate a small synthetic dataset with the trial's settings
-(:func:`pipeline.generate.generate_local`, into ``<run>/tune/trial-<id>/``), calibrate the
-student on it and distil it for ``distill.epochs`` epochs, reporting the objective after every
-epoch so the ASHA scheduler (``tune.grace_epochs`` epochs of grace) can stop weak trials early.
+What a trial is. One trial = the local executor's run on a small dataset with the trial's
+settings: :func:`pipeline.generate.generate_local` into ``<run>/tune/trial-<id>/``, then
+:func:`pipeline.train.train_local` (the one training loop) on it. It reports the objective
+after every generation round (the agreement of a student calibrated on the images so far:
+the post-training-quantization quality of the data, cheap to measure) and after every
+distillation epoch, so the ASHA scheduler (``tune.grace_reports`` reports of grace) can stop a
+weak trial during generation, before its most expensive phase.
 
-Why a plain function trainable and not Tune + Train. A trial runs the single-process path in
-its Tune actor, reserved with ``tune.with_resources(fn, {"cpu": 1})`` and at most
-``tune.max_concurrent`` at a time. Nesting a ``TorchTrainer`` per trial would add ~20 s of
-fixed cost per trial, needs the dashboard's State API for ASHA to release stopped trials, and
-deadlocks when trial CPUs + Train worker CPUs exceed the cluster (docs/ray-on-a-small-box.md);
-the trials' datasets and models are small, so one process per trial is both faster and safe on
-2 CPUs. Parallelism comes from concurrent trials instead.
+Why a plain function trainable and not Tune + Train. A trial runs in its Tune actor, reserved
+with ``tune.with_resources(fn, {"cpu": 1, "gpu": tune.gpus_per_trial})`` (fractional GPUs: small
+CIFAR trials share a GPU) and at most ``tune.max_concurrent`` at a time. Nesting a
+``TorchTrainer`` per trial would add ~20 s of fixed cost per trial, needs the dashboard's State
+API for ASHA to release stopped trials, and deadlocks when trial CPUs + Train worker CPUs exceed
+the cluster (docs/ray-on-a-small-box.md); the trials' datasets and models are small, so one
+process per trial is both faster and safe on 2 CPUs. Parallelism comes from concurrent trials.
 
 The objective (metric ``objective``, maximized):
 
 * ``agreement`` (default, data-free): top-1 teacher–student agreement (%) on ONE fixed probe
-  set of synthetic images, generated once before the search with the base config and a
-  derived seed (``<run>/tune/probe-<dataset hash>/``). Each trial's own held-out split is still reported
-  (``holdout_agreement``) but not optimized: it is made of that trial's images, so settings
-  that produce easy images would score well on it; the shared probe makes trials comparable,
-  and its different seed keeps it out of every trial's training images.
+  set of synthetic images, generated once before the search (``<run>/tune/probe-<hash>/``)
+  with a fixed recipe that owes nothing to the base config's loss weights or to the searched
+  space: the ``bns_ce`` preset (BN statistics + cross-entropy, the ZeroQ/GDFQ-style baseline) at
+  the base config's image count and iterations, with a derived seed. Each trial's own held-out
+  split is still reported (``holdout_agreement``) but not optimized: it is made of that trial's
+  images, so settings that produce easy images would score well on it.
 * ``validation``: top-1 (%) on ``tune.validation_data``, a labelled set the user supplies. It is
   refused when it is the evaluation test set (``eval.data``): selecting on the test set would
   make the reported test accuracy optimistic.
@@ -28,7 +32,9 @@ The objective (metric ``objective``, maximized):
 The space (``tune.space``): dotted config keys → ``[low, high]``. Loss weights (``*_weight``,
 ``kd_alpha``) and learning rates (``lr``) are sampled log-uniformly (when ``low > 0``); margins,
 ε, areas, temperatures uniformly; integer fields as integers. ``tune.search: optuna`` uses
-``OptunaSearch`` (TPE, seeded), ``random`` Tune's seeded random search.
+``OptunaSearch`` with a seeded TPE sampler whose random start-up phase is a quarter of
+``tune.num_samples`` (Optuna's default of 10 would leave a search of 8 trials random);
+``random`` is Tune's seeded random search.
 
 A trial whose distillation diverges reports objective 0 (status ``diverged``) rather than
 crashing, so the searcher learns to avoid that region. The best trial is the one with the
@@ -56,8 +62,11 @@ __all__ = [
     "RESULTS_PATH",
     "TUNE_DIR",
     "check_objective",
+    "probe_config",
+    "search_algorithm",
     "search_space",
     "trial_config",
+    "trial_resources",
     "tune_search",
     "write_best_config",
 ]
@@ -178,29 +187,31 @@ def _subconfig(cfg: RunConfig, url: str, **updates: Any) -> RunConfig:
     return validate_run_config(data)
 
 
-def _report_row(epoch: int, row: dict[str, float], objective: float, holdout: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        OBJECTIVE: objective,
-        "epoch": epoch + 1,
-        "loss": float(row["loss"]),
-        "train_agreement": 100.0 * float(row["agreement"]),
-    }
-    if holdout is not None:
-        out["holdout_agreement"] = holdout
-    return out
+def _trial_objective(cfg: RunConfig, ctx: Any, teacher: Any, probe: Any) -> Any:
+    """``objective(student) -> float`` of a trial: probe agreement, or top-1 on the validation set."""
+    import torch
+
+    from intraq_core.data import load_test_set
+    from intraq_core.evaluate import agreement, top1
+
+    device = ctx.device
+    if cfg.tune.objective == "validation":
+        assert cfg.tune.validation_data is not None
+        eval_cfg = cfg.eval.model_copy(update={"data": cfg.tune.validation_data})
+        test_set = load_test_set(eval_cfg, ctx.model_cfg)
+        return lambda student: float(top1(student, test_set.batches(eval_cfg.batch_size), device=device)["top1"])
+    probe_x = torch.tensor(probe)  # a copy: the shared array is read-only
+    return lambda student: float(agreement(student, teacher, probe_x, device=device)["agreement"])
 
 
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, probe: Any) -> None:
-    """One trial (in a Tune actor): generate, calibrate, distil; report the objective each epoch."""
-    import torch
+    """One trial (in a Tune actor): the local executor's generate + train, reporting as it goes."""
     from ray import tune
 
-    from intraq_core.data import load_test_set
-    from intraq_core.distill import DivergenceError, distill
-    from intraq_core.evaluate import agreement, top1
+    from intraq_core.distill import DivergenceError
     from pipeline.context import RunContext, limit_threads
     from pipeline.generate import generate_local
-    from pipeline.train import holdout_mask, load_dataset, prepare_student
+    from pipeline.train import load_dataset, prepare_student, split_mask, train_local
 
     limit_threads()
     trial_id = tune.get_context().get_trial_id()
@@ -208,66 +219,116 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
     cfg = _subconfig(trial_config(base_cfg, params), f"{tune_url}/trial-{trial_id}")
     ctx = RunContext.create(cfg)
     ctx.storage.write_bytes_atomic("trial.yaml", cfg.to_yaml().encode())
-    manifest, _ = generate_local(ctx, progress=False)
-    images, labels, indices = load_dataset(ctx, manifest)
-    hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
-    if hold.all():
-        hold[:] = False
-    device = ctx.device
-    teacher = ctx.teacher().to(device)
-    student = prepare_student(ctx, teacher, images[~hold])
-    probe_x = torch.tensor(probe) if probe is not None else None  # a copy: the shared array is read-only
-    validation = None
-    if cfg.tune.objective == "validation":
-        assert cfg.tune.validation_data is not None
-        eval_cfg = cfg.eval.model_copy(update={"data": cfg.tune.validation_data})
-        validation = (load_test_set(eval_cfg, ctx.model_cfg), eval_cfg.batch_size)
+    teacher = ctx.teacher().to(ctx.device)
+    objective = _trial_objective(cfg, ctx, teacher, probe)
 
-    def on_epoch(epoch: int, _distiller: object, rows: list[dict[str, float]]) -> None:
+    def after_round(manifest: Any) -> None:
+        images, _, indices = load_dataset(ctx, manifest)
+        hold = split_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
+        student = prepare_student(ctx, teacher, images[~hold])
+        tune.report({OBJECTIVE: objective(student), "phase": "generate", "shards": len(manifest.shards), "epoch": 0})
+
+    def after_epoch(epoch: int, distiller: Any, rows: list[dict[str, Any]]) -> None:
         row = rows[-1]
-        if validation is not None:
-            ts, batch_size = validation
-            objective = top1(student, ts.batches(batch_size), device=device)["top1"]
-        else:
-            assert probe_x is not None
-            objective = agreement(student, teacher, probe_x, device=device)["agreement"]
-        holdout = agreement(student, teacher, images[hold], device=device)["agreement"] if hold.any() else None
-        tune.report(_report_row(epoch, row, float(objective), holdout))
+        report: dict[str, Any] = {
+            OBJECTIVE: objective(distiller.module),
+            "phase": "distill",
+            "epoch": epoch + 1,
+            "loss": float(row["loss"]),
+            "train_agreement": 100.0 * float(row["agreement"]),
+        }
+        if "holdout_agreement" in row:
+            report["holdout_agreement"] = float(row["holdout_agreement"])
+        tune.report(report)
         done[0] = epoch + 1
 
     done = [0]
+    manifest, _ = generate_local(ctx, progress=False, on_round=after_round)
     try:
-        distill(
-            student,
-            teacher,
-            images[~hold],
-            labels[~hold],
-            cfg.distill,
-            seed=cfg.seed,
-            device=device,
-            on_epoch=on_epoch,
-            progress=False,
-        )
+        train_local(ctx, manifest, progress=False, on_epoch=after_epoch)
     except DivergenceError:
         # A diverged recipe is a result, not a crash: score it 0 so the searcher learns to avoid it.
-        tune.report({OBJECTIVE: 0.0, "epoch": done[0] + 1, "diverged": 1.0})
+        tune.report({OBJECTIVE: 0.0, "phase": "distill", "epoch": done[0] + 1, "diverged": 1.0})
+
+
+def probe_config(cfg: RunConfig, storage: Storage) -> RunConfig:
+    """The probe set's generation config: a fixed ``bns_ce`` recipe, whatever the base weights.
+
+    Only the budget (images, batch, iterations, rounds), the model and a seed derived from the
+    run's seed are taken from ``cfg``; loss weights, margins and LOR are the preset's.
+    """
+    from intraq_core.config import SynthConfig
+    from intraq_core.seeding import derive_seed
+
+    g = cfg.generate
+    recipe = SynthConfig(
+        method="bns_ce",
+        num_images=g.num_images,
+        batch_size=g.batch_size,
+        iterations=g.iterations,
+        shards_per_round=g.shards_per_round,
+        channels_last=g.channels_last,
+        compile=g.compile,
+        amp=g.amp,
+    )
+    seed = derive_seed(cfg.seed, PURPOSE_PROBE) % 2**31
+    probe_cfg = _subconfig(cfg, storage.url, seed=seed, generate=recipe.model_dump(mode="json"))
+    where = storage.join(TUNE_DIR, f"{PROBE_DIR}-{probe_cfg.dataset_hash()[:12]}")
+    return _subconfig(probe_cfg, where)
 
 
 def _probe_images(cfg: RunConfig, storage: Storage, progress: bool) -> Any:
-    """The fixed probe set: the base config's generation with a derived seed, generated once."""
-    from intraq_core.seeding import derive_seed
+    """The fixed probe set (:func:`probe_config`), generated once."""
     from pipeline.context import RunContext
     from pipeline.generate import generate_local
     from pipeline.shards import read_all
 
-    seed = derive_seed(cfg.seed, PURPOSE_PROBE) % 2**31
-    probe_cfg = _subconfig(cfg, storage.url, seed=seed)
-    where = storage.join(TUNE_DIR, f"{PROBE_DIR}-{probe_cfg.dataset_hash()[:12]}")
-    probe_cfg = _subconfig(probe_cfg, where)
-    ctx = RunContext.create(probe_cfg)
+    ctx = RunContext.create(probe_config(cfg, storage))
     manifest, _ = generate_local(ctx, progress=progress)
     images, _ = read_all(ctx.storage.child("data"), manifest)
     return images
+
+
+def search_algorithm(cfg: RunConfig) -> Any:
+    """The seeded searcher of ``tune.search``; Optuna's TPE leaves its random phase within the search."""
+    if cfg.tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        startup = min(10, max(1, cfg.tune.num_samples // 4))
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
+        return OptunaSearch(sampler=sampler)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.seed)
+
+
+def trial_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one trial reserves: a CPU, and ``tune.gpus_per_trial`` GPUs when the cluster has GPUs."""
+    from pipeline.ray_train import resolve_use_gpu
+
+    resources: dict[str, float] = {"cpu": 1}
+    if resolve_use_gpu(cfg):
+        resources["gpu"] = cfg.tune.gpus_per_trial
+    return resources
+
+
+def _planned_reports(cfg: RunConfig) -> int:
+    """The most reports a trial can make (ASHA's ``max_t``): one per generation round, one per
+    epoch, at the extremes of ``tune.space`` for the keys that change those counts."""
+    space = cfg.tune.space
+
+    def extreme(key: str, value: float, pick: Any) -> float:
+        return float(pick(space[key])) if key in space else float(value)
+
+    g = cfg.generate
+    images = extreme("generate.num_images", g.num_images, max)
+    batch = extreme("generate.batch_size", g.batch_size, min)
+    per_round = extreme("generate.shards_per_round", g.shards_per_round, min)
+    epochs = extreme("distill.epochs", cfg.distill.epochs, max)
+    shards = math.ceil(images / min(batch, images))
+    return int(math.ceil(shards / per_round) + epochs)
 
 
 class _TrialBar:
@@ -328,8 +389,11 @@ def _results_table(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str
         epochs = int(metrics.get("epoch", 0) or 0)
         history = result.metrics_dataframe
         best = None
+        generation_reports = 0
         if history is not None and OBJECTIVE in getattr(history, "columns", ()):
             best = float(history[OBJECTIVE].max())
+            if "phase" in history.columns:
+                generation_reports = int((history["phase"] == "generate").sum())
         if result.error is not None:
             status = "error"
         elif metrics.get("diverged"):
@@ -346,6 +410,7 @@ def _results_table(grid: Any, keys: list[str], max_epochs: int) -> list[dict[str
                 "best_objective": best,
                 "holdout_agreement": metrics.get("holdout_agreement"),
                 "epochs": epochs,
+                "generation_reports": generation_reports,
                 "status": status,
                 "error": None if result.error is None else str(result.error).strip().splitlines()[0][:300],
             }
@@ -383,34 +448,22 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
     if cfg.tune.objective == "agreement":
         probe = _probe_images(cfg, storage, progress)
     epochs = cfg.distill.epochs
-    from pipeline.ray_train import resolve_use_gpu, worker_config
+    from pipeline.ray_train import worker_config
 
     base = worker_config(cfg, storage)  # absolute paths: Tune moves trials to their own directory
     trainable = tune.with_parameters(_run_trial, base=base, tune_url=storage.join(TUNE_DIR), probe=probe)
-    resources: dict[str, float] = {"cpu": 1}
-    if resolve_use_gpu(cfg):
-        resources["gpu"] = 1
+    max_reports = _planned_reports(cfg)
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
-        max_t=epochs,
-        grace_period=min(cfg.tune.grace_epochs, epochs),
+        max_t=max_reports,
+        grace_period=min(cfg.tune.grace_reports, max_reports),
         reduction_factor=2,
     )
-    if cfg.tune.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-        search_alg: Any = OptunaSearch(seed=cfg.seed)
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+    search_alg = search_algorithm(cfg)
     fs, _ = storage.pyarrow_filesystem()
     bar = _TrialBar(cfg.tune.num_samples, progress)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, resources),
+        tune.with_resources(trainable, trial_resources(cfg)),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,

@@ -116,6 +116,56 @@ def test_gpu_yaml_uses_our_image_and_gpu_workers() -> None:
     assert cfg["idle_timeout_minutes"] > 0
 
 
+def _pinned_ray() -> str:
+    """The exact Ray version pyproject.toml pins (``ray[...]==X``)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    found = [m.group(1) for d in deps if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([\d.]+)", d))]
+    assert len(found) == 1, f"pyproject.toml must pin ray exactly once, got {deps}"
+    return found[0]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_ray_is_pinned_to_the_pyproject_version(name: str) -> None:
+    cfg = _validated(_raw(name))
+    version = _pinned_ray()
+    setup = "\n".join(cfg["setup_commands"])
+    mentioned = set(re.findall(r"ray(?:\[[^\]]*\])?==([\d.]+)", setup))
+    assert mentioned == {version}, (name, mentioned, version)
+    if name == "gpu.yaml":  # the image brings Ray; the node refuses another version than the pin
+        assert f"ray.__version__ == '{version}'" in setup
+        assert cfg["docker"]["image"].rsplit(":", 1)[-1] and "rayproject/ray" not in cfg["docker"]["image"]
+        assert f"rayproject/ray:{version}-" in (REPO / "Dockerfile").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_node_exports_metrics_and_the_dashboard_finds_grafana(name: str) -> None:
+    cfg = _validated(_raw(name))
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert len(starts) == 1, key
+        args = _ray_start_args(starts[0])
+        ports = [a.split("=", 1)[1] for a in args if a.startswith("--metrics-export-port=")]
+        assert len(ports) == 1 and ports[0].isdigit(), (key, args)
+    head = next(c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+    assert "RAY_GRAFANA_HOST=http://127.0.0.1:" in head and "RAY_PROMETHEUS_HOST=http://127.0.0.1:" in head
+
+
+def test_gpu_yaml_names_its_image_once_and_logs_in_to_its_registry() -> None:
+    text = (CLUSTERS / "gpu.yaml").read_text(encoding="utf-8")
+    cfg = _validated(_raw("gpu.yaml"))
+    image = cfg["docker"]["image"]
+    assert text.count(image) == 1, "docker.image is the only place the image is named"
+    assert "`docker.image` is the one place the image is named" in text  # documented in the header
+    registry = image.split("/", 1)[0]
+    assert re.fullmatch(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com", registry), registry
+    init = "\n".join(cfg["initialization_commands"])
+    # The credential helper answers Docker for the ECR registry (and region) the image names.
+    assert "amazon-ecr-credential-helper" in init and "'credsStore'] = 'ecr-login'" in init
+    assert cfg["docker"]["pull_before_run"] is True
+
+
 @pytest.mark.parametrize(
     ("name", "breakage", "error"),
     [

@@ -89,7 +89,22 @@ def test_copies_both_packages_and_installs_the_project() -> None:
     assert "ADD" not in {keyword for keyword, _ in instructions}
 
     runs = [args for keyword, args in instructions if keyword == "RUN"]
-    assert any(re.search(r"pip install --no-cache-dir \.(\s|$)", run) for run in runs)
+    assert any(re.search(r'pip install --no-cache-dir "?\./?(\[[^\]]*\])?"?(\s|$)', run) for run in runs)
+
+
+def test_installs_every_extra_the_cli_imports() -> None:
+    """``tune`` (optuna), ``report`` and ``export`` are imported by CLI commands: the image needs them all."""
+    import tomllib
+
+    extras = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    )
+    wanted = extras - {"test"}
+    assert "tune" in wanted
+    runs = [args for keyword, args in _instructions(DOCKERFILE.read_text(encoding="utf-8")) if keyword == "RUN"]
+    installed = [m.group(1) for run in runs for m in re.finditer(r'pip install --no-cache-dir "?\./?\[([^\]]*)\]', run)]
+    assert len(installed) == 1, runs
+    assert set(installed[0].split(",")) == wanted
 
 
 def test_runs_as_non_root_without_secrets() -> None:

@@ -128,3 +128,78 @@ def test_reestimate_bn_matches_data_statistics() -> None:
         pre = model[0](x)
     assert_close(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
     assert not bn.training
+
+
+def test_cadence_is_a_tenth_of_the_run_and_always_includes_the_last_epoch() -> None:
+    from intraq_core.distill import cadence, is_due
+
+    assert cadence(None, 50) == 5 and cadence(None, 7) == 1 and cadence(3, 50) == 3
+    assert [e for e in range(12) if is_due(e, cadence(None, 12), 12)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert [e for e in range(25) if is_due(e, cadence(None, 25), 25)] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 24]
+    assert [e for e in range(10) if is_due(e, 4, 10)] == [3, 7, 9]
+
+
+def test_train_epochs_sums_over_workers_and_evaluates_and_checkpoints_at_its_cadence() -> None:
+    from intraq_core.distill import EpochBatches, train_epochs
+    from intraq_core.selection import Selector
+
+    teacher = _tiny().eval()
+    x = torch.randn(32, 3, 8, 8)
+    y = teacher(x).argmax(1)
+    held = torch.randn(8, 3, 8, 8)
+    cfg = DistillConfig(epochs=5, batch_size=8, lr=0.01, eval_every=2, checkpoint_every=3)
+
+    def run(reduce: object) -> tuple[list[dict], list[tuple[int | None, int]], list[int]]:
+        evaluated: list[tuple[int | None, int]] = []
+        saved: list[int] = []
+        d = Distiller(_tiny(), teacher, cfg, steps_per_epoch=4, seed=1)
+
+        class Watch(Selector):
+            def consider(self, student: nn.Module, epoch: int | None) -> dict[str, float]:
+                evaluated.append((epoch, d.step_count))
+                return super().consider(student, epoch)
+
+        watch = Watch(teacher, held, reduce=reduce)  # type: ignore[arg-type]
+        result = train_epochs(
+            d,
+            EpochBatches(x, y, 8, steps=4, seed=1),
+            reduce=reduce,  # type: ignore[arg-type]
+            selector=watch,
+            checkpoint=lambda epoch, _d, rows: saved.append(epoch),
+            tags={"workers": 2},
+        )
+        assert result.selection is not None and result.selection.final_epoch == 4
+        return result.epochs, evaluated, saved
+
+    alone, evaluated, saved = run(None)
+    # Two identical workers: sums double, means (and the selector's scores) do not change.
+    twice, _, _ = run(lambda t: 2 * t)
+    assert [r["loss"] for r in alone] == pytest.approx([r["loss"] for r in twice])
+    assert [r.get("holdout_kl") for r in alone] == pytest.approx([r.get("holdout_kl") for r in twice], nan_ok=True)
+    # The start, then after epochs 1, 3 and the last (4), in optimizer steps.
+    assert evaluated == [(None, 0), (1, 8), (3, 16), (4, 20)]
+    assert saved == [2, 4]  # every 3 epochs and the last
+    assert [("holdout_agreement" in r) for r in alone] == [False, True, False, True, True]
+    assert all(r["workers"] == 2 for r in alone) and [r["step"] for r in alone] == [4, 8, 12, 16, 20]
+
+
+def test_the_loop_keeps_its_starting_student_when_training_destroys_it() -> None:
+    from intraq_core.distill import distill
+    from intraq_core.selection import Selector
+
+    teacher = _tiny().eval()
+    x = torch.randn(64, 3, 8, 8)
+    y = teacher(x).argmax(1)
+    student = _tiny()  # the teacher's weights: a perfect start
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    for select, kept in (("best", True), ("final", False)):
+        student.load_state_dict(start)
+        cfg = DistillConfig(epochs=3, batch_size=16, lr=0.5, momentum=0.9, eval_every=1, select=select)
+        result = distill(student, teacher, x, y, cfg, selector=Selector(teacher, torch.randn(16, 3, 8, 8)))
+        assert result.selection is not None
+        same = all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+        assert same is kept, select
+        if select == "best":
+            assert result.selection.selected_epoch is None and not result.selection.kept_final
+            kls = [e["kl"] for e in result.selection.evaluations]
+            assert kls[0] < min(kls[1:])  # the loop saw training hurt

@@ -126,9 +126,34 @@ def test_held_out_images_are_scored_with_their_augmented_views():
         return -x
 
     sel = Selector(teacher, held, every=1, augment=negate, views=2, seed=7)
-    assert sel.sets["holdout"].shape[0] == 3 * held.shape[0] and calls == [7, 7]
-    torch.testing.assert_close(sel.sets["holdout"][32:64], -held)
-    # The score is the KL over images and views together.
+    # The score is the KL over images and views together; views are re-drawn at the same seed.
     row = sel.evaluate(student)
+    assert calls == [7, 7]
     plain = Selector(teacher, torch.cat([held, -held, -held]), every=1).evaluate(student)
-    assert row["kl"] == pytest.approx(plain["kl"])
+    assert row["kl"] == pytest.approx(plain["kl"]) and row["agreement"] == pytest.approx(plain["agreement"])
+
+
+def test_workers_sum_their_held_out_scores():
+    teacher, student, held = _pair()
+    halves = [held[:16], held[16:]]
+    # Each "worker" scores its half; the reduce adds the other half's sums: the whole set's score.
+    from intraq_core.evaluate import agreement_sums
+
+    other = agreement_sums(student, teacher, halves[1])
+    sel = Selector(teacher, lambda: iter([halves[0]]), every=1, reduce=lambda t: t + other)
+    whole = Selector(teacher, held, every=1).evaluate(student)
+    row = sel.evaluate(student)
+    assert row["kl"] == pytest.approx(whole["kl"]) and row["agreement"] == pytest.approx(whole["agreement"])
+
+
+def test_select_final_keeps_the_final_student_and_still_records_the_scores():
+    teacher, student, held = _pair()
+    _copy(teacher, student)
+    sel = Selector(teacher, held, every=1)
+    sel.start(student)
+    _copy(teacher, student, -1.0)
+    ruined = {k: v.clone() for k, v in student.state_dict().items()}
+    selection = sel.finish(student, final_epoch=0, keep="final")
+    assert selection.kept_final and selection.selected_epoch == 0 and len(selection.evaluations) == 2
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, ruined[k])

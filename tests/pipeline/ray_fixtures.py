@@ -1,45 +1,94 @@
-"""A local Ray cluster shared by every test of the session (starting one costs ~10 s, ~1.7 GB).
+"""A two-node Ray cluster on this machine, shared by every test of the session.
 
-``ray_cluster`` (session) starts Ray once through :func:`pipeline.ray_session.start_ray`, the
-product's own path: 4 logical CPUs (2 Train workers plus Ray Data read tasks fit: "Deadlock 1"
-of docs/ray-on-a-small-box.md), node and dashboard on 127.0.0.1, dashboard on (the State API
-that nested Tune + Train needs). It yields ``{"address", "dashboard_url", "local"}`` and shuts
-Ray down at the end of the session. Stages called inside tests reuse this Ray, and their own
-``start_ray``/``stop_ray`` pairs nest, so they never stop it.
+``ray_cluster`` (session) simulates a cluster of two nodes with ``ray.cluster_utils.Cluster``:
+a head and a worker node, each a separate raylet with its own resources (:data:`NODE_CPUS`
+CPUs, a custom ``intraq_test_head`` / ``intraq_test_worker`` resource) and its own scratch
+directory (``TMPDIR``), all bound to 127.0.0.1, the dashboard (whose State API nested Tune +
+Train needs) on the head. The test process then joins it the way a driver joins any cluster,
+through :func:`pipeline.ray_session.start_ray` with ``ray.address``. 4 logical CPUs in all:
+2 Train workers plus Ray Data read tasks fit ("Deadlock 1" of docs/ray-on-a-small-box.md).
+Starting it costs ~8-10 s and ~1.7 GB, once per session.
+
+It yields ``{"address", "dashboard_url", "local", "nodes"}`` (``nodes``: the node id of each
+of ``"head"`` and ``"worker"``) and shuts the cluster down at the end of the session. Stages
+called inside tests reuse this Ray, and their own ``start_ray``/``stop_ray`` pairs nest, so
+they never stop it.
 
 It depends on the loopback S3 session so that ``AWS_ENDPOINT_URL`` and the fake credentials
-are in the environment *before* Ray starts: workers inherit the raylet's environment, and a
-worker started without the endpoint tries real AWS. (It uses the private ``_s3_session``
-rather than ``s3_endpoint`` so Ray tests are not marked ``s3`` nor given its 60 s timeout.)
+are in the environment *before* the nodes start: workers inherit their raylet's environment,
+and a worker started without the endpoint tries real AWS. (It uses the private
+``_s3_session`` rather than ``s3_endpoint`` so Ray tests are not marked ``s3`` nor given its
+60 s timeout.)
 
 Use it by naming the fixture; ``tests/pipeline/conftest.py`` imports it.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-RAY_TEST_CPUS = 4
+NODE_CPUS = 2
+RAY_TEST_CPUS = 2 * NODE_CPUS
+NODE_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another test session may hold Ray's default 8265)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(_s3_session: Any) -> Iterator[dict[str, Any]]:
-    """The session's local Ray: ``{"address", "dashboard_url", "local"}``."""
+def ray_cluster(_s3_session: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The session's two-node Ray: ``{"address", "dashboard_url", "local", "nodes"}``."""
     import ray
+    from ray.cluster_utils import Cluster
 
+    from pipeline.cluster import LOCAL_NODE_IP, loopback_only
     from pipeline.config import RunConfig
     from pipeline.ray_session import start_ray, stop_ray
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialized in this test process; ray_cluster starts its own")
-    cfg = RunConfig.model_validate({"ray": {"num_cpus": RAY_TEST_CPUS, "dashboard": True}})
-    info = start_ray(cfg, None)
+    scratch = tmp_path_factory.mktemp("ray-nodes")
+
+    def node(name: str, **extra: Any) -> dict[str, Any]:
+        tmp = scratch / name
+        tmp.mkdir()
+        return {
+            "num_cpus": NODE_CPUS,
+            "node_ip_address": LOCAL_NODE_IP,
+            "resources": {f"intraq_test_{name}": 1.0},
+            "object_store_memory": NODE_OBJECT_STORE_BYTES,
+            "env_vars": {"TMPDIR": str(tmp)},  # each node's own scratch disk
+            **extra,
+        }
+
+    with loopback_only():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args=node(
+                "head", include_dashboard=True, dashboard_host=LOCAL_NODE_IP, dashboard_port=_free_port()
+            ),
+        )
+        cluster.add_node(**node("worker"))
     try:
-        yield info
+        cluster.wait_for_nodes()
+        info = start_ray(RunConfig.model_validate({"ray": {"address": cluster.address}}), None)
+        try:
+            nodes = {
+                name: next(n["NodeID"] for n in ray.nodes() if n["Alive"] and f"intraq_test_{name}" in n["Resources"])
+                for name in ("head", "worker")
+            }
+            yield {**info, "nodes": nodes}
+        finally:
+            stop_ray()
+            if ray.is_initialized():  # a test called ray.init itself: still leave no Ray behind
+                ray.shutdown()
     finally:
-        stop_ray()
-        if ray.is_initialized():  # a test called ray.init itself: still leave no Ray behind
-            ray.shutdown()
+        cluster.shutdown()

@@ -293,5 +293,5 @@ def test_repair_regenerates_only_the_bad_shards_byte_identical(
         return
     metrics = read_json(url / "metrics.json")
     assert results(metrics) == results(ref_metrics)
-    repaired = metrics["generation"]["repaired_shards"] if command == "run" else metrics["repaired_shards"]
+    repaired = metrics["repaired_shards"]
     assert repaired == sorted(bad)

@@ -44,7 +44,7 @@ def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> 
         torch.testing.assert_close(final.state_dict()[key], value)
     assert metrics["quant_top1"] == metrics["ptq_top1"]
     history = read_json(tmp_path / "guarded" / "train_history.json")
-    assert all("watch_kl" in row for row in history)
+    assert all("holdout_kl" in row for row in history)
 
     unguarded = _run(tmp_path / "final", "distill.select=final")
     assert unguarded["training"]["kept_final"] is True

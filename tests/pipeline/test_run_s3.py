@@ -1,4 +1,14 @@
-"""The whole job on the Ray executor against the loopback S3 endpoint, with 2 Train workers."""
+"""The whole job on a two-node Ray cluster against the loopback S3 endpoint.
+
+The session's cluster (``tests/pipeline/ray_fixtures.py``) has two nodes, each with its own
+CPUs and its own scratch directory. The run uses only S3 storage, 2 generation actors (spread
+one per node) and 2 Train workers placed one per node (``ray.train_placement=spread``),
+streaming their data from S3 (``ray.train_data=stream``). It must complete, put work on both
+nodes, write shards that plain pyarrow reads, and reach the numbers the local executor reaches
+on the same config wherever they must match exactly: the calibrated student (the driver picks
+the local executor's calibration images out of S3) and its held-out agreement (summed over
+the two workers' streamed shares of the held-out images).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +22,28 @@ import s3fs
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.pipeline.run_helpers import cli_args
+from pipeline.config import load_run_config
+from pipeline.run import run_pipeline
+from tests.pipeline.run_helpers import TINY, cli_args
 
 runner = CliRunner()
+
+
+def _actors(class_name: str) -> dict[str, str]:
+    """``actor id → node id`` of every actor of that class the cluster knows (alive or dead)."""
+    from ray.util.state import list_actors
+
+    listed = list_actors(filters=[("class_name", "=", class_name)], limit=10_000, raise_on_missing_output=False)
+    return {a.actor_id: a.node_id for a in listed}
 
 
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_run_on_s3_generates_trains_with_two_workers_and_evaluates(
-    ray_cluster: dict[str, Any], s3_bucket: str, s3_endpoint: str
-) -> None:
+def test_run_on_two_nodes_and_s3(ray_cluster: dict[str, Any], s3_bucket: str, s3_endpoint: str, tmp_path: Any) -> None:
+    reference = run_pipeline(load_run_config("smoke", [*TINY, f"storage.url={tmp_path / 'local'}"]), progress=False)
+    before = {name: _actors(name) for name in ("GeneratorActor", "RayTrainWorker")}
     url = f"{s3_bucket}/run"
     args = cli_args(
         "run",
@@ -31,18 +51,31 @@ def test_run_on_s3_generates_trains_with_two_workers_and_evaluates(
         "executor=ray",
         "ray.generation_actors=2",
         "ray.train_workers=2",
-        "ray.cpus_per_train_worker=0.5",
+        "ray.cpus_per_train_worker=1",
+        "ray.train_placement=spread",
+        "ray.train_data=stream",
     )
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
 
+    # Generation actors and Train workers ran on both nodes.
+    both = set(ray_cluster["nodes"].values())
+    for name, earlier in before.items():
+        new = {actor: node for actor, node in _actors(name).items() if actor not in earlier}
+        assert set(new.values()) == both, (name, new, ray_cluster["nodes"])
+
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint, "region_name": "us-east-1"})
     root = url.removeprefix("s3://")
     metrics = json.loads(fs.cat(f"{root}/metrics.json"))
-    assert metrics["executor"] == "ray"
+    assert metrics["executor"] == "ray" and metrics["training"]["data"] == "stream"
+    assert (metrics["train_workers"], metrics["global_batch_size"]) == (2, reference["global_batch_size"])
+    assert metrics["optimizer_steps"] == reference["optimizer_steps"]
     assert metrics["fp_top1"] > 85.0 and 0.0 < metrics["quant_top1"] <= 100.0
+    assert metrics["ptq_top1"] == reference["ptq_top1"]
+    assert metrics["training"]["holdout_agreement_calibrated"] == reference["training"]["holdout_agreement_calibrated"]
     history = json.loads(fs.cat(f"{root}/train_history.json"))
     assert history and all(row["workers"] == 2 for row in history)
+    assert fs.ls(f"{root}/ray_train"), "Ray Train's checkpoints live on S3"
 
     # Every shard of the manifest is a plain Parquet file any reader can open.
     manifest = json.loads(fs.cat(f"{root}/data/manifest.json"))

@@ -368,3 +368,27 @@ def test_validate_dataset_lists_every_problem(tmp_path: Path) -> None:
     assert sum("config_hash" in str(e) for e in errors) == 3  # the manifest and both intact shards
     with pytest.raises(ValueError, match="unknown expected keys"):
         validate_shard(storage, manifest.shards[0], {"confighash": "x"})
+
+
+def test_row_groups_stay_small_and_picking_rows_reads_only_their_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.shards as shards
+
+    assert shards.row_group_rows(4 * 3 * 32 * 32) == shards.ROW_GROUP_SIZE  # CIFAR: one group
+    assert shards.row_group_rows(4 * 3 * 224 * 224) * 4 * 3 * 224 * 224 <= shards.ROW_GROUP_MAX_BYTES
+    monkeypatch.setattr(shards, "ROW_GROUP_MAX_BYTES", 3 * 4 * int(np.prod(SHAPE)))  # 3 rows a group
+    storage = Storage.from_url(str(tmp_path))
+    info = _write(storage, 0, n=10)
+    assert pq.ParquetFile(tmp_path / info.path).metadata.num_row_groups == 4
+    images = read_shard(storage, info.path).images
+    rows = np.array([9, 0, 4, 4, 7])
+    read: list[list[int]] = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda f, g, **k: read.append(list(g)) or real(f, g, **k))
+    np.testing.assert_array_equal(shards.read_rows(storage, info.path, rows, SHAPE), images[rows])
+    assert read == [[0, 1, 2, 3]]
+    np.testing.assert_array_equal(shards.read_rows(storage, info.path, np.array([4, 5]), SHAPE), images[[4, 5]])
+    assert read[-1] == [1]  # rows 4 and 5 are both in group 1: only it is read
+    with pytest.raises(ShardError, match="rows outside"):
+        shards.read_rows(storage, info.path, np.array([10]), SHAPE)

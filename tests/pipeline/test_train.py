@@ -105,3 +105,23 @@ def test_only_this_trainings_checkpoint_is_used(setup: tuple, tmp_path: Path, ca
         (tmp_path / TRAIN_STATE_PATH).write_bytes(b"not a checkpoint")
         assert load_train_state(ctx, identity) is None
         assert "unreadable" in caplog.text
+
+
+def test_checkpoint_writer_writes_in_the_background_and_reports_failures(tmp_path: Path) -> None:
+    from pipeline.train import CheckpointWriter
+
+    storage = Storage.from_url(str(tmp_path))
+    with CheckpointWriter(storage) as writer:
+        writer.submit("a.pt", b"first")
+        writer.submit("a.pt", b"second")  # waits for the first, then replaces it
+    assert (tmp_path / "a.pt").read_bytes() == b"second"
+
+    class Broken(Storage):
+        def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+            raise OSError("disk full")
+
+    writer = CheckpointWriter(Broken(storage.config))
+    writer.submit("b.pt", b"x")
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    writer.close()

@@ -1,9 +1,11 @@
 """The Ray Tune search (``pipeline.tune``, ``intraq-pipeline tune``).
 
-Unit tests of the search space and the objective's guards run without Ray. One end-to-end
-search runs through the CLI on the session's Ray: 4 trials (ASHA + Optuna, 2 at a time, 1 CPU
-each) with the real teacher and a tiny budget (32 images x 2 iterations, 2 epochs of 2 steps);
-the best config it writes must load with ``load_run_config`` and carry the best trial's values.
+Unit tests of the search space, the searcher, the probe set, the trials' resources and the
+objective's guards run without Ray. One end-to-end search runs through the CLI on the session's
+Ray: 4 trials (ASHA + Optuna, 2 at a time, 1 CPU each) with the real teacher and a tiny budget
+(32 images x 2 iterations in 2 rounds, 2 epochs of 2 steps); every trial reports during
+generation, and the best config it writes must load with ``load_run_config`` and carry the best
+trial's values.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import ConfigError, load_run_config
-from pipeline.tune import BEST_PATH, RESULTS_PATH, check_objective, search_space, trial_config
+from pipeline.storage import Storage
+from pipeline.tune import (
+    BEST_PATH,
+    RESULTS_PATH,
+    check_objective,
+    probe_config,
+    search_algorithm,
+    search_space,
+    trial_config,
+    trial_resources,
+)
 
 TRIALS = 4
 
@@ -87,6 +99,54 @@ def test_trial_config_applies_dotted_values_exactly() -> None:
         trial_config(load_run_config(None), {"generate.mdc_lower": 0.9, "generate.mdc_upper": 0.1})
 
 
+@pytest.mark.parametrize("num_samples", [2, 4, 8, 40])
+def test_tpe_leaves_its_random_start_up_within_the_search(num_samples: int) -> None:
+    alg = search_algorithm(load_run_config(None, [f"tune.num_samples={num_samples}", "seed=3"]))
+    sampler = alg._sampler  # the TPESampler handed to OptunaSearch
+    assert type(sampler).__name__ == "TPESampler"
+    assert 1 <= sampler._n_startup_trials < num_samples
+
+
+def test_probe_set_does_not_depend_on_the_base_loss_weights(tmp_path: Path) -> None:
+    storage = Storage.from_url(str(tmp_path))
+    base = load_run_config(None, ["generate.num_images=64", "generate.iterations=5"])
+    other = load_run_config(
+        None,
+        [
+            "generate.num_images=64",
+            "generate.iterations=5",
+            "generate.bns_weight=7",
+            "generate.sil_weight=0.2",
+            "generate.mdc_weight=3",
+            "generate.mdc_lower=0.1",
+            "generate.lor=false",
+            "generate.method=adi",
+            "distill.kd_alpha=3",
+        ],
+    )
+    a, b = probe_config(base, storage), probe_config(other, storage)
+    assert a.generate == b.generate and a.dataset_hash() == b.dataset_hash()
+    assert a.generate.method == "bns_ce" and a.generate.weights() == {
+        "bns": 1.0,
+        "ce": 1.0,
+        "sil": 0.0,
+        "mdc": 0.0,
+        "adi": 0.0,
+    }
+    assert (a.generate.num_images, a.generate.iterations) == (64, 5)  # the base budget
+    assert a.seed != base.seed  # never the images of a trial of the same seed
+    assert probe_config(load_run_config(None, ["seed=1"]), storage).dataset_hash() != a.dataset_hash()
+
+
+def test_trials_reserve_fractional_gpus_only_with_gpus() -> None:
+    gpu = load_run_config(None, ["ray.use_gpu=yes", "tune.gpus_per_trial=0.25"])
+    assert trial_resources(gpu) == {"cpu": 1, "gpu": 0.25}
+    assert trial_resources(load_run_config(None, ["device=cpu"])) == {"cpu": 1}
+    assert trial_resources(load_run_config(None, ["ray.use_gpu=yes", "tune.gpus_per_trial=2"]))["gpu"] == 2
+    with pytest.raises(ConfigError, match="gpus_per_trial"):
+        load_run_config(None, ["tune.gpus_per_trial=1.5"])
+
+
 def test_validation_objective_never_uses_the_test_set(cifar10_test_path: Path) -> None:
     check_objective(load_run_config(None))  # data-free agreement: nothing to check
     with pytest.raises(ConfigError, match=r"needs tune\.validation_data"):
@@ -121,6 +181,8 @@ def test_tune_cli_runs_trials_and_writes_a_loadable_best_config(ray_cluster: Any
         "--set",
         "generate.iterations=2",
         "--set",
+        "generate.shards_per_round=1",
+        "--set",
         "quant.calibration_batches=1",
         "--set",
         "distill.epochs=2",
@@ -145,6 +207,9 @@ def test_tune_cli_runs_trials_and_writes_a_loadable_best_config(ray_cluster: Any
     assert all(isinstance(t["objective"], float) and 0.0 <= t["objective"] <= 100.0 for t in trials)
     completed = [t for t in trials if t["status"] == "completed"]
     assert completed and all(t["epochs"] == 2 for t in completed)
+    # Every trial reported during generation, before its first epoch (ASHA can stop it there).
+    assert all(t["generation_reports"] >= 1 for t in trials), trials
+    assert all(t["generation_reports"] == 2 for t in completed)  # one per round
     best = max(completed, key=lambda t: t["objective"])
     assert trials[0] == best
     # Every trial generated its own dataset under <run>/tune/trial-<id>/, and one probe set exists.

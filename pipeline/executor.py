@@ -1,0 +1,83 @@
+"""The executor of a run, chosen once from ``executor`` in the config: local or Ray.
+
+Both run the same code of each stage (:mod:`pipeline.generate`, :mod:`pipeline.train` and the
+training loop of :mod:`intraq_core.distill`); they differ only in where it runs:
+
+* :class:`LocalExecutor`: everything in this process (a laptop, a test, a Tune trial);
+* :class:`RayExecutor`: generation actors (:mod:`pipeline.ray_generate`) and Ray Train workers
+  (:mod:`pipeline.ray_train`) on the Ray this process is connected to. Entering the Ray session
+  is the caller's job (the CLI does it once per command, :mod:`pipeline.ray_session`); a stage
+  never starts or stops Ray.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.config import RunConfig
+
+if TYPE_CHECKING:
+    from pipeline.context import RunContext
+    from pipeline.generate import GenerationStats
+    from pipeline.shards import Manifest
+    from pipeline.train import TrainOutcome
+
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "executor_for"]
+
+
+class Executor:
+    """Runs the generation and training stages of a run somewhere."""
+
+    name = "?"
+    #: Whether the stages need a connected Ray (the CLI enters a Ray session first when so).
+    needs_ray = False
+
+    def generate(self, ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
+        raise NotImplementedError
+
+    def train(self, ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """Every stage in this process."""
+
+    name = "local"
+
+    def generate(self, ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
+        from pipeline.generate import generate_local
+
+        return generate_local(ctx, progress=progress)
+
+    def train(self, ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
+        from pipeline.train import train_local
+
+        return train_local(ctx, manifest, progress=progress)
+
+
+class RayExecutor(Executor):
+    """Generation actors and Ray Train workers on the connected Ray."""
+
+    name = "ray"
+    needs_ray = True
+
+    def generate(self, ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
+        from pipeline.ray_generate import generate_ray
+
+        return generate_ray(ctx, progress=progress)
+
+    def train(self, ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
+        """Ray Train workers; without distillation (``distill.epochs: 0``) there is nothing to
+        distribute, so calibration or reconstruction runs in this process."""
+        if ctx.cfg.distill.epochs == 0:
+            from pipeline.train import train_local
+
+            return train_local(ctx, manifest, progress=progress)
+        from pipeline.ray_train import train_ray
+
+        return train_ray(ctx, manifest, progress=progress)
+
+
+def executor_for(cfg: RunConfig) -> Executor:
+    """The executor ``cfg.executor`` names."""
+    return RayExecutor() if cfg.executor == "ray" else LocalExecutor()

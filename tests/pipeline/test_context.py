@@ -1,0 +1,31 @@
+"""What a stage needs from its run config (``pipeline.context``): here, which device the driver uses.
+
+``device: cuda`` on the Ray executor means the actors and Train workers use GPUs; the driver
+(e.g. a CPU-only head node) does its own small work on the CPU instead of failing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_run_config
+from pipeline.context import RunContext
+from pipeline.run import open_run
+
+
+def test_a_driver_without_a_gpu_runs_a_cuda_job_on_the_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    on_ray = load_run_config(None, ["device=cuda", "executor=ray", f"storage.url={tmp_path / 'run'}"])
+    ctx = RunContext.create(on_ray)
+    assert ctx.driver_device == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU"):  # where the model work runs, cuda is required
+        _ = ctx.device
+    run = open_run(on_ray, "run")  # every check of the command passes on such a head
+    assert run.executor.needs_ray and not any((tmp_path / "run").rglob("*"))  # nothing written
+
+    local = RunContext.create(load_run_config(None, ["device=cuda", "executor=local"]))
+    with pytest.raises(ValueError, match="no CUDA GPU"):  # the local executor is the model work
+        _ = local.driver_device
