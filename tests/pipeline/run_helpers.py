@@ -2,7 +2,9 @@
 
 ``TINY`` is the smallest run that still exercises every stage for real: the real CIFAR-10
 ResNet-20 teacher, 32 images in 4 shards of 8 over 2 rounds (so round 1 uses MDC centres from
-round 0), 3 IntraQ iterations, 2 epochs of 2 distillation steps, 200 test images. One run takes
+round 0), 3 IntraQ iterations, 2 epochs of 2 distillation steps, 200 test images. It keeps the
+final student (``distill.select=final``): two steps cannot be ranked by the guard, and the tests
+built on it check the plumbing (the guard has its own tests in ``test_guard.py``). One run takes
 ~4 s in-process and ~10 s as a fresh ``python -m pipeline.cli`` process on 2 cores.
 """
 
@@ -29,6 +31,7 @@ TINY = (
     "distill.epochs=2",
     "distill.batch_size=8",
     "distill.iterations_per_epoch=2",
+    "distill.select=final",
     "quant.calibration_batches=1",
     "eval.limit=200",
 )

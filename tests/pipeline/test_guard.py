@@ -22,7 +22,7 @@ from tests.pipeline.run_helpers import TINY, read_json
 
 pytestmark = pytest.mark.timeout(300)
 
-BAD = (*TINY, "distill.lr=20", "distill.momentum=0.9", "distill.epochs=3", "distill.eval_every=1")
+BAD = (*TINY, "distill.select=best", "distill.lr=20", "distill.momentum=0.9", "distill.epochs=3", "distill.eval_every=1")
 
 
 def _run(url: Path, *extra: str) -> dict:
