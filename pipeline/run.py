@@ -378,9 +378,35 @@ def _open_training(run: Run) -> None:
     dataset_root = data.url.rstrip("/").rsplit("/", 1)[0]
     with_yaml = Storage.from_config(cfg.storage.model_copy(update={"url": dataset_root}))
     if with_yaml.exists(RUN_CONFIG_PATH):
-        source_cfg = RunConfig.model_validate(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)))
+        source_cfg = _source_config(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)), ctx.cfg, with_yaml)
     ctx.storage.check_writable()
     run.manifest, run.source_cfg = manifest, source_cfg
+
+
+def _source_config(data: Any, cfg: RunConfig, where: Storage) -> RunConfig:
+    """The config that generated a dataset, from its location's ``run.yaml``.
+
+    Only its generation settings matter here (the method and budget in ``metrics.json``). A
+    ``run.yaml`` written by another version of the tool (a renamed key elsewhere) still gives
+    its ``generate`` section; failing that, this run's own settings are used, with a warning.
+    """
+    from pydantic import ValidationError
+
+    from intraq_core.config import SynthConfig
+
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        try:
+            generate = SynthConfig.model_validate((data or {}).get("generate") or {})
+        except (ValidationError, AttributeError):
+            log.warning(
+                "%s",
+                f"{where.join(RUN_CONFIG_PATH)} is not readable as a run config; its dataset's "
+                f"generation settings are taken from this run's config ({_first_line(exc)})",
+            )
+            return cfg
+        return cfg.model_copy(update={"generate": generate})
 
 
 def run_pipeline(

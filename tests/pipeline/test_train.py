@@ -125,3 +125,23 @@ def test_checkpoint_writer_writes_in_the_background_and_reports_failures(tmp_pat
     with pytest.raises(OSError, match="disk full"):
         writer.flush()
     writer.close()
+
+
+def test_train_on_a_dataset_whose_run_yaml_comes_from_another_version(tmp_path: Path) -> None:
+    """``train --dataset`` on a location whose ``run.yaml`` has a key this version does not know
+    (renamed since) still trains, and takes the dataset's method and budget from its ``generate``."""
+    import yaml
+
+    from pipeline.config import load_run_config
+    from pipeline.run import generate_stage, train_stage
+    from tests.pipeline.run_helpers import TINY
+
+    data = tmp_path / "data-run"
+    generate_stage(load_run_config("smoke", [*TINY, "generate.method=bns_ce", f"storage.url={data}"]), progress=False)
+    raw = yaml.safe_load((data / "run.yaml").read_text())
+    raw["tune"]["grace_epochs"] = 2  # a key of an older version
+    (data / "run.yaml").write_text(yaml.safe_dump(raw))
+    # This run's own config says intraq: the metrics must name the dataset's method instead.
+    cfg = load_run_config("smoke", [*TINY, "generate.method=intraq", f"storage.url={tmp_path / 'train'}"])
+    metrics = train_stage(cfg, dataset=str(data), progress=False)
+    assert metrics["method"].startswith("bns_ce") and metrics["num_images"] == 32
