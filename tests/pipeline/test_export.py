@@ -228,3 +228,50 @@ def test_export_command_writes_and_verifies(tmp_path: Path, student: nn.Module, 
     assert result.exit_code == 2 and "student_calibrated.pt does not exist" in result.output
     result = runner.invoke(app, ["export", str(run), "--format", "tflite"])
     assert result.exit_code == 2 and "unknown export format" in result.output
+
+
+def _options_student(model_cfg: ModelConfig, option: str) -> nn.Module:
+    """The real teacher at W4A4 with one of the accuracy options, its quantizers set as a run sets them."""
+    from intraq_core.api import CalibrationInputs, run_calibration
+    from intraq_core.config import ReconstructConfig
+
+    configs = {
+        "lp-ranges": QuantConfig(weight_range="lp", act_range="lp"),
+        "learned-steps": QuantConfig(weight_range="lp", act_range="lp", learn_weight_scale=True, learn_act_scale=True),
+        "reconstruct": QuantConfig(
+            method="reconstruct",
+            weight_range="lp",
+            act_range="lp",
+            learn_act_scale=True,
+            reconstruct=ReconstructConfig(iterations=6, batch_size=8, num_images=16),
+        ),
+        "squant": QuantConfig(method="squant"),
+    }
+    cfg = configs[option]
+    teacher = create_model(model_cfg).eval()
+    model = build_student(teacher, cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(2)]
+    inputs = CalibrationInputs(batches, teacher, torch.cat(batches)[:16], 0, image_shape=(3, 32, 32))
+    run_calibration(model, cfg, inputs)
+    if option == "learned-steps":  # steps moved by LSQ training: the export must carry the moved ones
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("scale"):
+                    p.mul_(1.0 + 0.1 * torch.rand(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.mark.parametrize("option", ["lp-ranges", "learned-steps", "reconstruct", "squant"])
+def test_onnx_runtime_agrees_for_every_quantizer_option(
+    option: str, model_cfg: ModelConfig, real: tuple[torch.Tensor, np.ndarray]
+) -> None:
+    """Lp-searched ranges, learned (LSQ) step sizes, AdaRound-hardened weights from block
+    reconstruction, SQuant's flipped weights: ONNX Runtime on the Q/DQ graph reproduces each."""
+    model = _options_student(model_cfg, option)
+    images, labels = real[0][:500], real[1][:500]
+    data, sites = export_onnx(model, EXAMPLE)
+    assert len(sites) == 20 + 19
+    result = compare_logits(reference_logits(model, images), run_exported("onnx", data, images), labels)
+    assert result["agreement"] >= 99.0, result
+    assert result["images_within_1e-4"] >= 0.95 * len(images), result
