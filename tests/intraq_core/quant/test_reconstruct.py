@@ -82,7 +82,7 @@ def test_reconstruction_lowers_unit_error_and_hardens_weights():
     calibrate(student, [images[:48], images[48:]])
     with torch.no_grad():
         before = (student(images) - teacher(images)).pow(2).mean()
-    report = reconstruct(student, images, ReconstructConfig(iterations=60, batch_size=32, num_images=None), seed=1)
+    report = reconstruct(student, images, ReconstructConfig(iterations=40, batch_size=16, num_images=None), seed=1)
     with torch.no_grad():
         after = (student(images) - teacher(images)).pow(2).mean()
     assert len(report.units) == 11
