@@ -216,9 +216,14 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     if training.get("kept_final") is False:
         chosen = training.get("selected_epoch")
         where = "the starting (calibrated) student" if chosen is None else f"the student after epoch {chosen + 1}"
+        evals = training.get("evaluations") or []
+        kept = next((e for e in evals if e.get("epoch") == chosen), None)
+        scores = ""
+        if kept is not None and evals:
+            scores = f" (held-out synthetic KL {kept['kl']:.4f}, the final one's {evals[-1]['kl']:.4f})"
         lines.append(
-            f"guard: the final student was worse by the data-free signals ({training.get('selection_rule')}); "
-            f"kept {where} (distill.select=final keeps the last one)"
+            f"guard: the final student was worse by the data-free signals; kept {where}{scores}; "
+            "distill.select=final keeps the last one"
         )
     if final >= ptq:
         return lines

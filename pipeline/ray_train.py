@@ -462,7 +462,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
     if summary is None:
         raise RuntimeError(f"Ray Train run {result.path} finished without reporting its last epoch")
     if summary.get("selection") is not None and not summary["selection"]["kept_final"]:
-        log.warning("%s", Selection.from_summary(summary["selection"]).message)
+        log.info("%s", Selection.from_summary(summary["selection"]).message)  # the summary line says it
     loop_start = summary.get("loop_start_unix")
     return TrainOutcome(
         plan.num_train,

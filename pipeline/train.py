@@ -503,7 +503,7 @@ def train_local(
     history = result.epochs
     t2 = time.perf_counter()
     if result.selection is not None and not result.selection.kept_final:
-        log.warning("%s", result.selection.message)
+        log.info("%s", result.selection.message)  # the run's summary line says it on the terminal
     agree0, agree1 = selection_outcome(result.selection)
     write_outputs(ctx, student, history)
     spe = steps_per_epoch(num_train, ctx.cfg.distill)

@@ -22,7 +22,14 @@ from tests.pipeline.run_helpers import TINY, read_json
 
 pytestmark = pytest.mark.timeout(300)
 
-BAD = (*TINY, "distill.select=best", "distill.lr=20", "distill.momentum=0.9", "distill.epochs=3", "distill.eval_every=1")
+BAD = (
+    *TINY,
+    "distill.select=best",
+    "distill.lr=20",
+    "distill.momentum=0.9",
+    "distill.epochs=3",
+    "distill.eval_every=1",
+)
 
 
 def _run(url: Path, *extra: str) -> dict:
@@ -34,6 +41,12 @@ def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> 
     training = metrics["training"]
     assert training["selected_epoch"] is None and training["kept_final"] is False
     assert "KL" in training["selection_rule"]
+    # The terminal's summary says what was kept and the scores that decided it.
+    from pipeline.cli import summary_lines
+
+    guard = [line for line in summary_lines(metrics) if line.startswith("guard:")]
+    kl = training["evaluations"][0]["kl"]
+    assert len(guard) == 1 and "kept the starting (calibrated) student" in guard[0] and f"{kl:.4f}" in guard[0]
     evals = training["evaluations"]
     assert [e["epoch"] for e in evals] == [None, 0, 1, 2]
     assert evals[0]["kl"] < min(e["kl"] for e in evals[1:])  # the run saw training hurt
