@@ -92,6 +92,25 @@ RECIPES: dict[str, list[str]] = {
     "default": [],
     "kd_only": ["distill.ce_weight=0"],
     "bn_reestimate": ["distill.bn=reestimate"],
+    # The recipe of the shipped CPU configs (configs/cifar10_resnet20_w4a4_cpu.yaml, chosen in
+    # benchmarks/results/recipes-cpu.md): Lp ranges, LSQ steps, block reconstruction 500x32,
+    # KD-only SGD lr 1e-4 for 40 epochs, the data-free guard. Run it alone (``--recipes shipped``)
+    # into its own results folder: the cells of the other recipes are kept apart from it.
+    "shipped": [
+        "quant.method=reconstruct",
+        "quant.weight_range=lp",
+        "quant.act_range=lp",
+        "quant.learn_weight_scale=true",
+        "quant.learn_act_scale=true",
+        "quant.reconstruct.iterations=500",
+        "quant.reconstruct.batch_size=32",
+        "quant.reconstruct.num_images=1024",
+        "distill.optimizer=sgd",
+        "distill.lr=1e-4",
+        "distill.ce_weight=0",
+        "distill.epochs=40",
+        "distill.select=best",
+    ],
 }
 
 #: The data-free probe set: BN-statistics-only synthetic images (no class term, LOR on),
