@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     # configs
     "ModelConfig": "intraq_core.config",
     "QuantConfig": "intraq_core.config",
+    "ReconstructConfig": "intraq_core.config",
     "SynthConfig": "intraq_core.config",
     "DistillConfig": "intraq_core.config",
     "EvalConfig": "intraq_core.config",

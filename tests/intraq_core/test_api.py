@@ -56,6 +56,40 @@ def test_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: pyte
     assert any(moved), "distillation did not change the student's weights"
 
 
+def test_readme_recipe_block_runs_after_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's second Python API block (the shipped recipe: reconstruction + guarded KD) runs
+    verbatim in the namespace the first block leaves."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## Python API\n")
+    blocks = re.findall(r"```python\n(.*?)```", text[start:], re.DOTALL)
+    assert "ReconstructConfig" in blocks[2]  # blocks[1] is the own-model sketch (needs the user's MyNet)
+    import intraq_core.distill as distill_module
+    import intraq_core.quant.reconstruct as reconstruct_module
+
+    calls: dict[str, list] = {"reconstruct": [], "distill": []}
+    real_reconstruct, real_distill = reconstruct_module.reconstruct, distill_module.distill
+
+    def reconstruct(*args, **kwargs):
+        calls["reconstruct"].append(args[2])
+        return real_reconstruct(*args, **kwargs)
+
+    def distill(*args, **kwargs):
+        result = real_distill(*args, **kwargs)
+        calls["distill"].append(result)
+        return result
+
+    monkeypatch.setattr(reconstruct_module, "reconstruct", reconstruct)
+    monkeypatch.setattr(distill_module, "distill", distill)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md (Python API)", "exec"), namespace)
+    exec(compile(blocks[2], "README.md (recipe)", "exec"), namespace)
+    assert [c.iterations for c in calls["reconstruct"]] == [20]  # the block reconstructed, at its toy budget
+    guarded = calls["distill"][-1]
+    assert guarded.selection is not None and len(guarded.selection.evaluations) == 3  # the start and both epochs
+    assert {q.mode for q in iq.act_quantizers(namespace["student"]).values()} == {"frozen"}
+
+
 def test_docstring_examples_run() -> None:
     for module in (api, iq.create_model.__module__):
         mod = sys.modules[module] if isinstance(module, str) else module
