@@ -425,6 +425,9 @@ class ActFakeQuant(nn.Module):
                 self.register_buffer("scale", torch.ones((), dtype=torch.float32))
             self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))
         self.drop_prob = 0.0
+        #: Seeded generator of QDrop's masks (set by block reconstruction, so that its result
+        #: depends on its seed only, not on what else drew from torch's global RNG before).
+        self.drop_generator: torch.Generator | None = None
         self._samples: list[Tensor] = []
         self._seen: tuple[float, float] | None = None
         self._sample_gen: torch.Generator | None = None
@@ -558,7 +561,11 @@ class ActFakeQuant(nn.Module):
             scale, zero_point = self.qparams()
             out = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
         if self.drop_prob > 0.0:  # QDrop: keep each element in float with probability drop_prob
-            keep_float = (torch.rand_like(x) < self.drop_prob).to(x.dtype)
+            if self.drop_generator is not None:
+                noise = torch.rand(x.shape, generator=self.drop_generator, device=self.drop_generator.device)
+                keep_float = (noise.to(x.device) < self.drop_prob).to(x.dtype)
+            else:
+                keep_float = (torch.rand_like(x) < self.drop_prob).to(x.dtype)
             out = torch.lerp(out, x, keep_float)  # several times faster than torch.where on CPU
         return out
 

@@ -287,8 +287,10 @@ def _reconstruct_unit(
             s.requires_grad_(True)
         groups.append({"params": scales, "lr": cfg.act_lr})
     opt = torch.optim.Adam(groups)
+    drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
     for q in acts:
         q.drop_prob = cfg.drop_prob
+        q.drop_generator = drop_gen
     n = x_q.shape[0]
     warm = int(cfg.warmup * cfg.iterations)
     loss_value = math.nan
@@ -314,6 +316,7 @@ def _reconstruct_unit(
     finally:
         for q in acts:
             q.drop_prob = 0.0
+            q.drop_generator = None
         for s in scales:
             s.requires_grad_(False)
         for layer in layers:
