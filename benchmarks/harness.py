@@ -93,7 +93,7 @@ RECIPES: dict[str, list[str]] = {
     "kd_only": ["distill.ce_weight=0"],
     "bn_reestimate": ["distill.bn=reestimate"],
     # The recipe of the shipped CPU configs (configs/cifar10_resnet20_w4a4_cpu.yaml, chosen in
-    # benchmarks/results/recipes-cpu.md): Lp ranges, LSQ steps, block reconstruction 500x32,
+    # benchmarks/results/recipe-choice-cpu.md): Lp ranges, LSQ steps, block reconstruction 500x32,
     # KD-only SGD lr 1e-4 for 40 epochs, the data-free guard. Run it alone (``--recipes shipped``)
     # into its own results folder: the cells of the other recipes are kept apart from it.
     "shipped": [

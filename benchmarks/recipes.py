@@ -35,7 +35,7 @@ REFERENCE = (
 )
 LP = ("quant.weight_range=lp", "quant.act_range=lp")
 LSQ = ("quant.learn_act_scale=true", "quant.learn_weight_scale=true")
-#: Block reconstruction as shipped: 500 iterations of 32 images per unit (recipes-cpu.md).
+#: Block reconstruction as shipped: 500 iterations of 32 images per unit (recipe-choice-cpu.md).
 REC = ("quant.method=reconstruct", *LP, "quant.reconstruct.iterations=500", "quant.reconstruct.batch_size=32")
 #: The distillation of the new recipe: KD only, SGD-Nesterov at lr 1e-4 (cosine), the guard on.
 KD = ("distill.optimizer=sgd", "distill.lr=1e-4", "distill.ce_weight=0", "distill.select=best")
