@@ -31,10 +31,11 @@ COPY --chown=1000:100 pipeline/ ./pipeline/
 COPY --chown=1000:100 configs/ ./configs/
 
 # Install the project with every extra a CLI command imports (tune: optuna; report: matplotlib,
-# scikit-learn; export: onnx, onnxruntime, onnxscript). pyproject.toml pins Ray to the base
+# scikit-learn; export: onnx, onnxruntime, onnxscript; timm: `--arch timm:<name>` teachers,
+# which every node must be able to build). pyproject.toml pins Ray to the base
 # image's version, so pip never swaps the Ray the cluster launcher and the image were built
 # for. torch/torchvision come from PyPI's CUDA wheels. ("./[...]" is "." with extras.)
-RUN pip install --no-cache-dir "./[tune,report,export]" \
+RUN pip install --no-cache-dir "./[tune,report,export,timm]" \
     && rm -rf build ./*.egg-info
 
 # Stay the base image's unprivileged user (ray:users), spelled numerically for the host.

@@ -93,7 +93,7 @@ def test_copies_both_packages_and_installs_the_project() -> None:
 
 
 def test_installs_every_extra_the_cli_imports() -> None:
-    """``tune`` (optuna), ``report`` and ``export`` are imported by CLI commands: the image needs them all."""
+    """``tune`` (optuna), ``report``, ``export`` and ``timm`` are imported by CLI commands: the image needs them all."""
     import tomllib
 
     extras = set(
