@@ -344,6 +344,10 @@ class DistillConfig(StageConfig):
     # Augmented views (the training augmentation, fixed seed) of each held-out image the guard
     # scores besides the image itself.
     watch_views: int = Field(default=3, ge=0)
+    # A run location whose synthetic images are the probe set (images of another kind or seed,
+    # e.g. `intraq-pipeline generate -c configs/probe_cpu.yaml`): the guard also scores the
+    # student on them and vetoes a candidate that collapsed on them (None: held-out split only).
+    probe: str | None = None
     # Cadence, in epochs (None: a tenth of the run); both also fall on the last epoch.
     # checkpoint_every: resume points (train_state.pt locally, Ray Train checkpoints on Ray).
     # eval_every: the data-free score of the student (intraq_core.selection), recorded in the history.

@@ -138,6 +138,9 @@ def worker_config(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
         data["model"]["weights"] = str(Path(weights).expanduser().resolve())
     if data.get("dataset") and "://" not in data["dataset"]:
         data["dataset"] = str(Path(data["dataset"]).expanduser().resolve())
+    probe = data["distill"].get("probe")
+    if probe and "://" not in probe:
+        data["distill"]["probe"] = str(Path(probe).expanduser().resolve())
     return data
 
 

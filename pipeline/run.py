@@ -319,6 +319,7 @@ def open_run(
         cfg = cfg.model_copy(update={"dataset": dataset})
     ctx = RunContext.create(cfg)
     run = Run(ctx, command, executor_for(cfg), resume=resume, overwrite=overwrite, repair=repair)
+    _check_probe(ctx)
     if command == "train":
         _open_training(run)
         return run
@@ -326,6 +327,19 @@ def open_run(
     check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
     check_location(ctx, resume=run.continues, overwrite=overwrite)
     return run
+
+
+def _check_probe(ctx: RunContext) -> None:
+    """``distill.probe`` names a location holding a synthetic dataset (checked before any work)."""
+    location = ctx.cfg.distill.probe
+    if location is None:
+        return
+    storage = Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
+    if not Manifest.exists(storage):
+        raise InputError(
+            f"distill.probe={location}: no synthetic dataset there (data/manifest.json missing); "
+            "generate one first (intraq-pipeline generate -o LOCATION)"
+        )
 
 
 def preflight(

@@ -224,6 +224,21 @@ def calibrate_student(
     return student
 
 
+def load_probe(ctx: RunContext) -> torch.Tensor | None:
+    """The probe images of ``distill.probe`` (every shard of that location's dataset), or None."""
+    location = ctx.cfg.distill.probe
+    if location is None:
+        return None
+    storage = Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
+    if not Manifest.exists(storage):
+        raise FileNotFoundError(f"distill.probe={location}: no synthetic dataset there (data/manifest.json missing)")
+    manifest = Manifest.load(storage)
+    images = [read_shard(storage, entry.path).images for entry in manifest.shards]
+    if not images:
+        raise ValueError(f"distill.probe={location}: the dataset there has no shard")
+    return torch.from_numpy(np.concatenate(images))
+
+
 def make_selector(
     ctx: RunContext,
     teacher: torch.nn.Module,
@@ -236,9 +251,11 @@ def make_selector(
     """The data-free selector of a training (None when there is nothing to score on).
 
     The same for every executor: held-out images and ``distill.watch_views`` augmented views of
-    each (the training augmentation at a fixed seed), the probe set when given; ``reduce`` sums
-    the held-out counts over data-parallel workers.
+    each (the training augmentation at a fixed seed), the probe set when given (or named by
+    ``distill.probe``); ``reduce`` sums the held-out counts over data-parallel workers.
     """
+    if probe is None:
+        probe = load_probe(ctx)
     if holdout is None and probe is None:
         return None
     d = ctx.cfg.distill

@@ -62,3 +62,27 @@ def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> 
     unguarded = _run(tmp_path / "final", "distill.select=final")
     assert unguarded["training"]["kept_final"] is True
     assert unguarded["quant_top1"] < metrics["quant_top1"] - 5.0
+
+
+def test_a_probe_set_is_scored_and_recorded(tmp_path: Path) -> None:
+    """``distill.probe`` names another location's synthetic images: every evaluation scores the
+    student on them too (metrics.json and train_history.json); a missing one is refused first."""
+    from pipeline.errors import InputError
+    from pipeline.run import generate_stage
+
+    probe = tmp_path / "probe"
+    probe_sets = [*TINY, "generate.method=custom", "generate.bns_weight=1", "generate.lor=true", "seed=7"]
+    generate_stage(load_run_config("smoke", [*probe_sets, f"storage.url={probe}"]), progress=False)
+    sets = [*TINY, "distill.eval_every=1", f"distill.probe={probe}", f"storage.url={tmp_path / 'run'}"]
+    metrics = run_pipeline(load_run_config("smoke", sets), progress=False)
+    evals = metrics["training"]["evaluations"]
+    assert [e["epoch"] for e in evals] == [None, 0, 1]
+    assert all(0.0 <= e["probe"]["agreement"] <= 100.0 and e["probe"]["kl"] >= 0.0 for e in evals)
+    assert evals[0]["probe"] != evals[-1]["probe"]  # the student moved, the probe saw it
+    history = read_json(tmp_path / "run" / "train_history.json")
+    assert all("probe_agreement" in row and "probe_kl" in row for row in history)
+    with pytest.raises(InputError, match=r"distill\.probe"):
+        run_pipeline(
+            load_run_config("smoke", [*TINY, f"distill.probe={tmp_path / 'nothing'}", f"storage.url={tmp_path / 'x'}"]),
+            progress=False,
+        )
