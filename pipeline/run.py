@@ -59,6 +59,7 @@ from pipeline.train import (
     TRAIN_HISTORY_PATH,
     TRAIN_STATE_PATH,
     TrainOutcome,
+    probe_storage,
     quantize_only,
 )
 
@@ -331,13 +332,10 @@ def open_run(
 
 def _check_probe(ctx: RunContext) -> None:
     """``distill.probe`` names a location holding a synthetic dataset (checked before any work)."""
-    location = ctx.cfg.distill.probe
-    if location is None:
-        return
-    storage = Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
-    if not Manifest.exists(storage):
+    storage = probe_storage(ctx)
+    if storage is not None and not Manifest.exists(storage):
         raise InputError(
-            f"distill.probe={location}: no synthetic dataset there (data/manifest.json missing); "
+            f"distill.probe={ctx.cfg.distill.probe}: no synthetic dataset there (data/manifest.json missing); "
             "generate one first (intraq-pipeline generate -o LOCATION)"
         )
 

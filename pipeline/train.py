@@ -224,12 +224,20 @@ def calibrate_student(
     return student
 
 
-def load_probe(ctx: RunContext) -> torch.Tensor | None:
-    """The probe images of ``distill.probe`` (every shard of that location's dataset), or None."""
+def probe_storage(ctx: RunContext) -> Storage | None:
+    """The dataset folder of ``distill.probe`` (None when no probe set is named)."""
     location = ctx.cfg.distill.probe
     if location is None:
         return None
-    storage = Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
+    return Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
+
+
+def load_probe(ctx: RunContext) -> torch.Tensor | None:
+    """The probe images of ``distill.probe`` (every shard of that location's dataset), or None."""
+    storage = probe_storage(ctx)
+    if storage is None:
+        return None
+    location = ctx.cfg.distill.probe
     if not Manifest.exists(storage):
         raise FileNotFoundError(f"distill.probe={location}: no synthetic dataset there (data/manifest.json missing)")
     manifest = Manifest.load(storage)
