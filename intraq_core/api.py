@@ -441,22 +441,13 @@ def distill_student(
         >>> sorted(rows[0])[:3]
         ['agreement', 'ce', 'epoch']
     """
-    from intraq_core.distill import augment_batch, cadence, distill
-    from intraq_core.selection import Selector
+    from intraq_core.distill import distill, distillation_selector
 
     teacher = teacher.eval().requires_grad_(False)
     config = config or DistillConfig()
     selector = None
     if holdout is not None and holdout.shape[0] > 0:
-        selector = Selector(
-            teacher,
-            holdout,
-            every=cadence(config.eval_every, config.epochs),
-            device=device,
-            augment=lambda x, gen: augment_batch(x, config, gen),
-            views=config.watch_views,
-            seed=seed,
-        )
+        selector = distillation_selector(teacher, holdout, config, device=device, seed=seed)
     return distill(
         student.requires_grad_(True),
         teacher,

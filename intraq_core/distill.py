@@ -445,6 +445,32 @@ def train_epochs(
     return rows
 
 
+def distillation_selector(
+    teacher: nn.Module,
+    holdout: torch.Tensor | Callable[[], Iterable[torch.Tensor]] | None,
+    cfg: DistillConfig,
+    *,
+    probe: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Selector:
+    """The data-free selector of a distillation with ``cfg``: the held-out images and
+    ``cfg.watch_views`` views of each under the training augmentation (drawn at ``seed``), the
+    probe set if any, at the ``cfg.eval_every`` cadence; ``reduce`` sums over workers."""
+    return Selector(
+        teacher,
+        holdout,
+        probe,
+        every=cadence(cfg.eval_every, cfg.epochs),
+        device=device,
+        augment=lambda x, gen: augment_batch(x, cfg, gen),
+        views=cfg.watch_views,
+        seed=seed,
+        reduce=reduce,
+    )
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,

@@ -12,6 +12,7 @@ training loop of :mod:`intraq_core.distill`); they differ only in where it runs:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from pipeline.config import RunConfig
@@ -25,18 +26,20 @@ if TYPE_CHECKING:
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "executor_for"]
 
 
-class Executor:
+class Executor(ABC):
     """Runs the generation and training stages of a run somewhere."""
 
     name = "?"
     #: Whether the stages need a connected Ray (the CLI enters a Ray session first when so).
     needs_ray = False
 
+    @abstractmethod
     def generate(self, ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
-        raise NotImplementedError
+        """Generate (or finish) the run's synthetic dataset; its manifest and the work done."""
 
+    @abstractmethod
     def train(self, ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
-        raise NotImplementedError
+        """Calibrate and distil on the dataset of ``manifest``; write the students."""
 
 
 class LocalExecutor(Executor):

@@ -54,7 +54,7 @@ import torch
 
 from intraq_core.api import CalibrationInputs, run_calibration
 from intraq_core.api import calibration_positions as calibration_positions_of
-from intraq_core.distill import Distiller, augment_batch, cadence, distill, reestimate_bn, steps_per_epoch
+from intraq_core.distill import Distiller, distill, distillation_selector, reestimate_bn, steps_per_epoch
 from intraq_core.errors import CheckpointError
 from intraq_core.models.checkpoint import safe_load
 from intraq_core.quant import act_quantizers
@@ -252,29 +252,24 @@ def make_selector(
     teacher: torch.nn.Module,
     holdout: torch.Tensor | Callable[[], Any] | None,
     *,
-    probe: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Selector | None:
     """The data-free selector of a training (None when there is nothing to score on).
 
-    The same for every executor: held-out images and ``distill.watch_views`` augmented views of
-    each (the training augmentation at a fixed seed), the probe set when given (or named by
-    ``distill.probe``); ``reduce`` sums the held-out counts over data-parallel workers.
+    The same for every executor (:func:`intraq_core.distill.distillation_selector`): held-out
+    images and their augmented views, the probe set named by ``distill.probe``; ``reduce`` sums
+    the held-out counts over data-parallel workers.
     """
-    if probe is None:
-        probe = load_probe(ctx)
+    probe = load_probe(ctx)
     if holdout is None and probe is None:
         return None
-    d = ctx.cfg.distill
-    return Selector(
+    return distillation_selector(
         teacher,
         holdout,
-        probe,
-        every=cadence(d.eval_every, d.epochs),
+        ctx.cfg.distill,
+        probe=probe,
         device=ctx.device if device is None else device,
-        augment=lambda x, gen: augment_batch(x, d, gen),
-        views=d.watch_views,
         seed=derive_seed(ctx.cfg.seed, HOLDOUT_PURPOSE, 1),
         reduce=reduce,
     )
@@ -465,14 +460,12 @@ def train_local(
     *,
     progress: bool = True,
     on_epoch: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
-    probe: torch.Tensor | None = None,
 ) -> TrainOutcome:
     """Calibrate and distil in this process; writes the calibrated and the kept student.
 
     Checkpoints ``train_state.pt`` at the ``distill.checkpoint_every`` cadence and resumes from it
     (see the module docstring). ``on_epoch(epoch, distiller, rows)`` runs after every epoch (Tune
-    trials report from it). ``probe`` images (synthetic, of another kind) let the selector veto
-    a student that collapsed away from the training distribution.
+    trials report from it). The selector's probe set is ``distill.probe``'s images.
     """
     t_start = time.perf_counter()
     images, labels, indices = load_dataset(ctx, manifest)
@@ -489,7 +482,7 @@ def train_local(
     num_train = int(train_x.shape[0])
     identity = train_identity(ctx, manifest, num_train)
     clock = EpochClock(t_start)
-    selector = make_selector(ctx, teacher, hold_x if hold.any() else None, probe=probe)
+    selector = make_selector(ctx, teacher, hold_x if hold.any() else None)
     start = load_train_state(ctx, identity)
     if start is not None and selector is not None and start.get("selector") is not None:
         selector.load_state(start["selector"])
