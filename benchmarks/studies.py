@@ -8,6 +8,8 @@
 - ``mdc_adi``: MDC vs ADI as the diversity term: accuracy and the intra-class distance
   statistic (supplementary Section 1 and its figure; the feature projection plot is in the
   run report, ``intraq-pipeline report RUN --compare RUN2``);
+- ``split``: one synthesis budget (images x iterations) split between few images with many
+  iterations and many images with few, for IntraQ's and BNS+CE synthesis (W4A4 and W3A3);
 - ``methods``: the data-free methods side by side (Table 3): real data, GDFQ, Qimera,
   SQuant (alone, with its 8-bit last-layer input protocol, and as the start of IntraQ
   distillation) and IntraQ, at W4A4 on one recipe and budget.
@@ -19,6 +21,7 @@ budget, so they cost nothing extra. Examples::
     python -m benchmarks.studies data --budget cpu --seeds 0
     python -m benchmarks.studies real mdc_adi --budget cpu
     python -m benchmarks.studies methods --budget cpu --seeds 0 1
+    python -m benchmarks.studies split --budget cpu --seeds 0 1 --bits W4A4 W3A3 --recipes shipped
     python -m benchmarks.studies methods --budget tiny --rows squant gdfq qimera --recipes default  # check
 """
 
@@ -165,6 +168,70 @@ def data_rows(budget: str) -> dict[str, Row]:
     return rows
 
 
+#: Image x iteration splits of one synthesis budget (the CPU budget's 1,280 x 150 = 192,000).
+SPLITS = ((1280, 150), (640, 300), (256, 750), (128, 1500))
+SPLIT_METHODS = {"intraq": "IntraQ (BNS+SIL+MDC+LOR)", "bns_ce": "BNS+CE"}
+
+
+def split_rows(budget: str) -> dict[str, Row]:
+    """The budget split: for each synthesis method, the same image x iteration budget spent as
+    few images with many iterations or many images with few; every split gets the same number
+    of distillation steps (those of the budget's own size)."""
+    base = {k: v for k, v in (s.split("=", 1) for s in BUDGETS[budget])}
+    n, iters = int(base["generate.num_images"]), int(base["generate.iterations"])
+    batch = int(base["distill.batch_size"])
+    steps = max(1, int(0.9 * n) // batch)
+    total = n * iters
+    rows = {}
+    for method, label in SPLIT_METHODS.items():
+        for images, _ in SPLITS:
+            images = max(20, images * n // SPLITS[0][0])
+            its = max(1, total // images)
+            rows[f"split_{method}_{images}x{its}"] = Row(
+                f"split_{method}_{images}x{its}",
+                f"{label}, {images} images x {its} iterations",
+                settings=(
+                    f"generate.method={method}",
+                    f"generate.num_images={images}",
+                    f"generate.batch_size={min(images, int(base['generate.batch_size']))}",
+                    f"generate.iterations={its}",
+                    f"distill.iterations_per_epoch={steps}",
+                ),
+            )
+    return rows
+
+
+def split_table(bench: Bench, command: str) -> str:
+    """The budget split: data-free signals beside the test set, per method, split and bits."""
+    cells = bench.cells()
+    lines = [
+        "# One synthesis budget, split between images and iterations",
+        "",
+        f"Command: `{command}`. Budget `{bench.budget}`: `{' '.join(BUDGETS[bench.budget])}`; each row overrides the "
+        "number of images and iterations so that images x iterations stays constant.",
+        "",
+        "Top-1 (%) of the kept model on the real CIFAR-10 test set (10,000 images), mean ± std over seeds (n), beside "
+        "the data-free signals that choose without the test set: agreement with the teacher on the shared probe set "
+        "(BN-statistics-only images no row trains on) and on the row's own held-out synthetic images.",
+        "",
+        "| synthesis | bits | top-1 | before distillation | probe agreement | held-out agreement | n |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in bench.rows.items():
+        for b in bench.bits:
+            rs = cells.get((name, f"W{b[0]}A{b[1]}"), [])
+            if not rs:
+                continue
+            agree = [r["holdout_agreement_final"]["agreement"] for r in rs if r.get("holdout_agreement_final")]
+            probe = [r["probe_agreement"] for r in rs if r.get("probe_agreement") is not None]
+            lines.append(
+                f"| {row.label} | W{b[0]}A{b[1]} | {fmt([r['top1_all'] for r in rs])} | "
+                f"{fmt([r['calibrated_top1_all'] for r in rs])} | {fmt(probe, 1)} | {fmt(agree)} | {len(rs)} |"
+            )
+    lines += ["", provenance(cells)]
+    return "\n".join(lines) + "\n"
+
+
 def simple_table(bench: Bench, title: str, note: str, command: str) -> str:
     cells = bench.cells()
     lines = [
@@ -271,7 +338,7 @@ def mdc_adi_table(ablation: Bench) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="IntraQ supplementary studies on CIFAR-10 ResNet-20")
-    ap.add_argument("studies", nargs="+", choices=["lor", "data", "real", "mdc_adi", "methods"])
+    ap.add_argument("studies", nargs="+", choices=["lor", "data", "real", "mdc_adi", "methods", "split"])
     ap.add_argument("--rows", nargs="*", default=None, help="methods study: only these rows (default: all)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
@@ -281,6 +348,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--table", action="store_true", help="only rebuild the tables")
+    ap.add_argument("--bits", nargs="*", default=["W4A4"], help="split study: bit widths (default W4A4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.results_root)
@@ -295,6 +363,19 @@ def main() -> None:
                 bench.run(args.rows or list(METHOD_ROWS))
             seeds = " ".join(map(str, args.seeds))
             text = methods_table(bench, f"python -m benchmarks.studies methods --budget {args.budget} --seeds {seeds}")
+        elif study == "split":
+            rows = split_rows(args.budget)
+            results = root / f"study-split-{args.budget}"
+            bench = Bench(
+                args.budget, rows, Path(args.workdir), results, args.seeds, parse_bits(args.bits), args.force, args.recipes
+            )
+            if not args.table:
+                bench.run(args.rows or list(rows))
+            seeds = " ".join(map(str, args.seeds))
+            text = split_table(
+                bench,
+                f"python -m benchmarks.studies split --budget {args.budget} --seeds {seeds} --bits {' '.join(args.bits)}",
+            )
         elif study in ("lor", "data"):
             rows = LOR_ROWS if study == "lor" else data_rows(args.budget)
             results = root / f"study-{study}-{args.budget}"
