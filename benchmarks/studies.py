@@ -367,7 +367,14 @@ def main() -> None:
             rows = split_rows(args.budget)
             results = root / f"study-split-{args.budget}"
             bench = Bench(
-                args.budget, rows, Path(args.workdir), results, args.seeds, parse_bits(args.bits), args.force, args.recipes
+                args.budget,
+                rows,
+                Path(args.workdir),
+                results,
+                args.seeds,
+                parse_bits(args.bits),
+                args.force,
+                args.recipes,
             )
             if not args.table:
                 bench.run(args.rows or list(rows))
