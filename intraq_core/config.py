@@ -108,9 +108,18 @@ class ReconstructConfig(StageConfig):
 class QuantConfig(StageConfig):
     """Uniform asymmetric fake quantization (weights per output channel, activations per tensor).
 
-    Placement: every Conv/Linear weight, and the output of every activation site (ReLU, ReLU6,
-    SiLU, GELU, hardswish; the reference quantizes after ReLUs). After a ReLU/ReLU6 the grid is
-    unsigned (the range starts at 0). Optional extras: separate bits for the first/last layer
+    Placement: every Conv1d/Conv2d/Linear weight (subclasses included when their forward is the
+    standard one) and, with ``act_placement="weight_inputs"`` (the default; BRECQ/QDrop/Genie),
+    the input tensor of every weight layer whatever produced it (any activation function, a
+    pooling of one, a residual add, a BN or conv output with no activation), one quantizer per
+    tensor, placed where the tensor is produced so that every reader sees the quantized value;
+    the first layer's input (the image) only with ``quantize_input``. Pooling, flattening,
+    reshaping, dropout and zero padding pass a quantized tensor through (an integer target
+    pools on the input's grid). ``act_placement="after_activations"`` is the ZeroQ/IntraQ
+    reference placement: a quantizer after every activation-function call and nothing else; on
+    ResNets both placements put the same quantizers in the same places. The grid is unsigned
+    only where the producer is provably non-negative (ReLU, ReLU6, sigmoid, ...), signed
+    otherwise. Optional extras: separate bits for the first/last layer
     (the 8-bit first/last protocol of Genie/QDrop), for the activations that feed the last
     layer (``last_input_bits``; SQuant's protocol uses 8), quantizing the network input and the
     residual additions.
@@ -128,6 +137,7 @@ class QuantConfig(StageConfig):
     """
 
     method: Literal["minmax", "reconstruct", "squant"] = "minmax"
+    act_placement: Literal["weight_inputs", "after_activations"] = "weight_inputs"
     w_bits: int = Field(default=4, ge=2, le=8)
     a_bits: int = Field(default=4, ge=2, le=8)
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)
@@ -172,14 +182,21 @@ class QuantConfig(StageConfig):
         """Which layers are at which bits, in words (for results tables and reports)."""
         first = self.first_layer_bits
         last = self.last_layer_bits
-        if first is None and last is None:
-            return f"all layers W{self.w_bits}A{self.a_bits}"
+        placement = (
+            "activations at weight-layer inputs"
+            if self.act_placement == "weight_inputs"
+            else ("activations after activation functions")
+        )
+        if first is None and last is None and self.last_input_bits is None:
+            return f"all layers W{self.w_bits}A{self.a_bits} ({placement})"
         parts = [f"W{self.w_bits}A{self.a_bits}"]
         if first is not None:
             parts.append(f"first layer {first}-bit weights")
         if last is not None:
             parts.append(f"last layer {last}-bit weights")
-        return ", ".join(parts)
+        if self.last_input_bits is not None:
+            parts.append(f"last layer input {self.last_input_bits}-bit")
+        return ", ".join(parts) + f" ({placement})"
 
 
 class SynthConfig(StageConfig):

@@ -16,6 +16,7 @@ __all__ = [
     "DatasetError",
     "DivergenceError",
     "ModelError",
+    "QuantizationError",
     "UnknownModelError",
 ]
 
@@ -79,6 +80,11 @@ class UnknownModelError(ValueError):
 class ModelError(ValueError):
     """A model that cannot be used as asked: a callable that returns no ``nn.Module``, a head that
     does not match ``num_classes``, no BatchNorm layer for a method whose loss needs BN statistics."""
+
+
+class QuantizationError(ValueError):
+    """A model cannot be quantized as asked (e.g. activation bits requested but no activation of
+    the model feeds a weight layer)."""
 
 
 class DivergenceError(RuntimeError):

@@ -89,7 +89,10 @@ def load_student(source: str | Path | bytes) -> tuple[nn.Module, ModelConfig, Qu
     if payload["quant_config"] is None:
         raise CheckpointError("not an intraq student checkpoint: it holds a float model (no quant_config)")
     model_cfg = ModelConfig.model_validate(payload["model_config"])
-    quant_cfg = QuantConfig.model_validate(payload["quant_config"])
+    saved_quant = dict(payload["quant_config"])
+    # Students saved before quant.act_placement existed used the after-activations placement.
+    saved_quant.setdefault("act_placement", "after_activations")
+    quant_cfg = QuantConfig.model_validate(saved_quant)
     student = quantize(create_model(model_cfg), quant_cfg)
     student.load_state_dict(payload["state_dict"])
     set_act_mode(student, "frozen")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -209,9 +210,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """
     ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
     head = f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
+    from intraq_core.quant import format_quant_map
+
+    qmap = metrics.get("quantization")
+    mapped = [f"quantized: {format_quant_map(qmap, layers=False)}"] if qmap else []
     if metrics.get("epochs") == 0:
-        return [head + f"{final:.2f}% (no distillation)"]
-    lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%"]
+        return [head + f"{final:.2f}% (no distillation)", *mapped]
+    lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%", *mapped]
     training = metrics.get("training") or {}
     if training.get("kept_final") is False:
         chosen = training.get("selected_epoch")
@@ -456,6 +461,10 @@ def evaluate(
         typer.echo(json.dumps({"top1": round(result["top1"], 4), "n": result["n"]}))
     else:
         typer.echo(f"top-1 {result['top1']:.2f}% on {result['n']} images")
+        if "quantization" in result:
+            from intraq_core.quant import format_quant_map
+
+            typer.echo(f"quantized: {format_quant_map(result['quantization'], layers=False)}")
 
 
 def _floats(text: str | None, name: str) -> tuple[float, float, float] | None:
@@ -542,6 +551,36 @@ def export(
             f"top-1 agreement {v['agreement']:.2f}%, max |logit diff| {v['max_abs_diff']:.3g}, "
             f"top-1 {v['reference_top1']:.2f}% → {v['export_top1']:.2f}%"
         )
+
+
+@app.command("show-quant")
+@_guard
+def show_quant(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    arch: ArchOpt = None,
+    weights: WeightsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the map as JSON.")] = False,
+) -> None:
+    """Print the quantization map of the config's model without running anything.
+
+    Which weight layers are quantized at which bits, what every weight layer reads (which
+    activation quantizer, at which bits and sign, or the image), and which layers stay float and
+    why. Builds the model and traces it; reads no image and writes nothing.
+    """
+    from intraq_core.models import create_model, resolve_model_config
+    from intraq_core.quant import format_quant_map, quant_map, quantize
+
+    cfg = _load_config(config, set_, None, None, arch=arch, weights=weights)
+    teacher = create_model(resolve_model_config(cfg.model)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the map lists the float layers itself
+        qmap = {"protocol": cfg.quant.protocol, **quant_map(quantize(teacher, cfg.quant))}
+    if as_json:
+        typer.echo(json.dumps(qmap, indent=1))
+    else:
+        typer.echo(f"{cfg.model.arch}: {qmap['protocol']}")
+        typer.echo(format_quant_map(qmap))
 
 
 @app.command("show-config")

@@ -66,4 +66,9 @@ def evaluate_command(
         # The student records its normalization; explicit model.* values still win.
         explicit = {k: v for k, v in model_cfg.model_dump(exclude_unset=True).items() if k in ("mean", "std")}
         model_cfg = saved_cfg.model_copy(update=explicit)
-    return evaluate_model(model, model_cfg, eval_cfg, progress=progress)
+    result = evaluate_model(model, model_cfg, eval_cfg, progress=progress)
+    if student is not None or bits is not None:
+        from intraq_core.quant import quant_map
+
+        result["quantization"] = quant_map(model)  # type: ignore[assignment]
+    return result

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from intraq_core.quant import quant_map
 from intraq_core.student import load_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
@@ -633,6 +634,7 @@ def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
         "quant_top1": quant["top1"],
         "test_images": quant["n"],
         "test_set": ctx.cfg.eval.data,
+        "quantization": {"protocol": ctx.cfg.quant.protocol, **quant_map(final)},
     }
 
 

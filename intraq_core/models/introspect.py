@@ -3,9 +3,10 @@
 BNS needs every BN layer; MDC needs the penultimate feature, i.e. the input of the
 classifier, found as the last ``nn.Linear`` executed in a forward pass. This works for the
 CIFAR ResNets (``linear``), torchvision ResNets (``fc``), MobileNetV2 (``classifier.1``)
-and any model whose head is an ``nn.Linear``. The quantizer places its activation quantizers
-at the activation sites of the traced graph (:func:`activation_site`): every call of ReLU,
-ReLU6, SiLU, GELU or hardswish, as a module or a functional call.
+and any model whose head is an ``nn.Linear``. The quantizer asks :func:`activation_site` what a
+traced graph node computes: a call of an activation function (ReLU, LeakyReLU, PReLU, ELU,
+SiLU, GELU, Mish, hardswish, sigmoid, ...), as a module or a functional call, and whether its
+output can be negative.
 """
 
 from __future__ import annotations
@@ -26,13 +27,29 @@ __all__ = ["ActivationSite", "FeatureTap", "activation_site", "bn_layers", "clas
 PENULTIMATE = "penultimate"
 
 #: Activations whose output is never negative (an unsigned quantization grid fits them).
-NON_NEGATIVE = frozenset({"relu", "relu6"})
+NON_NEGATIVE = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid", "softplus", "softmax"})
+#: Activation modules by type (subclasses match too; the first match in this order wins, so
+#: ReLU6 is found before its base class Hardtanh).
 _ACT_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.RReLU: "rrelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
     nn.SiLU: "silu",
     nn.GELU: "gelu",
+    nn.Mish: "mish",
     nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Softplus: "softplus",
+    nn.Hardtanh: "hardtanh",
+    nn.Softsign: "softsign",
+    nn.Softmax: "softmax",
 }
 _ACT_FUNCTIONS: dict[Callable[..., Tensor], str] = {
     F.relu: "relu",
@@ -40,19 +57,49 @@ _ACT_FUNCTIONS: dict[Callable[..., Tensor], str] = {
     torch.relu: "relu",
     torch.relu_: "relu",
     F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.prelu: "prelu",
+    F.rrelu: "rrelu",
+    F.elu: "elu",
+    F.elu_: "elu",
+    F.selu: "selu",
+    F.celu: "celu",
     F.silu: "silu",
     F.gelu: "gelu",
+    F.mish: "mish",
     F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+    F.sigmoid: "sigmoid",
+    torch.sigmoid: "sigmoid",
+    F.tanh: "tanh",
+    torch.tanh: "tanh",
+    F.softplus: "softplus",
+    F.hardtanh: "hardtanh",
+    F.hardtanh_: "hardtanh",
+    F.softsign: "softsign",
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
 }
-_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ACT_METHODS = {
+    "relu": "relu",
+    "relu_": "relu",
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+    "softmax": "softmax",
+}
 
 
 @dataclass(frozen=True)
 class ActivationSite:
     """One call of an activation in a traced graph: which one, and whether its output can be negative.
 
-    ``signed`` is False for ReLU/ReLU6 (outputs in [0, ∞)) and True for SiLU, GELU and
-    hardswish, whose outputs dip below zero and need a grid with negative levels.
+    ``signed`` is False where the output is provably non-negative (ReLU, ReLU6, sigmoid,
+    hardsigmoid, softplus, softmax, a hardtanh whose lower bound is >= 0) and True for the
+    others (LeakyReLU, PReLU, ELU, SiLU, GELU, Mish, hardswish, tanh, ...), whose outputs go
+    below zero and need a grid with negative levels.
     """
 
     kind: str
@@ -74,7 +121,18 @@ def activation_site(node: fx.Node, gm: fx.GraphModule) -> ActivationSite | None:
         kind = _ACT_METHODS.get(str(node.target))
     if kind is None:
         return None
-    return ActivationSite(kind, kind not in NON_NEGATIVE)
+    signed = kind not in NON_NEGATIVE
+    if kind == "hardtanh":
+        signed = _hardtanh_min(node, gm) < 0
+    return ActivationSite(kind, signed)
+
+
+def _hardtanh_min(node: fx.Node, gm: fx.GraphModule) -> float:
+    """The lower clamp of a hardtanh call (module attribute or ``min_val`` argument)."""
+    if node.op == "call_module":
+        return float(getattr(gm.get_submodule(str(node.target)), "min_val", -1.0))
+    value = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+    return float(value) if isinstance(value, (int, float)) else -1.0
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from intraq_core.config import QuantConfig
+from intraq_core.errors import QuantizationError
 from intraq_core.quant import (
     ActFakeQuant,
     QuantConv2d,
@@ -119,7 +120,7 @@ def test_local_resnetish_placement():
 
 
 def test_shared_relu_gets_one_quantizer_per_call_site():
-    q = quantize(SharedReluNet(), cfg(a_bits=3))
+    q = quantize(SharedReluNet(), cfg(a_bits=3, act_placement="after_activations"))
     names = list(act_quantizers(q))
     # 2 call sites of self.relu + F.relu + torch.relu + Tensor.relu + F.relu6.
     assert names == [
@@ -135,7 +136,7 @@ def test_shared_relu_gets_one_quantizer_per_call_site():
     ranges = [tuple(float(v) for v in m.range()) for m in act_quantizers(q).values()]
     assert ranges[0] != ranges[1]  # the shared module's two sites have separate ranges
     # Residual option: the two tensor additions (conv3 + x, relu + relu6), not the int add.
-    qr = quantize(SharedReluNet(), cfg(quantize_residual=True))
+    qr = quantize(SharedReluNet(), cfg(quantize_residual=True, act_placement="after_activations"))
     assert sorted(set(act_quantizers(qr)) - set(names)) == ["act_quant.add", "act_quant.add_1"]
 
 
@@ -147,7 +148,9 @@ def test_first_last_and_symmetric_bits():
     q = quantize(ResNetish(), cfg(w_bits=3, last_layer_bits=8))
     bits = {name: m.weight_quant.bits for name, m in weight_quantized_layers(q).items()}
     assert bits == {"conv1": 3, "conv2": 3, "conv3": 3, "fc": 8}
-    single = quantize(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), cfg(first_layer_bits=8, last_layer_bits=6))
+    single = quantize(
+        nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), cfg(first_layer_bits=8, last_layer_bits=6, quantize_input=True)
+    )
     assert single.get_submodule("1").weight_quant.bits == 8
 
 
@@ -186,7 +189,7 @@ def test_input_and_residual_options():
 
 def test_inplace_relu_result_discarded_still_quantized():
     torch.manual_seed(0)
-    q = quantize(InplaceDiscardNet(), cfg(a_bits=2))
+    q = quantize(InplaceDiscardNet(), cfg(a_bits=2, act_placement="after_activations"))
     assert list(act_quantizers(q)) == ["act_quant.relu"]
     x = torch.randn(2, 3, 8, 8)
     calibrate(q, [x])
@@ -208,13 +211,24 @@ def test_torchvision_resnet18(resnet18):
 def test_torchvision_mobilenet_v2():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
-    q = quantize(model, cfg(quantize_residual=True))
+    q = quantize(model, cfg(quantize_residual=True, act_placement="after_activations"))
     # ReLU6: stem + 1 in the t=1 block + 2 in each of the 16 others + last 1x1 conv = 35;
     # 10 residual adds. Convs: 1 + 2 + 16·3 + 1 = 52, plus the classifier Linear.
     quants = act_quantizers(q)
     assert sum("add" in name for name in quants) == 10
     assert len(quants) == 35 + 10
     assert len(weight_quantized_layers(q)) == 53
+    # At the weight layers' inputs: one quantizer per layer but the stem (the image), 52; the
+    # projection convs (no activation) and the 10 residual adds feed the next block's conv, so
+    # they are among them (signed: a projection's output and a sum of two can be negative).
+    q = quantize(model, cfg())
+    quants = act_quantizers(q)
+    assert len(quants) == 52
+    assert sum("add" in name for name in quants) == 10
+    # Signed: the 10 adds and the 7 projection outputs that feed a conv without an add; the
+    # 35 ReLU6 outputs are unsigned.
+    assert sum(qt.signed for qt in quants.values()) == 17
+    assert sum(not qt.signed for qt in quants.values()) == 35
     x = torch.randn(2, 3, 32, 32)
     assert calibrate(q, [x]) == 1
     assert q(x).shape == (2, 10)
@@ -369,7 +383,7 @@ def test_errors():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x if x.sum() > 0 else -x
 
-    with pytest.raises(RuntimeError, match="fx-traceable"):
+    with pytest.raises(QuantizationError, match="fx-traceable"):
         quantize(Dynamic(), cfg())
 
 
@@ -403,7 +417,7 @@ class SmoothActs(nn.Module):
 
 
 def test_every_activation_site_gets_a_quantizer_signed_where_outputs_dip_below_zero():
-    q = quantize(SmoothActs().eval(), QuantConfig(a_bits=4))
+    q = quantize(SmoothActs().eval(), QuantConfig(a_bits=4, act_placement="after_activations"))
     sites = {name.removeprefix("act_quant."): quant.signed for name, quant in act_quantizers(q).items()}
     assert sites == {
         "silu": True,
