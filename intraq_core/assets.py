@@ -42,6 +42,7 @@ __all__ = [
     "register_asset",
     "resolve_asset",
     "sha256_file",
+    "state_dict_sha256",
 ]
 
 _CHUNK = 1 << 20
@@ -58,6 +59,8 @@ class Asset:
     verifies and renames it). When None, ``url`` is downloaded as is. ``array_sha256``
     maps array names of an ``.npz`` to the sha256 of ``array.tobytes()``; it is used to
     verify a file whose bytes legitimately differ from the registered ones (a re-conversion).
+    ``state_dict_sha256`` does the same for a converted weights file: the sha256 of its tensors
+    (:func:`state_dict_sha256`), whatever torch version serialized them.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Asset:
     description: str = ""
     array_sha256: Mapping[str, str] | None = None
     fetch: Fetcher | None = None
+    state_dict_sha256: str | None = None
 
 
 ASSETS: dict[str, Asset] = {}
@@ -130,6 +134,28 @@ def _npz_array_hashes(path: Path, names: list[str]) -> dict[str, str] | None:
         return None
 
 
+def state_dict_sha256(state: Mapping[str, Any]) -> str:
+    """sha256 over a state dict's sorted keys, dtypes, shapes and tensor bytes (not its file)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _state_dict_hash(path: Path) -> str | None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable file simply fails verification
+        return None
+    return state_dict_sha256(state) if isinstance(state, dict) else None
+
+
 def _verify(asset: Asset, path: Path) -> None:
     """Raise AssetError unless ``path`` holds the asset (file hash, else array hashes)."""
     key = (*_file_key(path), asset.name)
@@ -141,6 +167,8 @@ def _verify(asset: Asset, path: Path) -> None:
     if not ok and asset.array_sha256:
         arrays = _npz_array_hashes(path, list(asset.array_sha256))
         ok = arrays == dict(asset.array_sha256)
+    if not ok and asset.state_dict_sha256:
+        ok = _state_dict_hash(path) == asset.state_dict_sha256
     if not ok:
         raise AssetError(
             f"sha256 mismatch for asset '{asset.name}' at {path}: got {digest}, expected {asset.sha256}; "
@@ -258,6 +286,56 @@ def _fetch_cifar10_test(asset: Asset, dest: Path) -> None:
     with open(dest, "wb") as f:
         np.savez_compressed(f, images=images, labels=labels)
 
+
+def _fetch_retinaface_mobilenet(asset: Asset, dest: Path) -> None:
+    """Download the RetinaFace MobileNet0.25 ImageNet pretrain and keep its plain state dict.
+
+    The published file is a training checkpoint (``state_dict`` under ``module.`` keys, plus
+    ``epoch``/``best_acc1``); it is read weights-only, the prefix is removed, and the tensors
+    are checked against the registered ``state_dict_sha256`` before the file is kept.
+    """
+    import torch
+
+    raw = dest.with_suffix(".download")
+    try:
+        _download_url(asset.url, raw)
+        payload = torch.load(raw, map_location="cpu", weights_only=True)
+    finally:
+        raw.unlink(missing_ok=True)
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise AssetError(f"{asset.url}: no state_dict in the downloaded checkpoint")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if state_dict_sha256(state) != asset.state_dict_sha256:
+        raise AssetError(f"{asset.url}: the downloaded weights are not the registered ones (tensor sha256 differs)")
+    torch.save(state, dest)
+
+
+register_asset(
+    Asset(
+        name="imagenet-mobilenetv1-025",
+        filename="imagenet/mobilenetv1_025_imagenet.pth",
+        sha256="e7651026b4439e5d78e1f0ba85b5702f4d05c1e8f4026a0342fe4be15d8e3f9c",
+        url=(
+            "https://github.com/bubbliiiing/retinaface-pytorch/raw/e28a11c31bbc596983576378230cb4d0988162d8/"
+            "model_data/mobilenetV1X0.25_pretrain.tar"
+        ),
+        metadata={
+            "kind": "weights",
+            "arch": "mobilenet_v1_025",
+            "num_classes": 1000,
+            "image_size": 224,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        },
+        description=(
+            "ImageNet-1k MobileNetV1 x0.25 with LeakyReLU(0.1) (RetinaFace-MobileNet0.25 backbone pretrain, "
+            "biubug6/Pytorch_Retinaface; 46.58% top-1 on the ImageNet validation set as its authors report)"
+        ),
+        state_dict_sha256="ee4ddf2128859a7d400042a159b6ead59729cd69268a31b2ccca5662270468c1",
+        fetch=_fetch_retinaface_mobilenet,
+    )
+)
 
 register_asset(
     Asset(

@@ -2,7 +2,8 @@
 
 ``ModelConfig.arch`` is one of
 
-* a registered name: ``cifar_resnet{20,32,44,56,110}``, ``torchvision:<name>`` for every
+* a registered name: ``cifar_resnet{20,32,44,56,110}``, ``mobilenet_v1_025`` (MobileNetV1 x0.25
+  with LeakyReLU, weights ``imagenet-mobilenetv1-025``), ``torchvision:<name>`` for every
   torchvision classifier, or anything added with :func:`register_model`;
 * ``timm:<name>`` for any timm model (optional extra, see :mod:`intraq_core.models.timm_models`);
 * ``package.module:callable``: a user's function or class returning an ``nn.Module``, called with
@@ -32,11 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from intraq_core.assets import asset_metadata_for, resolve_asset
-from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, ModelConfig
+from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from intraq_core.errors import CheckpointError, UnknownModelError
 from intraq_core.models.checkpoint import load_state_dict_file, load_weights, read_model_checkpoint, write_checkpoint
 from intraq_core.models.cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
 from intraq_core.models.imported import build_imported_model, imported_defaults, is_import_path
+from intraq_core.models.mobilenet_v1 import mobilenet_v1
 from intraq_core.models.timm_models import (
     TIMM_PREFIX,
     build_timm_model,
@@ -241,6 +243,9 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         arch = str(ckpt_cfg.get("arch"))
         kwargs = {**dict(ckpt_cfg.get("kwargs") or {}), **kwargs}
         weights = weights if weights is not None else str(ckpt_path)
+    elif "arch" not in cfg.model_fields_set and _hub_weights(weights) is None:
+        # Weights that are a named asset say which architecture they belong to.
+        arch = str((asset_metadata_for(weights) or {}).get("arch") or arch)
     spec = get_model_spec(arch)
 
     weights_meta: dict[str, Any] = {}
@@ -367,7 +372,16 @@ def _build_torchvision(name: str, cfg: ModelConfig) -> nn.Module:
     return build_torchvision_model(name, cfg.num_classes, cfg.weights, dict(cfg.kwargs))
 
 
+def _build_mobilenet_v1(width: float, cfg: ModelConfig) -> nn.Module:
+    assert cfg.num_classes is not None
+    return mobilenet_v1(cfg.num_classes, width, float(cfg.kwargs.get("slope", 0.1)))
+
+
 def _register_builtins() -> None:
+    register_model(
+        "mobilenet_v1_025",
+        defaults={"num_classes": 1000, "image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    )(partial(_build_mobilenet_v1, 0.25))
     for depth in CIFAR_RESNET_DEPTHS:
         register_model(
             f"cifar_resnet{depth}",
