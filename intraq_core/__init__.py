@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_model_config": "intraq_core.models.registry",
     "load_weights": "intraq_core.models.checkpoint",
     "safe_load": "intraq_core.models.checkpoint",
+    "check_model": "intraq_core.preflight",
     # the steps
     "InputSpec": "intraq_core.api",
     "SyntheticData": "intraq_core.api",

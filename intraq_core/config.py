@@ -52,7 +52,9 @@ class ModelConfig(StageConfig):
     [0, 1], then ``(x - mean) / std``): left as None they are taken from
     the weights' metadata, then the checkpoint, then the architecture's default, so set them
     for a checkpoint of your own. ``shortcut`` (CIFAR ResNets) left as None is read off the
-    checkpoint's keys.
+    checkpoint's keys. ``output`` is for a model whose forward returns several things (a
+    tuple/list, e.g. ``(logits, features)``, or a dict): the index (tuple/list) or key (dict) of
+    its logits; the model is then wrapped so that everything downstream sees the logits only.
     """
 
     arch: str = "cifar_resnet20"
@@ -63,6 +65,7 @@ class ModelConfig(StageConfig):
     image_size: int | None = Field(default=None, ge=8)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    output: int | str | None = None
 
     @field_validator("mean", "std", mode="before")
     @classmethod

@@ -18,9 +18,16 @@ __all__ = [
     "ModelError",
     "QuantizationError",
     "UnknownModelError",
+    "first_line",
 ]
 
 _MAX_LISTED = 8
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 class AssetError(ValueError):

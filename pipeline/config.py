@@ -168,8 +168,11 @@ class RunConfig(StageConfig):
 
 def _model_identity(cfg: RunConfig) -> dict[str, Any]:
     m = cfg.model.model_dump(mode="json")
-    if not m["kwargs"]:  # the hash of every config written before model.kwargs existed stays the same
+    # The hash of every config written before model.kwargs / model.output existed stays the same.
+    if not m["kwargs"]:
         del m["kwargs"]
+    if m["output"] is None:
+        del m["output"]
     return m
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from intraq_core.errors import DivergenceError
+from intraq_core.errors import DivergenceError, first_line
 from pipeline.exceptions import ClusterAuthError, GenerationError, InputError
 
 __all__ = ["InputError", "explain", "root_cause"]
@@ -81,13 +81,6 @@ _EXPLAINED_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    return text.splitlines()[0].strip()
-
-
 _WEIGHTS_ONLY = "weights only load failed"
 
 
@@ -117,7 +110,7 @@ def explain(exc: BaseException) -> str | None:
     cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
     if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):
         return explain_storage_failure(root)  # None: not a storage failure either
-    text = _first_line(root)
+    text = first_line(root)
     refusal = _weights_only_refusal(root)
     if refusal is not None:
         cut = text.lower().find(_WEIGHTS_ONLY)

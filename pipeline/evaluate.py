@@ -42,6 +42,7 @@ def evaluate_command(
     from intraq_core.config import QuantConfig
     from intraq_core.models import create_model, resolve_model_config
     from intraq_core.models.checkpoint import CheckpointError
+    from intraq_core.preflight import check_model
     from intraq_core.quant import calibrate
     from intraq_core.student import build_student, load_student
 
@@ -52,13 +53,14 @@ def evaluate_command(
         except (CheckpointError, FileNotFoundError, IsADirectoryError):
             student = None
     if student is None:
+        if bits is not None and calib is None:
+            raise ValueError("--bits needs --calib DATA: the images that calibrate the activation ranges")
         model_cfg = resolve_model_config(model_cfg)
         model = create_model(model_cfg)
-        if bits is not None:
-            if calib is None:
-                raise ValueError("--bits needs --calib DATA: the images that calibrate the activation ranges")
-            w_bits, a_bits = bits
-            model = build_student(model, QuantConfig(w_bits=w_bits, a_bits=a_bits)).eval()
+        quant_cfg = QuantConfig(w_bits=bits[0], a_bits=bits[1]) if bits is not None else None
+        check_model(model, model_cfg, quant_cfg)  # one line, not a traceback, for a model the method cannot use
+        if quant_cfg is not None:
+            model = build_student(model, quant_cfg).eval()
             calib_set = load_test_set(EvalConfig(data=calib, limit=calib_images), model_cfg)
             calibrate(model, (x for x, _ in calib_set.batches(min(eval_cfg.batch_size, calib_images))))
     else:

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from intraq_core.errors import ModelError, first_line
 from intraq_core.quant import quant_map
 from intraq_core.student import load_student
 from pipeline.config import RunConfig
@@ -94,19 +95,17 @@ def _check_flags(resume: bool, overwrite: bool, repair: bool) -> None:
         raise InputError("--repair and --overwrite are mutually exclusive (--repair continues the run)")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = True) -> None:
     """Fail with one line on bad input, before anything is started or written.
 
     Resolves the model and loads the teacher (unknown architecture; missing weights; a checkpoint
     that does not fit, listing missing/unexpected keys; one that needs arbitrary unpickling,
-    refused because loading is weights-only), checks the generation plan (fewer images than
-    classes) and that the test set's classes fit the model. Config values (bits, learning
-    rates, batch sizes, iterations, unknown keys) were already validated when the config loaded.
+    refused because loading is weights-only; a user's callable that raises), checks the generation
+    plan (fewer images than classes), runs the model check (:func:`intraq_core.preflight.check_model`:
+    one forward of the teacher and of the quantized student on 2 random images, on the run's
+    device; BatchNorm and the recorded feature when ``generate``) and checks that the test set's
+    classes fit the model. Config values (bits, learning rates, batch sizes, iterations, unknown
+    keys) were already validated when the config loaded.
     """
     cfg = ctx.cfg
     try:
@@ -115,27 +114,29 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
     except (ValueError, OSError) as exc:
         raise InputError(
             f"cannot load the teacher (model.arch={cfg.model.arch!r}, model.weights={cfg.model.weights!r}): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     if generate:
-        from intraq_core.synth.engine import check_teacher
         from pipeline.plan import make_plan
 
         try:
             make_plan(cfg, ctx.num_classes)
         except ValueError as exc:
-            raise InputError(f"generate.num_images={cfg.generate.num_images}: {_first_line(exc)}") from exc
-        try:
-            check_teacher(ctx.teacher(), cfg.generate)  # no BatchNorm for a method that needs BN statistics
-        except ValueError as exc:
-            raise InputError(_first_line(exc)) from exc
+            raise InputError(f"generate.num_images={cfg.generate.num_images}: {first_line(exc)}") from exc
+    from intraq_core.preflight import check_model
+
+    device = ctx.driver_device  # device: cuda without a GPU fails here, in one line
+    try:
+        check_model(ctx.teacher(), ctx.model_cfg, cfg.quant, cfg.generate if generate else None, device=device)
+    except ModelError as exc:
+        raise InputError(first_line(exc)) from exc
     if evaluate:
         from intraq_core.data import load_test_set
 
         try:
             load_test_set(cfg.eval, ctx.model_cfg)
         except (ValueError, OSError) as exc:
-            raise InputError(f"eval.data={cfg.eval.data!r}: {_first_line(exc)}") from exc
+            raise InputError(f"eval.data={cfg.eval.data!r}: {first_line(exc)}") from exc
 
 
 def check_location(ctx: RunContext, *, resume: bool, overwrite: bool, probe: bool = True) -> None:
@@ -204,7 +205,7 @@ def drop_bad_shards(
     listed = {s.index for s in manifest.shards}
     fatal = [e for e in errors if e.shard is None]
     if fatal:
-        raise BadDatasetError(f"{_first_line(fatal[0])} (not repairable: use another location or --overwrite)", [])
+        raise BadDatasetError(f"{first_line(fatal[0])} (not repairable: use another location or --overwrite)", [])
     bad = [e for e in errors if e.shard in listed]
     if not bad:
         return []
@@ -214,7 +215,7 @@ def drop_bad_shards(
     log.warning(
         "%s",
         f"regenerating {len(indices)} bad shard(s) {indices} of {data.url}: "
-        + "; ".join(_first_line(e) for e in bad[:MAX_SHARDS_LISTED]),
+        + "; ".join(first_line(e) for e in bad[:MAX_SHARDS_LISTED]),
     )
     manifest.shards = [s for s in manifest.shards if s.index not in indices]
     manifest.save(data)
@@ -416,7 +417,7 @@ def _source_config(data: Any, cfg: RunConfig, where: Storage) -> RunConfig:
             log.warning(
                 "%s",
                 f"{where.join(RUN_CONFIG_PATH)} is not readable as a run config; its dataset's "
-                f"generation settings are taken from this run's config ({_first_line(exc)})",
+                f"generation settings are taken from this run's config ({first_line(exc)})",
             )
             return cfg
         return cfg.model_copy(update={"generate": generate})

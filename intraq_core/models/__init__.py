@@ -1,4 +1,5 @@
-"""Classifier models: registry, CIFAR ResNets, torchvision/timm/imported models, checkpoints, introspection."""
+"""Classifier models: registry, CIFAR ResNets, torchvision/timm/imported models, checkpoints, introspection,
+multi-output models (``model.output``)."""
 
 from intraq_core.errors import CheckpointError, CheckpointMismatchError, ModelError, UnknownModelError
 from intraq_core.models.checkpoint import (
@@ -29,6 +30,7 @@ from intraq_core.models.introspect import (
     classifier_layer,
     flatten_feature,
 )
+from intraq_core.models.output import SelectOutput
 from intraq_core.models.registry import (
     CIFAR_DEFAULTS,
     ModelSpec,
@@ -58,6 +60,7 @@ __all__ = [
     "ModelError",
     "ModelSpec",
     "PadShortcut",
+    "SelectOutput",
     "UnknownModelError",
     "activation_site",
     "adapt_state_dict",

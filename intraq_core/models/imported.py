@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from intraq_core.errors import ModelError, UnknownModelError
+from intraq_core.errors import ModelError, UnknownModelError, first_line
 
 __all__ = [
     "build_imported_model",
@@ -101,14 +101,20 @@ def build_imported_model(arch: str, kwargs: Mapping[str, Any], num_classes: int 
     call = dict(kwargs)
     if num_classes is not None and "num_classes" not in call and _accepts(fn, "num_classes"):
         call["num_classes"] = num_classes
+    shown = ", ".join(f"{k}={v!r}" for k, v in call.items())
     try:
         inspect.signature(fn).bind(**call)
     except TypeError as exc:
-        shown = ", ".join(f"{k}={v!r}" for k, v in call.items())
         raise ModelError(f"model.arch '{arch}' cannot be called with ({shown}): {exc}; fix model.kwargs") from None
     except ValueError:  # no signature to check against: let the call itself tell
         pass
-    model = fn(**call)
+    try:
+        model = fn(**call)
+    except Exception as exc:  # the user's code: any failure is theirs to fix, told in one line
+        raise ModelError(
+            f"model.arch '{arch}': calling it with ({shown}) raised {type(exc).__name__}: {first_line(exc)}; "
+            "fix the callable or model.kwargs"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.arch '{arch}' returned a {type(model).__name__}, not a torch.nn.Module")
     head = head_classes(model)

@@ -11,6 +11,9 @@
 * the path of a checkpoint written by :func:`save_model_checkpoint` (it records its own
   architecture and normalization).
 
+A model whose forward returns a tuple/list/dict is wrapped by :func:`create_model` so that it
+returns the element ``model.output`` names (see :mod:`intraq_core.models.output`).
+
 Unset config fields are filled in this order: explicit config values, then the metadata
 of the weights (a named asset, a file whose sha256 is a registered asset's, or a
 ``torchvision:<TAG>`` / ``timm:<TAG>`` weights tag), then what the checkpoint's keys tell (a
@@ -39,6 +42,7 @@ from intraq_core.models.checkpoint import load_state_dict_file, load_weights, re
 from intraq_core.models.cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
 from intraq_core.models.imported import build_imported_model, imported_defaults, is_import_path
 from intraq_core.models.mobilenet_v1 import mobilenet_v1
+from intraq_core.models.output import SelectOutput
 from intraq_core.models.timm_models import (
     TIMM_PREFIX,
     build_timm_model,
@@ -231,7 +235,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """A copy of ``cfg`` with num_classes, shortcut (CIFAR only), image_size, mean, std filled.
 
     When ``arch`` is a project checkpoint, the copy's ``arch`` is the recorded architecture
-    and its ``weights`` the checkpoint (unless weights were given). Never downloads.
+    and its ``weights`` the checkpoint (unless weights were given); its ``output`` is the
+    recorded one unless one was given. Never downloads.
     """
     arch, weights, kwargs = cfg.arch, cfg.weights, dict(cfg.kwargs)
     ckpt_cfg: dict[str, Any] = {}
@@ -291,7 +296,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
                 + (" (or declare it in a pretrained_cfg dict on the callable)" if spec.defaults_for else "")
             )
         values[name] = value
-    return ModelConfig.model_validate({"arch": arch, "weights": weights, "kwargs": kwargs, **values})
+    output = cfg.output if cfg.output is not None else ckpt_cfg.get("output")
+    return ModelConfig.model_validate({"arch": arch, "weights": weights, "kwargs": kwargs, **values, "output": output})
 
 
 def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:
@@ -299,6 +305,8 @@ def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:
 
     Weights given as an asset name are resolved (and downloaded once) via ``resolve_asset``;
     ``torchvision:<TAG>`` / ``timm:<TAG>`` weights go through those libraries' weights APIs.
+    With ``model.output`` set, the loaded model is wrapped in :class:`SelectOutput` (its forward
+    returns that element of the model's tuple/list/dict).
 
     Example:
         >>> model = create_model("cifar_resnet20", num_classes=100)
@@ -321,6 +329,8 @@ def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:
         model = builder(resolved)
         if _hub_weights(resolved.weights) is None:
             load_weights(model, resolve_asset(resolved.weights))
+    if resolved.output is not None:
+        model = SelectOutput(model, resolved.output)
     return model.eval()
 
 
@@ -341,11 +351,18 @@ def save_model_checkpoint(
 
     ``model_config`` (a dict or ModelConfig) is resolved so the file records its
     architecture, classes and normalization; its ``weights`` is cleared because the
-    weights are in the file. Such a file can be used as ``ModelConfig.arch``.
+    weights are in the file. Such a file can be used as ``ModelConfig.arch``. A
+    :class:`SelectOutput` wrapper is not saved: the file holds the wrapped model's weights (which
+    ``create_model`` loads before wrapping) and records ``output``.
     """
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
     resolved = resolve_model_config(cfg)
-    return write_checkpoint(path, model.state_dict(), resolved.model_dump(mode="json"), extra=extra)
+    inner = model
+    if isinstance(model, SelectOutput):
+        inner = model.model
+        if resolved.output is None:
+            resolved = resolved.model_copy(update={"output": model.output})
+    return write_checkpoint(path, inner.state_dict(), resolved.model_dump(mode="json"), extra=extra)
 
 
 def cifar_from_state_dict(state: Mapping[str, Tensor]) -> dict[str, Any]:

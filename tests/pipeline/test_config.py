@@ -90,6 +90,21 @@ def test_shipped_configs_validate() -> None:
         load_run_config(name)
 
 
+def test_model_output_enters_the_hashes_only_when_set() -> None:
+    """Unset, ``model.output`` is left out of the model's identity, so the hashes of every run written before
+    it existed stay the same (``--resume`` still accepts them); set, it changes the dataset."""
+    from pipeline.config import _model_identity
+
+    plain = RunConfig()
+    assert _model_identity(plain) == {
+        k: v for k, v in plain.model.model_dump(mode="json").items() if k not in ("kwargs", "output")
+    }
+    tuple_model = load_run_config(None, ["model.output=0"])
+    assert tuple_model.model.output == 0 and _model_identity(tuple_model)["output"] == 0
+    assert tuple_model.dataset_hash() != plain.dataset_hash() and tuple_model.config_hash() != plain.config_hash()
+    assert load_run_config(None, ["model.output=logits"]).model.output == "logits"
+
+
 def test_dataset_hash_ignores_training_settings() -> None:
     a = load_run_config(None, ["quant.w_bits=4"])
     b = load_run_config(None, ["quant.w_bits=3", "distill.epochs=3", "generate.channels_last=false"])

@@ -188,3 +188,72 @@ def test_cli_run_of_a_user_module_on_ray_keeps_the_terminal_quiet(user_code: dic
     assert len(logs) == 1 and f"log: {logs[0]}" in proc.stdout
     text = logs[0].read_text()
     assert "(RayTrainWorker" in text and "TrainingReport(" in text  # routed to the file, not lost
+
+
+# -- models the method cannot use: refused by the model check, before anything is written -----------
+
+REFUSED = {
+    "untraceable": ("torch.fx cannot trace its forward (TraceError:", "the quantized student is built from"),
+    "raising": ("calling it with (num_classes=10) raised RuntimeError: cannot build the model", "fix the callable"),
+    "forward_raises": ("its forward raised RuntimeError on a random batch [2, 3, 32, 32]",),
+    "two_outputs": ("it returns a tuple (Tensor[2, 10], Tensor[2, 4])", "set model.output", "model.output=0"),
+    "no_batchnorm": ("has no BatchNorm layer, but generate.method=intraq", "generate.method=gaussian"),
+}
+
+
+def _tree(root: Path) -> dict[str, tuple[bool, int]]:
+    """Every file and directory under ``root``: relative path → (is a directory, mtime_ns)."""
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+# train synthesizes nothing, so it needs no BatchNorm.
+COMMAND_CASES = [
+    (c, n) for c in ("run", "generate", "train") for n in sorted(REFUSED) if (c, n) != ("train", "no_batchnorm")
+]
+
+
+@pytest.mark.parametrize(("command", "name"), COMMAND_CASES)
+def test_an_unusable_model_is_refused_before_anything_is_written(command: str, name: str, tmp_path: Path) -> None:
+    """One line, exit code 2, and the parent of the run location exactly as it was (no run location, no
+    run.yaml, no log): the model check runs before the location is touched, also for ``train``."""
+    (tmp_path / "neighbour.txt").write_text("another run's file\n")
+    before = _tree(tmp_path)
+    args = [command, "-c", "smoke", "-q", "-o", str(tmp_path / "run")]
+    for item in (*TINY, f"model.arch=tests.odd_models:{name}", "model.weights=null", "model.image_size=32"):
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for text in REFUSED[name]:
+        assert text in lines[0], (text, lines[0])
+    assert _tree(tmp_path) == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_an_untraceable_model_for_bits(cifar10_test_path: Path) -> None:
+    args = ["evaluate", "--arch", "tests.odd_models:untraceable", "--set", "model.image_size=32", "--limit", "8"]
+    args += ["--data", str(cifar10_test_path), "-q", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
+    assert CliRunner().invoke(app, args).exit_code == 0  # the float model needs no trace
+    result = CliRunner().invoke(app, [*args, "--bits", "W4A4", "--calib", str(cifar10_test_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: model check failed") and result.output.count("\n") == 1, result.output
+
+
+def test_a_tuple_model_runs_with_model_output(tmp_path: Path) -> None:
+    """``(logits, features)`` with ``model.output=0``: generated, quantized, distilled, evaluated, and the
+    student reloads (its config records model.output) to the logits of the float model's shape."""
+    run = tmp_path / "run"
+    args = ["run", "-c", "smoke", "-q", "-o", str(run)]
+    for item in (*TINY, "model.arch=tests.odd_models:two_outputs", "model.weights=null", "model.image_size=32"):
+        args += ["--set", item]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and not run.exists(), refused.output
+    result = CliRunner().invoke(app, [*args, "--set", "model.output=0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_images"] == 200 and metrics["num_images"] == 32
+    student, model_cfg, _, _ = load_student(run / "student.pt")
+    assert model_cfg.output == 0
+    with torch.no_grad():
+        assert student(torch.randn(3, 3, 32, 32)).shape == (3, 10)

@@ -117,6 +117,14 @@ def test_one_line_errors(user_module: str) -> None:
         create_model(ModelConfig(arch=f"{user_module}:fixed_head", num_classes=10, **spec))
     with pytest.raises(ValueError, match=r"model.kwargs does not apply to 'cifar_resnet20'"):
         create_model(ModelConfig(arch="cifar_resnet20", kwargs={"width": 2}))
+    # A callable that raises: its error's first line, as a ModelError (the original is the cause).
+    with pytest.raises(ModelError) as info:
+        create_model(ModelConfig(arch="tests.odd_models:raising", num_classes=10, **spec))
+    assert str(info.value) == (
+        "model.arch 'tests.odd_models:raising': calling it with (num_classes=10) raised RuntimeError: cannot build "
+        "the model: its config file is missing; fix the callable or model.kwargs"
+    )
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 def test_local_source_is_the_user_file_not_installed_code(user_module: str, tmp_path: Path) -> None:
