@@ -49,7 +49,7 @@ from pipeline.context import RunContext
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_model
 from pipeline.executor import Executor, executor_for
-from pipeline.generate import GenerationStats, dataset_storage
+from pipeline.generate import GenerationStats, dataset_storage, store_dtype
 from pipeline.methods import generation_budget, run_method
 from pipeline.shards import Manifest, ShardError, validate_dataset
 from pipeline.storage import Lock, Storage, StorageError, run_lock
@@ -103,9 +103,9 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
 
     Resolves the model and loads the teacher (unknown architecture; missing weights; a checkpoint
     that does not fit, listing missing/unexpected keys; one that needs arbitrary unpickling,
-    refused because loading is weights-only), checks the generation plan (fewer images than
-    classes) and that the test set's classes fit the model. Config values (bits, learning
-    rates, batch sizes, iterations, unknown keys) were already validated when the config loaded.
+    refused because loading is weights-only), checks the generation plan and that the test set's
+    classes fit the model. Config values (bits, learning rates, batch sizes, iterations, unknown
+    keys) were already validated when the config loaded.
     """
     cfg = ctx.cfg
     try:
@@ -239,7 +239,11 @@ def build_dataset(
     repaired: list[int] = []
     stats = GenerationStats()
     manifest = Manifest.load(data) if Manifest.exists(data) else None
-    ours = manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash()
+    ours = (
+        manifest is not None
+        and manifest.config_hash == ctx.cfg.dataset_hash()
+        and manifest.store_dtype == store_dtype(ctx)  # else generation refuses it, naming both dtypes
+    )
     if not (ours and manifest.is_complete()):  # a complete dataset of ours goes straight to validation
         if ours and manifest.shards:
             repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
