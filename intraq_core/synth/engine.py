@@ -371,6 +371,7 @@ class Synthesizer:
             c_feats, c_mask = None, None
 
         x = x0.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
+        del x0  # a copy when channels-last: one batch of pixels less held during the optimization
         bounds = None if self.bounds is None else (self.bounds[0].to(self.device), self.bounds[1].to(self.device))
         opt = torch.optim.Adam([x], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -520,15 +521,15 @@ class Synthesizer:
         n, size, w = x.shape[0], int(self.cfg.micro_batch_size or x.shape[0]), self.weights
         spans = [(a, min(a + size, n)) for a in range(0, n, size)]
         terms: dict[str, torch.Tensor] = {}
-        if w["bns"] > 0:
-            self.bn.start_sums()
-            with torch.no_grad():
-                for a, b in spans:
-                    self._teacher_forward(self._input(x[a:b], params, a))
-            terms["bns_mean"], terms["bns_var"] = self.bn.sums_loss(w["bns"])
-        self.bn.start_inject()
         grad = torch.empty_like(x)
         try:
+            if w["bns"] > 0:
+                self.bn.start_sums()
+                with torch.no_grad():
+                    for a, b in spans:
+                        self._teacher_forward(self._input(x[a:b], params, a))
+                terms["bns_mean"], terms["bns_var"] = self.bn.sums_loss(w["bns"])
+            self.bn.start_inject()
             for a, b in spans:
                 xm = x.detach()[a:b].requires_grad_(True)
                 self.bn.injected.clear()
