@@ -470,6 +470,21 @@ def test_manifest_records_the_store_dtype_and_another_dtype_is_a_problem(tmp_pat
     assert [e.shard for e in validate_dataset(storage, Manifest.load(storage))] == [0]
 
 
+def test_a_shard_written_before_store_dtype_existed_is_float32(tmp_path: Path) -> None:
+    storage = Storage.from_url(str(tmp_path))
+    info = _write(storage, 0)
+    table = pq.read_table(storage.join(info.path))
+    meta = json.loads(table.schema.metadata[b"intraq"])
+    del meta["store_dtype"]  # what every shard written before the key looked like
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({b"intraq": json.dumps(meta).encode()}), buf)
+    storage.write_bytes_atomic(info.path, buf.getvalue())
+    old = replace(info, bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    validate_shard(storage, old, {**_expected(), "store_dtype": "float32"})  # read off the image column
+    with pytest.raises(ShardError, match="store_dtype is 'float32', expected 'float16'"):
+        validate_shard(storage, old, {**_expected(), "store_dtype": "float16"})
+
+
 def shards_module() -> Any:
     import pipeline.shards
 
