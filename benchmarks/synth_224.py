@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,17 @@ def shard_sizes(result: Any) -> dict[str, float]:
     return sizes
 
 
+def summarize(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case over its repeats: median seconds per iteration, the largest peak memory."""
+    out = dict(repeats[0])
+    out["s_per_iteration_runs"] = [r["s_per_iteration"] for r in repeats]
+    out["s_per_iteration"] = statistics.median(out["s_per_iteration_runs"])
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in repeats)
+    out["baseline_rss_mb"] = max(r["baseline_rss_mb"] for r in repeats)
+    out["load_1min"] = [load for r in repeats for load in r["load_1min"]]
+    return out
+
+
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [
         "# 224x224 synthesis: seconds per iteration and peak memory (one CPU core)",
@@ -141,18 +153,21 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "Teacher: the shared ImageNet MobileNetV1 x0.25 (1000 classes, 224x224). IntraQ's losses with LOR on",
         "every iteration (the costlier iteration), fp32, `OMP_NUM_THREADS=1`, one torch thread. Each case ran",
         "in a fresh process: peak RSS is `ru_maxrss` of that process; the baseline is its peak after loading",
-        f"the teacher and before the batch. Seconds per iteration: mean of iterations 2..{info['iterations']}.",
+        f"the teacher and before the batch. Seconds per iteration: mean of iterations 2..{info['iterations']},",
+        f"median over {info['repeats']} run(s) of each case, the cases interleaved; peak RSS: the largest run.",
         "",
-        "| batch | micro-batch | memory format | s / iteration | image-iterations / s | peak RSS MB | "
-        "baseline MB | batch's own MB | load avg before / after |",
+        "| batch | micro-batch | memory format | s / iteration (runs) | image-iterations / s | peak RSS MB | "
+        "baseline MB | batch's own MB | 1-min load avg before / after each run |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         fmt = "channels-last" if r["channels_last"] else "NCHW"
+        runs = ", ".join(f"{v:.2f}" for v in r["s_per_iteration_runs"])
+        loads = "; ".join(f"{a} / {b}" for a, b in zip(r["load_1min"][::2], r["load_1min"][1::2], strict=True))
         lines.append(
-            f"| {r['batch']} | {r['micro_batch'] or 'whole batch'} | {fmt} | {r['s_per_iteration']:.2f} | "
+            f"| {r['batch']} | {r['micro_batch'] or 'whole batch'} | {fmt} | {r['s_per_iteration']:.2f} ({runs}) | "
             f"{r['batch'] / r['s_per_iteration']:.1f} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | "
-            f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {r['load_1min'][0]} / {r['load_1min'][1]} |"
+            f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {loads} |"
         )
     sizes = next((r["shard_bytes_per_image"] for r in rows if "shard_bytes_per_image" in r), None)
     if sizes:
@@ -171,6 +186,7 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/synth-224")
     ap.add_argument("--case", help="internal: batch:micro:channels_last, run in this process")
     args = ap.parse_args()
@@ -182,23 +198,28 @@ def main() -> None:
 
     from benchmarks.harness import git_commit, machine
 
-    rows = []
-    for batch, micro, cl in CASES:
-        case = f"{batch}:{micro or 0}:{int(cl)}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "benchmarks.synth_224", "--case", case, "--iterations", str(args.iterations)]
-        load_before = round(os.getloadavg()[0], 2)
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        rows[-1]["load_1min"] = [load_before, round(os.getloadavg()[0], 2)]
-        print(json.dumps(rows[-1]), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):  # the cases interleaved, so a change of load hits them alike
+        for batch, micro, cl in CASES:
+            case = f"{batch}:{micro or 0}:{int(cl)}"
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            cmd = [sys.executable, "-m", "benchmarks.synth_224", "--case", case, "--iterations", str(args.iterations)]
+            load_before = round(os.getloadavg()[0], 2)
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["load_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+            runs.setdefault(case, []).append(row)
+            print(json.dumps(row), flush=True)
+    rows = [summarize(r) for r in runs.values()]
     torch.set_num_threads(1)
     info = {
         "date": date.today().isoformat(),
         "commit": git_commit(),
         "machine": machine(),
         "iterations": args.iterations,
-        "command": f"OMP_NUM_THREADS=1 python -m benchmarks.synth_224 --iterations {args.iterations} --out {args.out}",
+        "repeats": args.repeats,
+        "command": f"OMP_NUM_THREADS=1 python -m benchmarks.synth_224 --iterations {args.iterations} "
+        f"--repeats {args.repeats} --out {args.out}",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
