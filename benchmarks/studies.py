@@ -379,9 +379,9 @@ def main() -> None:
             if not args.table:
                 bench.run(args.rows or list(rows))
             seeds = " ".join(map(str, args.seeds))
+            bits_text = " ".join(args.bits)
             text = split_table(
-                bench,
-                f"python -m benchmarks.studies split --budget {args.budget} --seeds {seeds} --bits {' '.join(args.bits)}",
+                bench, f"python -m benchmarks.studies split --budget {args.budget} --seeds {seeds} --bits {bits_text}"
             )
         elif study in ("lor", "data"):
             rows = LOR_ROWS if study == "lor" else data_rows(args.budget)

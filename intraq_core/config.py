@@ -216,6 +216,21 @@ class SynthConfig(StageConfig):
     for ``generator_iterations`` steps of ``generator_batch_size`` images, then sample the plan's
     shards from it (``intraq_core.synth.generator``). Pixel keys (iterations, lr, LOR, SIL, MDC)
     do not apply to them.
+
+    ``num_images`` may be smaller than the teacher's number of classes (256 images of a
+    1,000-class ImageNet teacher, the IntraQ paper's Table 2): the ``balanced`` label plan then
+    gives each image a different class, drawn without replacement from the seed
+    (:func:`intraq_core.synth.labels.label_plan`). MDC compares an image with the centre of
+    *earlier* images of its class, so with at most one image per class it never fires.
+
+    ``micro_batch_size`` bounds the memory of one optimization batch: its passes run that many
+    images at a time, and the loss and each Adam step are still those of the whole batch (exact
+    BN statistics in two passes, :mod:`intraq_core.synth.engine`; equal up to float32 reduction
+    order, so it is not part of the dataset's identity). ADI and the generator methods cannot
+    be split exactly and refuse it. ``store_dtype`` is how shards store pixels: ``float16``
+    halves the files (rounding error 2^-11 relative, 14x below the 8-bit step of a real image
+    in normalized units), ``auto`` (default) picks float16 for images of at least 128 px and
+    float32 below (CIFAR shards stay as they always were). Readers always get float32.
     """
 
     method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom", "gdfq", "qimera"] = "intraq"
@@ -270,12 +285,33 @@ class SynthConfig(StageConfig):
     channels_last: bool = True
     compile: bool = False
     amp: Literal["off", "bf16"] = "off"
+    # Images per forward/backward pass of an optimization batch (None: the whole batch).
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    # Pixel storage of the shards (auto: float16 from FLOAT16_MIN_SIZE px up, float32 below).
+    store_dtype: Literal["auto", "float32", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
         if self.mdc_lower > self.mdc_upper:
             raise ValueError("synth.mdc_lower must be <= synth.mdc_upper")
+        if self.micro_batch_size is not None:
+            if self.uses_generator:
+                raise ValueError(
+                    f"generate.micro_batch_size does not apply to generate.method={self.method}: its generator "
+                    "normalizes with the statistics of the whole batch; leave micro_batch_size unset"
+                )
+            if self.weights()["adi"] > 0:
+                raise ValueError(
+                    "generate.micro_batch_size cannot keep the ADI term exact: its quantized student takes "
+                    "activation ranges from the whole batch; leave micro_batch_size unset or set adi_weight=0"
+                )
         return self
+
+    def shard_dtype(self, image_size: int) -> Literal["float32", "float16"]:
+        """The pixel dtype of the shards of ``image_size`` px images (``store_dtype`` resolved)."""
+        if self.store_dtype != "auto":
+            return self.store_dtype
+        return "float16" if image_size >= FLOAT16_MIN_SIZE else "float32"
 
     def weights(self) -> dict[str, float]:
         """Effective loss weights after applying the preset of ``method``."""
@@ -301,6 +337,9 @@ class SynthConfig(StageConfig):
         """Whether images come from a trained conditional generator (gdfq, qimera)."""
         return self.method in ("gdfq", "qimera")
 
+
+#: ``store_dtype: auto`` stores images of at least this many pixels a side in float16.
+FLOAT16_MIN_SIZE = 128
 
 SYNTH_PRESETS: dict[str, dict[str, float]] = {
     "intraq": {"bns": 1.0, "sil": 1.0, "mdc": 1.0, "lor": 1.0},

@@ -70,6 +70,11 @@ def make_synthesizer(ctx: RunContext, storage: Storage) -> Synthesizer | Generat
     )
 
 
+def store_dtype(ctx: RunContext) -> str:
+    """The pixel dtype of the run's shards: ``generate.store_dtype`` resolved for its image size."""
+    return ctx.cfg.generate.shard_dtype(max(ctx.image_shape[1:]))
+
+
 def dataset_storage(ctx: RunContext) -> Storage:
     """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
     if ctx.cfg.dataset is not None:
@@ -143,6 +148,7 @@ def synthesize_shard(
         np.asarray(list(task.indices), dtype=np.int64),
         shard_meta(ctx, task, result),
         features=result.features.numpy(),
+        store_dtype=store_dtype(ctx),
     )
     history = {k: v[::HISTORY_EVERY] + v[-1:] for k, v in result.history.items()}
     return ShardOutcome(
@@ -166,17 +172,30 @@ def new_manifest(ctx: RunContext, num_shards: int) -> Manifest:
         num_classes=ctx.num_classes,
         mean=list(m.mean or ()),
         std=list(m.std or ()),
+        store_dtype=store_dtype(ctx),
     )
 
 
 def open_manifest(ctx: RunContext, storage: Storage, num_shards: int) -> Manifest:
-    """The existing manifest of this dataset, or a new one; another run's dataset is an error."""
+    """The existing manifest of this dataset, or a new one; another run's dataset is an error.
+
+    So is one whose shards store pixels in another dtype (written before ``store_dtype: auto``
+    chose float16 for large images, or with another ``store_dtype``): its shards are never mixed
+    with this run's."""
     if Manifest.exists(storage):
         manifest = Manifest.load(storage)
         if manifest.config_hash != ctx.cfg.dataset_hash():
             raise GenerationError(
                 f"{storage.url} holds a synthetic dataset of another config (hash {manifest.config_hash}, "
                 f"this run {ctx.cfg.dataset_hash()}); use another storage location or --overwrite"
+            )
+        ours = store_dtype(ctx)
+        if manifest.store_dtype != ours:
+            raise GenerationError(
+                f"{storage.url} holds a synthetic dataset stored in {manifest.store_dtype}, this run stores "
+                f"{ours} (generate.store_dtype={ctx.cfg.generate.store_dtype}); set "
+                f"generate.store_dtype={manifest.store_dtype} to continue it, or use another storage location "
+                "or --overwrite"
             )
         return manifest
     return new_manifest(ctx, num_shards)

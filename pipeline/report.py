@@ -254,12 +254,13 @@ def _ensure_features(run: RunData) -> np.ndarray:
 # -- statistics ------------------------------------------------------------------------------------
 
 
-def diversity(features: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
-    """Intra-class diversity of features (cosine geometry).
+def diversity(features: np.ndarray, labels: np.ndarray) -> dict[str, float | int | None]:
+    """Intra-class diversity of features (cosine geometry), over the classes with two images or more.
 
     ``pairwise``: mean over classes of the mean cosine distance between distinct pairs of the
     class (``mean_intra_class_cosine_distance``, the paper's statistic); ``to_centre``: mean
-    cosine distance of each feature to its own class mean (what MDC's hinge constrains).
+    cosine distance of each feature to its own class mean (what MDC's hinge constrains). Both
+    are None when no class has two images (fewer synthetic images than classes).
     """
     import torch
 
@@ -267,11 +268,13 @@ def diversity(features: np.ndarray, labels: np.ndarray) -> dict[str, float | int
 
     f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    counts = torch.unique(y, return_counts=True)[1]
+    repeated = bool((counts >= 2).any())
     return {
         "images": int(f.shape[0]),
-        "classes": int(torch.unique(y).numel()),
-        "pairwise": mean_intra_class_cosine_distance(f, y),
-        "to_centre": mean_distance_to_class_centre(f, y),
+        "classes": int(counts.numel()),
+        "pairwise": mean_intra_class_cosine_distance(f, y) if repeated else None,
+        "to_centre": mean_distance_to_class_centre(f, y) if repeated else None,
     }
 
 
@@ -509,14 +512,17 @@ def plot_diversity(rows: list[dict[str, Any]]) -> bytes:
     labels = [textwrap.fill(str(r["set"]), 22) for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(rows) + 1.5), 4.0))
-    pair = ax.bar(x - 0.2, [r["pairwise"] for r in rows], 0.4, label="pairwise intra-class cosine distance")
-    centre = ax.bar(x + 0.2, [r["to_centre"] for r in rows], 0.4, label="cosine distance to class centre")
-    ax.bar_label(pair, fmt="%.3f", fontsize=8)
-    ax.bar_label(centre, fmt="%.3f", fontsize=8)
+    # A set without two images of one class has no value: an empty slot labelled n/a.
+    pairwise = [r["pairwise"] if r["pairwise"] is not None else 0.0 for r in rows]
+    to_centre = [r["to_centre"] if r["to_centre"] is not None else 0.0 for r in rows]
+    pair = ax.bar(x - 0.2, pairwise, 0.4, label="pairwise intra-class cosine distance")
+    centre = ax.bar(x + 0.2, to_centre, 0.4, label="cosine distance to class centre")
+    for bars, key in ((pair, "pairwise"), (centre, "to_centre")):
+        ax.bar_label(bars, [f"{r[key]:.3f}" if r[key] is not None else "n/a" for r in rows], fontsize=8)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("cosine distance")
-    ax.set_ylim(0, 1.2 * max(max(r["pairwise"], r["to_centre"]) for r in rows) + 1e-6)
+    ax.set_ylim(0, 1.2 * max([*pairwise, *to_centre]) + 1e-6)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.set_title("Intra-class diversity of teacher features", fontsize=11)
     ax.grid(axis="y", alpha=0.3)

@@ -51,7 +51,7 @@ from pipeline.context import RunContext
 from pipeline.errors import InputError
 from pipeline.evaluate import evaluate_model
 from pipeline.executor import Executor, executor_for
-from pipeline.generate import GenerationStats, dataset_storage
+from pipeline.generate import GenerationStats, dataset_storage, store_dtype
 from pipeline.methods import generation_budget, run_method
 from pipeline.shards import Manifest, ShardError, validate_dataset
 from pipeline.storage import Lock, Storage, StorageError, run_lock
@@ -101,9 +101,9 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
     Resolves the model and loads the teacher (unknown architecture; missing weights; a checkpoint
     that does not fit, listing missing/unexpected keys; one that needs arbitrary unpickling,
     refused because loading is weights-only; a user's callable that raises), checks the generation
-    plan (fewer images than classes), runs the model check (:func:`intraq_core.preflight.check_model`:
-    one forward of the teacher and of the quantized student on 2 random images, on the run's
-    device; BatchNorm and the recorded feature when ``generate``) and checks that the test set's
+    plan, runs the model check (:func:`intraq_core.preflight.check_model`: one forward of the
+    teacher and of the quantized student on 2 random images, on the run's device; BatchNorm and
+    the recorded feature when ``generate``) and checks that the test set's
     classes fit the model. Config values (bits, learning rates, batch sizes, iterations, unknown
     keys) were already validated when the config loaded.
     """
@@ -241,7 +241,11 @@ def build_dataset(
     repaired: list[int] = []
     stats = GenerationStats()
     manifest = Manifest.load(data) if Manifest.exists(data) else None
-    ours = manifest is not None and manifest.config_hash == ctx.cfg.dataset_hash()
+    ours = (
+        manifest is not None
+        and manifest.config_hash == ctx.cfg.dataset_hash()
+        and manifest.store_dtype == store_dtype(ctx)  # else generation refuses it, naming both dtypes
+    )
     if not (ours and manifest.is_complete()):  # a complete dataset of ours goes straight to validation
         if ours and manifest.shards:
             repaired += drop_bad_shards(ctx, data, manifest, repair=repair)

@@ -2,15 +2,17 @@
 
 A shard is ``shards/shard-{index:05d}.parquet`` with one row per image:
 
-* ``image``: ``fixed_size_list<float32>[C*H*W]``, the image in the teacher's normalized input
-  space, row-major CHW (readable by any Parquet reader; Ray Data reads it as a ``[B, C*H*W]``
-  tensor);
+* ``image``: ``fixed_size_list<float32>[C*H*W]`` (or ``<halffloat>`` for shards written with
+  ``store_dtype="float16"``, Parquet's Float16 type), the image in the teacher's normalized input
+  space, row-major CHW (Ray Data reads it as a ``[B, C*H*W]`` tensor). Every reader here returns
+  float32 whatever the stored dtype; the shard's metadata and the manifest record the dtype;
 * ``label``, ``seed``, ``index``: int64 (class, per-image seed, global image index);
 * optionally ``feature``: ``fixed_size_list<float32>[D]``, the teacher's penultimate feature of
   each image (what later rounds need for their class centres, so they need not re-run the teacher).
 
 The schema metadata key ``b"intraq"`` holds a JSON object (format, shard, round, config hash,
-teacher hash, mean/std, image shape, number of classes, feature size, final losses, shard seed)
+teacher hash, mean/std, image shape, number of classes, feature size, store dtype, final losses,
+shard seed)
 so a shard is self-describing. No pickle is used anywhere: every file is Parquet or JSON.
 
 ``manifest.json`` lists the completed shards with their sizes and sha256 and is written last
@@ -50,9 +52,11 @@ __all__ = [
     "read_all",
     "read_rows",
     "read_shard",
+    "row_bytes",
     "row_group_rows",
     "shard_path",
     "shard_paths",
+    "stored_dtype",
     "validate_dataset",
     "validate_shard",
     "write_shard",
@@ -65,15 +69,18 @@ METADATA_KEY = b"intraq"
 COLUMNS = ("image", "label", "seed", "index")
 FEATURE_COLUMN = "feature"
 ROW_GROUP_SIZE = 1024
-#: Row groups are kept at most this large (ImageNet-size float32 images: ~220 rows a group), so a
-#: reader that needs a few rows (the Ray driver's calibration images) or a Ray Data read task
-#: never has to hold more than this of one shard.
+#: Row groups are kept at most this large in memory (Arrow bytes of all columns of their rows), so
+#: a reader that needs a few rows (the Ray driver's calibration images) or a Ray Data read task
+#: never has to hold more than this of one shard. A 3x224x224 row with a 256-d feature is
+#: 603,160 bytes in float32 (222 rows a group) and 302,104 in float16 (444 rows a group).
 ROW_GROUP_MAX_BYTES = 128 * 1024 * 1024
+#: Pixel dtypes a shard can store (``generate.store_dtype``), with their Arrow types.
+STORE_DTYPES: dict[str, pa.DataType] = {"float32": pa.float32(), "float16": pa.float16()}
 
 #: Keys a caller must put in ``meta`` for :func:`write_shard`.
 REQUIRED_META = ("round", "config_hash", "teacher_sha256", "mean", "std", "num_classes", "seed")
 #: Keys of ``expected`` that :func:`validate_shard` compares with the shard's metadata.
-EXPECTED_KEYS = ("config_hash", "teacher_sha256", "image_shape", "num_classes", "mean", "std")
+EXPECTED_KEYS = ("config_hash", "teacher_sha256", "image_shape", "num_classes", "mean", "std", "store_dtype")
 
 
 class ShardError(ValueError):
@@ -113,18 +120,20 @@ def row_group_rows(bytes_per_row: int) -> int:
     return max(1, min(ROW_GROUP_SIZE, ROW_GROUP_MAX_BYTES // max(1, bytes_per_row)))
 
 
+def row_bytes(image_size: int, store_dtype: str = "float32", feature_dim: int | None = None) -> int:
+    """Arrow bytes of one shard row: the image (``image_size`` values), the feature, three int64s."""
+    pixel = STORE_DTYPES[store_dtype].byte_width
+    return image_size * pixel + 4 * (feature_dim or 0) + 8 * (len(COLUMNS) - 1)
+
+
 def shard_path(index: int) -> str:
     """Relative path of shard ``index`` below the run root."""
     return f"shards/shard-{index:05d}.parquet"
 
 
-def _image_type(size: int) -> pa.DataType:
-    return pa.list_(pa.float32(), size)
-
-
-def _schema(size: int, feature_dim: int | None) -> pa.Schema:
+def _schema(size: int, feature_dim: int | None, store_dtype: str) -> pa.Schema:
     fields = [
-        pa.field("image", _image_type(size), nullable=False),
+        pa.field("image", pa.list_(STORE_DTYPES[store_dtype], size), nullable=False),
         pa.field("label", pa.int64(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("index", pa.int64(), nullable=False),
@@ -161,7 +170,7 @@ class ShardData(tuple[Any, ...]):
 
     @property
     def images(self) -> np.ndarray:
-        """``[N, C, H, W]`` float32 in the teacher's normalized input space."""
+        """``[N, C, H, W]`` float32 in the teacher's normalized input space (whatever the stored dtype)."""
         return self[0]
 
     @property
@@ -210,14 +219,19 @@ def write_shard(
     indices: Any,
     meta: dict[str, Any],
     features: np.ndarray | None = None,
+    store_dtype: str = "float32",
 ) -> ShardInfo:
     """Write one shard atomically and return its :class:`ShardInfo` (size and sha256 of the file).
 
-    ``images`` is ``[N, C, H, W]`` float32 in the teacher's normalized space; ``meta`` must hold
-    ``REQUIRED_META`` (``final_losses`` is optional; extra JSON-able keys are kept);
-    ``features`` (``[N, D]``) adds the optional ``feature`` column. Non-finite pixels, features or
-    losses are refused here, so a diverged synthesis never produces a shard.
+    ``images`` is ``[N, C, H, W]`` float32 in the teacher's normalized space, stored as
+    ``store_dtype`` (``float32`` or ``float16``); ``meta`` must hold ``REQUIRED_META``
+    (``final_losses`` is optional; extra JSON-able keys are kept); ``features`` (``[N, D]``) adds
+    the optional ``feature`` column. Non-finite pixels (also pixels beyond float16's range when
+    storing float16), features or losses are refused here, so a diverged synthesis never
+    produces a shard.
     """
+    if store_dtype not in STORE_DTYPES:
+        raise ShardError(f"shard {shard_index}: store_dtype {store_dtype!r}, expected one of {list(STORE_DTYPES)}")
     images = np.asarray(images)
     if images.ndim != 4:
         raise ShardError(f"shard {shard_index}: images must be [N, C, H, W], got shape {images.shape}", shard_index)
@@ -227,6 +241,15 @@ def write_shard(
     n, c, h, w = images.shape
     if not np.isfinite(images).all():
         raise ShardError(f"shard {shard_index}: images contain NaN or Inf; refusing to write", shard_index)
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, refused just below
+        stored = images.astype(np.float16) if store_dtype == "float16" else images
+    if store_dtype == "float16" and not np.isfinite(stored).all():
+        big = float(np.abs(images).max())
+        raise ShardError(
+            f"shard {shard_index}: pixel magnitude {big:.4g} exceeds float16's range (65504); "
+            "store it with generate.store_dtype=float32",
+            shard_index,
+        )
     labels_a = _as_int64("labels", labels, n, shard_index)
     seeds_a = _as_int64("seeds", seeds, n, shard_index)
     indices_a = _as_int64("indices", indices, n, shard_index)
@@ -262,6 +285,7 @@ def write_shard(
         "image_shape": [c, h, w],
         "num_classes": num_classes,
         "feature_dim": None if feats is None else int(feats.shape[1]),
+        "store_dtype": store_dtype,
         "final_losses": dict(zip(losses, _float_list("final_losses", losses.values(), shard_index), strict=True)),
     }
     try:
@@ -270,15 +294,17 @@ def write_shard(
         raise ShardError(f"shard {shard_index}: meta is not JSON-serializable: {exc}", shard_index) from exc
 
     size = c * h * w
-    image_col = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1), type=pa.float32()), size)
+    image_col = pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1), type=STORE_DTYPES[store_dtype]), size)
     columns = [image_col, pa.array(labels_a), pa.array(seeds_a), pa.array(indices_a)]
     if feats is not None:
         flat_feats = pa.array(feats.reshape(-1), type=pa.float32())
         columns.append(pa.FixedSizeListArray.from_arrays(flat_feats, feats.shape[1]))
-    schema = _schema(size, None if feats is None else feats.shape[1])
+    feature_dim = None if feats is None else int(feats.shape[1])
+    schema = _schema(size, feature_dim, store_dtype)
     table = pa.Table.from_arrays(columns, schema=schema.with_metadata({METADATA_KEY: meta_json.encode("utf-8")}))
     buf = io.BytesIO()
-    pq.write_table(table, buf, row_group_size=row_group_rows(size * 4), compression="snappy")
+    rows = row_group_rows(row_bytes(size, store_dtype, feature_dim))
+    pq.write_table(table, buf, row_group_size=rows, compression="snappy")
     data = buf.getvalue()
     rel = shard_path(shard_index)
     storage.write_bytes_atomic(rel, data)
@@ -310,9 +336,11 @@ def _check_schema(table: pa.Table, name: str, shard: int | None) -> None:
         )
     for col in ("image", FEATURE_COLUMN)[: 1 + (FEATURE_COLUMN in names)]:
         col_type = table.schema.field(col).type
-        if not (pa.types.is_fixed_size_list(col_type) and col_type.value_type == pa.float32()):
+        allowed = STORE_DTYPES.values() if col == "image" else (pa.float32(),)
+        if not (pa.types.is_fixed_size_list(col_type) and col_type.value_type in allowed):
+            want = "float32 or halffloat" if col == "image" else "float32"
             raise ShardError(
-                f"{name}: column '{col}' has type {col_type}, expected fixed_size_list<float32>", shard, name
+                f"{name}: column '{col}' has type {col_type}, expected fixed_size_list<{want}>", shard, name
             )
     for col in ("label", "seed", "index"):
         if table.schema.field(col).type != pa.int64():
@@ -344,8 +372,14 @@ def _decode(table: pa.Table, meta: dict[str, Any], name: str, shard: int | None)
     return ShardData(images, labels, seeds, indices, meta, features)
 
 
+def stored_dtype(schema: pa.Schema) -> str:
+    """The pixel dtype a shard stores (``float32`` or ``float16``), read off its image column."""
+    value_type = schema.field("image").type.value_type
+    return next(name for name, t in STORE_DTYPES.items() if t == value_type)
+
+
 def _fixed_list_to_numpy(table: pa.Table, column: str) -> np.ndarray:
-    """The values of a fixed-size-list float column as one flat float32 array."""
+    """The values of a fixed-size-list float column as one flat float32 array (float16 widened)."""
     flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(flat, dtype=np.float32)
 
@@ -374,7 +408,8 @@ def validate_shard(storage: Storage, info: _ShardRecord, expected: dict[str, Any
     """Check a shard against its manifest record and the run's expectations; ShardError if bad.
 
     Detects a missing, truncated or unreadable file, wrong columns or types, metadata of another
-    shard or run (``config_hash``, ``teacher_sha256``), a wrong image shape, a row-count or
+    shard or run (``config_hash``, ``teacher_sha256``), a wrong image shape, pixels stored in
+    another dtype than ``expected["store_dtype"]`` (read off the image column), a row-count or
     checksum mismatch, labels out of range, and NaN/Inf values. ``expected`` may hold any of
     ``EXPECTED_KEYS``.
     """
@@ -407,6 +442,8 @@ def validate_shard(storage: Storage, info: _ShardRecord, expected: dict[str, Any
         if key not in expected:
             continue
         want, got = expected[key], meta.get(key)
+        if key == "store_dtype":
+            got = stored_dtype(table.schema)  # the column is the truth (shards before the key: float32)
         if key in ("image_shape", "mean", "std"):
             same = got is not None and [float(v) for v in got] == [float(v) for v in want]
         else:
@@ -461,6 +498,8 @@ class Manifest(BaseModel):
     num_classes: int = Field(ge=1)
     mean: list[float]
     std: list[float]
+    #: How the shards store pixels (manifests written before the key existed: float32).
+    store_dtype: Literal["float32", "float16"] = "float32"
     shards: list[ManifestShard] = Field(default_factory=list)
     complete: bool = False
 
@@ -516,7 +555,7 @@ def validate_dataset(storage: Storage, manifest: Manifest, expected: dict[str, A
     """Validate every shard of the manifest; returns the problems found (empty when all good).
 
     ``expected`` defaults to what the manifest records (config hash, image shape, number of
-    classes, mean, std); explicit values override. Planned shards absent from the manifest are
+    classes, mean, std, store dtype); explicit values override. Planned shards absent from the manifest are
     reported too, each as a ShardError naming the shard.
     """
     given = dict(expected or {})
@@ -526,9 +565,10 @@ def validate_dataset(storage: Storage, manifest: Manifest, expected: dict[str, A
         "num_classes": manifest.num_classes,
         "mean": manifest.mean,
         "std": manifest.std,
+        "store_dtype": manifest.store_dtype,
     }
     errors: list[ShardError] = []
-    for key in ("config_hash", "image_shape", "num_classes"):
+    for key in ("config_hash", "image_shape", "num_classes", "store_dtype"):
         if key in given and recorded[key] != given[key]:
             errors.append(
                 ShardError(f"{storage.join(MANIFEST_NAME)}: {key} is {recorded[key]!r}, expected {given[key]!r}")

@@ -254,8 +254,9 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
 def probe_config(cfg: RunConfig, storage: Storage) -> RunConfig:
     """The probe set's generation config: a fixed ``bns_ce`` recipe, whatever the base weights.
 
-    Only the budget (images, batch, iterations, rounds), the model and a seed derived from the
-    run's seed are taken from ``cfg``; loss weights, margins and LOR are the preset's.
+    Only the budget (images, batch, iterations, rounds), the engineering knobs (memory format,
+    compile, amp, micro-batches, pixel storage), the model and a seed derived from the run's seed
+    are taken from ``cfg``; loss weights, margins and LOR are the preset's.
     """
     from intraq_core.config import SynthConfig
     from intraq_core.seeding import derive_seed
@@ -270,6 +271,8 @@ def probe_config(cfg: RunConfig, storage: Storage) -> RunConfig:
         channels_last=g.channels_last,
         compile=g.compile,
         amp=g.amp,
+        micro_batch_size=g.micro_batch_size,
+        store_dtype=g.store_dtype,
     )
     seed = derive_seed(cfg.seed, PURPOSE_PROBE) % 2**31
     probe_cfg = _subconfig(cfg, storage.url, seed=seed, generate=recipe.model_dump(mode="json"))

@@ -8,11 +8,31 @@ Engineering differences from the reference loop, none of which changes the metho
 the teacher's weights do not require gradients (only pixel gradients are computed),
 BN statistics are read in one pass with ``torch.var_mean``, LOR is batched, the batch can
 be channels-last, and bf16 autocast / ``torch.compile`` are available on GPUs.
+
+Micro-batches (``generate.micro_batch_size``) bound the memory of a large batch (256 images
+of 224x224) without changing its loss. The BN-statistics loss couples all images of the batch
+through the per-channel mean and variance of every BN input, so each Adam step takes two
+passes over the micro-batches:
+
+1. without gradients: per BN layer l the channel sums S1_l = sum x and S2_l = sum x^2 over the
+   whole batch (N, H, W). The loss is then a function of these leaves (mu = S1/n,
+   var = S2/n - mu^2, :func:`intraq_core.synth.losses.bns_loss` as in the one-pass path) and
+   autograd gives g1_l = dL/dS1_l and g2_l = dL/dS2_l.
+2. with gradients, per micro-batch: the surrogate sum_l <g1_l, sum_mb x_l> + <g2_l, sum_mb x_l^2>
+   (whose gradient at each BN input is g1 + 2 g2 x = dL/dx of the whole-batch loss) plus the
+   micro-batch's share of the per-image terms (CE and SIL as sums over the batch / n, MDC with
+   the whole batch's denominator, which depends on the labels only).
+
+The pixel gradients of the micro-batches are concatenated and Adam takes one step: the same
+step as the one-pass path up to float32 reduction order. LOR draws its crops for the whole batch
+once and each micro-batch takes its images' crops. ADI is refused with micro-batches: its
+quantized student sets activation ranges from the whole batch, another coupling of images.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +44,7 @@ from intraq_core.config import SynthConfig
 from intraq_core.errors import ModelError
 from intraq_core.models.introspect import FeatureTap, bn_layers
 from intraq_core.synth import losses
-from intraq_core.synth.lor import apply_lor, sample_lor_params
+from intraq_core.synth.lor import LorParams, apply_lor, sample_lor_params
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
@@ -85,25 +105,130 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(x, dim=dims, unbiased=False)
 
 
+def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel (sum x, sum x^2) over all dims but 1, in float64, and the count summed over."""
+    channels = x.shape[1]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        flat = x.permute(0, 2, 3, 1).reshape(-1, channels)
+        return flat.sum(0).double(), (flat * flat).sum(0).double(), flat.shape[0]
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.sum(dims).double(), (x * x).sum(dims).double(), x.numel() // channels
+
+
+class _InjectBNGrad(torch.autograd.Function):
+    """A zero scalar whose gradient at ``x`` is that of ``sum_c g1_c sum x_c + g2_c sum x_c^2``.
+
+    Added to a micro-batch's loss, it gives every BN input the gradient of the whole batch's
+    BN-statistics loss (``g1``, ``g2``: that loss's derivatives by the channel sums). Its value
+    is never used (the loss value comes from the first pass), so the forward computes nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        ctx.save_for_backward(x, g1.view(shape), g2.view(shape))
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        x, g1, g2 = ctx.saved_tensors
+        return grad * (g1 + 2.0 * g2 * x), None, None
+
+
 class _BNStats:
-    """Forward pre-hooks reading per-channel mean and biased variance of every BN input."""
+    """Forward pre-hooks on every BN layer, reading its input.
+
+    Modes: ``stats`` (default) appends the per-channel mean and biased variance of each call,
+    differentiable; ``sums`` accumulates per-layer channel sums over several forwards (the
+    first micro-batch pass); ``inject`` adds each layer's :class:`_InjectBNGrad` term (the
+    second pass).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for _, m in bn_layers(model)]
         self.means: list[torch.Tensor] = []
         self.vars: list[torch.Tensor] = []
-        self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+        self.mode = "stats"
+        self._sums: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []
+        self._grads: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.injected: list[torch.Tensor] = []
+        self._handles = [
+            m.register_forward_pre_hook(functools.partial(self._hook, i)) for i, m in enumerate(self.layers)
+        ]
         self.running_means = [m.running_mean for m in self.layers]
         self.running_vars = [m.running_var for m in self.layers]
 
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        var, mean = channel_stats(args[0].float())
-        self.means.append(mean)
-        self.vars.append(var)
+    def _hook(self, index: int, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].float()
+        if self.mode == "stats":
+            var, mean = channel_stats(x)
+            self.means.append(mean)
+            self.vars.append(var)
+        elif self.mode == "sums":
+            s1, s2, count = channel_sums(x.detach())
+            acc = self._sums[index]
+            self._sums[index] = (s1, s2, count) if acc is None else (acc[0] + s1, acc[1] + s2, acc[2] + count)
+        elif self.mode == "inject":
+            grads = self._grads[index] if index < len(self._grads) else None
+            if grads is not None:
+                self.injected.append(_InjectBNGrad.apply(x, *grads))
+
+    def start_sums(self) -> None:
+        """Accumulate channel sums of every BN input from now on (call :meth:`sums_loss` after)."""
+        self.clear()
+        self.mode = "sums"
+        self._sums = [None] * len(self.layers)
+
+    def sums_loss(self, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The BN-statistics loss of the accumulated sums, and its gradients for :meth:`start_inject`.
+
+        Returns (mean part, variance part) as :func:`losses.bns_loss` gives them for the whole
+        batch; keeps ``weight`` times their sum's derivatives by S1 and S2 of every layer.
+        """
+        called = [i for i, acc in enumerate(self._sums) if acc is not None]
+        if not called:
+            raise ValueError("no BN layer ran in the first micro-batch pass")
+        s1 = [self._sums[i][0].detach().requires_grad_(True) for i in called]  # type: ignore[index]
+        s2 = [self._sums[i][1].detach().requires_grad_(True) for i in called]  # type: ignore[index]
+        with torch.enable_grad():
+            means, variances = [], []
+            for i, a, b in zip(called, s1, s2, strict=True):
+                n = float(self._sums[i][2])  # type: ignore[index]
+                mean = a / n
+                raw = b / n - mean * mean
+                # Clamped at 0 like channel_stats, whose backward ignores the clamp: so does this one.
+                variances.append(raw + (raw.clamp(min=0.0) - raw).detach())
+                means.append(mean)
+            mean_part, var_part = losses.bns_loss(
+                means,
+                variances,
+                [self.running_means[i] for i in called],
+                [self.running_vars[i] for i in called],
+            )
+            g = torch.autograd.grad(weight * (mean_part + var_part), [*s1, *s2])
+        self._grads = [None] * len(self.layers)
+        for k, i in enumerate(called):
+            self._grads[i] = (g[k].float(), g[len(called) + k].float())
+        self._sums = []
+        self.mode = "stats"
+        return mean_part.detach(), var_part.detach()
+
+    def start_inject(self) -> None:
+        """Add the gradient terms kept by :meth:`sums_loss` to every forward from now on."""
+        self.injected.clear()
+        self.mode = "inject"
 
     def clear(self) -> None:
         self.means.clear()
         self.vars.clear()
+        self.injected.clear()
+
+    def stop(self) -> None:
+        """Back to the ``stats`` mode; forget sums and gradient terms."""
+        self.clear()
+        self.mode = "stats"
+        self._sums = []
+        self._grads = []
 
     def remove(self) -> None:
         for h in self._handles:
@@ -234,7 +359,7 @@ class Synthesizer:
         if self.bounds is not None:
             x0 = torch.maximum(torch.minimum(x0, self.bounds[1]), self.bounds[0])
         if not cfg.optimizes or cfg.iterations == 0:
-            feats = self.features(x0)
+            feats = self.features(x0, batch_size=min(512, cfg.micro_batch_size or 512))
             return SynthResult(x0, labels.cpu(), seeds.cpu(), feats, {}, {}, time.perf_counter() - start_time, 0)
 
         gen = torch.Generator().manual_seed(int(batch_seed))
@@ -246,6 +371,7 @@ class Synthesizer:
             c_feats, c_mask = None, None
 
         x = x0.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
+        del x0  # a copy when channels-last: one batch of pixels less held during the optimization
         bounds = None if self.bounds is None else (self.bounds[0].to(self.device), self.bounds[1].to(self.device))
         opt = torch.optim.Adam([x], lr=cfg.lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -254,10 +380,11 @@ class Synthesizer:
         names = self.active_terms()
         w = self.weights
         record = torch.zeros(cfg.iterations, len(names) + 1, device=self.device)
-        amp = cfg.amp == "bf16"
+        micro = cfg.micro_batch_size is not None and cfg.micro_batch_size < n
+        mdc_denom = losses.mdc_denominator(y, c_mask) if micro and c_mask is not None else None
         _, height, width = self.image_shape
         for it in range(cfg.iterations):
-            inp = x
+            params = None
             if self.lor and float(torch.rand(1, generator=gen)) < cfg.lor_prob:
                 params = sample_lor_params(
                     n,
@@ -268,38 +395,16 @@ class Synthesizer:
                     flip=cfg.lor_flip,
                     rotation=cfg.lor_rotation,
                 )
-                inp = apply_lor(x, params)
-            self.bn.clear()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = self._forward(inp)
-                student_logits = self.student(inp) if self.student is not None else None
-            terms: dict[str, torch.Tensor] = {}
-            if w["bns"] > 0:
-                terms["bns_mean"], terms["bns_var"] = losses.bns_loss(
-                    self.bn.means, self.bn.vars, self.bn.running_means, self.bn.running_vars
-                )
-            if w["ce"] > 0:
-                terms["ce"] = losses.ce_loss(logits, y)
-            if w["sil"] > 0:
-                terms["sil"] = losses.sil_loss(logits, y, sil_t)
-            if w["mdc"] > 0:
-                if c_feats is None:
-                    zero = logits.float().sum() * 0.0
-                    terms["mdc_lower"], terms["mdc_upper"] = zero, zero
-                else:
-                    terms["mdc_lower"], terms["mdc_upper"] = losses.mdc_loss(
-                        self.tap.features, y, c_feats, c_mask, cfg.mdc_lower, cfg.mdc_upper
-                    )
-            if student_logits is not None:
-                terms["adi"] = losses.adi_loss(logits, student_logits)
-            total = sum(w[_weight_key(k)] * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            if micro:
+                terms = self._micro_batch_step(x, params, y, sil_t, c_feats, c_mask, mdc_denom)
+            else:
+                terms = self._batch_step(x, params, y, sil_t, c_feats, c_mask)
+            total_value = float(sum(w[_weight_key(k)] * v for k, v in terms.items()))
             opt.step()
             if bounds is not None:
                 with torch.no_grad():
                     x.copy_(torch.maximum(torch.minimum(x, bounds[1]), bounds[0]))
-            total_value = float(total.detach())
             sched.step(total_value)
             with torch.no_grad():
                 if names:
@@ -309,7 +414,7 @@ class Synthesizer:
                 progress(it + 1, cfg.iterations, {"total": total_value})
         self.bn.clear()
         images = x.detach().contiguous().float().cpu()
-        feats = self.features(images)
+        feats = self.features(images, batch_size=min(512, cfg.micro_batch_size or 512))
         rec = record.cpu()
         history = {k: rec[:, j].tolist() for j, k in enumerate([*names, "total"])}
         final = {k: v[-1] for k, v in history.items()}
@@ -323,6 +428,127 @@ class Synthesizer:
             time.perf_counter() - start_time,
             cfg.iterations,
         )
+
+    def _input(self, x: torch.Tensor, params: LorParams | None, start: int = 0) -> torch.Tensor:
+        """The teacher's input for images ``x`` (images ``start:`` of the batch): LOR'd when
+        ``params`` (drawn for the whole batch) are given, in the synthesizer's memory format."""
+        if params is not None:
+            x = apply_lor(x, params.rows(start, start + x.shape[0]))
+        return x.contiguous(memory_format=self.memory_format)
+
+    def _teacher_forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher logits (BN hooks fire) and, with ADI, the quantized student's logits."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16"):
+            logits = self._forward(inp)
+            student_logits = self.student(inp) if self.student is not None else None
+        return logits, student_logits
+
+    def _image_terms(
+        self,
+        logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
+        y: torch.Tensor,
+        sil_t: torch.Tensor,
+        c_feats: torch.Tensor | None,
+        c_mask: torch.Tensor | None,
+        *,
+        share: float | None = None,
+        mdc_denom: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """CE, SIL, MDC (and ADI) of these images; with ``share`` = micro-batch size / batch size
+        and ``mdc_denom`` (the batch's), the micro-batch's part of the whole batch's terms."""
+        cfg, w = self.cfg, self.weights
+        terms: dict[str, torch.Tensor] = {}
+        if w["ce"] > 0:
+            terms["ce"] = losses.ce_loss(logits, y)
+        if w["sil"] > 0:
+            terms["sil"] = losses.sil_loss(logits, y, sil_t)
+        if share is not None:  # batch means = sums of micro-batch means weighted by their share
+            terms = {k: v * share for k, v in terms.items()}
+        if w["mdc"] > 0:
+            if c_feats is None or c_mask is None:
+                zero = logits.float().sum() * 0.0
+                terms["mdc_lower"], terms["mdc_upper"] = zero, zero
+            else:
+                terms["mdc_lower"], terms["mdc_upper"] = losses.mdc_loss(
+                    self.tap.features, y, c_feats, c_mask, cfg.mdc_lower, cfg.mdc_upper, denominator=mdc_denom
+                )
+        if student_logits is not None:
+            terms["adi"] = losses.adi_loss(logits, student_logits)
+        return terms
+
+    def _batch_step(
+        self,
+        x: torch.Tensor,
+        params: LorParams | None,
+        y: torch.Tensor,
+        sil_t: torch.Tensor,
+        c_feats: torch.Tensor | None,
+        c_mask: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Set ``x.grad`` to the gradient of the batch's loss in one pass; returns the term values."""
+        w = self.weights
+        self.bn.clear()
+        logits, student_logits = self._teacher_forward(self._input(x, params))
+        terms: dict[str, torch.Tensor] = {}
+        if w["bns"] > 0:
+            terms["bns_mean"], terms["bns_var"] = losses.bns_loss(
+                self.bn.means, self.bn.vars, self.bn.running_means, self.bn.running_vars
+            )
+        terms.update(self._image_terms(logits, student_logits, y, sil_t, c_feats, c_mask))
+        total = sum(w[_weight_key(k)] * v for k, v in terms.items())
+        assert isinstance(total, torch.Tensor)
+        total.backward()
+        self.bn.clear()
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _micro_batch_step(
+        self,
+        x: torch.Tensor,
+        params: LorParams | None,
+        y: torch.Tensor,
+        sil_t: torch.Tensor,
+        c_feats: torch.Tensor | None,
+        c_mask: torch.Tensor | None,
+        mdc_denom: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Set ``x.grad`` to the gradient of the whole batch's loss, one micro-batch at a time.
+
+        Two passes (module docstring): BN channel sums of the batch without gradients, then
+        per micro-batch the BN gradient terms plus the micro-batch's part of the per-image
+        terms. Returns the batch's (detached) term values.
+        """
+        n, size, w = x.shape[0], int(self.cfg.micro_batch_size or x.shape[0]), self.weights
+        spans = [(a, min(a + size, n)) for a in range(0, n, size)]
+        terms: dict[str, torch.Tensor] = {}
+        grad = torch.empty_like(x)
+        try:
+            if w["bns"] > 0:
+                self.bn.start_sums()
+                with torch.no_grad():
+                    for a, b in spans:
+                        self._teacher_forward(self._input(x[a:b], params, a))
+                terms["bns_mean"], terms["bns_var"] = self.bn.sums_loss(w["bns"])
+            self.bn.start_inject()
+            for a, b in spans:
+                xm = x.detach()[a:b].requires_grad_(True)
+                self.bn.injected.clear()
+                logits, _ = self._teacher_forward(self._input(xm, params, a))
+                part = self._image_terms(
+                    logits, None, y[a:b], sil_t[a:b], c_feats, c_mask, share=(b - a) / n, mdc_denom=mdc_denom
+                )
+                loss = sum((w[_weight_key(k)] * v for k, v in part.items()), start=sum(self.bn.injected))
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    loss.backward()
+                    grad[a:b] = xm.grad
+                else:
+                    grad[a:b] = 0.0
+                for k, v in part.items():
+                    terms[k] = terms[k] + v.detach() if k in terms else v.detach()
+        finally:
+            self.bn.stop()
+        x.grad = grad
+        return terms
 
     def close(self) -> None:
         """Remove the hooks from the (copied) teacher."""

@@ -14,18 +14,22 @@ def label_plan(
 ) -> torch.Tensor:
     """Labels for ``num_images`` synthetic images.
 
-    ``balanced`` (default) cycles through the classes (``i mod K``), so every batch cut
-    from the plan is itself nearly class-balanced; ``uniform`` draws each label uniformly
-    at random as the reference implementation does (``randint``).
+    ``balanced`` (default): class counts differ by at most one. With at least one image per
+    class it cycles through the classes (``i mod K``), so every batch cut from the plan is
+    itself nearly class-balanced. With fewer images than classes (256 images of a 1,000-class
+    ImageNet teacher, as in the IntraQ paper's Table 2) each image gets a different class: a
+    seeded draw of ``num_images`` classes without replacement, in ascending order.
+    ``uniform`` draws each label uniformly at random as the reference implementation does
+    (``randint``, with replacement: classes may repeat and be missing at any image count).
+    Both depend on ``seed`` only where they draw at random.
     """
-    if num_images < num_classes:
-        raise ValueError(
-            f"number of images ({num_images}) is smaller than the number of classes ({num_classes}): "
-            "every class needs at least one image"
-        )
+    if num_images < 1 or num_classes < 1:
+        raise ValueError(f"a label plan needs images and classes, got {num_images} images of {num_classes} classes")
+    gen = torch.Generator().manual_seed(derive_seed(seed, PURPOSE_LABELS))
     if mode == "balanced":
+        if num_images < num_classes:
+            return torch.randperm(num_classes, generator=gen)[:num_images].sort().values
         return torch.arange(num_images, dtype=torch.int64) % num_classes
     if mode == "uniform":
-        gen = torch.Generator().manual_seed(derive_seed(seed, PURPOSE_LABELS))
         return torch.randint(0, num_classes, (num_images,), generator=gen, dtype=torch.int64)
     raise ValueError(f"unknown label plan '{mode}' (choose balanced or uniform)")

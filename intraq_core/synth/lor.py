@@ -36,6 +36,11 @@ class LorParams:
     def __len__(self) -> int:
         return int(self.top.shape[0])
 
+    def rows(self, start: int, stop: int) -> LorParams:
+        """The parameters of images ``start:stop`` (a micro-batch gets the same crops as its images)."""
+        fields = (self.top, self.left, self.height, self.width, self.flip, self.angle)
+        return LorParams(*(t[start:stop] for t in fields))
+
 
 def sample_lor_params(
     n: int,

@@ -71,6 +71,7 @@ def mdc_loss(
     has_centre: torch.Tensor,
     lower: float,
     upper: float,
+    denominator: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marginal Distance Constraint, split into its lower and upper hinge.
 
@@ -78,16 +79,23 @@ def mdc_loss(
     d_i within [lower, upper] of it:
     lower part = sum_i m_i max(lower - d_i, 0) / (sum_i m_i + 1e-6), upper part likewise
     with max(d_i - upper, 0). Both are zero when no class has a centre yet.
+    ``denominator`` replaces ``sum_i m_i + 1e-6`` (a micro-batch passes the whole batch's, so that
+    the micro-batches' parts add up to the batch's loss; see :func:`mdc_denominator`).
     """
     mask = has_centre[labels].float()
     if not bool(has_centre.any()):
         zero = features.sum() * 0.0
         return zero, zero
     dist = cosine_distance_to_centres(features, labels, centres)
-    denom = mask.sum() + 1e-6
+    denom = mdc_denominator(labels, has_centre) if denominator is None else denominator
     low = (mask * torch.clamp(lower - dist, min=0.0)).sum() / denom
     up = (mask * torch.clamp(dist - upper, min=0.0)).sum() / denom
     return low, up
+
+
+def mdc_denominator(labels: torch.Tensor, has_centre: torch.Tensor) -> torch.Tensor:
+    """``sum_i m_i + 1e-6`` of :func:`mdc_loss` for a batch: it depends on the labels only."""
+    return has_centre[labels].float().sum() + 1e-6
 
 
 def adi_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
@@ -131,11 +139,18 @@ def mean_intra_class_cosine_distance(features: torch.Tensor, labels: torch.Tenso
 
 
 def mean_distance_to_class_centre(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean cosine distance of features to their own class mean (what MDC's hinge sees)."""
+    """Mean cosine distance of features to their own class mean (what MDC's hinge sees).
+
+    Classes with fewer than two samples are skipped (an image is its own centre).
+    """
     feats = features.float()
     dists = []
     for c in torch.unique(labels):
         f = feats[labels == c]
+        if f.shape[0] < 2:
+            continue
         centre = f.mean(0, keepdim=True)
         dists.append(1.0 - F.cosine_similarity(f, centre.expand_as(f), dim=1))
+    if not dists:
+        raise ValueError("need at least two samples of one class")
     return float(torch.cat(dists).mean())

@@ -26,7 +26,7 @@ SQUANT = ["quant.method=squant", "distill.epochs=0", "eval.limit=200", "device=c
 def squant_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """``intraq-pipeline run`` of SQuant alone (default executor: ray) on the smoke config."""
     url = tmp_path_factory.mktemp("squant") / "run"
-    # generate.num_images=1 is fewer images than classes: refused for any method that needs a plan.
+    # generate.num_images=1: a plan that SQuant alone never generates.
     args = ["run", "-c", "smoke", "-o", str(url), "--set", "generate.num_images=1"]
     for item in SQUANT:
         args += ["--set", item]

@@ -375,9 +375,8 @@ def test_row_groups_stay_small_and_picking_rows_reads_only_their_groups(
 ) -> None:
     import pipeline.shards as shards
 
-    assert shards.row_group_rows(4 * 3 * 32 * 32) == shards.ROW_GROUP_SIZE  # CIFAR: one group
-    assert shards.row_group_rows(4 * 3 * 224 * 224) * 4 * 3 * 224 * 224 <= shards.ROW_GROUP_MAX_BYTES
-    monkeypatch.setattr(shards, "ROW_GROUP_MAX_BYTES", 3 * 4 * int(np.prod(SHAPE)))  # 3 rows a group
+    assert shards.row_group_rows(shards.row_bytes(3 * 32 * 32, "float32", 64)) == shards.ROW_GROUP_SIZE  # CIFAR
+    monkeypatch.setattr(shards, "ROW_GROUP_MAX_BYTES", 3 * shards.row_bytes(int(np.prod(SHAPE))))  # 3 rows a group
     storage = Storage.from_url(str(tmp_path))
     info = _write(storage, 0, n=10)
     assert pq.ParquetFile(tmp_path / info.path).metadata.num_row_groups == 4
@@ -392,3 +391,101 @@ def test_row_groups_stay_small_and_picking_rows_reads_only_their_groups(
     assert read[-1] == [1]  # rows 4 and 5 are both in group 1: only it is read
     with pytest.raises(ShardError, match="rows outside"):
         shards.read_rows(storage, info.path, np.array([10]), SHAPE)
+
+
+def test_row_groups_of_224px_rows_stay_within_128_mb() -> None:
+    import pipeline.shards as shards
+
+    # A 3x224x224 row with a 256-d feature (MobileNetV1 x0.25): 150,528 pixels, 1,024 feature
+    # bytes, 24 bytes of label/seed/index. 2^27 // 603,160 = 222; 2^27 // 302,104 = 444.
+    assert shards.ROW_GROUP_MAX_BYTES == 2**27
+    assert shards.row_bytes(150_528, "float32", 256) == 150_528 * 4 + 1_024 + 24 == 603_160
+    assert shards.row_bytes(150_528, "float16", 256) == 150_528 * 2 + 1_024 + 24 == 302_104
+    assert shards.row_group_rows(603_160) == 222 and 222 * 603_160 <= 2**27 < 223 * 603_160
+    assert shards.row_group_rows(302_104) == 444 and 444 * 302_104 <= 2**27 < 445 * 302_104
+
+
+# -- float16 storage --------------------------------------------------------------------------------
+
+#: float16 keeps 11 significant bits: round-to-nearest is within 2^-11 of a value (relative) for
+#: normal numbers and within half the subnormal spacing 2^-24 (absolute) below 2^-14.
+F16_RTOL, F16_ATOL = 2.0**-11, 2.0**-25
+
+
+def test_float16_shard_round_trips_within_float16_precision(any_storage: Storage) -> None:
+    from torch.testing import assert_close
+
+    images, labels, seeds, indices = _batch(0, n=8)
+    images[0, 0, 0, :4] = [1e-6, -3e-7, 65000.0, 0.0]  # subnormal, large, zero
+    features = np.random.default_rng(2).normal(size=(8, 16)).astype(np.float32)
+    info32 = write_shard(any_storage, 0, images, labels, seeds, indices, _meta(0), features=features)
+    info16 = write_shard(
+        any_storage, 1, images, labels, seeds, indices, _meta(1), features=features, store_dtype="float16"
+    )
+    shard = read_shard(any_storage, info16.path)
+    assert shard.images.dtype == np.float32 and shard.images.shape == (8, *SHAPE)  # widened on read
+    assert_close(shard.images, images, rtol=F16_RTOL, atol=F16_ATOL)
+    np.testing.assert_array_equal(shard.images, images.astype(np.float16).astype(np.float32))  # plain rounding
+    assert not np.array_equal(shard.images, images)
+    np.testing.assert_array_equal(shard.features, features)  # features stay float32
+    assert shard.meta["store_dtype"] == "float16"
+    assert read_shard(any_storage, info32.path).meta["store_dtype"] == "float32"
+    rows = np.array([5, 0])
+    picked = shards_module().read_rows(any_storage, info16.path, rows, SHAPE)
+    assert picked.dtype == np.float32
+    np.testing.assert_array_equal(picked, shard.images[rows])
+    validate_shard(any_storage, info16, {**_expected(), "store_dtype": "float16"})
+    with pytest.raises(ShardError, match="store_dtype is 'float16', expected 'float32'"):
+        validate_shard(any_storage, info16, {**_expected(), "store_dtype": "float32"})
+    with pytest.raises(ShardError, match="store_dtype is 'float32', expected 'float16'"):
+        validate_shard(any_storage, info32, {**_expected(), "store_dtype": "float16"})
+
+
+def test_float16_refuses_pixels_beyond_its_range(tmp_path: Path) -> None:
+    storage = Storage.from_url(str(tmp_path))
+    images, labels, seeds, indices = _batch(0)
+    images[2, 1, 3, 3] = 70000.0
+    with pytest.raises(ShardError, match=r"exceeds float16's range \(65504\); store it with generate\.store"):
+        write_shard(storage, 0, images, labels, seeds, indices, _meta(0), store_dtype="float16")
+    with pytest.raises(ShardError, match="store_dtype 'bfloat16'"):
+        write_shard(storage, 0, images, labels, seeds, indices, _meta(0), store_dtype="bfloat16")
+    assert storage.ls("shards") == []
+
+
+def test_manifest_records_the_store_dtype_and_another_dtype_is_a_problem(tmp_path: Path) -> None:
+    storage = Storage.from_url(str(tmp_path))
+    manifest = _manifest(planned=2).model_copy(update={"store_dtype": "float16"})
+    manifest.add_shard(write_shard(storage, 0, *_batch(0), _meta(0), store_dtype="float16"))
+    manifest.add_shard(_write(storage, 1))  # a float32 shard slipped into a float16 dataset
+    manifest.save(storage)
+    again = Manifest.load(storage)
+    assert again.store_dtype == "float16"
+    errors = validate_dataset(storage, again)
+    assert [e.shard for e in errors] == [1] and "store_dtype is 'float32', expected 'float16'" in str(errors[0])
+    # A manifest written before the key existed describes float32 shards.
+    old = json.loads(storage.read_bytes(MANIFEST_NAME))
+    del old["store_dtype"]
+    storage.write_bytes_atomic(MANIFEST_NAME, json.dumps(old).encode())
+    assert Manifest.load(storage).store_dtype == "float32"
+    assert [e.shard for e in validate_dataset(storage, Manifest.load(storage))] == [0]
+
+
+def test_a_shard_written_before_store_dtype_existed_is_float32(tmp_path: Path) -> None:
+    storage = Storage.from_url(str(tmp_path))
+    info = _write(storage, 0)
+    table = pq.read_table(storage.join(info.path))
+    meta = json.loads(table.schema.metadata[b"intraq"])
+    del meta["store_dtype"]  # what every shard written before the key looked like
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({b"intraq": json.dumps(meta).encode()}), buf)
+    storage.write_bytes_atomic(info.path, buf.getvalue())
+    old = replace(info, bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    validate_shard(storage, old, {**_expected(), "store_dtype": "float32"})  # read off the image column
+    with pytest.raises(ShardError, match="store_dtype is 'float32', expected 'float16'"):
+        validate_shard(storage, old, {**_expected(), "store_dtype": "float16"})
+
+
+def shards_module() -> Any:
+    import pipeline.shards
+
+    return pipeline.shards

@@ -27,9 +27,30 @@ def test_uniform_plan_is_seeded() -> None:
     assert set(a.tolist()) == set(range(10))
 
 
-def test_plan_needs_one_image_per_class() -> None:
-    with pytest.raises(ValueError, match="smaller than the number of classes"):
-        label_plan(5, 10)
+def test_fewer_images_than_classes_draws_classes_without_replacement() -> None:
+    # Seed 0: torch.randperm(10) from derive_seed(0, PURPOSE_LABELS) is [6, 9, 4, 5, 7, 1, 2, 8, 3, 0];
+    # its first four classes, ascending, are the plan.
+    assert label_plan(4, 10, seed=0).tolist() == [4, 5, 6, 9]
+    assert label_plan(4, 10, seed=0).tolist() == [4, 5, 6, 9]  # deterministic
+    assert label_plan(4, 10, seed=1).tolist() == [1, 5, 6, 8]  # seeded
+    for n in (1, 7, 9):
+        y = label_plan(n, 10, seed=3)
+        assert len(set(y.tolist())) == n and y.min() >= 0 and y.max() < 10  # each class at most once
+    # 256 images of a 1,000-class teacher (the IntraQ paper's ImageNet budget): 256 distinct classes.
+    y = label_plan(256, 1000, seed=0)
+    assert len(set(y.tolist())) == 256 and y.max() < 1000
+
+
+def test_balanced_plan_with_enough_images_is_unchanged() -> None:
+    assert label_plan(12, 10, seed=5).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert label_plan(10, 10, seed=5).tolist() == list(range(10))
+
+
+def test_plan_rejects_no_images_or_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="needs images and classes"):
+        label_plan(0, 10)
+    with pytest.raises(ValueError, match="unknown label plan"):
+        label_plan(5, 10, "shuffled")  # type: ignore[arg-type]
 
 
 def test_centres_are_plain_means() -> None:
