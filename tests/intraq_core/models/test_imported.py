@@ -44,7 +44,10 @@ def declared(**kwargs):
     return SmallVGG(**kwargs)
 
 
-declared.pretrained_cfg = {"input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+declared.pretrained_cfg = {
+    "input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+    "crop_pct": 0.8, "interpolation": "bicubic",
+}
 
 
 def not_a_model():
@@ -74,6 +77,7 @@ def test_build_with_kwargs_and_classes(user_module: str) -> None:
 
 def test_defaults_come_from_the_callable_or_the_model(user_module: str) -> None:
     declared = resolve_model_config(ModelConfig(arch=f"{user_module}:declared"))
+    assert (declared.crop_pct, declared.resize_size, declared.interpolation) == (0.8, 50, "bicubic")
     assert (declared.image_size, declared.mean, declared.std, declared.num_classes) == (
         40,
         (0.5, 0.5, 0.5),
