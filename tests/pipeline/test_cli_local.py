@@ -152,3 +152,31 @@ def test_evaluate_classes_and_labels_options(tmp_path: Path) -> None:
     by_labels = runner.invoke(app, [*base, "--data", str(flat), "--labels", str(tmp_path / "gt.txt")])
     assert by_labels.exit_code == 0, by_labels.output
     assert json.loads(by_labels.output) == {"top1": 66.6667, "n": 3}
+
+
+def test_evaluate_a_saved_student_with_another_preprocessing(tmp_path: Path) -> None:
+    """A student records its model spec (32x32, no resize); --set model.resize=… still overrides it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from intraq_core.config import ModelConfig, QuantConfig
+    from intraq_core.models import create_model, resolve_model_config
+    from intraq_core.quant import calibrate
+    from intraq_core.student import build_student, student_checkpoint_bytes
+
+    model_cfg = resolve_model_config(ModelConfig(arch="cifar_resnet20"))
+    student = build_student(create_model(model_cfg), QuantConfig(w_bits=4, a_bits=4))
+    calibrate(student, [torch.randn(8, 3, 32, 32)])
+    path = tmp_path / "student.pt"
+    path.write_bytes(student_checkpoint_bytes(student, model_cfg, QuantConfig(w_bits=4, a_bits=4)))
+    for k in range(10):
+        (tmp_path / "data" / f"{k}").mkdir(parents=True)
+        pixels = np.random.default_rng(k).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / f"{k}" / "x.png")
+    base = ["evaluate", "--weights", str(path), "--data", str(tmp_path / "data"), "--json", "-q", "--workers", "0"]
+    as_saved = runner.invoke(app, base)
+    assert as_saved.exit_code == 2 and "a 40x40 image, but the model takes 32x32" in as_saved.output
+    resized = runner.invoke(app, [*base, "--set", "model.resize=40"])
+    assert resized.exit_code == 0, resized.output
+    assert json.loads(resized.output)["n"] == 10
