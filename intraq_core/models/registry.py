@@ -38,7 +38,13 @@ from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, ModelConfig, default_c
 from intraq_core.errors import CheckpointError, UnknownModelError
 from intraq_core.models.checkpoint import load_state_dict_file, load_weights, read_model_checkpoint, write_checkpoint
 from intraq_core.models.cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
-from intraq_core.models.imported import build_imported_model, imported_defaults, is_import_path
+from intraq_core.models.imported import (
+    build_imported_model,
+    declared_spec,
+    import_callable,
+    imported_defaults,
+    is_import_path,
+)
 from intraq_core.models.timm_models import (
     TIMM_PREFIX,
     build_timm_model,
@@ -295,7 +301,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
                 + (" (or declare it in a pretrained_cfg dict on the callable)" if spec.defaults_for else "")
             )
         values[name] = value
-    values.update(_preprocessing(cfg, (weights_meta, ckpt_cfg), defaults, values["image_size"]))
+
+    def declared() -> Mapping[str, Any]:
+        """The defaults for the preprocessing: without building a probe model that nothing else needed
+        (an imported callable's own pretrained_cfg only), so that a fully specified model is built once."""
+        if computed or spec.defaults_for is None:
+            return defaults()
+        return {**spec.defaults, **declared_spec(import_callable(arch))}
+
+    values.update(_preprocessing(cfg, (weights_meta, ckpt_cfg), declared, values["image_size"]))
     return ModelConfig.model_validate({"arch": arch, "weights": weights, "kwargs": kwargs, **values})
 
 

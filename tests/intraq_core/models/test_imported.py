@@ -52,6 +52,14 @@ declared.pretrained_cfg = {
 
 def not_a_model():
     return 42
+
+
+BUILT = []
+
+
+def counted(num_classes=10):  # records every build
+    BUILT.append(num_classes)
+    return SmallVGG(num_classes)
 """
 
 
@@ -143,3 +151,14 @@ def test_user_model_without_batchnorm_builds(user_module: str, tmp_path: Path, m
     )
     model = create_model(ModelConfig(arch="plain_nets:mlp", image_size=8, mean=(0,) * 3, std=(1,) * 3))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_a_fully_specified_model_is_not_built_to_resolve_it(user_module: str) -> None:
+    import importlib
+
+    built = importlib.import_module(user_module).BUILT
+    full = ModelConfig(arch=f"{user_module}:counted", num_classes=3, image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    resolved = resolve_model_config(full)
+    assert built == [] and (resolved.crop_pct, resolved.interpolation) == (0.875, "bilinear")
+    resolve_model_config(full.model_copy(update={"num_classes": None}))  # the classes need a probe model
+    assert built == [10]
