@@ -16,8 +16,9 @@ are 1-D integer class indices of the model (a trailing singleton dimension is sq
 warning), images are uint8 N×H×W×3 arrays. Arrays at the model's input size are used as they are
 (already preprocessed); image files, and arrays of another size when the model spec resizes, are
 resized (shorter side, ``ModelConfig.resize_size``) and centre-cropped to ``image_size``; an array
-of another size for a spec without resize is refused, never resized silently. Image files are
-decoded by ``EvalConfig.num_workers`` processes, the batches always in the same order.
+of another size for a spec without resize is refused, never resized silently (the first image is
+read when the test set is opened, so such a mismatch fails then). Image files are decoded by
+``EvalConfig.num_workers`` processes, the batches always in the same order.
 """
 
 from __future__ import annotations
@@ -222,6 +223,11 @@ def _decoded_test_set(
     mean, std = _check_normalization(model_cfg)
     dataset = _Images(images, labels, Preprocess.of(model_cfg))
     workers = default_num_workers() if num_workers is None else num_workers
+    # The first image now, so that a test set the spec cannot read (another size and no resize, not
+    # an image format) fails when it is opened, not after a run's training.
+    first = dataset[0] if len(dataset) else None
+    if isinstance(first, str):
+        raise DatasetError(first)
 
     def gen(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A map-style dataset without shuffling: the batches come back in index order, whatever

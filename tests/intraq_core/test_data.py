@@ -129,7 +129,7 @@ def test_image_files_are_resized_and_centre_cropped(tmp_path: Path) -> None:
 def test_image_files_of_another_size_are_refused_when_the_spec_does_not_resize(tmp_path: Path) -> None:
     _png(tmp_path / TENCH / "big.png", seed=0, size=(12, 12))
     with pytest.raises(DatasetError, match=r"big\.png: a 12x12 image, but the model takes 8x8") as info:
-        _all(load_test_set(EvalConfig(data=str(tmp_path), classes="imagenet1k", num_workers=2), TINY_IMAGENET_SPEC))
+        load_test_set(EvalConfig(data=str(tmp_path), classes="imagenet1k"), TINY_IMAGENET_SPEC)  # when opened
     assert "\n" not in str(info.value)
 
 
