@@ -466,6 +466,8 @@ def accuracy(
     spec: InputSpec,
     data: str = "cifar10-test",
     *,
+    classes: str | None = None,
+    labels: str | None = None,
     limit: int | None = None,
     batch_size: int = 500,
     device: str | torch.device = "cpu",
@@ -474,12 +476,17 @@ def accuracy(
     """Top-1 accuracy (%) and image count of ``model`` on a real labelled test set.
 
     ``data`` is what ``eval.data`` takes: a named asset (``cifar10-test``), an ``.npz`` file, an
-    ImageFolder directory or ``torchvision:cifar10``; images are normalized with ``spec``.
+    ImageFolder directory, a flat folder of images with ``labels``, or ``torchvision:cifar10``;
+    images are preprocessed (ImageNet's resize 256 -> centre crop 224 above 64 pixels) and
+    normalized with ``spec``.
 
     Args:
         model: any classifier (float teacher or quantized student).
         spec: its input spec (normalization, size, classes).
         data: the labelled test set.
+        classes: the model's class list in output order (``imagenet1k`` or a file), to label the
+            folders of an ImageFolder holding a subset of the classes.
+        labels: the ground-truth file (``<file name> <class>`` lines) of a flat folder of images.
         limit: use only the first ``limit`` images.
         batch_size: images per forward pass.
         device: where to run.
@@ -488,7 +495,7 @@ def accuracy(
     from intraq_core.data import load_test_set
     from intraq_core.evaluate import top1
 
-    eval_cfg = EvalConfig(data=data, limit=limit, batch_size=batch_size)
+    eval_cfg = EvalConfig(data=data, classes=classes, labels=labels, limit=limit, batch_size=batch_size)
     test_set = load_test_set(eval_cfg, spec.model_config())
     model = model.to(device)
     return top1(model, test_set.batches(batch_size), device=device, progress=progress, total=test_set.num_samples)

@@ -9,6 +9,7 @@ validates ranges before any expensive work starts.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,36 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: The ImageNet evaluation convention: resize the shorter side to image_size / 0.875 (256 for 224),
+#: then centre-crop image_size.
+IMAGENET_CROP_PCT = 0.875
+#: Inputs of at most this many pixels (CIFAR's 32, Tiny ImageNet's 64) are used at their size: no
+#: resize unless the model spec asks for one.
+SMALL_INPUT_MAX = 64
+#: The largest plausible mean / std of pixels on the [0, 1] scale (any mean of [0, 1] data is at most
+#: 1 and any std at most 0.5; "std 1" is the identity normalization). Values on the 0-255 scale
+#: (ImageNet's 123.7 / 58.4) are far beyond, which is the mistake these catch.
+MAX_PLAUSIBLE_MEAN = 1.5
+MAX_PLAUSIBLE_STD = 2.0
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def preprocessing_spec(crop_pct: Any, interpolation: Any) -> dict[str, Any]:
+    """``crop_pct`` / ``interpolation`` of a timm-style ``pretrained_cfg``, keeping only values this
+    project reproduces (a ratio in (0, 1]; bilinear, bicubic or nearest)."""
+    out: dict[str, Any] = {}
+    if isinstance(crop_pct, (int, float)) and 0.0 < float(crop_pct) <= 1.0:
+        out["crop_pct"] = float(crop_pct)
+    if interpolation in INTERPOLATIONS:
+        out["interpolation"] = interpolation
+    return out
+
+
+def default_crop_pct(image_size: int | None) -> float | None:
+    """The crop ratio of a model spec that names none: ImageNet's 0.875 above 64 pixels, else no resize."""
+    if image_size is None or image_size <= SMALL_INPUT_MAX:
+        return None
+    return IMAGENET_CROP_PCT
 
 
 class StageConfig(BaseModel):
@@ -51,10 +82,19 @@ class ModelConfig(StageConfig):
     ``mean``/``std`` are the input normalization the weights were trained with (RGB in
     [0, 1], then ``(x - mean) / std``): left as None they are taken from
     the weights' metadata, then the checkpoint, then the architecture's default, so set them
-    for a checkpoint of your own. ``shortcut`` (CIFAR ResNets) left as None is read off the
+    for a checkpoint of your own; values beyond the [0, 1] scale (mean > 1.5, std > 2: the 0-255
+    statistics) are refused. ``shortcut`` (CIFAR ResNets) left as None is read off the
     checkpoint's keys. ``output`` is for a model whose forward returns several things (a
     tuple/list, e.g. ``(logits, features)``, or a dict): the index (tuple/list) or key (dict) of
     its logits; the model is then wrapped so that everything downstream sees the logits only.
+
+    Preprocessing of real images (test sets; ``intraq_core.data``): the shorter side is resized
+    to ``resize`` pixels (or ``floor(image_size / crop_pct)``, timm's convention; give one of the
+    two) with ``interpolation``, then the centre ``image_size`` × ``image_size`` is cropped. Left
+    unset they come from the weights' metadata (torchvision's resize size, timm's ``crop_pct``
+    and ``interpolation``), a ``pretrained_cfg`` on an imported callable, the checkpoint, else
+    ImageNet's convention for inputs above 64 pixels (crop_pct 0.875: 256 -> 224, bilinear) and
+    no resize at all for small inputs (CIFAR's 32: images must already be that size).
     """
 
     arch: str = "cifar_resnet20"
@@ -66,6 +106,9 @@ class ModelConfig(StageConfig):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     output: int | str | None = None
+    resize: int | None = Field(default=None, ge=1)
+    crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
 
     @field_validator("mean", "std", mode="before")
     @classmethod
@@ -79,7 +122,38 @@ class ModelConfig(StageConfig):
     def _check_std(self) -> ModelConfig:
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("model.std must be positive")
+        for key, bound in (("mean", MAX_PLAUSIBLE_MEAN), ("std", MAX_PLAUSIBLE_STD)):
+            value = getattr(self, key)
+            if value is not None and any(v > bound for v in value):
+                scaled = ",".join(f"{v / 255:.4g}" for v in value)
+                raise ValueError(
+                    f"model.{key}={list(value)} is beyond the [0, 1] scale of the inputs (RGB in [0, 1]); statistics "
+                    f"on the 0-255 scale must be divided by 255 (model.{key}={scaled})"
+                )
+        if self.resize is not None and self.crop_pct is not None:
+            raise ValueError("give model.resize or model.crop_pct, not both (resize = floor(image_size / crop_pct))")
+        if self.resize is not None and self.image_size is not None and self.resize < self.image_size:
+            raise ValueError(
+                f"model.resize={self.resize} is smaller than model.image_size={self.image_size}: the shorter side is "
+                "resized to model.resize before the centre crop of image_size"
+            )
         return self
+
+    @property
+    def resize_size(self) -> int | None:
+        """The shorter side (pixels) real images are resized to before the centre crop; None: no resize."""
+        if self.resize is not None:
+            return self.resize
+        crop_pct = self.crop_pct if self.crop_pct is not None else default_crop_pct(self.image_size)
+        if crop_pct is None or self.image_size is None:
+            return None
+        # timm's rule (floor); the epsilon keeps a ratio like 224/232 from landing on 231.
+        return math.floor(self.image_size / crop_pct + 1e-6)
+
+    @property
+    def resize_interpolation(self) -> str:
+        """The interpolation of the resize (bilinear unless the spec says otherwise)."""
+        return self.interpolation or "bilinear"
 
 
 class ReconstructConfig(StageConfig):
@@ -425,14 +499,31 @@ class EvalConfig(StageConfig):
     """Real labelled test set used for the final accuracy (never for model selection).
 
     ``data`` is a named asset (``cifar10-test``), a ``.npz`` file (``images`` uint8 NHWC,
-    ``labels``), ``torchvision:cifar10`` / ``torchvision:cifar100`` (downloaded into
-    ``root`` when missing) or an ImageFolder directory (ImageNet-style val).
+    ``labels``), ``torchvision:cifar10`` / ``torchvision:cifar100`` (downloaded into ``root``
+    when missing), an ImageFolder directory (one sub-folder of images per class) or, with
+    ``labels``, a flat folder of images (the official ImageNet validation layout).
+
+    ``classes`` is the model's class list in output order: ``imagenet1k`` (built in: the 1000
+    sorted WordNet ids) or a file with one class a line, the first whitespace-separated token
+    being its id (``<wnid> <names>`` lines work). With it, the sub-folders of an ImageFolder are
+    labelled by their position in the list, so a subset of the classes evaluates; without it an
+    ImageFolder must hold exactly the model's classes (labelled in sorted folder order).
+    ``labels`` is the ground-truth file of a flat folder: ``<file name> <class>`` lines, the
+    class a 0-based index in the model's order or an id of ``classes``. (The devkit's
+    one-index-per-line file is refused: its indices follow the devkit's own class order.)
+
+    Images are preprocessed by the model spec (``model.resize``/``crop_pct``/``interpolation``,
+    see :class:`ModelConfig`). ``resize``/``crop`` here are deprecated overrides of
+    ``model.resize``/``model.image_size`` (a warning says so). ``num_workers`` processes decode
+    image files in parallel (None: min(4, CPUs)); the order of the images never depends on it.
     """
 
     data: str = "cifar10-test"
     root: str | None = None
+    classes: str | None = None
+    labels: str | None = None
     batch_size: int = Field(default=500, ge=1)
     resize: int | None = Field(default=None, ge=1)
     crop: int | None = Field(default=None, ge=1)
     limit: int | None = Field(default=None, ge=1)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int | None = Field(default=None, ge=0)

@@ -18,7 +18,10 @@ def top1(
     progress: bool = False,
     total: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy (in %) and sample count over labelled batches, model in eval mode."""
+    """Top-1 accuracy (in %) and sample count over labelled batches, model in eval mode.
+
+    Each batch's labels must be 1-D, one per prediction (ValueError otherwise).
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -28,8 +31,12 @@ def top1(
     bar = tqdm(total=total, desc="evaluate", unit="img", disable=not progress, leave=False)
     try:
         for x, y in batches:
-            logits = model(x.to(device))
-            correct += int((logits.argmax(1).cpu() == y).sum())
+            pred = model(x.to(device)).argmax(1).cpu()
+            if y.shape != pred.shape:
+                # (N, 1) labels would broadcast against (N,) predictions into an N×N comparison.
+                n_pred = pred.shape[0]
+                raise ValueError(f"labels of shape {tuple(y.shape)} for {n_pred} predictions; expected ({n_pred},)")
+            correct += int((pred == y).sum())
             n += int(y.shape[0])
             bar.update(int(y.shape[0]))
     finally:
@@ -37,7 +44,10 @@ def top1(
         model.train(was_training)
     if n == 0:
         raise ValueError("the test set is empty")
-    return {"top1": 100.0 * correct / n, "n": n}
+    accuracy = 100.0 * correct / n
+    if not 0.0 <= accuracy <= 100.0:  # not an assert statement: it must hold under python -O too
+        raise AssertionError(f"top-1 {accuracy}% is not a percentage ({correct} correct of {n})")
+    return {"top1": accuracy, "n": n}
 
 
 @torch.no_grad()

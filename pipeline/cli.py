@@ -406,7 +406,34 @@ def evaluate(
         ),
     ] = None,
     data: Annotated[
-        str | None, typer.Option("--data", help="Test set (= --set eval.data=…): asset name, .npz, ImageFolder dir.")
+        str | None,
+        typer.Option(
+            "--data",
+            help="Test set (= --set eval.data=…): asset name, .npz, ImageFolder dir, or a flat folder of images "
+            "with --labels.",
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="The model's class list in output order (= --set eval.classes=…): imagenet1k or a file, one class "
+            "id (e.g. a wnid) first on each line; labels the folders of a subset of the classes.",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels",
+            help="Ground truth of a flat folder of images (= --set eval.labels=…): '<file name> <class index or id>' "
+            "lines, the official ImageNet validation layout.",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Processes decoding image files (= --set eval.num_workers=…; default min(4, CPUs))."
+        ),
     ] = None,
     bits: Annotated[
         str | None, typer.Option("--bits", help="Quantize (PTQ, min/max) before evaluating, e.g. W4A4.")
@@ -431,6 +458,8 @@ def evaluate(
 
     The model is the run config's ``model`` section (``--config``, ``--set model.…``, or the
     shortcuts); without ``--config`` it starts from a randomly initialized ``cifar_resnet20``.
+    Image files are resized and centre-cropped as the model spec says (``model.resize`` or
+    ``model.crop_pct``, ``model.interpolation``; ImageNet's 256 -> 224 bilinear by default).
     """
     from pipeline.evaluate import evaluate_command
 
@@ -442,11 +471,13 @@ def evaluate(
         ("model.num_classes", num_classes),
         ("eval.batch_size", batch_size),
         ("eval.limit", limit),
+        ("eval.num_workers", workers),
     ):
         if value is not None:
             shortcuts.append(f"{key}={value}")
-    if data is not None:
-        shortcuts.append(f"eval.data={_yaml_string(data)}")
+    for key, text in (("eval.data", data), ("eval.classes", classes), ("eval.labels", labels)):
+        if text is not None:
+            shortcuts.append(f"{key}={_yaml_string(text)}")
     base = None if config is not None else {"model": {"weights": None}}
     cfg = _load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
     result = evaluate_command(

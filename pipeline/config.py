@@ -149,9 +149,12 @@ class RunConfig(StageConfig):
 
     def dataset_hash(self) -> str:
         """Hash of everything that determines the synthetic dataset (not quantization/training)."""
+        model = _model_identity(self)
+        for k in _MODEL_PREPROCESSING:  # how real test images are resized: no effect on synthetic ones
+            model.pop(k, None)
         keys = {
             "seed": self.seed,
-            "model": _model_identity(self),
+            "model": model,
             "generate": _gen_identity(self),
         }
         return _hash(keys)
@@ -163,7 +166,11 @@ class RunConfig(StageConfig):
             d.pop(k, None)
         d["generate"] = _gen_identity(self)
         d["model"] = _model_identity(self)
+        d["eval"] = _eval_identity(self)
         return _hash(d)
+
+
+_MODEL_PREPROCESSING = ("resize", "crop_pct", "interpolation")
 
 
 def _model_identity(cfg: RunConfig) -> dict[str, Any]:
@@ -173,7 +180,19 @@ def _model_identity(cfg: RunConfig) -> dict[str, Any]:
         del m["kwargs"]
     if m["output"] is None:
         del m["output"]
+    for k in _MODEL_PREPROCESSING:  # likewise for the preprocessing keys, when unset
+        if m.get(k) is None:
+            m.pop(k, None)
     return m
+
+
+def _eval_identity(cfg: RunConfig) -> dict[str, Any]:
+    e = cfg.eval.model_dump(mode="json")
+    e.pop("num_workers", None)  # decoding processes: the images and their order do not depend on them
+    for k in ("classes", "labels"):  # unset: the hash of configs written before these keys existed
+        if e.get(k) is None:
+            e.pop(k, None)
+    return e
 
 
 def _gen_identity(cfg: RunConfig) -> dict[str, Any]:

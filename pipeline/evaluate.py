@@ -9,6 +9,9 @@ from intraq_core.config import EvalConfig, ModelConfig
 from intraq_core.data import load_test_set
 from intraq_core.evaluate import top1
 
+#: The model.* keys a user may set to evaluate a saved student differently from what it records.
+_INPUT_KEYS = ("mean", "std", "resize", "crop_pct", "interpolation")
+
 
 def evaluate_model(
     model: nn.Module,
@@ -61,13 +64,18 @@ def evaluate_command(
         check_model(model, model_cfg, quant_cfg)  # one line, not a traceback, for a model the method cannot use
         if quant_cfg is not None:
             model = build_student(model, quant_cfg).eval()
-            calib_set = load_test_set(EvalConfig(data=calib, limit=calib_images), model_cfg)
+            calib_cfg = EvalConfig(
+                data=calib, limit=calib_images, classes=eval_cfg.classes, num_workers=eval_cfg.num_workers
+            )
+            calib_set = load_test_set(calib_cfg, model_cfg)
             calibrate(model, (x for x, _ in calib_set.batches(min(eval_cfg.batch_size, calib_images))))
     else:
         model = student
-        # The student records its normalization; explicit model.* values still win.
-        explicit = {k: v for k, v in model_cfg.model_dump(exclude_unset=True).items() if k in ("mean", "std")}
-        model_cfg = saved_cfg.model_copy(update=explicit)
+        # The student records its normalization and preprocessing; explicit model.* values still win.
+        explicit = {k: v for k, v in model_cfg.model_dump(exclude_unset=True).items() if k in _INPUT_KEYS}
+        if "resize" in explicit or "crop_pct" in explicit:  # one of the two replaces the recorded one
+            explicit = {"resize": None, "crop_pct": None, **explicit}
+        model_cfg = ModelConfig.model_validate({**saved_cfg.model_dump(), **explicit})
     result = evaluate_model(model, model_cfg, eval_cfg, progress=progress)
     if student is not None or bits is not None:
         from intraq_core.quant import quant_map

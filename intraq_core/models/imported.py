@@ -8,8 +8,8 @@ What the pipeline needs to know about the model that a state_dict does not say (
 normalization, classes) comes from, in order: the config (``model.image_size``, ``model.mean``,
 ``model.std``, ``model.num_classes``), then a ``pretrained_cfg`` or ``default_cfg`` dict on the
 callable or on the model it returns (timm's convention: ``input_size`` (C, H, W), ``mean``,
-``std``, ``num_classes``), then, for ``num_classes`` only, the output size of the model's last
-``nn.Linear``.
+``std``, ``num_classes``, ``crop_pct``, ``interpolation``), then, for ``num_classes`` only, the
+output size of the model's last ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from intraq_core.config import preprocessing_spec
 from intraq_core.errors import ModelError, UnknownModelError, first_line
 
 __all__ = [
@@ -128,7 +129,8 @@ def build_imported_model(arch: str, kwargs: Mapping[str, Any], num_classes: int 
 
 
 def declared_spec(obj: Any) -> dict[str, Any]:
-    """num_classes / image_size / mean / std declared in a ``pretrained_cfg``/``default_cfg`` of ``obj``."""
+    """num_classes / image_size / mean / std / crop_pct / interpolation declared in a
+    ``pretrained_cfg``/``default_cfg`` of ``obj``."""
     for attr in _CFG_ATTRS:
         cfg = getattr(obj, attr, None)
         if cfg is None:
@@ -144,7 +146,7 @@ def declared_spec(obj: Any) -> dict[str, Any]:
             value = get(key)
             if value is not None:
                 out[key] = tuple(float(v) for v in value)
-        return out
+        return {**out, **preprocessing_spec(get("crop_pct"), get("interpolation"))}
     return {}
 
 

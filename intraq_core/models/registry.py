@@ -18,7 +18,9 @@ Unset config fields are filled in this order: explicit config values, then the m
 of the weights (a named asset, a file whose sha256 is a registered asset's, or a
 ``torchvision:<TAG>`` / ``timm:<TAG>`` weights tag), then what the checkpoint's keys tell (a
 CIFAR ResNet's shortcut option and classes), then the project checkpoint's ``model_config``,
-then the architecture's defaults.
+then the architecture's defaults. The preprocessing of real images (``resize``/``crop_pct``,
+``interpolation``) follows the same order and ends with the rule for the input size
+(:func:`intraq_core.config.default_crop_pct`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ import torch
 from torch import Tensor, nn
 
 from intraq_core.assets import asset_metadata_for, resolve_asset
-from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from intraq_core.config import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelConfig, default_crop_pct
 from intraq_core.errors import CheckpointError, UnknownModelError
 from intraq_core.models.checkpoint import load_state_dict_file, load_weights, read_model_checkpoint, write_checkpoint
 from intraq_core.models.cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
-from intraq_core.models.imported import build_imported_model, imported_defaults, is_import_path
+from intraq_core.models.imported import (
+    build_imported_model,
+    declared_spec,
+    import_callable,
+    imported_defaults,
+    is_import_path,
+)
 from intraq_core.models.mobilenet_v1 import mobilenet_v1
 from intraq_core.models.output import SelectOutput
 from intraq_core.models.timm_models import (
@@ -83,6 +91,7 @@ CIFAR_DEFAULTS: dict[str, Any] = {
     "std": CIFAR10_STD,
 }
 _FILLED = ("num_classes", "shortcut", "image_size", "mean", "std")
+_PREPROCESSING = ("resize", "crop_pct", "interpolation")
 #: Seed of the initialization when ``model.weights`` is None (the same network in every process).
 RANDOM_INIT_SEED = 0
 _HUB_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)
@@ -232,7 +241,8 @@ def _weights_file(weights: str | None) -> Path | None:
 
 
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """A copy of ``cfg`` with num_classes, shortcut (CIFAR only), image_size, mean, std filled.
+    """A copy of ``cfg`` with num_classes, shortcut (CIFAR only), image_size, mean, std and the
+    preprocessing (resize or crop_pct, interpolation; None for small inputs that are not resized) filled.
 
     When ``arch`` is a project checkpoint, the copy's ``arch`` is the recorded architecture
     and its ``weights`` the checkpoint (unless weights were given); its ``output`` is the
@@ -278,7 +288,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise ValueError(f"model.kwargs does not apply to '{arch}' (its options are model.* keys)")
     explicit = {name: getattr(cfg, name) for name in _FILLED}
     values: dict[str, Any] = {}
-    computed: Mapping[str, Any] | None = None
+    computed: list[Mapping[str, Any]] = []
+
+    def defaults() -> Mapping[str, Any]:
+        """The architecture's defaults (computed once: an imported callable may build a probe model)."""
+        if not computed:
+            probe = cfg.model_copy(update={"arch": arch, "kwargs": kwargs})
+            computed.append({**spec.defaults, **(spec.defaults_for(probe) if spec.defaults_for else {})})
+        return computed[0]
+
     for name in _FILLED:
         if name == "shortcut" and not spec.shortcut:
             values[name] = None
@@ -286,18 +304,46 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         layers = (explicit[name], weights_meta.get(name), from_keys.get(name), ckpt_cfg.get(name))
         value = next((v for v in layers if v is not None), None)
         if value is None:
-            if computed is None:
-                probe = cfg.model_copy(update={"arch": arch, "kwargs": kwargs})
-                computed = {**spec.defaults, **(spec.defaults_for(probe) if spec.defaults_for else {})}
-            value = computed.get(name)
+            value = defaults().get(name)
         if value is None:
             raise ValueError(
                 f"model '{arch}' has no default for {name}; set model.{name} explicitly"
                 + (" (or declare it in a pretrained_cfg dict on the callable)" if spec.defaults_for else "")
             )
         values[name] = value
+
+    def declared() -> Mapping[str, Any]:
+        """The defaults for the preprocessing: without building a probe model that nothing else needed
+        (an imported callable's own pretrained_cfg only), so that a fully specified model is built once."""
+        if computed or spec.defaults_for is None:
+            return defaults()
+        return {**spec.defaults, **declared_spec(import_callable(arch))}
+
+    values.update(_preprocessing(cfg, (weights_meta, ckpt_cfg), declared, values["image_size"]))
     output = cfg.output if cfg.output is not None else ckpt_cfg.get("output")
     return ModelConfig.model_validate({"arch": arch, "weights": weights, "kwargs": kwargs, **values, "output": output})
+
+
+def _preprocessing(
+    cfg: ModelConfig, layers: tuple[Mapping[str, Any], ...], defaults: Callable[[], Mapping[str, Any]], size: int
+) -> dict[str, Any]:
+    """resize / crop_pct / interpolation of the resolved spec: the first layer that sets the resize
+    (explicit config, weights metadata, checkpoint, the architecture's defaults), else the rule for
+    the input size (:func:`default_crop_pct`); the interpolation likewise (bilinear when resizing)."""
+    explicit = {k: getattr(cfg, k) for k in _PREPROCESSING}
+    found = [explicit, *layers]
+    rule = next((layer for layer in found if any(layer.get(k) is not None for k in ("resize", "crop_pct"))), None)
+    interpolation = next((layer["interpolation"] for layer in found if layer.get("interpolation") is not None), None)
+    if rule is None or interpolation is None:
+        arch_defaults = defaults()
+        rule = rule if rule is not None else arch_defaults
+        interpolation = interpolation or arch_defaults.get("interpolation")
+    out = {"resize": rule.get("resize"), "crop_pct": rule.get("crop_pct")}
+    if out["resize"] is None and out["crop_pct"] is None:
+        out["crop_pct"] = default_crop_pct(size)
+    resizes = out["resize"] is not None or out["crop_pct"] is not None
+    out["interpolation"] = interpolation or ("bilinear" if resizes else None)
+    return out
 
 
 def create_model(cfg: ModelConfig | str, **overrides: Any) -> nn.Module:

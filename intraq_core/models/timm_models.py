@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from intraq_core.config import IMAGENET_MEAN, IMAGENET_STD
+from intraq_core.config import IMAGENET_MEAN, IMAGENET_STD, preprocessing_spec
 from intraq_core.errors import ModelError, UnknownModelError
 
 __all__ = [
@@ -91,7 +91,7 @@ def _metadata(cfg: Any) -> dict[str, Any]:
     if mean is not None and len(mean) == 3 and std is not None and len(std) == 3:
         out["mean"] = tuple(float(v) for v in mean)
         out["std"] = tuple(float(v) for v in std)
-    return out
+    return {**out, **preprocessing_spec(getattr(cfg, "crop_pct", None), getattr(cfg, "interpolation", None))}
 
 
 def timm_defaults(name: str) -> dict[str, Any]:
@@ -106,7 +106,8 @@ def timm_defaults(name: str) -> dict[str, Any]:
 
 
 def timm_weights_metadata(name: str, tag: str) -> dict[str, Any]:
-    """num_classes, image_size, mean, std of published weights (read from timm, no download)."""
+    """num_classes, image_size, mean, std, crop_pct, interpolation of published weights (read from timm,
+    no download; timm's centre crop mode is the one reproduced)."""
     cfg = _pretrained_cfg(name, tag)
     if cfg is None:
         raise ValueError(f"timm model '{name}' has no published weights")

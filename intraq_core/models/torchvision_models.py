@@ -59,15 +59,20 @@ def _weights_enum(name: str, tag: str) -> Any:
 
 
 def torchvision_weights_metadata(name: str, tag: str) -> dict[str, Any]:
-    """num_classes, image_size, mean, std of published weights (read from torchvision, no download)."""
+    """num_classes, image_size, mean, std, crop_pct, interpolation of published weights (read from
+    torchvision, no download)."""
     weights = _weights_enum(name, tag)
     transforms = weights.transforms()
+    crop, resize = int(transforms.crop_size[0]), int(transforms.resize_size[0])
     return {
         "arch": f"{TORCHVISION_PREFIX}{name}",
         "num_classes": len(weights.meta["categories"]),
-        "image_size": int(transforms.crop_size[0]),
+        "image_size": crop,
         "mean": tuple(float(v) for v in transforms.mean),
         "std": tuple(float(v) for v in transforms.std),
+        # As a ratio (crop / resize), so that an explicit model.image_size keeps the weights' ratio.
+        "crop_pct": crop / resize,
+        "interpolation": transforms.interpolation.value,
     }
 
 

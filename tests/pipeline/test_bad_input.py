@@ -133,7 +133,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("distill_epochs_negative", ["distill.epochs=-1"], ["distill.epochs", "greater than or equal to 0"]),
     ("unknown_key", ["distill.epoch=3"], ["unknown key 'distill.epoch'", "did you mean 'distill.epochs'?"]),
     ("unknown_key_alias", ["distill.learning_rate=0.1"], ["did you mean 'distill.lr'?"]),
-    ("test_set_classes", ["eval.data={test100}"], ["test100.npz has 100 classes but the model predicts 10"]),
+    (
+        "test_set_classes",
+        ["eval.data={test100}"],
+        ["test100.npz: label 10 at index 10 is not a class index (0..9: the model predicts 10 classes)"],
+    ),
     (
         "user_module_missing",
         ["model.arch=no_such_user_module:build"],

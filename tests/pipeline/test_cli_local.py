@@ -110,3 +110,73 @@ def test_unknown_key_is_one_line_exit_2(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "did you mean 'generate.iterations'" in res.output
     assert "Traceback" not in res.output
+
+
+def _class_folders(root: Path, layout: dict[str, list[str]]) -> None:
+    """32x32 PNGs (seeded) in one sub-folder per class id."""
+    import numpy as np
+    from PIL import Image
+
+    for i, (class_id, names) in enumerate(sorted(layout.items())):
+        (root / class_id).mkdir(parents=True)
+        for j, name in enumerate(names):
+            pixels = np.random.default_rng(10 * i + j).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / class_id / name)
+
+
+def test_evaluate_classes_and_labels_options(tmp_path: Path) -> None:
+    """--classes labels a subset of the classes by the class list; --labels reads a flat folder's ground truth.
+
+    The model is cifar_resnet20 with its seeded random initialization, which predicts class 4 for
+    each of these random images: with images of classes 4, 4 and 7, top-1 is 2/3 when every image
+    gets its class' index (sorted folder order, 0 and 1, would score 0).
+    """
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"c{k} class number {k}\n" for k in range(10)))
+    _class_folders(tmp_path / "subset", {"c4": ["a.png", "b.png"], "c7": ["c.png"]})
+    base = ["evaluate", "--arch", "cifar_resnet20", "--json", "-q", "--workers", "0"]
+
+    refused = runner.invoke(app, [*base, "--data", str(tmp_path / "subset")])
+    assert refused.exit_code == 2 and "set eval.classes" in refused.output and "Traceback" not in refused.output
+    by_list = runner.invoke(app, [*base, "--data", str(tmp_path / "subset"), "--classes", str(classes)])
+    assert by_list.exit_code == 0, by_list.output
+    assert json.loads(by_list.output) == {"top1": 66.6667, "n": 3}
+
+    # The same images, flat, with their ground truth as indices.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for class_dir in (tmp_path / "subset").iterdir():
+        for image in class_dir.iterdir():
+            (flat / image.name).symlink_to(image)
+    (tmp_path / "gt.txt").write_text("a.png 4\nb.png 4\nc.png 7\n")
+    by_labels = runner.invoke(app, [*base, "--data", str(flat), "--labels", str(tmp_path / "gt.txt")])
+    assert by_labels.exit_code == 0, by_labels.output
+    assert json.loads(by_labels.output) == {"top1": 66.6667, "n": 3}
+
+
+def test_evaluate_a_saved_student_with_another_preprocessing(tmp_path: Path) -> None:
+    """A student records its model spec (32x32, no resize); --set model.resize=… still overrides it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from intraq_core.config import ModelConfig, QuantConfig
+    from intraq_core.models import create_model, resolve_model_config
+    from intraq_core.quant import calibrate
+    from intraq_core.student import build_student, student_checkpoint_bytes
+
+    model_cfg = resolve_model_config(ModelConfig(arch="cifar_resnet20"))
+    student = build_student(create_model(model_cfg), QuantConfig(w_bits=4, a_bits=4))
+    calibrate(student, [torch.randn(8, 3, 32, 32)])
+    path = tmp_path / "student.pt"
+    path.write_bytes(student_checkpoint_bytes(student, model_cfg, QuantConfig(w_bits=4, a_bits=4)))
+    for k in range(10):
+        (tmp_path / "data" / f"{k}").mkdir(parents=True)
+        pixels = np.random.default_rng(k).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / f"{k}" / "x.png")
+    base = ["evaluate", "--weights", str(path), "--data", str(tmp_path / "data"), "--json", "-q", "--workers", "0"]
+    as_saved = runner.invoke(app, base)
+    assert as_saved.exit_code == 2 and "a 40x40 image, but the model takes 32x32" in as_saved.output
+    resized = runner.invoke(app, [*base, "--set", "model.resize=40"])
+    assert resized.exit_code == 0, resized.output
+    assert json.loads(resized.output)["n"] == 10

@@ -171,6 +171,10 @@ def test_project_checkpoint_format(tmp_path: Path) -> None:
         "mean": [0.5, 0.5, 0.5],
         "std": [0.247, 0.2435, 0.2616],
         "output": None,
+        # CIFAR-size inputs: no resize of real images (the model spec's preprocessing).
+        "resize": None,
+        "crop_pct": None,
+        "interpolation": None,
     }
     assert ck["extra"]["bits"] == [4, 4] and ck["extra"]["source"] == str(tmp_path)
     assert is_model_checkpoint(path)

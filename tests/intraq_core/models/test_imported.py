@@ -44,11 +44,22 @@ def declared(**kwargs):
     return SmallVGG(**kwargs)
 
 
-declared.pretrained_cfg = {"input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+declared.pretrained_cfg = {
+    "input_size": (3, 40, 40), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+    "crop_pct": 0.8, "interpolation": "bicubic",
+}
 
 
 def not_a_model():
     return 42
+
+
+BUILT = []
+
+
+def counted(num_classes=10):  # records every build
+    BUILT.append(num_classes)
+    return SmallVGG(num_classes)
 """
 
 
@@ -74,6 +85,7 @@ def test_build_with_kwargs_and_classes(user_module: str) -> None:
 
 def test_defaults_come_from_the_callable_or_the_model(user_module: str) -> None:
     declared = resolve_model_config(ModelConfig(arch=f"{user_module}:declared"))
+    assert (declared.crop_pct, declared.resize_size, declared.interpolation) == (0.8, 50, "bicubic")
     assert (declared.image_size, declared.mean, declared.std, declared.num_classes) == (
         40,
         (0.5, 0.5, 0.5),
@@ -147,3 +159,14 @@ def test_user_model_without_batchnorm_builds(user_module: str, tmp_path: Path, m
     )
     model = create_model(ModelConfig(arch="plain_nets:mlp", image_size=8, mean=(0,) * 3, std=(1,) * 3))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_a_fully_specified_model_is_not_built_to_resolve_it(user_module: str) -> None:
+    import importlib
+
+    built = importlib.import_module(user_module).BUILT
+    full = ModelConfig(arch=f"{user_module}:counted", num_classes=3, image_size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    resolved = resolve_model_config(full)
+    assert built == [] and (resolved.crop_pct, resolved.interpolation) == (0.875, "bilinear")
+    resolve_model_config(full.model_copy(update={"num_classes": None}))  # the classes need a probe model
+    assert built == [10]

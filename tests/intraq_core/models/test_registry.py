@@ -71,6 +71,22 @@ def test_torchvision_defaults_and_weights_metadata() -> None:
         create_model(ModelConfig(arch="torchvision:resnet18", weights="torchvision:DEFAULT", num_classes=10))
 
 
+def test_preprocessing_is_part_of_the_model_spec() -> None:
+    cifar = resolve_model_config(ModelConfig())
+    assert (cifar.resize, cifar.crop_pct, cifar.interpolation, cifar.resize_size) == (None, None, None, None)
+    plain = resolve_model_config(ModelConfig(arch="torchvision:resnet18"))  # ImageNet's 256 -> 224, bilinear
+    assert (plain.crop_pct, plain.resize_size, plain.interpolation) == (0.875, 256, "bilinear")
+    published = ModelConfig(arch="torchvision:resnet50", weights="torchvision:IMAGENET1K_V2")
+    assert resolve_model_config(published).resize_size == 232  # its published transforms: 232 -> 224
+    assert resolve_model_config(published.model_copy(update={"resize": 256})).resize_size == 256  # explicit wins
+    larger = resolve_model_config(ModelConfig(arch="torchvision:resnet18", image_size=288))
+    assert larger.resize_size == 329  # the ratio follows the input size: floor(288 / 0.875)
+    with pytest.raises(ValueError, match=r"model\.resize or model\.crop_pct, not both"):
+        ModelConfig(resize=256, crop_pct=0.875)
+    with pytest.raises(ValueError, match=r"model\.resize=200 is smaller than model\.image_size=224"):
+        ModelConfig(image_size=224, resize=200)
+
+
 def test_unknown_arch_suggests_close_names() -> None:
     with pytest.raises(UnknownModelError, match=r"did you mean .*'cifar_resnet20'") as info:
         create_model("cifar_resnet21")

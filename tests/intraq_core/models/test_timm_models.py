@@ -27,6 +27,8 @@ def test_random_resnet18_at_cifar_size_quantizes() -> None:
 def test_published_weights_metadata_needs_no_download() -> None:
     cfg = resolve_model_config(ModelConfig(arch="timm:resnet18", weights="timm:a1_in1k"))
     assert (cfg.num_classes, cfg.image_size) == (1000, 224)
+    # timm's evaluation preprocessing: crop_pct 0.95 (shorter side floor(224 / 0.95) = 235), bicubic.
+    assert (cfg.crop_pct, cfg.resize_size, cfg.interpolation) == (0.95, 235, "bicubic")
     with pytest.raises(ValueError, match=r"unknown timm weights 'nope' for resnet18; available: .*a1_in1k"):
         resolve_model_config(ModelConfig(arch="timm:resnet18", weights="timm:nope"))
     with pytest.raises(ValueError, match=r"have 1000 classes, but num_classes=10"):  # before any download
