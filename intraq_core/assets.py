@@ -218,7 +218,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_asset(name_or_path: str | os.PathLike[str]) -> Path:
-    """Local, verified file for an asset name, or the given path if it exists.
+    """Local, verified file for an asset name, or the given path if it exists (a relative path that
+    does not exist here is also looked for under ``$INTRAQ_DATA_DIR``).
 
     Raises AssetError for a missing path, an unknown name or a checksum mismatch.
     """
@@ -227,13 +228,17 @@ def resolve_asset(name_or_path: str | os.PathLike[str]) -> Path:
     if path.exists():
         return path
     asset = ASSETS.get(text)
+    data_dir = os.environ.get("INTRAQ_DATA_DIR")
+    if asset is None and data_dir and not path.is_absolute() and (Path(data_dir).expanduser() / path).exists():
+        # A relative path that is not here may name something in the shared data folder
+        # (``imagenet/val1300``): configs stay valid on every machine that sets INTRAQ_DATA_DIR.
+        return Path(data_dir).expanduser() / path
     if asset is None:
         if _looks_like_path(text):
             raise AssetError(f"file not found: {path}")
         close = difflib.get_close_matches(text, list_assets(), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise AssetError(f"unknown asset '{text}' and no such file; {hint}known assets: {', '.join(list_assets())}")
-    data_dir = os.environ.get("INTRAQ_DATA_DIR")
     if data_dir:
         candidate = Path(data_dir).expanduser() / asset.filename
         if candidate.is_file():

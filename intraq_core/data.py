@@ -405,6 +405,12 @@ def read_ground_truth(path: str | Path, classes: list[str] | None) -> list[tuple
 
 def _labelled_folder(path: Path, labels_file: str, classes: list[str] | None) -> tuple[list[str], np.ndarray]:
     """Files and labels of a folder of images with a ground-truth file; every image has one label."""
+    from intraq_core.assets import AssetError, resolve_asset
+
+    try:
+        labels_file = str(resolve_asset(labels_file))
+    except AssetError as exc:
+        raise DatasetError(f"eval.labels: {exc}") from exc
     pairs = read_ground_truth(labels_file, classes)
     names = [n for n, _ in pairs]
     seen: set[str] = set()
