@@ -122,3 +122,8 @@ def no_linear(num_classes: int = 10) -> nn.Module:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
+
+
+def linear_only(num_classes: int = 10) -> nn.Module:
+    """A single Linear on the flattened image: no activation feeds a weight layer (nothing for a_bits)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))

@@ -180,3 +180,24 @@ def test_evaluate_a_saved_student_with_another_preprocessing(tmp_path: Path) -> 
     resized = runner.invoke(app, [*base, "--set", "model.resize=40"])
     assert resized.exit_code == 0, resized.output
     assert json.loads(resized.output)["n"] == 10
+
+
+def test_show_quant_prints_the_map_without_running_anything(tmp_path: Path, data_dir: Path) -> None:
+    res = runner.invoke(app, ["show-quant", "--weights", "cifar10-resnet20", "--set", "quant.last_input_bits=8"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "cifar_resnet20: W4A4, last layer input 8-bit (activations at weight-layer inputs)"
+    assert lines[1].startswith("weights: 20 layer(s) quantized (20 at 4-bit), 0 left float; activations: 19 tensor")
+    assert "  conv1 (W4): input image (float: quant.quantize_input=false)" in lines
+    assert "  linear (W4): input act_quant.layer3_2_relu2 (8-bit, unsigned)" in lines
+    as_json = runner.invoke(app, ["show-quant", "--weights", "cifar10-resnet20", "--json"])
+    assert json.loads(as_json.output)["activations"]["quantized"] == 19
+
+
+def test_activation_bits_with_nothing_to_quantize_are_one_line_exit_2(tmp_path: Path) -> None:
+    spec = ["model.image_size=32", "model.mean=0.5,0.5,0.5", "model.std=0.25,0.25,0.25"]
+    sets = [arg for item in spec for arg in ("--set", item)]
+    res = runner.invoke(app, ["show-quant", "--arch", "tests.odd_models:linear_only", *sets])
+    assert res.exit_code == 2
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "quant.a_bits=4 but no activation of Sequential can be quantized" in res.output

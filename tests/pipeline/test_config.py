@@ -97,7 +97,9 @@ def test_model_output_enters_the_hashes_only_when_set() -> None:
 
     plain = RunConfig()
     assert _model_identity(plain) == {
-        k: v for k, v in plain.model.model_dump(mode="json").items() if k not in ("kwargs", "output", "resize", "crop_pct", "interpolation")
+        k: v
+        for k, v in plain.model.model_dump(mode="json").items()
+        if k not in ("kwargs", "output", "resize", "crop_pct", "interpolation")
     }
     tuple_model = load_run_config(None, ["model.output=0"])
     assert tuple_model.model.output == 0 and _model_identity(tuple_model)["output"] == 0
