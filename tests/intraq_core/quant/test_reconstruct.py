@@ -131,3 +131,17 @@ def test_reconstruction_depends_on_its_seed_only_not_on_the_global_rng():
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # same seed: bit for bit
     assert not torch.equal(results[0], results[2])  # another seed: another result
+
+
+def test_a_network_without_residual_blocks_is_reconstructed_group_by_group(data_dir) -> None:
+    """MobileNetV1 (no skip connection): every conv-BN-LeakyReLU group is a unit, closed by the
+    activation quantizer of the next layer's input, and the head is the last unit."""
+    from intraq_core.models import resolve_model_config
+
+    teacher = create_model(resolve_model_config(ModelConfig(weights="imagenet-mobilenetv1-025")))
+    q = quantize(teacher, QuantConfig(method="reconstruct", weight_range="lp", act_range="lp"))
+    units = graph_units(q)
+    assert [u.weight_layers for u in units] == [[name] for name in weight_quantized_layers(q)]
+    assert len(units) == 28 and units[-1].name == "fc"
+    # Each unit but the head ends at the quantizer its next layer reads.
+    assert all(str(u.output.target).startswith("act_quant.") for u in units[:-1])
