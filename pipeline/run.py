@@ -120,11 +120,12 @@ def check_device(cfg: RunConfig, cluster: str | None = None) -> None:
 
 
 def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
-    """``distill.batch_size`` images fit in the training images of a dataset of ``num_images``.
+    """``distill.batch_size`` fits in the training images of a dataset of ``num_images`` (those not held out).
 
-    A batch larger than the training set would make every step train on all of it, a smaller batch
-    than the recipe says (and than ``metrics.json``'s ``global_batch_size``): refused, one line,
-    before any work. Nothing to check without distillation (``distill.epochs: 0``).
+    With a larger batch every step would train on the whole training set, fewer images than the
+    recipe (and ``metrics.json``'s ``global_batch_size``) says: refused in one line before any work,
+    so ``global_batch_size`` is always the batch that ran. Nothing to check without distillation
+    (``distill.epochs: 0``).
     """
     d = cfg.distill
     if d.epochs == 0:

@@ -926,10 +926,15 @@ def _lock_is_live(record: dict[str, Any]) -> tuple[bool, str]:
 def _durable_temp(path: str, data: bytes) -> str:
     """Write ``data`` to a fresh, fsynced temp file next to ``path``; returns its name."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as f:
+        os.makedirs(directory, exist_ok=True)
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:  # another process's write probe removed the empty directory just now
+            os.makedirs(directory, exist_ok=True)
+            f = open(tmp, "wb")  # noqa: SIM115
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
