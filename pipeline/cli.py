@@ -186,17 +186,21 @@ def run(
 
 def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
     """Open the run (every check: bad input fails here, before Ray starts and before the location
-    is touched), then execute it inside a Ray session when its executor needs one."""
+    is touched), then execute it inside a Ray session when its executor needs one.
+
+    The log records the checks too, but reaches the location only once the run starts executing:
+    a refused input, or a Ray that cannot start, leaves no ``logs/`` (nor anything else) there.
+    """
     from pipeline.logs import RunLog
     from pipeline.run import RunExistsError, open_run
     from pipeline.storage import LockedError
 
     with RunLog(cfg.storage, stage, refusals=(RunExistsError, LockedError)) as log:
-        run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair)
-        log.keep()
+        run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair, cluster=cluster)
         # A run that needs no images (SQuant without distillation) has no work for Ray.
         needs_ray = run.executor.needs_ray and (stage != "run" or cfg.needs_synthetic_data())
         with _ray_session(cfg, cluster, needs_ray):
+            log.keep()
             result = run.execute(progress=not quiet)
     return result, log.url
 
@@ -380,12 +384,26 @@ def tune_command(
 
 
 def _parse_bits(bits: str) -> tuple[int, int]:
+    """``W4A4`` → (4, 4), checked against ``quant.w_bits``/``quant.a_bits``'s range before any work."""
     import re
+
+    from intraq_core.config import QuantConfig
+    from pipeline.config import validate_section
 
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
     if not m:
         raise UsageError(f"--bits must look like W4A4, got '{bits}'")
-    return int(m.group(1)), int(m.group(2))
+    w_bits, a_bits = int(m.group(1)), int(m.group(2))
+    validate_section(QuantConfig, {"w_bits": w_bits, "a_bits": a_bits}, source=f"--bits {bits}")
+    return w_bits, a_bits
+
+
+def _check_calib_images(calib_images: int) -> None:
+    """``--calib-images`` is the calibration set's ``limit``: the same range, one line before any work."""
+    from intraq_core.config import EvalConfig
+    from pipeline.config import validate_section
+
+    validate_section(EvalConfig, {"limit": calib_images}, source="--calib-images", prefix="", names={"limit": ""})
 
 
 @app.command()
@@ -463,6 +481,8 @@ def evaluate(
     """
     from pipeline.evaluate import evaluate_command
 
+    parsed_bits = _parse_bits(bits) if bits else None
+    _check_calib_images(calib_images)
     shortcuts = []
     for key, value in (("model.mean", _floats(mean, "--mean")), ("model.std", _floats(std, "--std"))):
         if value is not None:
@@ -483,7 +503,7 @@ def evaluate(
     result = evaluate_command(
         model_cfg=cfg.model,
         eval_cfg=cfg.eval,
-        bits=_parse_bits(bits) if bits else None,
+        bits=parsed_bits,
         calib=calib,
         calib_images=calib_images,
         progress=not quiet and not as_json,

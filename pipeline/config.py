@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -24,6 +24,7 @@ from intraq_core.config import (
     StageConfig,
     SynthConfig,
 )
+from intraq_core.errors import format_validation_error
 from pipeline.storage import StorageConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -212,9 +213,9 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config class at a dotted location of RunConfig (None past a plain value)."""
-    cls: type[BaseModel] | None = RunConfig
+def _model_at(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The config class at a dotted location of ``root`` (RunConfig by default; None past a plain value)."""
+    cls: type[BaseModel] | None = root or RunConfig
     for key in path:
         field = cls.model_fields.get(str(key)) if cls is not None else None
         annotation = field.annotation if field is not None else None
@@ -222,18 +223,36 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("__root__",))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden" and err["loc"]:
-            owner = _model_at(tuple(err["loc"][:-1]))
-            close = _closest_key(str(err["loc"][-1]), sorted(owner.model_fields)) if owner is not None else None
-            suggestion = ".".join([*map(str, err["loc"][:-1]), close]) if close else None
-            msg = "unknown key" + (f"; did you mean '{suggestion}'?" if suggestion else "")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+def _format_validation_error(exc: ValidationError, root: type[BaseModel] | None = None, **kwargs: Any) -> str:
+    """:func:`intraq_core.errors.format_validation_error` of a validation of ``root`` (RunConfig by
+    default), an unknown key suggesting the closest valid one."""
+
+    def unknown_key(loc: tuple[Any, ...]) -> str:
+        if not loc:
+            return "unknown key"
+        owner = _model_at(tuple(loc[:-1]), root)
+        close = _closest_key(str(loc[-1]), sorted(owner.model_fields)) if owner is not None else None
+        suggestion = ".".join([*map(str, loc[:-1]), close]) if close else None
+        return "unknown key" + (f"; did you mean '{suggestion}'?" if suggestion else "")
+
+    return format_validation_error(exc, unknown_key=unknown_key, **kwargs)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_section(
+    cls: type[M], values: dict[str, Any], *, source: str, prefix: str | None = None, names: dict[str, str] | None = None
+) -> M:
+    """``cls.model_validate(values)``; a failure is one :class:`ConfigError` line, ``source: key: problem``.
+
+    For values that come from somewhere other than the run config (a command-line option such
+    as ``--bits W9A4``): ``--bits W9A4: quant.w_bits: 9 is above the maximum 8``.
+    """
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_validation_error(exc, cls, prefix=prefix, names=names)}") from None
 
 
 #: Names users bring from other tools, mapped to ours (used only to suggest the valid key).
@@ -313,8 +332,35 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _duplicate_key(node: yaml.Node | None) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of a composed YAML document: (dotted key, line,
+    line of its first occurrence), or None. Merge keys (``<<``) are not duplicates."""
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(node, ())] if node is not None else []
+    visited: set[int] = set()
+    while stack:
+        current, path = stack.pop()
+        if id(current) in visited:  # an alias repeats a node already walked
+            continue
+        visited.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in current.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    line = key_node.start_mark.line + 1
+                    if key_node.value in seen:
+                        return ".".join((*path, key_node.value)), line, seen[key_node.value]
+                    seen[key_node.value] = line
+                    stack.append((value_node, (*path, key_node.value)))
+                else:
+                    stack.append((value_node, path))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend((item, path) for item in current.value)
+    return None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, with one-line errors (missing file, syntax with line number)."""
+    """A YAML mapping from a file, with one-line errors: a missing file, a syntax error or a key given
+    twice (naming the line), an empty file (it would silently run every default)."""
     p = Path(path).expanduser()
     if not p.is_file():
         candidates = [Path("configs") / f"{path}.yaml", CONFIG_DIR / f"{path}.yaml"]
@@ -322,15 +368,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         if not found:
             raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
         p = found[0]
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text())
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"malformed YAML in {p}{where}: {problem}") from exc
+    if duplicate is not None:
+        key, line, first = duplicate
+        raise ConfigError(
+            f"{p}: duplicate key '{key}' at line {line} (first at line {first}); YAML would keep only the last "
+            "one: remove one of them"
+        )
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{p} is empty (no settings): it would run with every default; give the settings to change, "
+            "or leave out --config"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a YAML mapping, got {type(data).__name__}")
     return data

@@ -28,7 +28,15 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.user_code import with_user_code
 
-__all__ = ["WORKER_ENV_VARS", "ray_info", "ray_session", "start_ray", "stop_ray", "worker_env_vars"]
+__all__ = [
+    "WORKER_ENV_VARS",
+    "ray_info",
+    "ray_session",
+    "runs_on_this_machine",
+    "start_ray",
+    "stop_ray",
+    "worker_env_vars",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,18 @@ def _is_loopback(address: str) -> bool:
         return False
     host = address.rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
+
+
+def runs_on_this_machine(cfg: RunConfig, cluster_file: str | None = None) -> bool:
+    """Whether :func:`start_ray` would give this run only this machine's resources (so only its GPUs):
+    the Ray already initialized in this process is local, or none is and it would start one here
+    (no ``--cluster``, no ``ray.address`` or a loopback one). Imports Ray only when it is already imported."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return bool(ray_info()["local"])
+    return cluster_file is None and (not cfg.ray.address or _is_loopback(cfg.ray.address))
 
 
 def start_ray(cfg: RunConfig, cluster_file: str | None = None) -> dict[str, Any]:

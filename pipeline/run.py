@@ -63,6 +63,7 @@ from pipeline.train import (
     TrainOutcome,
     probe_storage,
     quantize_only,
+    training_images,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,51 @@ def _check_flags(resume: bool, overwrite: bool, repair: bool) -> None:
         raise InputError("--resume and --overwrite are mutually exclusive")
     if repair and overwrite:
         raise InputError("--repair and --overwrite are mutually exclusive (--repair continues the run)")
+
+
+def check_device(cfg: RunConfig, cluster: str | None = None) -> None:
+    """``device: cuda`` (or ``ray.use_gpu: yes``) where the run can only have this machine's GPUs
+    and it has none: one line before anything is written (not from a generation actor, after
+    ``run.yaml`` and the log were written). A Ray cluster elsewhere (``--cluster``, ``ray.address``)
+    is not checked: it may scale up GPU nodes on demand."""
+    wants_gpu = cfg.device == "cuda" or (cfg.executor == "ray" and cfg.ray.use_gpu == "yes")
+    if not wants_gpu or torch.cuda.is_available():
+        return
+    from pipeline.ray_session import runs_on_this_machine
+
+    if cfg.executor == "ray" and not runs_on_this_machine(cfg, cluster):
+        return
+    if cfg.device == "cuda":
+        asked, instead = "device=cuda", "device=auto or device=cpu"
+    else:
+        asked, instead = "ray.use_gpu=yes", "ray.use_gpu=auto or ray.use_gpu=no"
+    where = "this machine" if cfg.executor == "local" else "this machine (where the run's local Ray runs)"
+    raise InputError(
+        f"{asked}, but {where} has no CUDA GPU (torch.cuda.is_available() is False); use {instead}, or run on a "
+        "GPU cluster (--cluster FILE)"
+    )
+
+
+def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
+    """``distill.batch_size`` fits in the training images of a dataset of ``num_images`` (those not held out).
+
+    With a larger batch every step would train on the whole training set, fewer images than the
+    recipe (and ``metrics.json``'s ``global_batch_size``) says: refused in one line before any work,
+    so ``global_batch_size`` is always the batch that ran. Nothing to check without distillation
+    (``distill.epochs: 0``).
+    """
+    d = cfg.distill
+    if d.epochs == 0:
+        return
+    num_train = training_images(num_images, cfg.seed, d.holdout_fraction)
+    if d.batch_size <= num_train:
+        return
+    raise InputError(
+        f"distill.batch_size={d.batch_size} is larger than the {num_train} training images ({source}: "
+        f"{num_images} synthetic images, {num_images - num_train} held out by distill.holdout_fraction="
+        f"{d.holdout_fraction}): every step would train on {num_train} images, not {d.batch_size}; set "
+        f"distill.batch_size to at most {num_train}, or generate more images (generate.num_images)"
+    )
 
 
 def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = True) -> None:
@@ -140,11 +186,12 @@ def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = Tru
 
 
 def check_location(ctx: RunContext, *, resume: bool, overwrite: bool, probe: bool = True) -> None:
-    """The location is writable (``probe``) and free (or holds this very run, being resumed).
-    Writes nothing but a probe object that it deletes again."""
+    """The location is writable (``probe``, failing fast: :meth:`~pipeline.storage.Storage.fail_fast`)
+    and free (or holds this very run, being resumed). Writes nothing but a probe object that it
+    deletes again (and the directories it had to create for it)."""
     storage = ctx.storage
     if probe:
-        storage.check_writable()
+        storage.fail_fast().check_writable()
     if not storage.exists(RUN_CONFIG_PATH):
         return
     if not (resume or overwrite):
@@ -314,22 +361,29 @@ def open_run(
     overwrite: bool = False,
     repair: bool = False,
     dataset: str | None = None,
+    cluster: str | None = None,
 ) -> Run:
     """Every check of ``command`` that needs no lock, once; touches nothing.
 
-    Loads the teacher (hashed once, cached in the context), checks the inputs, probes the
-    location once, resolves ``train``'s dataset and chooses the executor. The CLI calls it
-    before starting Ray, so bad input fails in a second, not after a cluster start.
+    Checks the device (``cluster``: the ``--cluster`` file the run goes to) and that the
+    location's storage answers (failing fast), loads the teacher (hashed once, cached in the
+    context), checks the inputs and the batch against the training images, probes the location
+    once, resolves ``train``'s dataset and chooses the executor. The CLI calls it before starting
+    Ray, so bad input fails in a second, not after a cluster start.
     """
     _check_flags(resume, overwrite, repair)
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
     ctx = RunContext.create(cfg)
+    check_device(cfg, cluster)
+    ctx.storage.fail_fast().check_reachable()
     run = Run(ctx, command, executor_for(cfg), resume=resume, overwrite=overwrite, repair=repair)
     _check_probe(ctx)
     if command == "train":
         _open_training(run)
         return run
+    if command == "run" and cfg.needs_synthetic_data():
+        check_batch(cfg, cfg.generate.num_images, source="generate.num_images")
     needs_plan = command == "generate" or (cfg.dataset is None and cfg.needs_synthetic_data())
     check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
     check_location(ctx, resume=run.continues, overwrite=overwrite)
@@ -385,6 +439,8 @@ def _open_training(run: Run) -> None:
             f"{data.url} holds {len(manifest.shards)}/{manifest.num_shards_planned} shards: finish it "
             "with `intraq-pipeline generate --resume`"
         )
+    if manifest.rows:  # (a dataset without images is refused by the training stage, naming it)
+        check_batch(cfg, manifest.rows, source=f"the dataset at {data.url}")
     if manifest.shards:
         try:
             meta = read_shard(data, manifest.shards[0].path).meta
@@ -397,7 +453,7 @@ def _open_training(run: Run) -> None:
     with_yaml = Storage.from_config(cfg.storage.model_copy(update={"url": dataset_root}))
     if with_yaml.exists(RUN_CONFIG_PATH):
         source_cfg = _source_config(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)), ctx.cfg, with_yaml)
-    ctx.storage.check_writable()
+    ctx.storage.fail_fast().check_writable()
     run.manifest, run.source_cfg = manifest, source_cfg
 
 

@@ -67,6 +67,12 @@ SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_T
 #: over at once.
 LOCK_TTL_S = 120.0
 
+#: The checks before a run (:meth:`Storage.fail_fast`): at most this many retries, this connect timeout
+#: (seconds) and this backoff, so an unreachable endpoint is refused within 5 s instead of after every retry.
+FAIL_FAST_RETRIES = 1
+FAIL_FAST_CONNECT_TIMEOUT_S = 2.0
+FAIL_FAST_BACKOFF_S = 0.25
+
 #: Schemes handled by fsspec backends that are optional dependencies: supported only when installed.
 _OPTIONAL_SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs"}
 
@@ -245,8 +251,10 @@ class Storage:
     the filesystem with its own environment (credentials are never pickled).
     """
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, *, fail_fast: bool = False) -> None:
         self.config = config
+        #: A check before a run: few, quiet retries and a short connect timeout (see :meth:`fail_fast`).
+        self.quick = fail_fast
         self.kind, rest = _split_url(config.url)
         self._endpoint = config.resolved_endpoint_url() if self.kind == "s3" else None
         self.fs: fsspec.AbstractFileSystem
@@ -281,6 +289,12 @@ class Storage:
         """Shorthand for ``Storage.from_config(StorageConfig(url=url, **options))``."""
         return cls(StorageConfig(url=url, **options))
 
+    def fail_fast(self) -> Storage:
+        """This location for the checks before a run: at most :data:`FAIL_FAST_RETRIES` retry, a
+        :data:`FAIL_FAST_CONNECT_TIMEOUT_S` connect timeout, and its retry notes at INFO (the run's log
+        file, not the terminal). An unreachable endpoint is then one line within 5 seconds."""
+        return Storage(self.config, fail_fast=True)
+
     def child(self, *parts: str) -> Storage:
         """A Storage rooted at ``parts`` below this one (same endpoint, retries and timeouts)."""
         return Storage(self.config.model_copy(update={"url": self.join(*parts)}))
@@ -302,7 +316,7 @@ class Storage:
 
         cfg = self.config
         config_kwargs: dict[str, Any] = {
-            "connect_timeout": min(cfg.timeout_s, 5.0),
+            "connect_timeout": min(cfg.timeout_s, FAIL_FAST_CONNECT_TIMEOUT_S if self.quick else 5.0),
             "read_timeout": cfg.timeout_s,
             "retries": {"total_max_attempts": 1, "mode": "standard"},
         }
@@ -390,7 +404,9 @@ class Storage:
         ``config.retries`` times with exponential backoff. Exceptions in ``passthrough`` (for
         example FileNotFoundError on reads) are re-raised unchanged.
         """
-        attempts = self.config.retries + 1
+        retries = min(self.config.retries, FAIL_FAST_RETRIES) if self.quick else self.config.retries
+        backoff = min(self.config.retry_backoff_s, FAIL_FAST_BACKOFF_S) if self.quick else self.config.retry_backoff_s
+        attempts = retries + 1
         for attempt in range(1, attempts + 1):
             try:
                 return fn()
@@ -405,8 +421,9 @@ class Storage:
                     raise StorageError(self._message(what, rel, exc)) from exc
                 if attempt == attempts:
                     raise StorageError(self._message(what, rel, exc, attempts=attempts)) from exc
-                delay = min(self.config.retry_backoff_s * 2 ** (attempt - 1), 30.0)
-                log.warning(
+                delay = min(backoff * 2 ** (attempt - 1), 30.0)
+                log.log(
+                    logging.INFO if self.quick else logging.WARNING,
                     "%s",
                     redact(
                         _one_line(
@@ -528,24 +545,52 @@ class Storage:
         path = self._path(rel)
         self._call("creating directory", rel, lambda: os.makedirs(path, exist_ok=True))
 
+    def check_reachable(self) -> None:
+        """One read-only request (a listing of the location: unlike a HEAD request, its error names
+        the code, e.g. InvalidAccessKeyId) that fails on an unreachable endpoint or rejected
+        credentials; writes nothing. Local storage needs no request."""
+        if self.kind == "local":
+            return
+        self.ls()
+
     def check_writable(self) -> None:
         """Probe the location with a real write, read-back and delete; StorageError if any fails.
 
-        Run before expensive work so a wrong bucket, endpoint or credential fails in seconds.
+        Run before expensive work so a wrong bucket, endpoint or credential fails in seconds. It
+        leaves the location as it found it: local directories it had to create are removed again.
         """
-        self.makedirs()
-        probe = f".write-probe-{uuid.uuid4().hex}"
-        payload = b"intraq write probe\n"
-        self.write_bytes_atomic(probe, payload)
+        created = self._missing_local_dirs()
         try:
+            self.makedirs()
+            probe = f".write-probe-{uuid.uuid4().hex}"
+            payload = b"intraq write probe\n"
+            self.write_bytes_atomic(probe, payload)
             try:
-                back = self.read_bytes(probe)
-            except FileNotFoundError as exc:
-                raise StorageError(f"{self.join(probe)} was written but cannot be read back") from exc
-            if back != payload:
-                raise StorageError(f"{self.join(probe)} read back different bytes than were written")
+                try:
+                    back = self.read_bytes(probe)
+                except FileNotFoundError as exc:
+                    raise StorageError(f"{self.join(probe)} was written but cannot be read back") from exc
+                if back != payload:
+                    raise StorageError(f"{self.join(probe)} read back different bytes than were written")
+            finally:
+                self.delete(probe)
         finally:
-            self.delete(probe)
+            for path in created:  # deepest first; one another process has written into stays
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+
+    def _missing_local_dirs(self) -> list[str]:
+        """The root and those of its parents that do not exist yet (local storage), deepest first."""
+        if self.kind != "local":
+            return []
+        missing, path = [], self._root
+        while path and not os.path.lexists(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        return missing
 
     # -- pyarrow / Ray Data ----------------------------------------------------------------
 
@@ -881,10 +926,15 @@ def _lock_is_live(record: dict[str, Any]) -> tuple[bool, str]:
 def _durable_temp(path: str, data: bytes) -> str:
     """Write ``data`` to a fresh, fsynced temp file next to ``path``; returns its name."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
     try:
-        with open(tmp, "wb") as f:
+        os.makedirs(directory, exist_ok=True)
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:  # another process's write probe removed the empty directory just now
+            os.makedirs(directory, exist_ok=True)
+            f = open(tmp, "wb")  # noqa: SIM115
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

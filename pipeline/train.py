@@ -94,6 +94,12 @@ def split_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     return hold
 
 
+def training_images(num_images: int, seed: int, fraction: float) -> int:
+    """How many of a dataset's ``num_images`` images (indices 0..num_images-1) are trained on, the
+    rest held out (:func:`split_mask`): known before any image exists."""
+    return int((~split_mask(np.arange(num_images), seed, fraction)).sum())
+
+
 @dataclass
 class TrainOutcome:
     """Summary of the training stage (written into metrics.json)."""
@@ -107,7 +113,8 @@ class TrainOutcome:
     seconds_distill: float = 0.0
     #: Data-parallel workers (1 for the local executor).
     train_workers: int = 1
-    #: Images per optimizer step over all workers (``distill.batch_size``).
+    #: Images per optimizer step over all workers (``distill.batch_size``: a batch larger than the training
+    #: images is refused before any work, :func:`pipeline.run.check_batch`, so this is the batch that ran).
     global_batch_size: int = 0
     steps_per_epoch: int = 0
     #: Optimizer steps taken in all (the same for any number of workers).

@@ -72,13 +72,112 @@ def _unpickler_detail(message: str) -> str:
     return lines[0] if lines else "invalid pickle"
 
 
+#: The pickled magic number that opens a torch file of the legacy (pre-1.6, non-zip) format.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_HEAD_BYTES = 4096
+
+
+def _read_head(source: Any) -> tuple[bytes, int | None, bool | None, list[str]]:
+    """The first bytes of a checkpoint source, its size, whether it is a complete zip archive and the
+    names inside it (None/[] where unknown, e.g. a stream that cannot seek)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                head = f.read(_HEAD_BYTES)
+            size: int | None = os.path.getsize(source)
+            target: Any = source
+        elif isinstance(source, bytes):
+            head, size, target = source[:_HEAD_BYTES], len(source), io.BytesIO(source)
+        elif isinstance(source, io.IOBase) and source.seekable():
+            start = source.tell()
+            head = source.read(_HEAD_BYTES)
+            source.seek(0, os.SEEK_END)
+            size = source.tell() - start
+            source.seek(start)
+            target = source
+        else:
+            return b"", None, None, []
+        if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            return head, size, False, []
+        try:
+            with zipfile.ZipFile(target) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return head, size, False, []
+        finally:
+            if not isinstance(source, (str, os.PathLike, bytes)):
+                source.seek(start)
+        return head, size, True, names
+    except OSError:
+        return b"", None, None, []
+
+
+def _looks_like_text(head: bytes) -> str | None:
+    """The first line of ``head`` when it is text (UTF-8, no NUL, printable), else None."""
+    if not head or b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 4:  # not just a character cut at the end of the head
+            return None
+        text = head[: exc.start].decode("utf-8")
+    if any(not (c.isprintable() or c in "\t\r\n\f") for c in text):
+        return None
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def describe_unreadable(source: Any, detail: str = "") -> str:
+    """What a file that ``torch.load`` cannot read is, in words: an empty file, a text file (an HTML
+    page, a Git LFS pointer), a truncated zip, a zip that is not a checkpoint, a plain Python
+    pickle, a NumPy or safetensors file. ``detail`` (torch's own message) is kept only where the file
+    looks like a torch checkpoint that is damaged inside."""
+    head, size, complete_zip, names = _read_head(source)
+    if size == 0:
+        return "it is an empty file (0 bytes): it was probably never written, or cut off while saving or copying"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) and complete_zip is False:
+        return (
+            f"it is a truncated or damaged zip archive ({size} bytes; torch.save writes a zip archive): it was "
+            "probably cut off while saving, downloading or copying"
+        )
+    if complete_zip:
+        if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            return f"it is a zip archive but not a torch checkpoint (no data.pkl inside; it holds {shown or 'nothing'})"
+        return f"it is a damaged torch checkpoint ({detail or 'unreadable'})"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return f"it is a damaged torch checkpoint of the legacy (pre-1.6) format ({detail or 'unreadable'})"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy array file, not a torch checkpoint"
+    if len(head) >= 10 and head[8:9] == b"{" and size is not None and int.from_bytes(head[:8], "little") < size:
+        return (
+            "it is a safetensors file, not a torch checkpoint; convert it: "
+            "torch.save(safetensors.torch.load_file(path), 'weights.pt')"
+        )
+    text = _looks_like_text(head)
+    if text is not None:
+        lowered = text.lower()
+        if lowered.startswith("version https://git-lfs"):
+            return "it is a Git LFS pointer file, not the weights themselves (fetch them: git lfs pull)"
+        if lowered.startswith(("<!doctype html", "<html")):
+            return "it is an HTML page, not a torch checkpoint (a download that saved an error or login page?)"
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        return f"it is a text file, not a torch checkpoint (it starts with {shown!r})"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "it is a plain Python pickle, not a file written by torch.save"
+    if not head:
+        return f"it is not a torch checkpoint ({detail or 'unreadable'})"
+    return f"it is not a torch checkpoint (unrecognized binary content starting with {head[:8].hex(' ')})"
+
+
 def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) -> Any:
     """Read a torch file with ``torch.load(weights_only=True)`` onto the CPU.
 
     ``source`` is a path, the file's bytes or a binary file object; ``what`` names it in
     messages (default: the path, or "checkpoint"). Every failure is a :class:`CheckpointError`
-    with one informative line: a missing file, a corrupt one, or a refusal that names the
-    global the file would need to unpickle (e.g. ``Unsupported global: GLOBAL posix.system``).
+    with one informative line: a missing file, what an unreadable one is (:func:`describe_unreadable`:
+    an empty file, a text file, a truncated zip, ...), or a refusal that names the global the file
+    would need to unpickle (e.g. ``Unsupported global: GLOBAL posix.system``).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -91,19 +190,25 @@ def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) ->
         name = what or "checkpoint"
         target = io.BytesIO(source) if isinstance(source, bytes) else source
         mmap = False
+    start = target.tell() if isinstance(target, io.IOBase) and target.seekable() else None
+
     try:
         return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
-        if "global" not in detail.lower():  # corrupt or not a pickle at all
-            raise CheckpointError(f"could not read {name} as a torch checkpoint: {detail}") from None
-        raise CheckpointError(
-            f"refused to load {name}: it is not loadable with torch.load(weights_only=True) ({detail}); "
-            "only plain tensors/containers are accepted because unpickling arbitrary objects can "
-            "execute code. Re-save it as {'state_dict': model.state_dict()} from a trusted environment."
-        ) from None
+        if "global" in detail.lower():
+            raise CheckpointError(
+                f"refused to load {name}: it is not loadable with torch.load(weights_only=True) ({detail}); "
+                "only plain tensors/containers are accepted because unpickling arbitrary objects can "
+                "execute code. Re-save it as {'state_dict': model.state_dict()} from a trusted environment."
+            ) from None
     except Exception as exc:
-        raise CheckpointError(f"could not read {name} as a torch checkpoint: {exc}") from exc
+        detail = " ".join(str(exc).split()).split(". ")[0] or type(exc).__name__
+    # Corrupt, or not a torch file at all. Raised outside the handler, so torch's message (for a text
+    # file: "Weights only load failed ... Unsupported operand") is no context to mistake for a refusal.
+    if start is not None:
+        target.seek(start)
+    raise CheckpointError(f"could not read {name} as a torch checkpoint: {describe_unreadable(target, detail)}")
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -124,6 +229,26 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def _holds(obj: Any) -> str:
+    """What a loaded checkpoint that is no state_dict holds, in words."""
+    if isinstance(obj, Tensor):
+        return f"a single tensor of shape {list(obj.shape)}"
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "an empty dict"
+        keys = sorted(map(str, obj))
+        shown = keys[:8] + (["..."] if len(keys) > 8 else [])
+        if any(isinstance(v, Tensor) for v in obj.values()):
+            key, value = next((k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor)))
+            kind = type(value).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            return f"a dict of tensors mixed with other values ({key!r} is {article} {kind})"
+        return f"a dict with the keys {shown}, none of them a dict of tensors"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)} item(s), not a dict"
+    return f"a {type(obj).__name__}, not a dict"
+
+
 def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor]:
     """The state_dict inside a loaded checkpoint (plain, or under a common wrapper key).
 
@@ -133,10 +258,9 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, Tensor
     if not _is_tensor_dict(state) and isinstance(obj, Mapping):
         state = next((obj[k] for k in _WRAPPER_KEYS if k in obj and _is_tensor_dict(obj[k])), None)
     if not _is_tensor_dict(state):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(
-            f"no state_dict found in {source}: expected a dict of tensors, or one under "
-            f"{'/'.join(_WRAPPER_KEYS)}; found {found}"
+            f"no state_dict found in {source}: it holds {_holds(obj)}; a state_dict is a dict of parameter names to "
+            f"tensors (model.state_dict()), plain or under one of the keys {'/'.join(_WRAPPER_KEYS)}"
         )
     out: dict[str, Tensor] = {}
     for key, value in state.items():

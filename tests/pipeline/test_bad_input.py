@@ -62,6 +62,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "extra": _Evil(out["marker"])}, out["evil"])
     out["test100"] = root / "test100.npz"  # labels 0..99 for a 10-class model
     np.savez(out["test100"], images=np.zeros((100, 32, 32, 3), np.uint8), labels=np.arange(100))
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    for name, labels in (
+        ("labels_2d", np.arange(10).reshape(5, 2)),
+        ("labels_negative", np.array([0, 1, -1, 3, 4, 5, 6, 7, 8, 9])),
+        ("labels_fractional", np.array([0.0, 1.0, 2.5, 3, 4, 5, 6, 7, 8, 9])),
+        ("labels_text", np.array(list("abcdefghij"))),
+    ):
+        out[name] = root / f"{name}.npz"
+        np.savez(out[name], images=images, labels=labels)
+    out["images_28px"] = root / "images_28px.npz"  # the model takes 32x32 and does not resize
+    np.savez(out["images_28px"], images=np.zeros((10, 28, 28, 3), np.uint8), labels=np.arange(10))
     out["malformed"] = root / "malformed.yaml"
     out["malformed"].write_text("name: x\n  seed: [1\n")
     out["typo"] = root / "typo.yaml"
@@ -113,30 +124,65 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("checkpoint_needs_pickle", ["model.weights={evil}"], ["refused", "weights_only=True", "posix.mkdir"]),
     ("unknown_architecture", ["model.arch=resnet9000"], ["unknown model architecture 'resnet9000'", "did you mean"]),
-    ("w_bits_above_8", ["quant.w_bits=9"], ["quant.w_bits", "less than or equal to 8"]),
-    ("a_bits_below_2", ["quant.a_bits=1"], ["quant.a_bits", "greater than or equal to 2"]),
+    ("w_bits_above_8", ["quant.w_bits=9"], ["quant.w_bits: 9 is above the maximum 8"]),
+    ("a_bits_below_2", ["quant.a_bits=1"], ["quant.a_bits: 1 is below the minimum 2"]),
     (
         "micro_batches_with_adi",
         ["generate.micro_batch_size=8", "generate.method=adi"],
         ["generate.micro_batch_size cannot keep the ADI term exact", "adi_weight=0"],
     ),
-    ("distill_lr_zero", ["distill.lr=0"], ["distill.lr", "greater than 0"]),
-    ("generate_lr_negative", ["generate.lr=-0.5"], ["generate.lr", "greater than 0"]),
-    ("distill_batch_size_zero", ["distill.batch_size=0"], ["distill.batch_size", "greater than or equal to 1"]),
-    ("generate_batch_size_zero", ["generate.batch_size=0"], ["generate.batch_size", "greater than or equal to 2"]),
-    ("generate_iterations_zero", ["generate.iterations=0"], ["generate.iterations", "greater than or equal to 1"]),
+    ("distill_lr_zero", ["distill.lr=0"], ["distill.lr: 0 is too small: it must be greater than 0"]),
+    ("generate_lr_negative", ["generate.lr=-0.5"], ["generate.lr: -0.5 is too small: it must be greater than 0"]),
+    ("distill_batch_size_zero", ["distill.batch_size=0"], ["distill.batch_size: 0 is below the minimum 1"]),
+    ("generate_batch_size_zero", ["generate.batch_size=0"], ["generate.batch_size: 0 is below the minimum 2"]),
+    ("generate_iterations_zero", ["generate.iterations=0"], ["generate.iterations: 0 is below the minimum 1"]),
     (
         "distill_iterations_negative",
         ["distill.iterations_per_epoch=-3"],
-        ["distill.iterations_per_epoch", "greater than or equal to 1"],
+        ["distill.iterations_per_epoch: -3 is below the minimum 1"],
     ),
-    ("distill_epochs_negative", ["distill.epochs=-1"], ["distill.epochs", "greater than or equal to 0"]),
+    ("distill_epochs_negative", ["distill.epochs=-1"], ["distill.epochs: -1 is below the minimum 0"]),
     ("unknown_key", ["distill.epoch=3"], ["unknown key 'distill.epoch'", "did you mean 'distill.epochs'?"]),
     ("unknown_key_alias", ["distill.learning_rate=0.1"], ["did you mean 'distill.lr'?"]),
     (
         "test_set_classes",
         ["eval.data={test100}"],
         ["test100.npz: label 10 at index 10 is not a class index (0..9: the model predicts 10 classes)"],
+    ),
+    (
+        "test_set_labels_2d",
+        ["eval.data={labels_2d}"],
+        ["labels_2d.npz: labels must be a 1-D array of class indices, got shape (5, 2)"],
+    ),
+    (
+        "test_set_label_negative",
+        ["eval.data={labels_negative}"],
+        ["labels_negative.npz: label -1 at index 2 is not a class index"],
+    ),
+    (
+        "test_set_label_fractional",
+        ["eval.data={labels_fractional}"],
+        ["labels_fractional.npz: label 2.5 at index 2 is not an integer class index"],
+    ),
+    (
+        "test_set_labels_text",
+        ["eval.data={labels_text}"],
+        ["labels_text.npz: labels must be integer class indices, got dtype <U1"],
+    ),
+    (
+        "test_set_image_size",
+        ["eval.data={images_28px}"],
+        ["images_28px.npz: images are 28x28, but the model takes 32x32 (model.image_size)"],
+    ),
+    (
+        "mean_on_the_0_255_scale",
+        ["model.mean=[123.7, 116.3, 103.5]"],
+        ["model.mean=[123.7, 116.3, 103.5] is beyond the [0, 1] scale", "model.mean=0.4851,0.4561,0.4059"],
+    ),
+    (
+        "std_on_the_0_255_scale",
+        ["model.std=[58.4, 57.1, 57.4]"],
+        ["model.std=[58.4, 57.1, 57.4] is beyond the [0, 1] scale", "divided by 255"],
     ),
     (
         "user_module_missing",
@@ -251,6 +297,253 @@ def test_resume_of_another_config_and_conflicting_flags(existing: Path) -> None:
     assert snapshot(existing) == before
 
 
+# -- settings checked before anything is written -------------------------------------------------
+#
+# Each row was once a wrong number or a late failure: a batch larger than the training set trained
+# on fewer images than metrics.json said; --bits W9A4 said "1 validation error for QuantConfig";
+# device=cuda without a GPU wrote run.yaml and a log first (so the corrected command was refused,
+# "already holds a run"); a key given twice in a YAML file kept the last one silently, an empty file
+# ran every default; an empty or text weights file gave "checkpoint:" or "101". Every one is now one
+# line, exit 2, and the WHOLE parent directory is as it was (files and directories, bytes and mtimes).
+
+
+def tree(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every entry under ``root``: a file → (size, mtime_ns, sha256), a directory → ("dir", mtime_ns)."""
+    import hashlib
+
+    out: dict[str, tuple[Any, ...]] = {}
+    for path in sorted(root.rglob("*")):
+        rel, stat = str(path.relative_to(root)), path.lstat()
+        if path.is_dir():
+            out[rel] = ("dir", stat.st_mtime_ns)
+        else:
+            data = path.read_bytes()
+            out[rel] = (len(data), stat.st_mtime_ns, hashlib.sha256(data).hexdigest())
+    return out
+
+
+def _inputs(root: Path) -> dict[str, Path]:
+    """Bad weights and config files under ``root``."""
+    root.mkdir()
+    good = root / "good.pt"
+    torch.save({"conv1.weight": torch.zeros(16, 3, 3, 3)}, good)
+    out = {
+        "empty_weights": root / "empty.pt",
+        "text_weights": root / "text.pt",
+        "truncated_weights": root / "truncated.pt",
+        "list_weights": root / "list.pt",
+        "pickle_weights": root / "pickle.pt",
+        "duplicate_yaml": root / "duplicate.yaml",
+        "empty_yaml": root / "empty.yaml",
+    }
+    out["empty_weights"].write_bytes(b"")
+    out["text_weights"].write_text("101\n")
+    out["truncated_weights"].write_bytes(good.read_bytes()[:300])
+    torch.save([torch.zeros(1), torch.zeros(2), torch.zeros(3)], out["list_weights"])
+    import pickle
+
+    out["pickle_weights"].write_bytes(pickle.dumps({"conv1.weight": [0.0]}, protocol=4))
+    out["duplicate_yaml"].write_text("name: dup\ndistill:\n  epochs: 2\n  batch_size: 8\n  epochs: 5\n")
+    out["empty_yaml"].write_text("# nothing set here\n\n")
+    good.unlink()
+    return out
+
+
+#: (id, the arguments after the command and location, texts of the one error line). ``{x}`` is a file
+#: of :func:`_inputs`; ``{config}`` replaces ``-c smoke``.
+BEFORE_ANYTHING: list[tuple[str, list[str], list[str]]] = [
+    (
+        "batch_larger_than_training_images",  # TINY: 32 images, seed 0, holdout 0.1 -> 7 held out, 25 trained on
+        ["distill.batch_size=100"],
+        [
+            "distill.batch_size=100 is larger than the 25 training images (generate.num_images: 32 synthetic images, "
+            "7 held out by distill.holdout_fraction=0.1)",
+            "set distill.batch_size to at most 25",
+        ],
+    ),
+    (
+        "device_cuda_ray",
+        ["device=cuda", "executor=ray"],
+        ["device=cuda, but this machine (where the run's local Ray runs) has no CUDA GPU", "device=auto or device=cpu"],
+    ),
+    ("device_cuda_local", ["device=cuda"], ["device=cuda, but this machine has no CUDA GPU"]),
+    (
+        "use_gpu_yes",
+        ["device=auto", "executor=ray", "ray.use_gpu=yes"],
+        ["ray.use_gpu=yes, but this machine (where the run's local Ray runs) has no CUDA GPU", "ray.use_gpu=auto"],
+    ),
+    (
+        "yaml_duplicate_key",
+        ["{config}={duplicate_yaml}"],
+        ["duplicate.yaml: duplicate key 'distill.epochs' at line 5 (first at line 3)", "keep only the last"],
+    ),
+    ("yaml_empty", ["{config}={empty_yaml}"], ["empty.yaml is empty (no settings)", "every default"]),
+    (
+        "weights_empty_file",
+        ["model.weights={empty_weights}"],
+        ["empty.pt as a torch checkpoint: it is an empty file (0 bytes)"],
+    ),
+    (
+        "weights_text_file",
+        ["model.weights={text_weights}"],
+        ["text.pt as a torch checkpoint: it is a text file, not a torch checkpoint (it starts with '101')"],
+    ),
+    (
+        "weights_truncated_zip",
+        ["model.weights={truncated_weights}"],
+        ["truncated.pt as a torch checkpoint: it is a truncated or damaged zip archive (300 bytes"],
+    ),
+    (
+        "weights_not_a_state_dict",
+        ["model.weights={list_weights}"],
+        ["no state_dict found in", "list.pt: it holds a list of 3 item(s), not a dict"],
+    ),
+    (
+        "weights_plain_pickle",
+        ["model.weights={pickle_weights}"],
+        ["pickle.pt as a torch checkpoint: it is a plain Python pickle, not a file written by torch.save"],
+    ),
+]
+
+
+def _command_args(items: list[str], files: dict[str, Path], location: str, overwrite: bool) -> list[str]:
+    config, sets_ = "smoke", []
+    for item in items:
+        if item.startswith("{config}="):
+            config = item.split("=", 1)[1].format(**files)
+        else:
+            sets_.append(item.format(**files))
+    args = cli_args("run", location, *sets_, flags=("--overwrite",) if overwrite else ())
+    args[args.index("-c") + 1] = config
+    return args
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the device rows need a machine without a GPU")
+@pytest.mark.parametrize("where", ["new", "existing"])
+@pytest.mark.parametrize(("items", "expected"), [c[1:] for c in BEFORE_ANYTHING], ids=[c[0] for c in BEFORE_ANYTHING])
+def test_refused_before_anything_is_written(
+    items: list[str], expected: list[str], where: str, tmp_path: Path, existing: Path
+) -> None:
+    files = _inputs(tmp_path / "inputs")
+    location = existing if where == "existing" else tmp_path / "runs" / "new"
+    before = tree(tmp_path)
+    res = runner.invoke(app, _command_args(items, files, str(location), overwrite=where == "existing"))
+    assert_one_line_error(res.output, res.exit_code, *expected)
+    assert tree(tmp_path) == before  # no run.yaml, log, LOCK or directory; the existing run untouched
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--bits", "W9A4"], "error: --bits W9A4: quant.w_bits: 9 is above the maximum 8"),
+        (
+            ["--bits", "W1A1"],
+            "error: --bits W1A1: quant.w_bits: 1 is below the minimum 2; quant.a_bits: 1 is below the minimum 2",
+        ),
+        (["--bits", "W4A4", "--calib-images", "0"], "error: --calib-images: 0 is below the minimum 1"),
+    ],
+    ids=["bits_above_max", "bits_below_min", "calib_images_zero"],
+)
+def test_evaluate_options_name_the_key_and_range(
+    options: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    res = runner.invoke(app, ["evaluate", "--calib", "cifar10-test", "--limit", "10", "-q", *options])
+    assert assert_one_line_error(res.output, res.exit_code) == expected
+    assert tree(tmp_path) == before
+
+
+def test_batch_check_boundary() -> None:
+    """25 of the 32 TINY images are trained on: a batch of 25 runs, 26 is refused, no distillation needs none."""
+    from pipeline.config import load_run_config
+    from pipeline.run import check_batch
+
+    cfg = load_run_config("smoke", [*TINY, "distill.batch_size=25"])
+    check_batch(cfg, 32, source="test")
+    with pytest.raises(InputError, match=r"distill.batch_size=26 is larger than the 25 training images"):
+        check_batch(
+            cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"batch_size": 26})}), 32, source="t"
+        )
+    check_batch(
+        cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"batch_size": 26, "epochs": 0})}),
+        32,
+        source="t",
+    )
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens on it once the socket is closed
+
+
+def test_unreachable_s3_endpoint_fails_fast_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials set, the endpoint a closed port: one line within 5 s, no retry warnings on the terminal."""
+    import time
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "AKIAINTRAQTESTKEY",
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    t0 = time.monotonic()
+    res = runner.invoke(app, cli_args("run", "s3://intraq-unreachable/run", f"storage.endpoint_url={endpoint}"))
+    seconds = time.monotonic() - t0
+    line = assert_one_line_error(res.output, res.exit_code, "s3://intraq-unreachable/run", endpoint, "failed after 2")
+    assert "EndpointConnectionError" in line and FAKE_SECRET not in res.output
+    assert res.output.strip().splitlines() == [line], res.output  # no warning lines before it
+    assert seconds <= 5.0, seconds
+    assert tree(tmp_path) == before
+
+
+def _bucket_tree(storage: Storage) -> dict[str, Any]:
+    bucket = storage.pyarrow_path("").split("/", 1)[0]
+    return {p: (storage.fs.info(p)["LastModified"], storage.fs.cat_file(p)) for p in storage.fs.find(bucket)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_refusal_leaves_an_s3_bucket_untouched(s3_bucket: str) -> None:
+    """device=cuda on the default (Ray) executor at an S3 location: no run.yaml, no logs/, no LOCK."""
+    storage, _ = _s3_existing(s3_bucket)
+    before = _bucket_tree(storage)
+    for url in (storage.url, f"{s3_bucket}/fresh"):
+        res = runner.invoke(app, cli_args("run", url, "device=cuda", "executor=ray", flags=("--overwrite",)))
+        assert_one_line_error(res.output, res.exit_code, "device=cuda, but this machine")
+    assert _bucket_tree(storage) == before
+
+
+def test_write_probe_leaves_no_directory(tmp_path: Path) -> None:
+    """The location's write probe removes the directories it had to create (they are made again by the run)."""
+    Storage.from_url(str(tmp_path / "a" / "b" / "run")).check_writable()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_sections_are_the_run_config_layout() -> None:
+    """The prefixes one-line validation errors give each config class are where RunConfig holds them."""
+    from pydantic import BaseModel
+
+    from intraq_core.config import QuantConfig, ReconstructConfig
+    from intraq_core.errors import CONFIG_SECTIONS
+    from pipeline.config import RunConfig
+
+    layout = {
+        field.annotation.__name__: name
+        for name, field in RunConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
+    assert QuantConfig.model_fields["reconstruct"].annotation is ReconstructConfig
+    expected = {**layout, "ReconstructConfig": "quant.reconstruct"}
+    assert expected == CONFIG_SECTIONS
+
+
 # -- S3 credentials ------------------------------------------------------------------------------
 
 
@@ -326,10 +619,30 @@ def _wrapped_cases() -> list[tuple[str, Any, str]]:
         ("train_controller", lambda: ControllerError(FileNotFoundError("no such file: x")), "no such file: x"),
         ("actor_init", lambda: GenerationError("a generator actor could not start: ValueError: v"), "could not start"),
         ("botocore", _botocore_in_oserror, "credentials missing"),
+        (
+            "pydantic",
+            _validation_error,
+            "quant.w_bits: 9 is above the maximum 8; quant.a_bits: 1 is below the minimum 2",
+        ),
     ]
 
 
-@pytest.mark.parametrize("index", range(5), ids=["ray_task", "train_worker", "train_controller", "actor_init", "boto"])
+def _validation_error() -> BaseException:
+    """What library code (``evaluate_command(bits=(9, 1))``) raises: a bare pydantic ValidationError."""
+    from pydantic import ValidationError
+
+    from intraq_core.config import QuantConfig
+
+    try:
+        QuantConfig(w_bits=9, a_bits=1)
+    except ValidationError as exc:
+        return exc
+    raise AssertionError("QuantConfig accepted w_bits=9")
+
+
+@pytest.mark.parametrize(
+    "index", range(6), ids=["ray_task", "train_worker", "train_controller", "actor_init", "boto", "pydantic"]
+)
 def test_wrapped_errors_reach_the_one_line_path(index: int, capsys: pytest.CaptureFixture[str]) -> None:
     name, make, expected = _wrapped_cases()[index]
 
