@@ -18,13 +18,21 @@ from pipeline.run import open_run
 
 def test_a_driver_without_a_gpu_runs_a_cuda_job_on_the_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    on_ray = load_run_config(None, ["device=cuda", "executor=ray", f"storage.url={tmp_path / 'run'}"])
+    # The head of a Ray cluster elsewhere (it may have, or scale up, GPU nodes).
+    on_ray = load_run_config(
+        None, ["device=cuda", "executor=ray", "ray.address=ray://10.0.0.5:10001", f"storage.url={tmp_path / 'run'}"]
+    )
     ctx = RunContext.create(on_ray)
     assert ctx.driver_device == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA GPU"):  # where the model work runs, cuda is required
         _ = ctx.device
     run = open_run(on_ray, "run")  # every check of the command passes on such a head
     assert run.executor.needs_ray and not any((tmp_path / "run").rglob("*"))  # nothing written
+    # A local Ray has only this machine's GPUs: refused before anything is written.
+    local_ray = load_run_config(None, ["device=cuda", "executor=ray", f"storage.url={tmp_path / 'local'}"])
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        open_run(local_ray, "run")
+    assert not (tmp_path / "local").exists()
 
     local = RunContext.create(load_run_config(None, ["device=cuda", "executor=local"]))
     with pytest.raises(ValueError, match="no CUDA GPU"):  # the local executor is the model work
