@@ -112,43 +112,32 @@ def weight_quantizer(config: QuantConfig, bits: int, channels: int) -> WeightFak
     )
 
 
-class QuantConv2d(nn.Conv2d):
+class _WeightQuantized:
+    """Mixin of the quantized layers: a ``weight_quant`` and a ``from_float`` that shares parameters."""
+
+    weight_quant: WeightFakeQuant
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, weight_quant: WeightFakeQuant) -> nn.Module:
+        """Quantized twin of ``layer`` that shares (not copies) its parameters."""
+        return _convert(layer, cls, weight_quant)  # type: ignore[arg-type]
+
+
+class QuantConv2d(_WeightQuantized, nn.Conv2d):
     """``nn.Conv2d`` whose weight is fake-quantized per output channel at every forward."""
 
-    weight_quant: WeightFakeQuant
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_quant: WeightFakeQuant) -> QuantConv2d:
-        """Quantized twin of ``conv`` that shares (not copies) its parameters."""
-        return _convert(conv, cls, weight_quant)  # type: ignore[return-value]
-
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.weight_quant(self.weight), self.bias)
 
 
-class QuantConv1d(nn.Conv1d):
+class QuantConv1d(_WeightQuantized, nn.Conv1d):
     """``nn.Conv1d`` whose weight is fake-quantized per output channel at every forward."""
 
-    weight_quant: WeightFakeQuant
-
-    @classmethod
-    def from_float(cls, conv: nn.Conv1d, weight_quant: WeightFakeQuant) -> QuantConv1d:
-        """Quantized twin of ``conv`` that shares (not copies) its parameters."""
-        return _convert(conv, cls, weight_quant)  # type: ignore[return-value]
-
-    def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, self.weight_quant(self.weight), self.bias)
+    forward = QuantConv2d.forward
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightQuantized, nn.Linear):
     """``nn.Linear`` whose weight is fake-quantized per output channel at every forward."""
-
-    weight_quant: WeightFakeQuant
-
-    @classmethod
-    def from_float(cls, linear: nn.Linear, weight_quant: WeightFakeQuant) -> QuantLinear:
-        """Quantized twin of ``linear`` that shares (not copies) its parameters."""
-        return _convert(linear, cls, weight_quant)  # type: ignore[return-value]
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight_quant(self.weight), self.bias)
