@@ -17,8 +17,8 @@ over to a cluster run. Example (a toy budget: seconds on a CPU, the accuracy mea
     >>> student = iq.quantize(teacher, iq.QuantConfig(w_bits=4, a_bits=4))
     >>> student = iq.calibrate(student, data, iq.QuantConfig(w_bits=4, a_bits=4, calibration_batches=1))
     >>> rows = iq.distill_student(student, teacher, data, iq.DistillConfig(epochs=1, batch_size=10))
-    >>> 0.0 <= iq.accuracy(student, spec, "cifar10-test", limit=100)["top1"] <= 100.0
-    True
+    >>> iq.accuracy(student, spec, "cifar10-test", limit=100)
+    {'top1': ..., 'n': 100}
 """
 
 from __future__ import annotations

@@ -43,14 +43,20 @@ def test_readme_python_api_block_runs_verbatim(tmp_path: Path, monkeypatch: pyte
     exec(compile(block, "README.md (Python API)", "exec"), namespace)  # our own README, verbatim
     printed = capsys.readouterr().out
     result = ast.literal_eval(printed.strip().splitlines()[-1])  # the dict it printed
-    assert result["n"] == 500 and 0.0 <= result["top1"] <= 100.0
+    # It printed the student's top-1 on the first 500 test images (recomputed here), and the toy budget
+    # keeps a working student: measured 64.4% at the block's seed (64.4-77.4% with seeds 0-4 of the
+    # same budget: 81-86% after calibration, then its 2 steps at lr 1e-3 with hard labels cost 6-18
+    # points; FP 91.0%, chance 10%). An uncalibrated, unquantizable or wrongly normalized student
+    # does not get there.
+    student, teacher, spec = namespace["student"], namespace["teacher"], namespace["spec"]
+    assert result == iq.accuracy(student, spec, "cifar10-test", limit=500)
+    assert result["n"] == 500 and result["top1"] > 50.0
     exported = onnx.load(str(tmp_path / "student.onnx"))
     ops = {node.op_type for node in exported.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     meta = {p.key: p.value for p in exported.metadata_props}
     assert meta["intraq.mean"] == "[0.485, 0.456, 0.406]"  # the teacher's normalization travels with it
     # The student really is the calibrated, distilled, frozen quantized teacher.
-    student, teacher = namespace["student"], namespace["teacher"]
     assert {q.mode for q in iq.act_quantizers(student).values()} == {"frozen"}
     moved = [not torch.equal(student.state_dict()[k], v) for k, v in teacher.state_dict().items()]
     assert any(moved), "distillation did not change the student's weights"

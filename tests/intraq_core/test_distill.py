@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -106,17 +107,45 @@ def test_divergence_is_reported() -> None:
 
 
 def test_state_dict_resume_is_exact() -> None:
+    """Six steps in one go, and two steps + a weights-only checkpoint round trip + four steps into a
+    fresh Distiller whose student starts elsewhere: the same losses, and bit for bit the same student,
+    optimizer state (Nesterov momentum buffers, learning rates), step count and augmentation RNG.
+    Momentum, the cosine schedule (the lr depends on the step count) and the random crops + flips
+    (the RNG) each make the steps after the resume depend on a different part of the state."""
     teacher = _tiny().eval()
-    cfg = DistillConfig(epochs=2, batch_size=8, lr=0.01)
-    x = torch.randn(8, 3, 8, 8)
-    y = torch.zeros(8, dtype=torch.long)
-    a = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
-    a.step(x, y)
-    saved = {k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items()}) for k, v in a.state_dict().items()}
-    b = Distiller(_tiny(), teacher, cfg, steps_per_epoch=2, seed=3)
-    b.load_state_dict(saved)
-    sa, sb = a.step(x, y), b.step(x, y)
-    assert sa.loss == pytest.approx(sb.loss, rel=1e-6)
+    cfg = DistillConfig(epochs=2, batch_size=8, lr=0.05, momentum=0.9, schedule="cosine")
+    assert cfg.crop_scale[0] < 1.0 and cfg.flip  # the augmentation draws from the RNG
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))) for _ in range(6)]
+    a = Distiller(_tiny(), teacher, cfg, steps_per_epoch=3, seed=3)
+    want = [a.step(x, y).loss for x, y in batches]
+
+    b = Distiller(_tiny(), teacher, cfg, steps_per_epoch=3, seed=3)
+    for x, y in batches[:2]:
+        b.step(x, y)
+    buffer = io.BytesIO()
+    torch.save(b.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    other = _tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    c = Distiller(other, teacher, cfg, steps_per_epoch=3, seed=99)  # another student, another RNG seed
+    c.load_state_dict(saved)
+    got = [c.step(x, y).loss for x, y in batches[2:]]
+    assert got == want[2:]
+
+    sa, sc = a.state_dict(), c.state_dict()
+    assert sa["step"] == sc["step"] == 6 and torch.equal(sa["rng"], sc["rng"])
+    assert sa["student"].keys() == sc["student"].keys()
+    for k, v in sa["student"].items():
+        assert torch.equal(v, sc["student"][k]), k
+    oa, oc = sa["optimizer"], sc["optimizer"]
+    assert oa["param_groups"] == oc["param_groups"]  # learning rates (schedule), momentum, nesterov
+    assert oa["state"].keys() == oc["state"].keys() and len(oa["state"]) == len(list(a.student.parameters()))
+    for i, state in oa["state"].items():
+        assert torch.equal(state["momentum_buffer"], oc["state"][i]["momentum_buffer"]), i
+    # The run moved the student after the checkpoint (the comparison above is not of a frozen state).
+    assert any(not torch.equal(v, saved["student"][k]) for k, v in sc["student"].items())
 
 
 def test_reestimate_bn_matches_data_statistics() -> None:
@@ -203,3 +232,61 @@ def test_the_loop_keeps_its_starting_student_when_training_destroys_it() -> None
             assert result.selection.selected_epoch is None and not result.selection.kept_final
             kls = [e["kl"] for e in result.selection.evaluations]
             assert kls[0] < min(kls[1:])  # the loop saw training hurt
+
+
+def test_the_loop_keeps_a_middle_epoch_when_training_improves_then_destroys_the_student() -> None:
+    """Four epochs of 4 KD steps from a perturbed student: epochs 0 and 1 at lr 0.01 pull it to the
+    teacher, then the learning rate turns negative (-0.05: gradient ascent on the KD loss, training
+    that destroys the student). Measured held-out KL: start 0.151, epochs 0-3: 0.088, 0.031, 1.3, 139.
+    The loop must end with the student of epoch 1, bit for bit, not the start and not the final one."""
+    from intraq_core.distill import EpochBatches, train_epochs
+    from intraq_core.selection import Selector
+
+    teacher = _tiny().eval()
+    student = _tiny()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(64, 3, 8, 8)
+    y = teacher(x).argmax(1)
+    held = torch.randn(32, 3, 8, 8)
+    cfg = DistillConfig(
+        epochs=4,
+        batch_size=16,
+        iterations_per_epoch=4,
+        lr=0.01,
+        schedule="constant",
+        crop_scale=(1.0, 1.0),
+        flip=False,
+        weight_decay=0.0,
+        ce_weight=0.0,
+        eval_every=1,
+        select="best",
+    )
+    d = Distiller(student, teacher, cfg, steps_per_epoch=4, seed=0)
+    scored: dict[int | None, dict[str, torch.Tensor]] = {}
+
+    class Watch(Selector):
+        def consider(self, model: nn.Module, epoch: int | None) -> dict[str, float]:
+            scored[epoch] = {k: v.clone() for k, v in model.state_dict().items()}  # the state it scores
+            return super().consider(model, epoch)
+
+    def before_epoch(epoch: int) -> None:
+        if epoch == 2:
+            for group in d.optimizer.param_groups:
+                group["base_lr"] = -0.05
+
+    result = train_epochs(
+        d, EpochBatches(x, y, 16, steps=4, seed=0), selector=Watch(teacher, held), before_epoch=before_epoch
+    )
+    selection = result.selection
+    assert selection is not None
+    kls = [e["kl"] for e in selection.evaluations]
+    assert [e["epoch"] for e in selection.evaluations] == [None, 0, 1, 2, 3]
+    assert kls[2] < kls[1] < kls[0] and 10 * kls[2] < min(kls[3:])  # improved twice, then destroyed
+    assert selection.selected_epoch == 1 and not selection.kept_final and "epoch 2" in selection.message
+    kept = student.state_dict()
+    assert all(torch.equal(v, scored[1][k]) for k, v in kept.items())
+    for other in (None, 0, 2, 3):
+        assert not all(torch.equal(v, scored[other][k]) for k, v in kept.items()), other
+    assert [r.get("holdout_kl") for r in result.epochs] == kls[1:]
