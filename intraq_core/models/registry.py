@@ -258,21 +258,22 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         arch = str(ckpt_cfg.get("arch"))
         kwargs = {**dict(ckpt_cfg.get("kwargs") or {}), **kwargs}
         weights = weights if weights is not None else str(ckpt_path)
-    elif "arch" not in cfg.model_fields_set and _hub_weights(weights) is None:
+    hub = _hub_weights(weights)
+    asset_meta = (asset_metadata_for(weights) or {}) if hub is None else {}
+    if not ckpt_cfg and "arch" not in cfg.model_fields_set:
         # Weights that are a named asset say which architecture they belong to.
-        arch = str((asset_metadata_for(weights) or {}).get("arch") or arch)
+        arch = str(asset_meta.get("arch") or arch)
     spec = get_model_spec(arch)
 
     weights_meta: dict[str, Any] = {}
     from_keys: dict[str, Any] = {}
-    hub = _hub_weights(weights)
     if hub is not None:
         prefix, tag = hub
         if spec.weights_metadata is None or spec.weights_prefix != prefix:
             raise ValueError(f"weights '{weights}' are {prefix.rstrip(':')} weights, but arch '{arch}' is not")
         weights_meta = spec.weights_metadata(tag)
     else:
-        weights_meta = asset_metadata_for(weights) or {}
+        weights_meta = asset_meta
         path = _weights_file(weights)
         if path is not None:
             ckpt = _project_checkpoint(path) if not ckpt_cfg else None

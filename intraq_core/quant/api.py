@@ -566,9 +566,11 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
 
     # The map: what each weight layer reads, and what stayed float.
     layer_inputs = []
+    mapped: set[str] = set()  # a module called twice is mapped once (its first call)
     for layer in weight_nodes:
-        if layer.target in {row["layer"] for row in layer_inputs}:
+        if layer.target in mapped:
             continue
+        mapped.add(str(layer.target))
         source = layer.args[0] if layer.args and isinstance(layer.args[0], fx.Node) else None
         producer = _producer(source, gm) if source is not None else None
         is_quant = producer is not None and producer.op == "call_module" and str(producer.target) != input_quant

@@ -74,14 +74,19 @@ def _tiny() -> nn.Module:
     )
 
 
-def test_distillation_pulls_the_student_to_the_teacher() -> None:
+def _perturbed_pair() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny teacher, a copy of the architecture with perturbed weights, 64 inputs and the teacher's labels."""
     teacher = _tiny().eval()
     student = _tiny()
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.5 * torch.randn_like(p))
     x = torch.randn(64, 3, 8, 8)
-    y = teacher(x).argmax(1)
+    return teacher, student, x, teacher(x).argmax(1)
+
+
+def test_distillation_pulls_the_student_to_the_teacher() -> None:
+    teacher, student, x, y = _perturbed_pair()
     cfg = DistillConfig(
         epochs=30, batch_size=16, lr=0.05, crop_scale=(1.0, 1.0), flip=False, weight_decay=0.0, ce_weight=0.0
     )
@@ -242,13 +247,7 @@ def test_the_loop_keeps_a_middle_epoch_when_training_improves_then_destroys_the_
     from intraq_core.distill import EpochBatches, train_epochs
     from intraq_core.selection import Selector
 
-    teacher = _tiny().eval()
-    student = _tiny()
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    x = torch.randn(64, 3, 8, 8)
-    y = teacher(x).argmax(1)
+    teacher, student, x, y = _perturbed_pair()
     held = torch.randn(32, 3, 8, 8)
     cfg = DistillConfig(
         epochs=4,
