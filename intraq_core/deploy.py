@@ -111,7 +111,7 @@ class QDQSite:
     bits: int
     quant_min: int
     quant_max: int
-    axis: int  # 0 for per-output-channel weights, -1 for per-tensor activations
+    axis: int  # 0 for per-output-channel weights, 1 for per-channel activations, -1 for per tensor
     channels: int  # number of scales (1 for per-tensor)
 
 
@@ -223,6 +223,8 @@ class _ExplicitFakeQuant(nn.Module):
     def __init__(self, site: QDQSite, scale: torch.Tensor, zero_point: torch.Tensor, ndim: int) -> None:
         super().__init__()
         self.site = site
+        # Per axis: [C, 1, ...] broadcasts from axis 0 (a weight of ``ndim`` dims); an activation
+        # (axis 1) is reshaped to its input's rank in ``forward``.
         shape = (-1, *([1] * (ndim - 1))) if site.axis >= 0 else ()
         scale = scale.detach().float().reshape(shape).clone()
         self.register_buffer("scale", scale)
@@ -230,9 +232,13 @@ class _ExplicitFakeQuant(nn.Module):
         self.register_buffer("zero_point", zero_point.detach().float().reshape(shape).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.round(x * self.inv_scale) + self.zero_point
+        scale, inv_scale, zero_point = self.scale, self.inv_scale, self.zero_point
+        if self.site.axis > 0:
+            shape = (-1, *([1] * (x.dim() - self.site.axis - 1)))
+            scale, inv_scale, zero_point = scale.reshape(shape), inv_scale.reshape(shape), zero_point.reshape(shape)
+        q = torch.round(x * inv_scale) + zero_point
         q = torch.clamp(q, self.site.quant_min, self.site.quant_max)
-        return (q - self.zero_point) * self.scale
+        return (q - zero_point) * scale
 
 
 def export_copy(student: nn.Module, *, explicit: bool = False) -> tuple[nn.Module, list[QDQSite]]:
@@ -265,7 +271,8 @@ def export_copy(student: nn.Module, *, explicit: bool = False) -> tuple[nn.Modul
             if quant.mode == "off":
                 continue
             scale, zero_point = quant.qparams()
-            site = QDQSite(name, "activation", quant.bits, quant.quant_min, quant.quant_max, -1, 1)
+            axis = -1 if quant.axis is None else quant.axis
+            site = QDQSite(name, "activation", quant.bits, quant.quant_min, quant.quant_max, axis, int(scale.numel()))
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, make(site, scale, zero_point, 0))

@@ -92,6 +92,8 @@ def load_student(source: str | Path | bytes) -> tuple[nn.Module, ModelConfig, Qu
     saved_quant = dict(payload["quant_config"])
     # Students saved before quant.act_placement existed used the after-activations placement.
     saved_quant.setdefault("act_placement", "after_activations")
+    # ... and before quant.depthwise_act_per_channel, per-tensor ranges at depthwise inputs.
+    saved_quant.setdefault("depthwise_act_per_channel", False)
     quant_cfg = QuantConfig.model_validate(saved_quant)
     student = quantize(create_model(model_cfg), quant_cfg)
     student.load_state_dict(payload["state_dict"])

@@ -396,6 +396,26 @@ def _non_negative(node: fx.Node, gm: fx.GraphModule, memo: dict[fx.Node, bool]) 
     return memo[node]
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    """A Conv1d/Conv2d whose every output reads one input channel (``groups == in_channels > 1``)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels > 1
+
+
+def _depthwise_only_inputs(gm: fx.GraphModule, weight_nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """The producers (see :func:`_producer`) whose every weight-layer reader is a depthwise conv
+    of the same input channels, with that channel count: their quantizer may be per channel."""
+    readers: dict[fx.Node, list[nn.Module]] = {}
+    for layer in weight_nodes:
+        if layer.args and isinstance(layer.args[0], fx.Node):
+            readers.setdefault(_producer(layer.args[0], gm), []).append(gm.get_submodule(str(layer.target)))
+    out: dict[fx.Node, int] = {}
+    for node, modules in readers.items():
+        channels = {int(m.in_channels) for m in modules if _is_depthwise(m)}
+        if len(channels) == 1 and all(_is_depthwise(m) for m in modules):
+            out[node] = channels.pop()
+    return out
+
+
 def _last_layer_feeders(gm: fx.GraphModule, layer_names: list[str], quantized_here: Any) -> set[fx.Node]:
     """The activation nodes (those that get a quantizer) whose values reach the last weight layer
     without passing another weight layer: the quantizers of the last layer's input."""
@@ -542,7 +562,9 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     container = nn.ModuleDict()
     gm.add_module(ACT_QUANT_PREFIX, container)
 
-    def new_act(bits: int, signed: bool) -> ActFakeQuant:
+    per_channel = _depthwise_only_inputs(gm, weight_nodes) if config.depthwise_act_per_channel else {}
+
+    def new_act(bits: int, signed: bool, channels: int | None = None) -> ActFakeQuant:
         return ActFakeQuant(
             bits,
             ema_decay=config.ema_decay,
@@ -550,6 +572,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             lp_norm=config.lp_norm,
             learn_scale=config.trains_act_scale,
             signed=signed,
+            channels=channels,
         )
 
     quant_of: dict[fx.Node, str] = {}  # producer node -> its quantizer's qualified name
@@ -561,7 +584,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 input_quant = f"{ACT_QUANT_PREFIX}.{node.name}"
         elif node in sites:
             bits = config.last_input_bits if node in feeders else config.a_bits
-            _insert_act_quant(gm, container, node, new_act(bits, sites[node]))  # type: ignore[arg-type]
+            quant = new_act(bits, sites[node], per_channel.get(node))  # type: ignore[arg-type]
+            _insert_act_quant(gm, container, node, quant)
             quant_of[node] = f"{ACT_QUANT_PREFIX}.{node.name}"
 
     # The map: what each weight layer reads, and what stayed float.
@@ -576,7 +600,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         is_quant = producer is not None and producer.op == "call_module" and str(producer.target) != input_quant
         if is_quant and str(producer.target).startswith(ACT_QUANT_PREFIX + "."):
             quant = container[producer.target.split(".", 1)[1]]
-            text = f"{producer.target} ({quant.bits}-bit, {'signed' if quant.signed else 'unsigned'})"
+            grid = "" if quant.channels is None else f", per channel ×{quant.channels}"
+            text = f"{producer.target} ({quant.bits}-bit, {'signed' if quant.signed else 'unsigned'}{grid})"
             layer_inputs.append({"layer": layer.target, "input": text, "input_bits": quant.bits})
         elif producer is not None and not from_weights.get(producer, False):
             text = (
@@ -603,6 +628,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             "bits": _count(act_bits),
             "signed": sum(bool(q.signed) for q in container.values()),
             "unsigned": sum(not q.signed for q in container.values()),
+            "per_channel": sum(q.channels is not None for q in container.values()),
             "image": input_quant is not None,
         },
         "layer_inputs": [{**row, "bits": weight_bits[row["layer"]]} for row in layer_inputs],
@@ -629,7 +655,8 @@ def quant_map(model: nn.Module) -> dict[str, Any]:
 
     ``placement``; ``weight_layers``: ``quantized`` (count), ``bits`` (count per bit width),
     ``float`` (``name`` and ``reason`` of every conv/linear left float); ``activations``:
-    ``quantized``, ``bits``, ``signed``/``unsigned`` counts, ``image`` (whether the input
+    ``quantized``, ``bits``, ``signed``/``unsigned`` counts, ``per_channel`` (how many have one
+    range per channel: inputs read only by depthwise convs), ``image`` (whether the input
     image is quantized); ``layer_inputs``: per weight layer in execution order, its ``bits``
     and what its ``input`` is (``act_quant.<node> (4-bit, signed)``, the image, or float).
     """
@@ -643,10 +670,11 @@ def format_quant_map(qmap: dict[str, Any], *, layers: bool = True) -> str:
     """The quantization map as text for a terminal or a log (one summary line, then one per layer)."""
     w, a = qmap["weight_layers"], qmap["activations"]
     bits = lambda d: ", ".join(f"{n} at {b}-bit" for b, n in d.items()) or "none"  # noqa: E731
+    per_channel = f"; {a['per_channel']} per channel (depthwise inputs)" if a.get("per_channel") else ""
     lines = [
         f"weights: {w['quantized']} layer(s) quantized ({bits(w['bits'])}), {len(w['float'])} left float; "
         f"activations: {a['quantized']} tensor(s) quantized ({bits(a['bits'])}; {a['unsigned']} unsigned, "
-        f"{a['signed']} signed), placement {qmap['placement']}"
+        f"{a['signed']} signed{per_channel}), placement {qmap['placement']}"
     ]
     lines += [f"  float: {r['name']}: {r['reason']}" for r in w["float"]]
     if layers:
@@ -755,9 +783,11 @@ def quant_summary(model: nn.Module) -> list[dict[str, Any]]:
                 "range": None,
                 "scale": None,
             }
-            if quant.calibrated:
+            if quant.channels is not None:
+                row["channels"] = quant.channels
+            if quant.calibrated:  # per channel: the widest range and the mean step
                 lo, hi = quant.range()
-                row["range"] = (float(lo), float(hi))
-                row["scale"] = float(quant.qparams()[0])
+                row["range"] = (float(lo.min()), float(hi.max()))
+                row["scale"] = float(quant.qparams()[0].mean())
             rows.append(row)
     return rows

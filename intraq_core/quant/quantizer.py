@@ -20,8 +20,14 @@ How a range is chosen (``range_method``):
   weight at every forward (stateless); activations use the EMA of the batch min/max.
 - ``"lp"``: the range that minimizes the Lp quantization error ``mean |x - x̂|^p`` (p = 2.4
   by default, as BRECQ/Genie use), found by shrinking the min/max range by a factor in
-  ``(0, 1]`` on a grid (:func:`lp_search`), per output channel for weights and per tensor for
-  activations (on a sample of the calibration activations). The result is stored.
+  ``(0, 1]`` on a grid (:func:`lp_search`), per output channel for weights and per tensor (or
+  per channel) for activations (on a sample of the calibration activations). The result is
+  stored.
+
+Activations are quantized per tensor, or per channel (axis 1, ``channels``) where the reader
+is a depthwise convolution: each output of a depthwise conv reads one input channel, so a
+per-channel input step size and zero point fold into that channel's weight scale and bias
+exactly, and an integer kernel stays integer (see :func:`intraq_core.quant.quantize`).
 
 With ``learn_scale`` the stored step size Δ is an ``nn.Parameter`` trained by LSQ (Esser et
 al., 2020): the straight-through estimator gives ``∂x̂/∂Δ = round(x/Δ) - x/Δ`` inside the
@@ -124,12 +130,13 @@ def lp_search(
     p: float = 2.4,
     symmetric: bool = False,
     grid: int = LP_GRID,
-    start: tuple[float, float] | None = None,
+    start: tuple[float | Tensor, float | Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The range ``(lo, hi)`` per row of ``x`` [C, K] that minimizes ``mean |x - x̂|^p``.
 
     Candidates are the row's own min/max range (or ``start``, e.g. the extremes seen over all
-    calibration batches when ``x`` is a sample; extended to include 0; ``±max|x|`` when
+    calibration batches when ``x`` is a sample: numbers, or [C] tensors; extended to include 0;
+    ``±max|x|`` when
     ``symmetric``) shrunk by ``k / grid`` for ``k = 1 … grid``; ties keep the widest range. A
     1-D ``x`` is one row. Returns float32 tensors of shape [C] (scalars for 1-D input).
     """
@@ -137,8 +144,8 @@ def lp_search(
     rows = x.detach().float().reshape(1, -1) if squeeze else x.detach().float().reshape(x.shape[0], -1)
     lo_data, hi_data = rows.amin(dim=1), rows.amax(dim=1)
     if start is not None:
-        lo_data = torch.full_like(lo_data, float(start[0]))
-        hi_data = torch.full_like(hi_data, float(start[1]))
+        lo_data = torch.as_tensor(start[0], dtype=torch.float32, device=rows.device).expand_as(lo_data).clone()
+        hi_data = torch.as_tensor(start[1], dtype=torch.float32, device=rows.device).expand_as(hi_data).clone()
     if symmetric:
         hi0 = torch.maximum(lo_data.abs(), hi_data.abs())
         lo0 = -hi0
@@ -360,7 +367,9 @@ class WeightFakeQuant(nn.Module):
 
 
 class ActFakeQuant(nn.Module):
-    """Per-tensor asymmetric fake quantizer of an activation, with a calibrated range.
+    """Asymmetric fake quantizer of an activation, with a calibrated range: per tensor, or per
+    channel (axis 1) when ``channels`` is given (every range, step size and zero point is then a
+    ``[channels]`` vector; the input must have that many channels on axis 1).
 
     ``mode`` (a python attribute, mirrored in the ``mode_code`` buffer so that
     ``load_state_dict`` restores it):
@@ -403,10 +412,16 @@ class ActFakeQuant(nn.Module):
         lp_norm: float = 2.4,
         learn_scale: bool = False,
         signed: bool = True,
+        channels: int | None = None,
     ) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
         self.signed = bool(signed)
+        if channels is not None and (isinstance(channels, bool) or int(channels) < 1):
+            raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
+        #: Number of channels (axis 1) of a per-channel quantizer; None for per tensor.
+        self.channels = None if channels is None else int(channels)
+        shape = () if self.channels is None else (self.channels,)
         if not 0.0 < float(ema_decay) < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
         self.ema_decay = float(ema_decay)
@@ -414,22 +429,22 @@ class ActFakeQuant(nn.Module):
         self.lp_norm = float(lp_norm)
         self.learn_scale = bool(learn_scale)
         self.stateful = self.range_method != "minmax" or self.learn_scale
-        self.register_buffer("ema_min", torch.zeros((), dtype=torch.float32))
-        self.register_buffer("ema_max", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("ema_min", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("ema_max", torch.zeros(shape, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("mode_code", torch.zeros((), dtype=torch.int64))
         if self.stateful:
             if self.learn_scale:
-                self.scale = nn.Parameter(torch.ones((), dtype=torch.float32))
+                self.scale = nn.Parameter(torch.ones(shape, dtype=torch.float32))
             else:
-                self.register_buffer("scale", torch.ones((), dtype=torch.float32))
-            self.register_buffer("zero_point", torch.zeros((), dtype=torch.float32))
+                self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
+            self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.float32))
         self.drop_prob = 0.0
         #: Seeded generator of QDrop's masks (set by block reconstruction, so that its result
         #: depends on its seed only, not on what else drew from torch's global RNG before).
         self.drop_generator: torch.Generator | None = None
         self._samples: list[Tensor] = []
-        self._seen: tuple[float, float] | None = None
+        self._seen: tuple[Tensor, Tensor] | None = None
         self._sample_gen: torch.Generator | None = None
         self._calibrated = False
         self._mode: str = "calibrate"
@@ -442,6 +457,11 @@ class ActFakeQuant(nn.Module):
     @property
     def quant_max(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def axis(self) -> int | None:
+        """The channel axis of a per-channel quantizer (1), None per tensor."""
+        return None if self.channels is None else 1
 
     @property
     def calibrated(self) -> bool:
@@ -477,7 +497,7 @@ class ActFakeQuant(nn.Module):
         self.mode = "calibrate"
 
     def ema_range(self) -> tuple[Tensor, Tensor]:
-        """Bias-corrected EMA range ``(a, b)`` as float32 scalars."""
+        """Bias-corrected EMA range ``(a, b)`` as float32 scalars (``[channels]`` vectors per channel)."""
         if not self._calibrated:
             raise RuntimeError("activation quantizer has no calibrated range (never run in 'calibrate')")
         correction = 1.0 - torch.pow(self.ema_decay, self.num_updates.float())
@@ -487,7 +507,8 @@ class ActFakeQuant(nn.Module):
         return lo, hi
 
     def range(self) -> tuple[Tensor, Tensor]:
-        """The quantization range ``(a, b)`` as float32 scalars (before extending to 0).
+        """The quantization range ``(a, b)`` as float32 scalars or ``[channels]`` vectors (before
+        extending to 0).
 
         The stored range once frozen (stateful quantizers), else the bias-corrected EMA range.
         """
@@ -503,23 +524,39 @@ class ActFakeQuant(nn.Module):
         lo, hi = self.ema_range()
         return affine_qparams(lo, hi, self.bits)
 
+    def _rows(self, x: Tensor) -> Tensor:
+        """``x`` as one row (per tensor) or one row per channel ``[C, N·H·W]`` (per channel)."""
+        if self.channels is None:
+            return x.reshape(1, -1)
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"per-channel activation quantizer of {self.channels} channels got a tensor of shape {tuple(x.shape)}"
+            )
+        return x.transpose(0, 1).reshape(self.channels, -1)
+
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
+        rows = self._rows(x.detach())
+        lo, hi = torch.aminmax(rows, dim=1)
+        if self.channels is None:
+            lo, hi = lo[0], hi[0]
         beta = self.ema_decay
         self.ema_min.mul_(beta).add_(lo.float(), alpha=1.0 - beta)
         self.ema_max.mul_(beta).add_(hi.float(), alpha=1.0 - beta)
         self.num_updates.add_(1)
         if self.stateful:
-            seen = (float(lo), float(hi))
-            self._seen = seen if self._seen is None else (min(self._seen[0], seen[0]), max(self._seen[1], seen[1]))
+            seen = (lo.float().cpu(), hi.float().cpu())
+            if self._seen is not None:
+                seen = (torch.minimum(self._seen[0], seen[0]), torch.maximum(self._seen[1], seen[1]))
+            self._seen = seen
             if self.range_method == "lp":
-                flat = x.detach().reshape(-1).float()
-                if flat.numel() > LP_SAMPLES_PER_BATCH:
+                flat = rows.float()
+                per_row = LP_SAMPLES_PER_BATCH // flat.shape[0]
+                if flat.shape[1] > per_row:
                     if self._sample_gen is None:
                         self._sample_gen = torch.Generator(device="cpu").manual_seed(0)
-                    idx = torch.randint(flat.numel(), (LP_SAMPLES_PER_BATCH,), generator=self._sample_gen)
-                    flat = flat[idx.to(flat.device)]
+                    idx = torch.randint(flat.shape[1], (per_row,), generator=self._sample_gen)
+                    flat = flat[:, idx.to(flat.device)]
                 self._samples.append(flat.cpu())
         if not self._calibrated:
             self._calibrated = True
@@ -528,14 +565,16 @@ class ActFakeQuant(nn.Module):
     def _store_range(self) -> None:
         """Compute the frozen step size and zero point (EMA range, or Lp search on the samples)."""
         if self.range_method == "lp" and self._samples:
-            values = torch.cat(self._samples)
+            values = torch.cat(self._samples, dim=1)
             assert self._seen is not None
             lo_seen, hi_seen = self._seen
             if not self.signed:
-                lo_seen = 0.0
+                lo_seen = torch.zeros_like(lo_seen)
                 values = values.clamp(min=0.0)
             # The search starts from the widest range seen, which the samples may miss.
             lo, hi = lp_search(values, self.bits, p=self.lp_norm, start=(lo_seen, hi_seen))
+            if self.channels is None:
+                lo, hi = lo[0], hi[0]
         else:
             lo, hi = self.ema_range()
         scale, zero_point = affine_qparams(lo, hi, self.bits)
@@ -548,18 +587,25 @@ class ActFakeQuant(nn.Module):
         mode = self._mode
         if mode == "off":
             return x
+        if self.channels is not None and (x.dim() < 2 or x.shape[1] != self.channels):
+            self._rows(x)  # raises: the tensor does not have this quantizer's channels
         if mode == "dynamic":
-            lo, hi = torch.aminmax(x.detach())
+            lo, hi = torch.aminmax(self._rows(x.detach()), dim=1)
             scale, zero_point = affine_qparams(lo if self.signed else torch.zeros_like(lo), hi, self.bits)
-            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
+            if self.channels is None:
+                scale, zero_point = scale[0], zero_point[0]
+            return self._fake_quant(x, scale, zero_point)
         if mode == "calibrate":
             self._observe(x)
         if mode == "frozen" and self.learn_scale and torch.is_grad_enabled() and self.scale.requires_grad:
-            factor = _lsq_grad_factor(x[0].numel() if x.dim() > 1 else x.numel(), self.quant_max)
-            out = lsq_fake_quant(x, self.scale.clamp(min=EPS), self.zero_point, self.quant_min, self.quant_max, factor)
+            per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+            factor = _lsq_grad_factor(per_sample // (self.channels or 1), self.quant_max)
+            out = lsq_fake_quant(
+                x, self.scale.clamp(min=EPS), self.zero_point, self.quant_min, self.quant_max, factor, axis=self.axis
+            )
         else:
             scale, zero_point = self.qparams()
-            out = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
+            out = self._fake_quant(x, scale, zero_point)
         if self.drop_prob > 0.0:  # QDrop: keep each element in float with probability drop_prob
             if self.drop_generator is not None:
                 noise = torch.rand(x.shape, generator=self.drop_generator, device=self.drop_generator.device)
@@ -568,6 +614,11 @@ class ActFakeQuant(nn.Module):
                 keep_float = (torch.rand_like(x) < self.drop_prob).to(x.dtype)
             out = torch.lerp(out, x, keep_float)  # several times faster than torch.where on CPU
         return out
+
+    def _fake_quant(self, x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        if self.channels is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 1, self.quant_min, self.quant_max)
 
     def _load_from_state_dict(
         self,
@@ -593,4 +644,5 @@ class ActFakeQuant(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", range={self.range_method}, learn_scale={self.learn_scale}" if self.stateful else ""
-        return f"bits={self.bits}, signed={self.signed}, ema_decay={self.ema_decay}, mode={self._mode}{extra}"
+        grid = f"signed={self.signed}" + ("" if self.channels is None else f", channels={self.channels}")
+        return f"bits={self.bits}, {grid}, ema_decay={self.ema_decay}, mode={self._mode}{extra}"

@@ -377,7 +377,8 @@ def squant_activation_ranges(
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise RuntimeError(f"SQuant: non-finite range for {name}: ({lo}, {hi})")
         q.reset()
-        q(torch.tensor([lo, hi], dtype=torch.float32, device=q.ema_min.device))
+        bounds = torch.tensor([lo, hi], dtype=torch.float32, device=q.ema_min.device)
+        q(bounds if q.channels is None else bounds.view(2, 1).expand(2, q.channels))  # every channel: one range
         q.mode = "frozen"
         ranges[name] = (lo, hi)
     return ranges

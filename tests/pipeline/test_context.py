@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from pipeline.run import open_run
 
 def test_a_driver_without_a_gpu_runs_a_cuda_job_on_the_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "ray" in sys.modules:  # a driver that has not joined a Ray yet (the session's test cluster may be up)
+        monkeypatch.setattr(sys.modules["ray"], "is_initialized", lambda: False)
     # The head of a Ray cluster elsewhere (it may have, or scale up, GPU nodes).
     on_ray = load_run_config(
         None, ["device=cuda", "executor=ray", "ray.address=ray://10.0.0.5:10001", f"storage.url={tmp_path / 'run'}"]

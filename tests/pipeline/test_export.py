@@ -280,21 +280,27 @@ def test_onnx_runtime_agrees_for_every_quantizer_option(
     assert result["images_within_1e-4"] >= 0.9 * len(images), result
 
 
-def test_onnx_runtime_agrees_on_a_network_of_any_activation() -> None:
-    """LeakyReLU, PReLU, ELU, Mish, a conv feeding a conv, a max-pool of a ReLU: every weight
-    layer's input quantizer is a Q/DQ pair in the ONNX graph, and ONNX Runtime reproduces each
-    quantized tensor (the placement is not only a PyTorch-side fiction)."""
-    from tests.intraq_core.quant.test_placement import AnyActs
+@pytest.mark.parametrize(("network", "n_acts", "n_weights"), [("AnyActs", 6, 8), ("Depthwise", 4, 6)])
+def test_onnx_runtime_agrees_on_a_network_of_any_activation(network: str, n_acts: int, n_weights: int) -> None:
+    """LeakyReLU, PReLU, ELU, Mish, a conv feeding a conv, a max-pool of a ReLU, per-channel
+    ranges at a depthwise conv's input: every weight layer's input quantizer is a Q/DQ pair in the
+    ONNX graph (per axis where per channel), and ONNX Runtime reproduces each quantized tensor
+    (the placement is not only a PyTorch-side fiction)."""
+    from tests.intraq_core.quant import test_placement
 
-    model = quantize(AnyActs().eval(), QuantConfig(w_bits=4, a_bits=4)).eval()
+    model = quantize(getattr(test_placement, network)().eval(), QuantConfig(w_bits=4, a_bits=4)).eval()
     gen = torch.Generator().manual_seed(3)
     calibrate(model, [torch.randn(32, 3, 16, 16, generator=gen) for _ in range(4)])
     data, _ = export_onnx(model, torch.zeros(2, 3, 16, 16))
-    kinds = [s["kind"] for s in onnx_qdq_sites(onnx.load_from_string(data))]
-    assert kinds.count("activation") == 6 and kinds.count("weight") == 8
+    sites = onnx_qdq_sites(onnx.load_from_string(data))
+    kinds = [s["kind"] for s in sites]
+    assert kinds.count("activation") == n_acts and kinds.count("weight") == n_weights
+    per_channel = sorted(q.channels for q in act_quantizers(model).values() if q.channels is not None)
+    assert len(per_channel) == (1 if network == "Depthwise" else 0)
+    assert sorted(s["channels"] for s in sites if s["kind"] == "activation" and s["axis"] == 1) == per_channel
     graph = onnx.load_from_string(data).graph
     dq = [n.output[0] for n in graph.node if n.name.startswith("act_quant") and n.name.endswith("DequantizeLinear")]
-    assert len(dq) == 6
+    assert len(dq) == n_acts
     x = torch.randn(64, 3, 16, 16, generator=gen)
     session = ort.InferenceSession(_with_outputs(data, dq), providers=["CPUExecutionProvider"])
     logits, *tensors = session.run(None, {"input": x.numpy()})
@@ -308,7 +314,9 @@ def test_onnx_runtime_agrees_on_a_network_of_any_activation() -> None:
     for h in hooks:
         h.remove()
     for (name, quant), onnx_values in zip(quants.items(), tensors, strict=True):
-        step = float(quant.qparams()[0])
+        step = quant.qparams()[0].numpy()
+        if quant.channels is not None:
+            step = step.reshape(1, -1, 1, 1)
         levels = np.abs(captured[name] - onnx_values) / step
         # The same grid: values agree exactly, except where float accumulation order moves a conv
         # output across a rounding boundary (one level, a few elements in a thousand, compounding).

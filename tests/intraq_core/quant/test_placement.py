@@ -152,6 +152,12 @@ def test_shared_imagenet_mobilenet_gets_a_quantizer_on_every_layer_input_but_the
     assert rows[0]["input"].startswith("image")
     assert all(r["input"].startswith("act_quant.") and "4-bit, signed" in r["input"] for r in rows[1:])
     assert qmap["activations"]["quantized"] == 27
+    # The 13 depthwise convs' inputs (the stem's output and every pointwise output) are per channel.
+    depthwise = [r for r in rows if "per channel" in r["input"]]
+    assert len(depthwise) == qmap["activations"]["per_channel"] == 13
+    assert all(teacher.get_submodule(r["layer"]).groups > 1 for r in depthwise)
+    per_tensor = quant_map(quantize(teacher, QuantConfig(w_bits=4, a_bits=4, depthwise_act_per_channel=False)))
+    assert per_tensor["activations"]["per_channel"] == 0
     # The reference placement would have found the LeakyReLUs too (they are activation sites now).
     legacy = quant_map(quantize(teacher, QuantConfig(act_placement="after_activations")))
     assert legacy["activations"]["quantized"] == 27
@@ -273,3 +279,41 @@ def test_map_survives_deepcopy_and_is_absent_from_float_models() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no float layer: no warning
         quantize(AnyActs().eval(), QuantConfig())
+
+
+class Depthwise(nn.Module):
+    """A depthwise conv reading one tensor alone, and one sharing its input with a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.dw1 = nn.Conv2d(6, 12, 3, padding=1, groups=6)  # depth multiplier 2
+        self.pw1 = nn.Conv2d(12, 6, 1)
+        self.dw2 = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw2 = nn.Conv2d(6, 6, 1)  # reads the same tensor as dw2
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.stem(x), 0.1)
+        x = torch.relu(self.pw1(F.relu6(self.dw1(F.pad(x, (1, 1, 1, 1))))))
+        x = self.dw2(x) + self.pw2(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_depthwise_inputs_get_one_range_per_channel_only_when_every_reader_is_depthwise() -> None:
+    q = quantize(Depthwise().eval(), QuantConfig(w_bits=8, a_bits=8))
+    quants = act_quantizers(q)
+    assert {n: m.channels for n, m in quants.items()} == {
+        "act_quant.leaky_relu": 6,  # read by dw1 alone (through the zero padding)
+        "act_quant.relu6": None,
+        "act_quant.relu": None,  # read by dw2 and the 1x1 pw2: one per-tensor grid
+        "act_quant.add": None,
+    }
+    gen = torch.Generator().manual_seed(0)
+    calibrate(q, [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)])
+    lo, hi = quants["act_quant.leaky_relu"].range()
+    assert lo.shape == hi.shape == (6,) and bool((hi > lo).all())
+    inputs = {r["layer"]: r["input"] for r in quant_map(q)["layer_inputs"]}
+    assert inputs["dw1"] == "act_quant.leaky_relu (8-bit, signed, per channel ×6)"
+    assert "per channel" not in inputs["dw2"]
+    assert "1 per channel (depthwise inputs)" in format_quant_map(quant_map(q))

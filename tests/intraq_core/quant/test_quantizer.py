@@ -444,3 +444,53 @@ def test_unsigned_grid_by_hand():
     calibrated(x)  # EMA range (-1, 3): the unsigned grid still starts at 0
     scale, zero_point = calibrated.qparams()
     assert float(scale) == 1.0 and int(zero_point) == 0
+
+
+# ---------------------------------------------------------------- per-channel activations
+
+
+def test_per_channel_activation_hand_case():
+    """Two channels, 2 bits: each gets its own range, step and zero point.
+
+    Channel 0 sees [0, 3]: Δ = 1, zp = 0. Channel 1 sees [-0.2, 0.1]: Δ = 0.1, zp = 2. A per-tensor
+    grid ([-0.2, 3], Δ = 1.0667) would put channel 1 entirely on the zero level."""
+    x = torch.tensor([[[0.0, 3.0], [-0.2, 0.1]], [[1.4, 2.6], [0.04, -0.06]]])  # [N=2, C=2, 2]
+    q = ActFakeQuant(2, ema_decay=0.5, channels=2)
+    q(x[:1])  # calibrate on the first sample: the corrected range is its min/max per channel
+    q.mode = "frozen"
+    lo, hi = q.range()
+    torch.testing.assert_close(lo, t(0.0, -0.2))
+    torch.testing.assert_close(hi, t(3.0, 0.1))
+    scale, zp = q.qparams()
+    torch.testing.assert_close(scale, t(1.0, 0.1))
+    assert zp.tolist() == [0, 2]
+    # 1.4 -> 1, 2.6 -> 3; 0.04/0.1 = 0.4 -> 0, -0.06/0.1 = -0.6 -> -1 (code 1)
+    expected = torch.tensor([[[0.0, 3.0], [-0.2, 0.1]], [[1.0, 3.0], [0.0, -0.1]]])
+    torch.testing.assert_close(q(x), expected)
+    per_tensor = ActFakeQuant(2, ema_decay=0.5)
+    per_tensor(x[:1])
+    per_tensor.mode = "frozen"
+    assert per_tensor(x)[:, 1].abs().max() == 0.0  # the small channel vanishes on a shared grid
+    with pytest.raises(ValueError, match="2 channels got a tensor of shape"):
+        q(torch.zeros(2, 3, 2))
+
+
+def test_per_channel_activation_lp_learned_and_state_dict():
+    """Lp ranges are searched per channel; LSQ steps are per channel; the state dict round-trips."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 3, 5, 5, generator=gen) * torch.tensor([0.1, 1.0, 10.0]).view(1, 3, 1, 1)
+    x[0, 2, 0, 0] = 80.0
+    q = ActFakeQuant(4, range_method="lp", learn_scale=True, channels=3)
+    q(x)
+    q.mode = "frozen"
+    rows = x.transpose(0, 1).reshape(3, -1)
+    lo, hi = lp_search(rows, 4, start=(rows.amin(1), rows.amax(1)))
+    scale, _ = affine_qparams(lo, hi, 4)
+    torch.testing.assert_close(q.scale.detach(), scale)
+    assert float(q.range()[1][2]) < 80.0  # the outlier is clipped on its own channel only
+    ((q(x) - x) ** 2).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.shape == (3,) and bool((q.scale.grad != 0).all())
+    fresh = ActFakeQuant(4, range_method="lp", learn_scale=True, channels=3)
+    fresh.load_state_dict(q.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), q(x))
