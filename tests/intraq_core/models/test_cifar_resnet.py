@@ -141,11 +141,5 @@ def test_teacher_matches_functional_forward(teacher: CifarResNet, teacher_path, 
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_teacher_top1_is_exactly_91_73(teacher: CifarResNet, test_set) -> None:
-    x, y = test_set
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), 1000):
-            correct += (teacher(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
-    assert len(x) == 10_000
-    assert correct == 9173  # 91.73%, the published number
+# The published 91.73% on all 10,000 test images is checked end to end, through the CLI's evaluate
+# command, in tests/pipeline/test_cli_local.py (one full pass of the test set in the suite, not two).
