@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from intraq_core.config import ReconstructConfig
-from intraq_core.quant.api import QuantConv2d, QuantLinear, act_quantizers
+from intraq_core.quant.api import QUANT_LAYER_TYPES, act_quantizers
 from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
 
 __all__ = ["ReconstructReport", "Unit", "graph_units", "reconstruct", "unit_module"]
@@ -63,7 +63,7 @@ class ReconstructReport:
 
 
 def _is_weight_layer(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), (QuantConv2d, QuantLinear))
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), QUANT_LAYER_TYPES)
 
 
 def _is_act_quant(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -124,7 +124,7 @@ def graph_units(gm: fx.GraphModule) -> list[Unit]:
                 pending_input = seg_in
             pending += seg_nodes
     if not units:
-        raise ValueError("reconstruction needs a model with at least one quantized Conv2d/Linear layer")
+        raise ValueError("reconstruction needs a model with at least one quantized Conv1d/Conv2d/Linear layer")
     if pending:
         units[-1].nodes += pending
         units[-1].output = segments[-1][2]
@@ -230,7 +230,7 @@ def reconstruct(
     if uncalibrated:
         raise RuntimeError(f"reconstruct() needs calibrated, frozen activation ranges; not frozen: {uncalibrated[:3]}")
     for name, layer in model.named_modules():
-        if isinstance(layer, (QuantConv2d, QuantLinear)) and not layer.weight_quant.stateful:
+        if isinstance(layer, QUANT_LAYER_TYPES) and not layer.weight_quant.stateful:
             raise RuntimeError(f"reconstruct() needs stored weight ranges (quantize with method 'reconstruct'): {name}")
     n = images.shape[0] if cfg.num_images is None else min(cfg.num_images, images.shape[0])
     x_fp = images[:n].detach().cpu().float()
@@ -275,7 +275,7 @@ def _reconstruct_unit(
     device: torch.device,
 ) -> float:
     """Optimize one unit's rounding (and step sizes); harden; return the last training loss."""
-    layers = [m for m in mod.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    layers = [m for m in mod.modules() if isinstance(m, QUANT_LAYER_TYPES)]
     acts = [m for m in mod.modules() if isinstance(m, ActFakeQuant)]
     alphas = [layer.weight_quant.start_adaround(layer.weight) for layer in layers]
     scales = []

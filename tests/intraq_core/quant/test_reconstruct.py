@@ -62,6 +62,35 @@ def test_plain_network_units_are_layers():
     assert [u.weight_layers for u in units] == [["c1"], ["c2"], ["fc"]]
 
 
+class Signal(nn.Module):
+    """A Conv1d network with a depthwise Conv1d (per-channel input ranges) before a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 6, 5, padding=2)
+        self.dw = nn.Conv1d(6, 6, 3, padding=1, groups=6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = nn.functional.leaky_relu(self.dw(nn.functional.leaky_relu(self.c1(x), 0.1)), 0.1)
+        return self.fc(x.mean(2))
+
+
+def test_conv1d_layers_are_units_and_get_their_rounding_learned():
+    torch.manual_seed(0)
+    student = _student(Signal(), bits=3)
+    assert [u.weight_layers for u in graph_units(student)] == [["c1"], ["dw"], ["fc"]]
+    x = torch.randn(64, 2, 40)
+    calibrate(student, [x])
+    assert student.get_submodule("act_quant.leaky_relu").channels == 6  # only the depthwise conv reads it
+    before = student.c1.weight.detach().clone()
+    report = reconstruct(student, x, ReconstructConfig(iterations=30, batch_size=16, num_images=None), seed=0)
+    assert [r["unit"] for r in report.units] == ["c1", "dw", "fc"]
+    assert student.c1.weight_quant.alpha is None and not torch.equal(student.c1.weight, before)
+    hardened = student.c1.weight.detach()
+    torch.testing.assert_close(student.c1.weight_quant(student.c1.weight), hardened, rtol=0, atol=1e-6)
+
+
 def test_option_b_shortcut_conv_is_in_its_block():
     student = _student(create_model(ModelConfig(arch="cifar_resnet20", shortcut="B")))
     units = {u.name: u for u in graph_units(student)}
