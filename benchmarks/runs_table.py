@@ -28,7 +28,8 @@ def _map_cell(q: dict[str, Any]) -> str:
     wb = ", ".join(f"{n}×{b}b" for b, n in w["bits"].items())
     ab = ", ".join(f"{n}×{b}b" for b, n in a["bits"].items())
     image = "image quantized" if a.get("image") else "image float"
-    return f"weights {wb} ({len(w['float'])} float); acts {ab} ({a['unsigned']} unsigned); {image}"
+    per_channel = f", {a['per_channel']} per channel at depthwise inputs" if a.get("per_channel") else ""
+    return f"weights {wb} ({len(w['float'])} float); acts {ab} ({a['unsigned']} unsigned{per_channel}); {image}"
 
 
 def table(rows: list[tuple[str, dict[str, Any]]], generate_s: float | None) -> str:
