@@ -25,7 +25,7 @@ from intraq_core.config import (
     SynthConfig,
 )
 from intraq_core.errors import format_validation_error
-from pipeline.storage import StorageConfig
+from pipeline.storage.store import StorageConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -204,7 +204,7 @@ def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
     # The pixel storage is not in the hash either (``auto`` resolves by the image size, which the hash
     # does not know; every hash written before the key existed stays the same): the manifest records
     # the dtype the shards store, and a dataset stored in another dtype than the run's is refused
-    # (pipeline.generate.open_manifest), never mixed.
+    # (pipeline.stages.generate.open_manifest), never mixed.
     g.pop("store_dtype", None)
     return g
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from intraq_core.config import ModelConfig
 from intraq_core.models import create_model, resolve_model_config
 from pipeline.config import RunConfig
-from pipeline.storage import Storage
+from pipeline.storage.store import Storage
 
 #: Test hook: ``"<stage>:<n>"`` makes this process SIGKILL itself at that point of a run, to test
 #: recovery from a killed process deterministically: ``generate:<k>`` right after shard k's file

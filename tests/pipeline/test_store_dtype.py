@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.config import RunConfig, load_run_config
 from pipeline.context import RunContext
-from pipeline.exceptions import GenerationError
-from pipeline.generate import dataset_storage, generate_local, store_dtype
-from pipeline.shards import Manifest, read_all, read_shard, validate_dataset
+from pipeline.errors import GenerationError
+from pipeline.stages.generate import dataset_storage, generate_local, store_dtype
+from pipeline.storage.shards import Manifest, read_all, read_shard, validate_dataset
 
 pytestmark = pytest.mark.timeout(120)
 
