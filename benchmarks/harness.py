@@ -36,10 +36,10 @@ from intraq_core.quant import calibrate
 from intraq_core.student import build_student, load_student
 from intraq_core.synth import losses
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext
-from pipeline.stages.generate import dataset_storage, generate_local, new_manifest
-from pipeline.storage.shards import Manifest, read_shard, write_shard
+from pipeline.context import RunContext, dataset_storage
+from pipeline.stages.generate import generate_local, new_manifest
 from pipeline.stages.train import CALIBRATED_PATH, STUDENT_PATH, train_local
+from pipeline.storage.shards import Manifest, read_shard, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -322,11 +322,20 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` → ``{"a": {"b": 1}}``, each key checked against the run config (ConfigError naming the key)."""
+    out: dict[str, Any] = {}
+    for dotted, value in values.items():
+        _set_path(out, dotted, value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dicts key by key (``extra`` wins); neither is modified."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -399,8 +408,8 @@ def load_run_config(
     """Defaults ← YAML file ← ``--set`` overrides, validated."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
-    data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, read_yaml(path))
+    data = deep_merge(data, parse_overrides(overrides))
     return validate_run_config(data)
 
 

@@ -111,3 +111,14 @@ class RunContext:
     @cached_property
     def teacher_sha256(self) -> str:
         return state_dict_sha256(self.teacher())
+
+
+DATA_DIR = "data"
+
+
+def dataset_storage(ctx: RunContext) -> Storage:
+    """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
+    if ctx.cfg.dataset is not None:
+        other = ctx.cfg.storage.model_copy(update={"url": ctx.cfg.dataset})
+        return Storage.from_config(other).child(DATA_DIR)
+    return ctx.storage.child(DATA_DIR)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import re
 
 from intraq_core.errors import DivergenceError, first_line
-from pipeline.errors import ClusterAuthError, GenerationError, InputError
+from pipeline.errors import ClusterAuthError, GenerationError, exception_chain
+from pipeline.storage.failures import explain_storage_failure, redact
 
-__all__ = ["InputError", "explain", "root_cause"]
+__all__ = ["explain", "root_cause"]
 
 _MAX_DEPTH = 16
 
@@ -59,16 +60,6 @@ def root_cause(exc: BaseException) -> BaseException:
     return current
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception, its causes and contexts (also suppressed ones)."""
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < _MAX_DEPTH:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 _EXPLAINED_TYPES: tuple[type[BaseException], ...] = (
     ValueError,  # ConfigError, StorageError, ShardError, CheckpointError, DatasetError, ModelError, ...
     FileNotFoundError,
@@ -87,7 +78,7 @@ _WEIGHTS_ONLY = "weights only load failed"
 def _weights_only_refusal(exc: BaseException) -> str | None:
     """What torch's weights-only unpickler refused (e.g. ``GLOBAL posix.system``), if it did."""
     refused = False
-    for e in _chain(exc):
+    for e in exception_chain(exc):
         text = str(e)
         if _WEIGHTS_ONLY not in text.lower() and "unsupported global" not in text.lower():
             continue
@@ -104,8 +95,6 @@ def explain(exc: BaseException) -> str | None:
 
     The message is redacted (no secret values) and has no line breaks.
     """
-    from pipeline.storage.failures import explain_storage_failure, redact
-
     root = root_cause(exc)
     cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
     if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):

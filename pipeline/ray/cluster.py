@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ClusterAuthError
+from pipeline.errors import ClusterAuthError, one_line
 
 __all__ = [
     "DEFAULT_CLIENT_PORT",
@@ -95,13 +95,8 @@ class RayConnection:
         ray.shutdown()
 
 
-def _one_line(text: object) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
-
-
 def _fail(path: Path, reason: object) -> ClusterConfigError:
-    return ClusterConfigError(f"{path}: {_one_line(reason)}")
+    return ClusterConfigError(f"{path}: {one_line(reason, _MAX_REASON)}")
 
 
 @contextlib.contextmanager
@@ -359,7 +354,7 @@ def connect(
         )
         raise ConnectionError(
             f"cannot reach Ray at {address} for cluster {cfg.get('cluster_name', '?')!r} "
-            f"({cluster_file}): {_one_line(exc)}{hint}"
+            f"({cluster_file}): {one_line(exc, _MAX_REASON)}{hint}"
         ) from exc
     return RayConnection(
         address=address,

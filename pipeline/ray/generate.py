@@ -14,7 +14,7 @@ labels and features for the same config and seed, whatever the number of actors)
   does. A separate centre-store actor would add a process and RPCs without changing any
   result, since centres only change between rounds.
 * Generator methods (``gdfq``, ``qimera``) first train their generator in one actor
-  (:func:`pipeline.stages.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
+  (:func:`pipeline.ray.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
 * Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
   :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
   optimizes the shards it is given, writes each one itself (atomic Parquet write,
@@ -46,7 +46,6 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,15 +54,16 @@ import torch
 from ray.exceptions import RayActorError
 
 from pipeline.config import RunConfig
-from pipeline.context import RunContext
+from pipeline.context import RunContext, dataset_storage
+from pipeline.errors import GenerationError
 from pipeline.ray import metrics
+from pipeline.ray.generator_training import train_generator_ray
+from pipeline.ray.resources import PoolSpec, pool_spec
 from pipeline.ray.user_code import with_user_code
 from pipeline.stages.generate import (
-    GenerationError,
     GenerationStats,
     ShardOutcome,
     centres_before_round,
-    dataset_storage,
     make_synthesizer,
     pending_work,
     synthesize_shard,
@@ -72,7 +72,7 @@ from pipeline.stages.plan import ShardTask, rounds
 from pipeline.storage.shards import Manifest
 from pipeline.storage.store import Storage
 
-__all__ = ["FAULT_ENV", "GeneratorActor", "PoolSpec", "generate_ray", "pool_spec"]
+__all__ = ["FAULT_ENV", "GeneratorActor", "generate_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -135,37 +135,6 @@ class GeneratorActor:
 
 
 _RemoteGenerator = ray.remote(GeneratorActor)
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """How many generator actors, and what each one asks Ray for."""
-
-    size: int
-    num_cpus: float
-    num_gpus: float
-
-
-def pool_spec(cfg: RunConfig, max_shards: int, resources: dict[str, float]) -> PoolSpec:
-    """Size the actor pool from the config and the cluster's resources (``ray.cluster_resources()``).
-
-    GPU actors (``ray.gpus_per_actor`` GPUs each) when ``ray.use_gpu`` is ``yes``, or ``auto``
-    with GPUs in the cluster and ``device`` not ``cpu``; otherwise CPU actors. Never more
-    actors than ``max_shards`` (the most shards any round still has to run), never fewer than 1.
-    """
-    r = cfg.ray
-    gpus = float(resources.get("GPU", 0.0))
-    use_gpu = r.use_gpu == "yes" or (r.use_gpu == "auto" and gpus > 0 and r.gpus_per_actor > 0 and cfg.device != "cpu")
-    if use_gpu:
-        if r.gpus_per_actor <= 0:
-            raise GenerationError("ray.use_gpu is 'yes' but ray.gpus_per_actor is 0")
-        fits = int(gpus // r.gpus_per_actor)
-        num_gpus = r.gpus_per_actor
-    else:
-        fits = int(float(resources.get("CPU", 1.0)) // r.cpus_per_actor)
-        num_gpus = 0.0
-    size = r.generation_actors or fits
-    return PoolSpec(size=max(1, min(size, max_shards)), num_cpus=r.cpus_per_actor, num_gpus=num_gpus)
 
 
 def _actor_config(ctx: RunContext) -> RunConfig:
@@ -276,8 +245,6 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             len(ray.nodes()),
         )
     if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
-        from pipeline.stages.generator_training import train_generator_ray
-
         train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress)
     board = metrics.progress_board_actor() if progress else None
     pool = _Pool(_actor_config(ctx), spec, board)

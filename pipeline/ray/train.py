@@ -60,9 +60,8 @@ from intraq_core.seeding import derive_seed
 from intraq_core.selection import Selection
 from intraq_core.student import build_student
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, limit_threads, state_dict_sha256
+from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
 from pipeline.ray.user_code import with_user_code
-from pipeline.stages.generate import dataset_storage
 from pipeline.stages.train import (
     CALIBRATED_PATH,
     TRAIN_STATE_PATH,

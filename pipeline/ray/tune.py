@@ -53,7 +53,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, _deep_merge, parse_overrides, validate_run_config
+from pipeline.config import ConfigError, RunConfig, deep_merge, nest_dotted, parse_overrides, validate_run_config
 from pipeline.storage.store import Storage
 
 __all__ = [
@@ -82,23 +82,10 @@ PURPOSE_PROBE = 201
 _LOG_KEYS = ("kd_alpha", "lr")
 
 
-def _nested(params: dict[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` → ``{"a": {"b": 1}}`` (keys checked against the config first)."""
-    out: dict[str, Any] = {}
-    for dotted, value in params.items():
-        _field_type(dotted)
-        node = out
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def trial_config(base: RunConfig | dict[str, Any], params: dict[str, Any]) -> RunConfig:
     """``base`` with the dotted ``params`` applied and validated (the config a trial runs)."""
     data = base.to_dict() if isinstance(base, RunConfig) else dict(base)
-    return validate_run_config(_deep_merge(data, _nested(params)))
+    return validate_run_config(deep_merge(data, nest_dotted(params)))
 
 
 def _field_type(dotted: str) -> Any:

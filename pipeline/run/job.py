@@ -21,7 +21,7 @@ Ray is up when the executor is ``ray`` (the CLI enters the Ray session between t
 
 Failure and recovery (README "Failure and recovery"):
 
-* Bad input is found by :func:`preflight` before Ray starts and before the location is touched:
+* Bad input is found by :func:`open_run` before Ray starts and before the location is touched:
   nothing is created, deleted or overwritten by a refused command.
 * The run lock is a short lease refreshed by a heartbeat while the run lives; a crashed run's
   lock is taken over at once on the same host (its pid is gone), elsewhere when the lease ends.
@@ -35,7 +35,6 @@ Failure and recovery (README "Failure and recovery"):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -47,12 +46,12 @@ from intraq_core.errors import ModelError, first_line
 from intraq_core.quant import quant_map
 from intraq_core.student import load_student
 from pipeline.config import RunConfig
-from pipeline.context import RunContext
+from pipeline.context import RunContext, dataset_storage
 from pipeline.errors import InputError, StorageError
 from pipeline.report.methods import generation_budget, run_method
 from pipeline.run.executor import Executor, executor_for
 from pipeline.stages.evaluate import evaluate_model
-from pipeline.stages.generate import GenerationStats, dataset_storage, store_dtype
+from pipeline.stages.generate import GenerationStats, store_dtype
 from pipeline.stages.train import (
     CALIBRATED_PATH,
     STUDENT_PATH,
@@ -401,13 +400,6 @@ def _check_probe(ctx: RunContext) -> None:
         )
 
 
-def preflight(
-    cfg: RunConfig, command: Command = "run", *, resume: bool = False, overwrite: bool = False, repair: bool = False
-) -> Run:
-    """:func:`open_run` (the name the CLI and the bad-input tests know)."""
-    return open_run(cfg, command, resume=resume, overwrite=overwrite, repair=repair)
-
-
 def _open_training(run: Run) -> None:
     """``train``'s checks: its dataset (another location's, or its own) exists, is complete and
     comes from this teacher; the location is writable."""
@@ -698,11 +690,3 @@ def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
         "test_set": ctx.cfg.eval.data,
         "quantization": {"protocol": ctx.cfg.quant.protocol, **quant_map(final)},
     }
-
-
-def load_metrics(ctx: RunContext) -> dict[str, Any]:
-    return json.loads(ctx.storage.read_bytes(METRICS_PATH))
-
-
-def dataset_manifest(ctx: RunContext) -> Manifest:
-    return Manifest.load(dataset_storage(ctx))

@@ -28,15 +28,15 @@ import torch
 from intraq_core.synth.centres import ClassCentres
 from intraq_core.synth.engine import Synthesizer, SynthResult
 from intraq_core.synth.generator import GeneratorSampler
-from pipeline.context import RunContext, kill_point
+from pipeline.context import RunContext, dataset_storage, kill_point
 from pipeline.errors import GenerationError
+from pipeline.stages.generator_training import make_sampler, train_generator
 from pipeline.stages.plan import ShardTask, make_plan, rounds
 from pipeline.storage.shards import Manifest, ShardInfo, read_shard, write_shard
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"
 HISTORY_EVERY = 10
 
 
@@ -57,8 +57,6 @@ class ShardOutcome:
 def make_synthesizer(ctx: RunContext, storage: Storage) -> Synthesizer | GeneratorSampler:
     """What produces the run's shards: the pixel optimizer, or the trained generator's sampler."""
     if ctx.cfg.generate.uses_generator:
-        from pipeline.stages.generator_training import make_sampler
-
         return make_sampler(ctx, storage)
     return Synthesizer(
         ctx.teacher(),
@@ -73,14 +71,6 @@ def make_synthesizer(ctx: RunContext, storage: Storage) -> Synthesizer | Generat
 def store_dtype(ctx: RunContext) -> str:
     """The pixel dtype of the run's shards: ``generate.store_dtype`` resolved for its image size."""
     return ctx.cfg.generate.shard_dtype(max(ctx.image_shape[1:]))
-
-
-def dataset_storage(ctx: RunContext) -> Storage:
-    """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
-    if ctx.cfg.dataset is not None:
-        other = ctx.cfg.storage.model_copy(update={"url": ctx.cfg.dataset})
-        return Storage.from_config(other).child(DATA_DIR)
-    return ctx.storage.child(DATA_DIR)
 
 
 def shard_meta(ctx: RunContext, task: ShardTask, result: SynthResult) -> dict[str, Any]:
@@ -302,8 +292,6 @@ def generate_local(
         return manifest, stats
     g = ctx.cfg.generate
     if g.uses_generator:
-        from pipeline.stages.generator_training import train_generator
-
         train_generator(ctx, storage, progress=progress)
     synth = make_synthesizer(ctx, storage)
     iters = g.iterations if g.optimizes and not g.uses_generator else 1

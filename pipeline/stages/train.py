@@ -62,8 +62,7 @@ from intraq_core.quant import calibrate as calibrate_ranges
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.selection import Selection, Selector
 from intraq_core.student import build_student, student_checkpoint_bytes
-from pipeline.context import KILL_AT_ENV, RunContext, kill_point
-from pipeline.stages.generate import dataset_storage
+from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage, kill_point
 from pipeline.storage.shards import Manifest, read_shard
 from pipeline.storage.store import Storage
 

@@ -120,7 +120,10 @@ def explain_storage_failure(exc: BaseException) -> str | None:
                 "or AWS_PROFILE, or run with an instance role"
             )
         )
-    if any(_class_names(e) & _TRANSIENT_CLASS_NAMES for e in exception_chain(exc, limit=8)) or "NETWORK_CONNECTION" in texts:
+    if (
+        any(_class_names(e) & _TRANSIENT_CLASS_NAMES for e in exception_chain(exc, limit=8))
+        or "NETWORK_CONNECTION" in texts
+    ):
         return redact(one_line(f"storage endpoint unreachable: {_describe(exc)}"))
     return None
 
@@ -182,5 +185,3 @@ def _describe(exc: BaseException) -> str:
         if code is not None or _class_names(e) & (_TRANSIENT_CLASS_NAMES | _CREDENTIAL_CLASS_NAMES):
             return f"{type(e).__name__}: {e}"
     return f"{type(exc).__name__}: {exc}"
-
-

@@ -140,7 +140,9 @@ def acquire_lock(storage: Storage, name: str = "LOCK", *, owner: str, ttl_s: flo
         "token": uuid.uuid4().hex,
     }
     if existing is None and storage.kind == "local":
-        created = storage._call("locking", rel, lambda: _create_local_exclusive(storage._path(rel), _lock_bytes(record)))
+        created = storage._call(
+            "locking", rel, lambda: _create_local_exclusive(storage._path(rel), _lock_bytes(record))
+        )
         if not created:
             current = read_lock_record(storage, rel)
             raise LockedError(_locked_message(storage, rel, current or {}))
@@ -166,6 +168,7 @@ def read_lock_record(storage: Storage, rel: str) -> dict[str, Any] | None:
         log.warning("lock %s is not valid JSON; treating it as stale", storage.join(rel))
         return None
     return record if isinstance(record, dict) else None
+
 
 def _locked_message(storage: Storage, rel: str, record: dict[str, Any]) -> str:
     expires = record.get("expires")
@@ -300,5 +303,3 @@ def _lock_is_live(record: dict[str, Any]) -> tuple[bool, str]:
     if record.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
         return False, f"its process {pid} on this host is gone"
     return True, "held"
-
-

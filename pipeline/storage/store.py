@@ -574,5 +574,3 @@ def _create_local_exclusive(path: str, data: bytes) -> bool:
     finally:
         os.unlink(tmp)
     return True
-
-

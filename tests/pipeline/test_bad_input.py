@@ -3,7 +3,7 @@
 Every command is aimed at a location that already holds a run and, where the flag applies, is
 given ``--overwrite``: a refused command must still leave every file of that location as it was
 (same names, bytes and mtimes). Checks happen before Ray starts and before the location is
-touched (:func:`pipeline.run.job.preflight`), so each case takes well under a second.
+touched (:func:`pipeline.run.job.open_run`), so each case takes well under a second.
 
 Also: Ray-wrapped errors (``RayTaskError``, Train's ``WorkerGroupError``/``ControllerError``)
 and library storage errors (botocore) reach the same one-line path.
@@ -606,7 +606,7 @@ def _botocore_in_oserror() -> BaseException:
 def _wrapped_cases() -> list[tuple[str, Any, str]]:
     from ray.train import ControllerError, WorkerGroupError
 
-    from pipeline.stages.generate import GenerationError
+    from pipeline.errors import GenerationError
     from pipeline.storage.shards import ShardError
 
     bad = ShardError("shard 3 (/x/shard-00003.parquet): checksum mismatch", 3)

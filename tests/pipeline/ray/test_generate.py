@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext
-from pipeline.stages.generate import GenerationError, dataset_storage, generate_local
+from pipeline.context import RunContext, dataset_storage
+from pipeline.errors import GenerationError
+from pipeline.stages.generate import generate_local
 from pipeline.storage.shards import Manifest, read_shard, validate_dataset
 
 pytestmark = pytest.mark.ray
@@ -268,7 +269,7 @@ def test_memory_storage_is_refused(tmp_path: Path) -> None:
 def test_pool_spec(
     overrides: list[str], resources: dict[str, float], max_shards: int, want: tuple[int, float, float]
 ) -> None:
-    from pipeline.ray.generate import pool_spec
+    from pipeline.ray.resources import pool_spec
 
     spec = pool_spec(tiny_config("/tmp/unused", *overrides), max_shards, resources)
     assert (spec.size, spec.num_cpus, spec.num_gpus) == want

@@ -36,9 +36,9 @@ import torch
 from intraq_core.distill import Distiller
 from intraq_core.student import build_student, load_student
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext
+from pipeline.context import RunContext, dataset_storage
 from pipeline.ray.train import FAIL_ONCE_ENV, plan_training, read_images, train_ray, train_run_name
-from pipeline.stages.generate import dataset_storage, generate_local
+from pipeline.stages.generate import generate_local
 from pipeline.stages.train import (
     CALIBRATED_PATH,
     STUDENT_PATH,

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli.app import app
 from pipeline.config import load_run_config
-from pipeline.report.render import build_report, diversity
+from pipeline.report.data import diversity
+from pipeline.report.render import build_report
 from pipeline.run.job import run_pipeline
 from pipeline.storage.shards import Manifest, read_shard
 from pipeline.storage.store import Storage

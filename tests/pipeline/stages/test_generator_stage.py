@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import KILL_AT_ENV, RunContext
-from pipeline.stages.generate import dataset_storage, generate_local
+from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage
+from pipeline.stages.generate import generate_local
 from pipeline.stages.generator_training import GENERATOR_STATE, GeneratorStateError, load_generator_state
 from pipeline.storage.shards import Manifest, read_shard, validate_dataset
 
