@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import logs
+from pipeline.cli import logs
 from pipeline.cli.app import summary_lines
 from pipeline.storage.store import StorageConfig
 
