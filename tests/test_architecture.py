@@ -129,3 +129,26 @@ def test_the_rules_catch_a_forbidden_import(tmp_path: Path) -> None:
     allowed, ray_ok = package_rules()["pipeline.stages"]
     assert "pipeline.ray.train" in found and "ray" in found
     assert owner("pipeline.ray.train", set(package_rules())) not in allowed and not ray_ok
+
+
+def test_every_project_import_names_a_module_of_this_tree() -> None:
+    """An import of an old path (``pipeline.storage`` as a module, ``pipeline.ray_train``) fails here, not later."""
+    modules = set(project_modules())
+    stale = []
+    for top in ("intraq_core", "pipeline", "tests", "benchmarks"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    base = node.module
+                    names = [
+                        base if base in modules or f"{base}.{a.name}" not in modules else f"{base}.{a.name}"
+                        for a in node.names
+                    ]
+                else:
+                    continue
+                for name in names:
+                    if name.split(".")[0] in ("pipeline", "intraq_core") and name not in modules:
+                        stale.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert stale == []
