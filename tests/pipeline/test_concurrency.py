@@ -37,7 +37,8 @@ runner = CliRunner()
 
 HOLD_LOCK = """
 import sys, time
-from pipeline.storage.store import Storage, run_lock
+from pipeline.storage.lock import run_lock
+from pipeline.storage.store import Storage
 with run_lock(Storage.from_url(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)

@@ -25,7 +25,7 @@ from pipeline.ray.cluster import (
     token_auth_required,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOCAL_YAML = REPO / "clusters" / "local.yaml"
 GPU_YAML = REPO / "clusters" / "gpu.yaml"
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
