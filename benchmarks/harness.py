@@ -36,10 +36,10 @@ from intraq_core.quant import calibrate
 from intraq_core.student import build_student, load_student
 from intraq_core.synth import losses
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext
-from pipeline.generate import dataset_storage, generate_local, new_manifest
-from pipeline.shards import Manifest, read_shard, write_shard
-from pipeline.train import CALIBRATED_PATH, STUDENT_PATH, train_local
+from pipeline.context import RunContext, dataset_storage
+from pipeline.stages.generate import generate_local, new_manifest
+from pipeline.stages.train import CALIBRATED_PATH, STUDENT_PATH, train_local
+from pipeline.storage.shards import Manifest, read_shard, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -327,7 +327,7 @@ class Bench:
     def _datafree(self, row: Row, bits: tuple[int, int], seed: int) -> dict[str, Any]:
         """A student built without any image (the product's path: ``quantize_only``), evaluated."""
         from intraq_core.evaluate import agreement
-        from pipeline.train import quantize_only
+        from pipeline.stages.train import quantize_only
 
         loc = self.workdir / self.budget / f"{row.name}-s{seed}" / f"w{bits[0]}a{bits[1]}"
         cfg = self.config(row, seed, [f"storage.url={loc}", f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"])

@@ -100,8 +100,8 @@ def run_case(batch: int, micro: int | None, channels_last: bool, iterations: int
 
 def shard_sizes(result: Any) -> dict[str, float]:
     """Bytes per image of a shard of these images, float32 vs float16."""
-    from pipeline.shards import write_shard
-    from pipeline.storage import Storage
+    from pipeline.storage.shards import write_shard
+    from pipeline.storage.store import Storage
 
     n = result.images.shape[0]
     meta = {

@@ -44,7 +44,7 @@ from benchmarks.harness import machine
 from intraq_core.synth.engine import Synthesizer
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
-from pipeline.plan import make_plan
+from pipeline.stages.plan import make_plan
 
 VARIANTS = ("local", "ray_1_worker", "ray_2_workers")
 LABELS = {
@@ -109,7 +109,7 @@ def bare_generation(sets: list[str]) -> dict[str, float]:
 
 def pipeline_generation(sets: list[str], actors: int, url: Path) -> dict[str, float]:
     """Image-iterations/s of ``generate_ray`` with ``actors`` actors, whole-stage wall time."""
-    from pipeline.ray_generate import generate_ray
+    from pipeline.ray.generate import generate_ray
 
     cfg = load_run_config(None, [*sets, "executor=ray", f"ray.generation_actors={actors}", f"storage.url={url}"])
     ctx = RunContext.create(cfg)
@@ -155,7 +155,7 @@ def bench_generation(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def make_dataset(args: argparse.Namespace, root: Path) -> Path:
-    from pipeline.generate import generate_local
+    from pipeline.stages.generate import generate_local
 
     url = root / "dataset"
     cfg = load_run_config(None, [*distill_budget(args), "executor=local", f"storage.url={url}"])
@@ -165,8 +165,8 @@ def make_dataset(args: argparse.Namespace, root: Path) -> Path:
 
 def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Path) -> dict[str, Any]:
     """One training stage: steady-state samples/s after the first epoch, and start-up seconds."""
-    from pipeline.generate import dataset_storage
-    from pipeline.shards import Manifest
+    from pipeline.context import dataset_storage
+    from pipeline.storage.shards import Manifest
 
     extra = {
         "local": ["executor=local"],
@@ -179,12 +179,12 @@ def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Pa
     before = load()
     t0 = time.perf_counter()
     if variant == "local":
-        from pipeline.train import train_local
+        from pipeline.stages.train import train_local
 
         torch.set_num_threads(1)
         outcome = train_local(ctx, manifest, progress=False)
     else:
-        from pipeline.ray_train import train_ray
+        from pipeline.ray.train import train_ray
 
         outcome = train_ray(ctx, manifest, progress=False)
     wall = time.perf_counter() - t0
@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     args = ap.parse_args()
 
-    from pipeline.ray_session import start_ray, stop_ray
+    from pipeline.ray.session import start_ray, stop_ray
 
     out = Path(args.out)
     root = Path(tempfile.mkdtemp(prefix="intraq-throughput-"))

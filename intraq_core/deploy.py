@@ -1,7 +1,7 @@
 """Exporting a quantized student for deployment: ONNX with explicit Q/DQ, TorchScript, ``torch.export``.
 
 Plain PyTorch (plus ``onnx``/``onnxruntime`` for the ONNX format); the run-level command that
-reads a run's student and writes the file to its location is :func:`pipeline.export.export_run`.
+reads a run's student and writes the file to its location is :func:`pipeline.stages.export.export_run`.
 
 ONNX layout (what ONNX Runtime and TensorRT-style QDQ consumers read):
 

@@ -25,7 +25,7 @@ from intraq_core.config import (
     SynthConfig,
 )
 from intraq_core.errors import format_validation_error
-from pipeline.storage import StorageConfig
+from pipeline.storage.store import StorageConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -204,7 +204,7 @@ def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
     # The pixel storage is not in the hash either (``auto`` resolves by the image size, which the hash
     # does not know; every hash written before the key existed stays the same): the manifest records
     # the dtype the shards store, and a dataset stored in another dtype than the run's is refused
-    # (pipeline.generate.open_manifest), never mixed.
+    # (pipeline.stages.generate.open_manifest), never mixed.
     g.pop("store_dtype", None)
     return g
 
@@ -322,11 +322,20 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def nest_dotted(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` → ``{"a": {"b": 1}}``, each key checked against the run config (ConfigError naming the key)."""
+    out: dict[str, Any] = {}
+    for dotted, value in values.items():
+        _set_path(out, dotted, value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested dicts key by key (``extra`` wins); neither is modified."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -399,8 +408,8 @@ def load_run_config(
     """Defaults ← YAML file ← ``--set`` overrides, validated."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
-    data = _deep_merge(data, parse_overrides(overrides))
+        data = deep_merge(data, read_yaml(path))
+    data = deep_merge(data, parse_overrides(overrides))
     return validate_run_config(data)
 
 

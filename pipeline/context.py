@@ -14,7 +14,7 @@ import torch.nn as nn
 from intraq_core.config import ModelConfig
 from intraq_core.models import create_model, resolve_model_config
 from pipeline.config import RunConfig
-from pipeline.storage import Storage
+from pipeline.storage.store import Storage
 
 #: Test hook: ``"<stage>:<n>"`` makes this process SIGKILL itself at that point of a run, to test
 #: recovery from a killed process deterministically: ``generate:<k>`` right after shard k's file
@@ -111,3 +111,14 @@ class RunContext:
     @cached_property
     def teacher_sha256(self) -> str:
         return state_dict_sha256(self.teacher())
+
+
+DATA_DIR = "data"
+
+
+def dataset_storage(ctx: RunContext) -> Storage:
+    """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
+    if ctx.cfg.dataset is not None:
+        other = ctx.cfg.storage.model_copy(update={"url": ctx.cfg.dataset})
+        return Storage.from_config(other).child(DATA_DIR)
+    return ctx.storage.child(DATA_DIR)

@@ -1,122 +1,62 @@
-"""Which failures the CLI explains in one line (exit code 2), and how.
+"""The pipeline's exception classes and the helpers that keep their messages on one line.
 
-A failure is *explained* when its root cause, after unwrapping Ray's wrappers, is bad input or
-a bad environment the user can fix: a ValueError (config, storage, shards, checkpoints, test
-sets, cluster YAML — every project error class derives from it), a missing or unreadable file,
-a generation that cannot proceed, a diverged recipe, Ray token authentication, or a storage
-failure from a library outside :class:`pipeline.storage.Storage` (botocore, pyarrow's S3 client).
-Anything else is a bug and keeps its traceback.
-
-Ray wraps errors raised in tasks, actors and Train workers: ``RayTaskError`` (``.cause``),
-``WorkerGroupError`` (``.worker_failures``, by rank), ``ControllerError``
-(``.controller_failure``). :func:`root_cause` unwraps them, so a ValueError raised inside a
-worker reads like one raised here. An actor whose ``__init__`` raised arrives as a
-``GenerationError`` naming the original exception (the object itself does not survive Ray).
-
-This module imports nothing heavy (no torch, no Ray) and none of the stages: the exception
-classes it recognizes live in the leaf modules :mod:`pipeline.exceptions` and
-:mod:`intraq_core.errors`.
+A leaf module: it imports nothing of the project, so every layer (storage, stages, executors,
+the CLI's :mod:`pipeline.cli.explain`) can name these classes without importing the modules
+that raise them. Every class a user can fix by changing input derives from ``ValueError``; the
+method's own classes live in :mod:`intraq_core.errors`.
 """
 
 from __future__ import annotations
 
-import re
+__all__ = [
+    "ClusterAuthError",
+    "GenerationError",
+    "InputError",
+    "LockedError",
+    "StorageError",
+    "UsageError",
+    "exception_chain",
+    "one_line",
+]
 
-from intraq_core.errors import DivergenceError, first_line
-from pipeline.exceptions import ClusterAuthError, GenerationError, InputError
-
-__all__ = ["InputError", "explain", "root_cause"]
-
-_MAX_DEPTH = 16
-
-
-def _ray_inner(exc: BaseException) -> BaseException | None:
-    """The exception a Ray wrapper carries, or None when ``exc`` is not a Ray wrapper."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "RayTaskError" in names:
-        cause = getattr(exc, "cause", None)
-        return cause if isinstance(cause, BaseException) else None
-    if "WorkerGroupError" in names:
-        failures = getattr(exc, "worker_failures", None) or {}
-        for rank in sorted(failures):
-            if isinstance(failures[rank], BaseException):
-                return failures[rank]
-        return None
-    if "ControllerError" in names:
-        inner = getattr(exc, "controller_failure", None)
-        return inner if isinstance(inner, BaseException) else None
-    return None
+_MAX_CHAIN = 16
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """``exc`` with Ray's wrappers (task, Train worker group, Train controller) removed."""
-    current = exc
-    for _ in range(_MAX_DEPTH):
-        inner = _ray_inner(current)
-        if inner is None or inner is current:
-            break
-        current = inner
-    return current
+class InputError(ValueError):
+    """Bad input found before any work started (the run location is left untouched)."""
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception, its causes and contexts (also suppressed ones)."""
+class UsageError(ValueError):
+    """Bad command-line input (an option's value)."""
+
+
+class StorageError(ValueError):
+    """A storage location cannot be used: bad URL, credentials, endpoint or permissions."""
+
+
+class LockedError(StorageError):
+    """The run location is locked by another live run."""
+
+
+class GenerationError(RuntimeError):
+    """Generation could not complete (e.g. the storage holds another run's dataset)."""
+
+
+class ClusterAuthError(RuntimeError):
+    """Token authentication is required but cannot be satisfied; the message is one line."""
+
+
+def exception_chain(exc: BaseException, limit: int = _MAX_CHAIN) -> list[BaseException]:
+    """The exception, its causes and contexts (also suppressed ones), at most ``limit``, without repeats."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < _MAX_DEPTH:
+    while current is not None and current not in seen and len(seen) < limit:
         seen.append(current)
         current = current.__cause__ or current.__context__
     return seen
 
 
-_EXPLAINED_TYPES: tuple[type[BaseException], ...] = (
-    ValueError,  # ConfigError, StorageError, ShardError, CheckpointError, DatasetError, ModelError, ...
-    FileNotFoundError,
-    PermissionError,
-    NotADirectoryError,
-    IsADirectoryError,
-    GenerationError,
-    DivergenceError,
-    ClusterAuthError,
-)
-
-
-_WEIGHTS_ONLY = "weights only load failed"
-
-
-def _weights_only_refusal(exc: BaseException) -> str | None:
-    """What torch's weights-only unpickler refused (e.g. ``GLOBAL posix.system``), if it did."""
-    refused = False
-    for e in _chain(exc):
-        text = str(e)
-        if _WEIGHTS_ONLY not in text.lower() and "unsupported global" not in text.lower():
-            continue
-        refused = True
-        for line in text.splitlines():
-            m = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", line, re.IGNORECASE)
-            if m:
-                return f"it needs the Python object {m.group(1)}"
-    return "it holds pickled Python objects" if refused else None
-
-
-def explain(exc: BaseException) -> str | None:
-    """The one-line message for an explained failure, or None when ``exc`` is unexpected (a bug).
-
-    The message is redacted (no secret values) and has no line breaks.
-    """
-    from pipeline.storage import explain_storage_failure, redact
-
-    root = root_cause(exc)
-    cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
-    if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):
-        return explain_storage_failure(root)  # None: not a storage failure either
-    text = first_line(root)
-    refusal = _weights_only_refusal(root)
-    if refusal is not None:
-        cut = text.lower().find(_WEIGHTS_ONLY)
-        head = text[:cut].rstrip(" :") if cut > 0 else text
-        text = (
-            f"{head}: refused: checkpoints are loaded with torch.load(weights_only=True) only, and {refusal}; "
-            "re-save it as a plain state_dict ({'state_dict': model.state_dict()}) from a trusted environment"
-        )
-    return redact(" ".join(text.split()))
+def one_line(text: object, limit: int = 600) -> str:
+    """``text`` with its whitespace collapsed so it stays on one line, capped at ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

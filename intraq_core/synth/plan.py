@@ -4,7 +4,7 @@ A task is one optimization batch. Its labels, per-image seeds and batch seed are
 plan, so a batch is reproducible wherever and whenever it runs. Tasks are grouped into rounds
 of ``batches_per_round``: every batch of round r sees the MDC class centres of all images of
 rounds < r, so the images do not depend on how many processes ran them. The pipeline stores
-one task per Parquet shard (:mod:`pipeline.plan`); :func:`intraq_core.api.synthesize` runs the
+one task per Parquet shard (:mod:`pipeline.stages.plan`); :func:`intraq_core.api.synthesize` runs the
 same plan in memory, so both give the same images for the same settings and seed.
 """
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from moto.server import ThreadedMotoServer
 
-from pipeline.storage import Storage
+from pipeline.storage.store import Storage
 from tests.pipeline.ray_fixtures import ray_cluster  # noqa: F401  (session Ray fixture)
 
 FAKE_KEY_ID = "testing-key-id"

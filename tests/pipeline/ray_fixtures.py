@@ -5,7 +5,7 @@ a head and a worker node, each a separate raylet with its own resources (:data:`
 CPUs, a custom ``intraq_test_head`` / ``intraq_test_worker`` resource) and its own scratch
 directory (``TMPDIR``), all bound to 127.0.0.1, the dashboard (whose State API nested Tune +
 Train needs) on the head. The test process then joins it the way a driver joins any cluster,
-through :func:`pipeline.ray_session.start_ray` with ``ray.address``. 4 logical CPUs in all:
+through :func:`pipeline.ray.session.start_ray` with ``ray.address``. 4 logical CPUs in all:
 2 Train workers plus Ray Data read tasks fit ("Deadlock 1" of docs/ray-on-a-small-box.md).
 Starting it costs ~8-10 s and ~1.7 GB, once per session.
 
@@ -49,9 +49,9 @@ def ray_cluster(_s3_session: Any, tmp_path_factory: pytest.TempPathFactory) -> I
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.cluster import LOCAL_NODE_IP, loopback_only
     from pipeline.config import RunConfig
-    from pipeline.ray_session import start_ray, stop_ray
+    from pipeline.ray.cluster import LOCAL_NODE_IP, loopback_only
+    from pipeline.ray.session import start_ray, stop_ray
 
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialized in this test process; ray_cluster starts its own")

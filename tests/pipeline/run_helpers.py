@@ -5,7 +5,7 @@ ResNet-20 teacher, 32 images in 4 shards of 8 over 2 rounds (so round 1 uses MDC
 round 0), 3 IntraQ iterations, 2 epochs of 2 distillation steps, 200 test images. It keeps the
 final student (``distill.select=final``): two steps cannot be ranked by the guard, and the tests
 built on it check the plumbing (the guard has its own tests in ``test_guard.py``). One run takes
-~4 s in-process and ~10 s as a fresh ``python -m pipeline.cli`` process on 2 cores.
+~4 s in-process and ~10 s as a fresh ``python -m pipeline.cli.app`` process on 2 cores.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def cli_args(command: str, url: str, *items: str, flags: tuple[str, ...] = ()) -
 
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``python -m pipeline.cli ARGS`` in a fresh process (one torch thread), output captured."""
+    """``python -m pipeline.cli.app ARGS`` in a fresh process (one torch thread), output captured."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.cli.app", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,

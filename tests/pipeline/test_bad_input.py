@@ -3,7 +3,7 @@
 Every command is aimed at a location that already holds a run and, where the flag applies, is
 given ``--overwrite``: a refused command must still leave every file of that location as it was
 (same names, bytes and mtimes). Checks happen before Ray starts and before the location is
-touched (:func:`pipeline.run.preflight`), so each case takes well under a second.
+touched (:func:`pipeline.run.job.open_run`), so each case takes well under a second.
 
 Also: Ray-wrapped errors (``RayTaskError``, Train's ``WorkerGroupError``/``ControllerError``)
 and library storage errors (botocore) reach the same one-line path.
@@ -23,11 +23,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pipeline import cli
-from pipeline.cli import app
-from pipeline.errors import InputError, explain
-from pipeline.shards import Manifest
-from pipeline.storage import Storage
+from pipeline.cli import app as cli
+from pipeline.cli.app import app
+from pipeline.cli.explain import explain
+from pipeline.errors import InputError
+from pipeline.storage.shards import Manifest
+from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 from tests.pipeline.run_helpers import TINY, assert_one_line_error, cli_args, snapshot
 
@@ -457,7 +458,7 @@ def test_evaluate_options_name_the_key_and_range(
 def test_batch_check_boundary() -> None:
     """25 of the 32 TINY images are trained on: a batch of 25 runs, 26 is refused, no distillation needs none."""
     from pipeline.config import load_run_config
-    from pipeline.run import check_batch
+    from pipeline.run.job import check_batch
 
     cfg = load_run_config("smoke", [*TINY, "distill.batch_size=25"])
     check_batch(cfg, 32, source="test")
@@ -605,8 +606,8 @@ def _botocore_in_oserror() -> BaseException:
 def _wrapped_cases() -> list[tuple[str, Any, str]]:
     from ray.train import ControllerError, WorkerGroupError
 
-    from pipeline.generate import GenerationError
-    from pipeline.shards import ShardError
+    from pipeline.errors import GenerationError
+    from pipeline.storage.shards import ShardError
 
     bad = ShardError("shard 3 (/x/shard-00003.parquet): checksum mismatch", 3)
     return [

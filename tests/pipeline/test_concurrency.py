@@ -25,9 +25,11 @@ import torch
 from typer.testing import CliRunner
 
 from intraq_core.student import load_student
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import load_run_config
-from pipeline.storage import LockedError, Storage, run_lock
+from pipeline.errors import LockedError
+from pipeline.storage.lock import acquire_lock, run_lock
+from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET
 from tests.pipeline.run_helpers import REPO, TINY, assert_one_line_error, cli_args, read_json, snapshot
 
@@ -35,7 +37,8 @@ runner = CliRunner()
 
 HOLD_LOCK = """
 import sys, time
-from pipeline.storage import Storage, run_lock
+from pipeline.storage.lock import run_lock
+from pipeline.storage.store import Storage
 with run_lock(Storage.from_url(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(600)
@@ -75,7 +78,7 @@ def test_heartbeat_keeps_a_short_lease_and_notices_a_takeover(tmp_path: Path) ->
         record = read_json(tmp_path / "LOCK")
         assert record["expires"] > time.time() and record["expires"] > first_expiry
         with pytest.raises(LockedError, match="is locked by owner"):
-            storage.acquire_lock(owner="second", ttl_s=60)
+            acquire_lock(storage, owner="second", ttl_s=60)
         lock.check()
     assert not (tmp_path / "LOCK").exists()
 
@@ -103,7 +106,7 @@ def test_two_runs_at_once_on_one_ray_cluster(ray_cluster: dict[str, Any], s3_buc
     ``run`` would double the cost: ~130 s instead of ~60 s on 2 cores). Both must produce the
     local executor's dataset byte for byte; A's calibrated student must be the local one's.
     """
-    from pipeline.run import run_pipeline
+    from pipeline.run.job import run_pipeline
 
     lr = "distill.lr=1e-4"  # small steps: Ray's stream order moves the student little (see test_ray_train)
     reference = tmp_path / "reference"
@@ -119,7 +122,7 @@ def test_two_runs_at_once_on_one_ray_cluster(ray_cluster: dict[str, Any], s3_buc
     a, b = tmp_path / "a", f"{s3_bucket}/b"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *cli_args(command, str(url), *ray_settings)],
+            [sys.executable, "-m", "pipeline.cli.app", *cli_args(command, str(url), *ray_settings)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

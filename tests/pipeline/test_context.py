@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
-from pipeline.run import open_run
+from pipeline.run.job import open_run
 
 
 def test_a_driver_without_a_gpu_runs_a_cuda_job_on_the_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -34,12 +34,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import load_run_config
 from pipeline.context import KILL_AT_ENV
-from pipeline.run import run_pipeline
-from pipeline.shards import Manifest, validate_dataset
-from pipeline.storage import Storage
+from pipeline.run.job import run_pipeline
+from pipeline.storage.shards import Manifest, validate_dataset
+from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 from tests.pipeline.run_helpers import (
     NUM_SHARDS,
@@ -119,14 +119,14 @@ def test_s3_outage_mid_run_fails_cleanly_and_resume_completes(
     s3_server: S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import pipeline.generate as gen
-    import pipeline.storage as storage_module
+    import pipeline.stages.generate as gen
+    import pipeline.storage.lock as lock_module
 
     _, ref_metrics = reference
     url = f"{s3_bucket}/run"
     retry = ["storage.retries=2", "storage.retry_backoff_s=0.05"]
     # A short lease, so the lock the failed run cannot release (the store is down) expires quickly.
-    monkeypatch.setattr(storage_module, "LOCK_TTL_S", 2.0)
+    monkeypatch.setattr(lock_module, "LOCK_TTL_S", 2.0)
     real_write = gen.write_shard
 
     def write_or_lose_endpoint(storage: Storage, index: int, *args: Any, **kwargs: Any) -> Any:

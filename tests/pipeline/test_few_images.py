@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_run_config
-from pipeline.report import build_report
-from pipeline.run import run_pipeline
-from pipeline.shards import Manifest, read_all, validate_dataset
-from pipeline.storage import Storage
+from pipeline.report.render import build_report
+from pipeline.run.job import run_pipeline
+from pipeline.storage.shards import Manifest, read_all, validate_dataset
+from pipeline.storage.store import Storage
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -28,8 +28,8 @@ from intraq_core.evaluate import agreement
 from intraq_core.student import load_student
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
-from pipeline.run import run_pipeline
-from pipeline.train import load_probe
+from pipeline.run.job import run_pipeline
+from pipeline.stages.train import load_probe
 from tests.pipeline.run_helpers import TINY, read_json
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,7 +54,7 @@ def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> 
     assert training["selected_epoch"] is None and training["kept_final"] is False
     assert "KL" in training["selection_rule"]
     # The terminal's summary says what was kept and the scores that decided it.
-    from pipeline.cli import summary_lines
+    from pipeline.cli.app import summary_lines
 
     guard = [line for line in summary_lines(metrics) if line.startswith("guard:")]
     kl = training["evaluations"][0]["kl"]
@@ -80,7 +80,7 @@ def test_a_probe_set_is_scored_and_recorded(tmp_path: Path) -> None:
     """``distill.probe`` names another location's synthetic images: every evaluation scores the
     student on them too (metrics.json and train_history.json); a missing one is refused first."""
     from pipeline.errors import InputError
-    from pipeline.run import generate_stage
+    from pipeline.run.job import generate_stage
 
     probe = tmp_path / "probe"
     probe_sets = [*TINY, "generate.method=custom", "generate.bns_weight=1", "generate.lor=true", "seed=7"]
@@ -178,7 +178,7 @@ def test_the_guard_and_the_selection_never_open_the_test_set(tmp_path: Path, mon
     training and the evaluation after; calibration, distillation, the guard's scoring and its choice
     never do."""
     import intraq_core.distill as distill_module
-    from pipeline.executor import LocalExecutor
+    from pipeline.run.executor import LocalExecutor
 
     test_set = tmp_path / "cifar10_test.npz"
     shutil.copyfile(Path(os.environ["INTRAQ_DATA_DIR"]) / "cifar10_test.npz", test_set)

@@ -23,9 +23,9 @@ import torch
 from typer.testing import CliRunner
 
 from intraq_core.student import load_student
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import load_run_config
-from pipeline.run import run_pipeline
+from pipeline.run.job import run_pipeline
 from tests.pipeline.run_helpers import FP_TOP1_200, GENTLE_LR, MAX_MOVE, TINY, cli_args
 
 runner = CliRunner()

@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.shards import ShardError, ShardInfo, read_shard, shard_path, validate_shard
-from pipeline.storage import Storage
+from pipeline.cli.app import app
+from pipeline.storage.shards import ShardError, ShardInfo, read_shard, shard_path, validate_shard
+from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 from tests.pipeline.run_helpers import REPO, assert_one_line_error, cli_args
 
@@ -190,8 +190,8 @@ def test_the_export_loader_only_sees_bytes_made_in_process() -> None:
     callers = {(rel, fn) for rel, fn, call, _ in package_calls() if call.endswith("run_exported")}
     assert callers == {("intraq_core/deploy.py", "verify_export")}
     callers = {(rel, fn) for rel, fn, call, _ in package_calls() if call.endswith("verify_export")}
-    assert callers == {("pipeline/export.py", "export_run")}
-    from pipeline.export import export_run
+    assert callers == {("pipeline/stages/export.py", "export_run")}
+    from pipeline.stages.export import export_run
 
     source = inspect.getsource(export_run)
     assert "blob, sites = export_bytes(" in source and "verify_export(fmt, blob," in source
@@ -334,7 +334,7 @@ def test_credentials_never_reach_outputs_logs_or_errors(
         assert "metrics.json" in ray.get(list_run.remote(s3_url), timeout=60)
 
         # The key id is known but the secret is wrong (it *is* the secret we are hiding): rejected.
-        from tests.pipeline.test_storage import _iam_user_key
+        from tests.pipeline.storage.test_storage import _iam_user_key
 
         key_id, _ = _iam_user_key(s3_server.endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
@@ -420,7 +420,7 @@ TOKEN_SCRIPT = r"""
 import json, os, sys
 import ray
 from typer.testing import CliRunner
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 seen = []
 def fake_init(*args, **kwargs):  # stands in for the unreachable head of clusters/local.yaml

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext
-from pipeline.exceptions import GenerationError
-from pipeline.generate import dataset_storage, generate_local, store_dtype
-from pipeline.shards import Manifest, read_all, read_shard, validate_dataset
+from pipeline.context import RunContext, dataset_storage
+from pipeline.errors import GenerationError
+from pipeline.stages.generate import generate_local, store_dtype
+from pipeline.storage.shards import Manifest, read_all, read_shard, validate_dataset
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from intraq_core.data import load_test_set
 from intraq_core.student import load_student
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
 from tests.pipeline.run_helpers import FP_TOP1_200, GENTLE_LR, MAX_MOVE, TINY
@@ -198,7 +198,7 @@ def test_user_module_is_shipped_to_workers_of_a_ray_started_elsewhere(
     import ray
 
     from intraq_core.config import ModelConfig
-    from pipeline.user_code import with_user_code
+    from pipeline.ray.user_code import with_user_code
 
     def build() -> str:
         import importlib
@@ -233,7 +233,7 @@ def test_cli_run_of_a_user_module_on_ray_keeps_the_terminal_quiet(user_code: dic
         args += ["--set", item]
     launcher = (
         f"import sys; sys.path.insert(0, {str(user_code['dir'])!r}); "
-        f"sys.argv = ['intraq-pipeline', *{args!r}]; from pipeline.cli import main; main()"
+        f"sys.argv = ['intraq-pipeline', *{args!r}]; from pipeline.cli.app import main; main()"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])  # the project only, not the user's code

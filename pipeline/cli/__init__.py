@@ -1,0 +1,1 @@
+"""The command line: ``intraq-pipeline`` (typer), its console/log output and its one-line errors."""

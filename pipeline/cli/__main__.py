@@ -1,0 +1,5 @@
+"""``python -m pipeline.cli``: the ``intraq-pipeline`` command."""
+
+from pipeline.cli.app import main
+
+main()

@@ -1,0 +1,386 @@
+"""The Ray generation executor: a pool of generator actors, one shard per call, round by round.
+
+Same semantics and output as :func:`pipeline.stages.generate.generate_local` (identical shard pixels,
+labels and features for the same config and seed, whatever the number of actors):
+
+* The plan is cut into rounds of ``generate.shards_per_round`` shards. When a round starts,
+  the driver computes the MDC class-centre snapshot from the features of the finished shards
+  of earlier rounds, in shard order (:func:`pipeline.stages.generate.centres_before_round`), puts it
+  once in the object store and hands the reference to every shard of the round.
+* The shared centre store is the driver itself: it holds the only :class:`ClassCentres` and
+  broadcasts round-synchronous snapshots through the object store. It keeps the features of
+  finished shards (returned with each outcome; shards finished by an earlier, interrupted run
+  are read once from storage) and sums them in shard order, exactly as the local executor
+  does. A separate centre-store actor would add a process and RPCs without changing any
+  result, since centres only change between rounds.
+* Generator methods (``gdfq``, ``qimera``) first train their generator in one actor
+  (:func:`pipeline.ray.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
+* Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
+  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
+  optimizes the shards it is given, writes each one itself (atomic Parquet write,
+  :func:`pipeline.stages.generate.synthesize_shard`) and returns its
+  :class:`~pipeline.stages.generate.ShardOutcome`. The driver adds every finished shard to the manifest
+  and saves it atomically at once, so a crash loses at most the in-flight shards, and
+  a re-run skips listed shards.
+* An actor that dies mid-shard (``RayActorError``: killed, OOM, node lost) is replaced by a
+  fresh actor and its shard re-dispatched, at most ``ray.max_failures`` times per shard. A
+  shard is only listed after its file is complete, so no partial shard is ever visible.
+* Pool size: ``ray.generation_actors``, else as many actors as the cluster fits (one per
+  ``ray.gpus_per_actor`` GPUs on GPU clusters, else one per ``ray.cpus_per_actor`` CPUs), and
+  never more than the shards of a round, spread over the nodes. CPU actors bound torch to
+  their CPUs.
+* Progress: the driver shows a tqdm bar over shards (fractional while shards run, with
+  image·iterations/s and the latest loss); actors report every ~10% of a shard's iterations to
+  a zero-CPU :class:`pipeline.ray.metrics.ProgressBoard` (fire-and-forget), and record Ray metrics
+  (:mod:`pipeline.ray.metrics`).
+
+Test hook: when ``INTRAQ_TEST_ACTOR_EXIT_ONCE`` names a file that does not exist, the first
+actor to reach half of a shard's iterations creates it and exits abruptly (as if killed), so
+tests can check recovery deterministically. The driver forwards the variable to its actors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from pipeline.config import RunConfig
+from pipeline.context import RunContext, dataset_storage
+from pipeline.errors import GenerationError
+from pipeline.ray import metrics
+from pipeline.ray.generator_training import train_generator_ray
+from pipeline.ray.resources import PoolSpec, pool_spec
+from pipeline.ray.user_code import with_user_code
+from pipeline.stages.generate import (
+    GenerationStats,
+    ShardOutcome,
+    centres_before_round,
+    make_synthesizer,
+    pending_work,
+    synthesize_shard,
+)
+from pipeline.stages.plan import ShardTask, rounds
+from pipeline.storage.shards import Manifest
+from pipeline.storage.store import Storage
+
+__all__ = ["FAULT_ENV", "GeneratorActor", "generate_ray"]
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "INTRAQ_TEST_ACTOR_EXIT_ONCE"
+ACTOR_NAME = "intraq-generator-{}"
+POLL_S = 0.5
+REPORT_FRACTION = 10  # actors report progress every 1/REPORT_FRACTION of a shard's iterations
+STALL_WARNING_S = 120.0
+
+
+class GeneratorActor:
+    """One Synthesizer in one Ray actor; optimizes and writes the shards it is given."""
+
+    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None) -> None:
+        torch.set_num_threads(max(1, int(cpus)))
+        self.name = name
+        self.ctx = RunContext.create(cfg)
+        self.storage = dataset_storage(self.ctx)
+        self.board = board
+        self.fault_marker = os.environ.get(FAULT_ENV) or None
+        self.synth = make_synthesizer(self.ctx, self.storage)
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
+        return self.name
+
+    def run(self, task: ShardTask, centres_state: dict[str, Any] | None) -> ShardOutcome:
+        """Optimize and write shard ``task`` against the round's centre snapshot."""
+        run_name = self.ctx.cfg.name
+        step = max(1, self.ctx.cfg.generate.iterations // REPORT_FRACTION)
+
+        def report(it: int, total: int, losses: dict[str, float]) -> None:
+            if self.fault_marker is not None and it >= max(1, total // 2):
+                self._maybe_fail()
+            if it % step == 0 or it == total:
+                loss = float(losses.get("total", float("nan")))
+                metrics.GENERATION_LOSS.set(loss, run=run_name, term="total")
+                if self.board is not None:
+                    self.board.report.remote(task.index, it, total, loss)
+
+        g = self.ctx.cfg.generate
+        progress = report if g.optimizes and not g.uses_generator else None
+        outcome = synthesize_shard(self.synth, self.ctx, self.storage, task, centres_state, progress=progress)
+        if outcome.seconds > 0:
+            rate = outcome.image_iterations / outcome.seconds
+            metrics.GENERATION_IMAGE_ITERATIONS_PER_S.set(rate, run=run_name, actor=self.name)
+        for term, value in outcome.final.items():
+            metrics.GENERATION_LOSS.set(value, run=run_name, term=term)
+        return outcome
+
+    def _maybe_fail(self) -> None:
+        """Test hook: exit this process once (the first actor to claim the marker file)."""
+        assert self.fault_marker is not None
+        try:
+            fd = os.open(self.fault_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            self.fault_marker = None
+            return
+        os.close(fd)
+        os._exit(1)
+
+
+_RemoteGenerator = ray.remote(GeneratorActor)
+
+
+def _actor_config(ctx: RunContext) -> RunConfig:
+    """The run config as actors need it: local storage paths made absolute (same dataset hash)."""
+    cfg = ctx.cfg
+    update: dict[str, Any] = {"storage": cfg.storage.model_copy(update={"url": ctx.storage.url})}
+    if cfg.dataset is not None:
+        other = Storage.from_config(cfg.storage.model_copy(update={"url": cfg.dataset}))
+        update["dataset"] = other.url
+    return cfg.model_copy(update=update)
+
+
+class _Pool:
+    """The generator actors of one generation: created on demand, replaced when they die."""
+
+    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.board = board
+        self.created = 0
+        self.actors: list[Any] = []
+        self.idle: deque[Any] = deque()
+        fault = os.environ.get(FAULT_ENV)
+        # The user's model module (if any) travels with each actor too: a Ray started elsewhere lacks it.
+        env = {"env_vars": {FAULT_ENV: fault}} if fault else None
+        self.runtime_env = with_user_code(env, cfg.model, upload=True)
+
+    def start(self) -> None:
+        while len(self.actors) < self.spec.size:
+            self._add()
+
+    def _add(self) -> Any:
+        name = ACTOR_NAME.format(self.created)
+        self.created += 1
+        options: dict[str, Any] = {
+            "name": name,
+            "num_cpus": self.spec.num_cpus,
+            "num_gpus": self.spec.num_gpus,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            # One actor per node before two on one: actors are independent and compute-bound.
+            "scheduling_strategy": "SPREAD",
+        }
+        if self.runtime_env is not None:
+            options["runtime_env"] = self.runtime_env
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                actor = _RemoteGenerator.options(**options).remote(self.cfg, name, self.spec.num_cpus, self.board)
+                break
+            except ValueError:  # the name of an actor killed a moment ago is not released yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.actors.append(actor)
+        self.idle.append(actor)
+        return actor
+
+    def replace(self, dead: Any) -> None:
+        """Drop a dead actor and start a fresh one in its place."""
+        with contextlib.suppress(Exception):
+            ray.kill(dead, no_restart=True)
+        self.actors = [a for a in self.actors if a is not dead]
+        self._add()
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        self.actors.clear()
+        self.idle.clear()
+
+
+def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
+    """Generate the dataset with a pool of Ray actors, resuming from the manifest.
+
+    Uses the Ray this process is connected to: the caller enters the Ray session (the CLI does,
+    once per command; see :mod:`pipeline.ray.session`).
+    """
+    return _generate(ctx, progress=progress)
+
+
+def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
+    from tqdm.auto import tqdm
+
+    storage = dataset_storage(ctx)
+    if storage.kind == "memory":
+        raise GenerationError(
+            f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "
+            "location every actor can reach (a local path on one machine, or s3://)"
+        )
+    if not ray.is_initialized():
+        raise GenerationError("the ray executor needs a running Ray (pipeline.ray.session.start_ray)")
+    tasks, manifest, todo = pending_work(ctx, storage)
+    stats = GenerationStats()
+    if not todo:
+        return manifest, stats
+
+    plan_rounds = rounds(tasks)
+    busiest = max(sum(1 for t in r if manifest.shard(t.index) is None) for r in plan_rounds)
+    resources = ray.cluster_resources()
+    spec = pool_spec(ctx.cfg, busiest, resources)
+    if storage.kind == "local" and len(ray.nodes()) > 1:
+        log.warning(
+            "storage %s is a local path but Ray has %d nodes: actors on other nodes write to their "
+            "own disks; use s3:// storage on a cluster",
+            storage.url,
+            len(ray.nodes()),
+        )
+    if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
+        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress)
+    board = metrics.progress_board_actor() if progress else None
+    pool = _Pool(_actor_config(ctx), spec, board)
+    bar = tqdm(total=len(todo), desc="generate", unit="shard", disable=not progress)
+    driver = _Driver(ctx, storage, manifest, stats, pool, bar)
+    log.info(
+        "generating %d shards with %d actors (%s CPU, %s GPU each)",
+        len(todo),
+        spec.size,
+        spec.num_cpus,
+        spec.num_gpus,
+    )
+    try:
+        pool.start()
+        for round_tasks in plan_rounds:
+            pending = [t for t in round_tasks if manifest.shard(t.index) is None]
+            if not pending:
+                continue
+            centres = centres_before_round(
+                storage, manifest, round_tasks[0].round, ctx.num_classes, known=driver.features
+            )
+            state_ref = ray.put(centres.state() if centres is not None else None)
+            driver.run_round(pending, state_ref)
+    finally:
+        bar.close()
+        pool.shutdown()
+        if board is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(board)
+    return manifest, stats
+
+
+class _Driver:
+    """Dispatches one round's shards to idle actors and records each finished shard at once."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        storage: Storage,
+        manifest: Manifest,
+        stats: GenerationStats,
+        pool: _Pool,
+        bar: Any,
+    ) -> None:
+        self.ctx = ctx
+        self.storage = storage
+        self.manifest = manifest
+        self.stats = stats
+        self.pool = pool
+        self.bar = bar
+        self.failures: dict[int, int] = {}
+        # The centre store's input: features and labels of every finished shard, by index.
+        self.features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None
+
+    def run_round(self, pending: list[ShardTask], state_ref: Any) -> None:
+        queue = deque(pending)
+        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        last_finish = time.monotonic()
+        warned = False
+        while queue or inflight:
+            while queue and self.pool.idle:
+                actor = self.pool.idle.popleft()
+                task = queue.popleft()
+                inflight[actor.run.remote(task, state_ref)] = (actor, task)
+            if not inflight:  # unreachable while the pool has actors; never spin silently
+                raise GenerationError("no generator actor available to run the remaining shards")
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                actor, task = inflight.pop(ref)
+                try:
+                    outcome: ShardOutcome = ray.get(ref)
+                except RayActorError as exc:
+                    self._actor_died(actor, task, exc)
+                    queue.appendleft(task)
+                    continue
+                self._record(task, outcome)
+                self.pool.idle.append(actor)
+                last_finish = time.monotonic()
+            if not warned and time.monotonic() - last_finish > STALL_WARNING_S:
+                warned = True
+                log.warning(
+                    "no shard finished for %.0f s: does the cluster have %s CPU / %s GPU free per actor? (ray status)",
+                    STALL_WARNING_S,
+                    self.pool.spec.num_cpus,
+                    self.pool.spec.num_gpus,
+                )
+            self._show_progress([t for _, t in inflight.values()])
+
+    def _actor_died(self, actor: Any, task: ShardTask, exc: BaseException) -> None:
+        if getattr(exc, "actor_init_failed", False):  # its __init__ raised: retrying cannot help
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise GenerationError(
+                f"a generator actor could not start: {lines[-1] if lines else type(exc).__name__}"
+            ) from exc
+        n = self.failures.get(task.index, 0) + 1
+        self.failures[task.index] = n
+        reason = " ".join(str(exc).split())[:300]
+        if n > self.ctx.cfg.ray.max_failures:
+            raise GenerationError(
+                f"shard {task.index}: its generator actor died {n} times (ray.max_failures="
+                f"{self.ctx.cfg.ray.max_failures}); last error: {reason}"
+            ) from exc
+        log.warning("shard %d: generator actor died (%s); retrying on a fresh actor", task.index, reason)
+        self.pool.replace(actor)
+
+    def _record(self, task: ShardTask, outcome: ShardOutcome) -> None:
+        self.manifest.add_shard(outcome.info, round=task.round)
+        self.manifest.save(self.storage)
+        self.stats.add(outcome)
+        self.features[task.index] = (outcome.features, outcome.labels)
+        metrics.SHARDS_DONE.inc(run=self.ctx.cfg.name)
+        if "total" in outcome.final:
+            self.last_loss = outcome.final["total"]
+        if self.pool.board is not None:
+            self.pool.board.forget.remote(task.index)
+
+    def _show_progress(self, running: list[ShardTask]) -> None:
+        if self.bar.disable:
+            return
+        fraction = 0.0
+        partial = 0
+        if self.pool.board is not None and running:
+            with contextlib.suppress(Exception):
+                board = ray.get(self.pool.board.snapshot.remote(), timeout=5)
+                for task in running:
+                    it, total, loss = board.get(task.index, (0, 1, float("nan")))
+                    fraction += it / max(total, 1)
+                    partial += it * task.size
+                    if loss == loss:
+                        self.last_loss = loss
+        self.bar.n = round(min(self.stats.shards_done + fraction, self.bar.total), 2)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        postfix = {"img·it/s": f"{(self.stats.image_iterations + partial) / elapsed:.0f}"}
+        if self.last_loss is not None:
+            postfix["loss"] = f"{self.last_loss:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()

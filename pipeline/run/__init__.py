@@ -1,0 +1,1 @@
+"""A whole run: opening its location, checking inputs, choosing the executor, running the stages."""

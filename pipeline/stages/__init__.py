@@ -1,0 +1,1 @@
+"""What each stage does, executor-free: generation, generator training, training, evaluation, export."""
