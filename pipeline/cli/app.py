@@ -363,7 +363,9 @@ def tune_command(
     """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
     cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
     from pipeline.cli.logs import RunLog
-    from pipeline.ray.tune import BEST_PATH, tune_search, write_best_config
+    from pipeline.ray.tune import BEST_PATH, check_trial_batches, tune_search, write_best_config
+
+    check_trial_batches(cfg)  # before the log file and Ray: one line, nothing written
 
     with RunLog(cfg.storage, "tune") as log, _ray_session(cfg, cluster):
         log.keep()

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, deep_merge, nest_dotted, parse_overrides, validate_run_config
+from pipeline.stages.train import check_batch
 from pipeline.storage.store import Storage
 
 __all__ = [
@@ -304,13 +305,33 @@ def trial_resources(cfg: RunConfig) -> dict[str, float]:
     return resources
 
 
+def _extreme(cfg: RunConfig, key: str, value: float, pick: Any) -> float:
+    """``pick`` (min or max) of ``key``'s values in ``tune.space``, or ``value`` when it is not searched."""
+    space = cfg.tune.space
+    return float(pick(space[key])) if key in space else float(value)
+
+
+def check_trial_batches(cfg: RunConfig) -> None:
+    """Every trial's ``distill.batch_size`` fits in its training images, at the extremes of
+    ``tune.space`` (the largest batch and hold-out fraction with the fewest images): refused in one
+    line before Ray starts, as ``run`` refuses it (:func:`pipeline.stages.train.check_batch`)."""
+    d = cfg.distill
+    batch = int(_extreme(cfg, "distill.batch_size", d.batch_size, max))
+    holdout = _extreme(cfg, "distill.holdout_fraction", d.holdout_fraction, max)
+    images = int(_extreme(cfg, "generate.num_images", cfg.generate.num_images, min))
+    worst = cfg.model_copy(update={"distill": d.model_copy(update={"batch_size": batch, "holdout_fraction": holdout})})
+    keys = ("distill.batch_size", "distill.holdout_fraction", "generate.num_images")
+    searched = ", ".join(k for k in keys if k in cfg.tune.space)
+    source = "generate.num_images" + (f", with {searched} at their extremes in tune.space" if searched else "")
+    check_batch(worst, images, source=source)
+
+
 def _planned_reports(cfg: RunConfig) -> int:
     """The most reports a trial can make (ASHA's ``max_t``): one per generation round, one per
     epoch, at the extremes of ``tune.space`` for the keys that change those counts."""
-    space = cfg.tune.space
 
     def extreme(key: str, value: float, pick: Any) -> float:
-        return float(pick(space[key])) if key in space else float(value)
+        return _extreme(cfg, key, value, pick)
 
     g = cfg.generate
     images = extreme("generate.num_images", g.num_images, max)
@@ -426,6 +447,7 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
     from ray.tune.schedulers import ASHAScheduler
 
     check_objective(cfg)
+    check_trial_batches(cfg)
     space = search_space(cfg)
     storage = Storage.from_config(cfg.storage)
     if storage.kind == "memory":

@@ -58,9 +58,9 @@ from pipeline.stages.train import (
     TRAIN_HISTORY_PATH,
     TRAIN_STATE_PATH,
     TrainOutcome,
+    check_batch,
     probe_storage,
     quantize_only,
-    training_images,
 )
 from pipeline.storage.lock import Lock, run_lock
 from pipeline.storage.shards import Manifest, ShardError, validate_dataset
@@ -116,28 +116,6 @@ def check_device(cfg: RunConfig, cluster: str | None = None) -> None:
     raise InputError(
         f"{asked}, but {where} has no CUDA GPU (torch.cuda.is_available() is False); use {instead}, or run on a "
         "GPU cluster (--cluster FILE)"
-    )
-
-
-def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
-    """``distill.batch_size`` fits in the training images of a dataset of ``num_images`` (those not held out).
-
-    With a larger batch every step would train on the whole training set, fewer images than the
-    recipe (and ``metrics.json``'s ``global_batch_size``) says: refused in one line before any work,
-    so ``global_batch_size`` is always the batch that ran. Nothing to check without distillation
-    (``distill.epochs: 0``).
-    """
-    d = cfg.distill
-    if d.epochs == 0:
-        return
-    num_train = training_images(num_images, cfg.seed, d.holdout_fraction)
-    if d.batch_size <= num_train:
-        return
-    raise InputError(
-        f"distill.batch_size={d.batch_size} is larger than the {num_train} training images ({source}: "
-        f"{num_images} synthetic images, {num_images - num_train} held out by distill.holdout_fraction="
-        f"{d.holdout_fraction}): every step would train on {num_train} images, not {d.batch_size}; set "
-        f"distill.batch_size to at most {num_train}, or generate more images (generate.num_images)"
     )
 
 

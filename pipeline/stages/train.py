@@ -62,7 +62,9 @@ from intraq_core.quant import calibrate as calibrate_ranges
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.selection import Selection, Selector
 from intraq_core.student import build_student, student_checkpoint_bytes
+from pipeline.config import RunConfig
 from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage, kill_point
+from pipeline.errors import InputError
 from pipeline.storage.shards import Manifest, read_shard
 from pipeline.storage.store import Storage
 
@@ -113,7 +115,7 @@ class TrainOutcome:
     #: Data-parallel workers (1 for the local executor).
     train_workers: int = 1
     #: Images per optimizer step over all workers (``distill.batch_size``: a batch larger than the training
-    #: images is refused before any work, :func:`pipeline.run.job.check_batch`, so this is the batch that ran).
+    #: images is refused before any work, :func:`check_batch`, so this is the batch that ran).
     global_batch_size: int = 0
     steps_per_epoch: int = 0
     #: Optimizer steps taken in all (the same for any number of workers).
@@ -148,6 +150,28 @@ class TrainOutcome:
             out["kept_final"] = self.selection["kept_final"]
             out["evaluations"] = self.selection["evaluations"]
         return out
+
+
+def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
+    """``distill.batch_size`` fits in the training images of a dataset of ``num_images`` (those not held out).
+
+    With a larger batch every step would train on the whole training set, fewer images than the
+    recipe (and ``metrics.json``'s ``global_batch_size``) says: refused in one line before any work,
+    so ``global_batch_size`` is always the batch that ran. Nothing to check without distillation
+    (``distill.epochs: 0``).
+    """
+    d = cfg.distill
+    if d.epochs == 0:
+        return
+    num_train = training_images(num_images, cfg.seed, d.holdout_fraction)
+    if d.batch_size <= num_train:
+        return
+    raise InputError(
+        f"distill.batch_size={d.batch_size} is larger than the {num_train} training images ({source}: "
+        f"{num_images} synthetic images, {num_images - num_train} held out by distill.holdout_fraction="
+        f"{d.holdout_fraction}): every step would train on {num_train} images, not {d.batch_size}; set "
+        f"distill.batch_size to at most {num_train}, or generate more images (generate.num_images)"
+    )
 
 
 def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

@@ -458,7 +458,7 @@ def test_evaluate_options_name_the_key_and_range(
 def test_batch_check_boundary() -> None:
     """25 of the 32 TINY images are trained on: a batch of 25 runs, 26 is refused, no distillation needs none."""
     from pipeline.config import load_run_config
-    from pipeline.run.job import check_batch
+    from pipeline.stages.train import check_batch
 
     cfg = load_run_config("smoke", [*TINY, "distill.batch_size=25"])
     check_batch(cfg, 32, source="test")
@@ -471,6 +471,36 @@ def test_batch_check_boundary() -> None:
         32,
         source="t",
     )
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (
+            ["distill.batch_size=26"],
+            "error: distill.batch_size=26 is larger than the 25 training images (generate.num_images: 32 synthetic",
+        ),
+        (
+            ["distill.batch_size=8", "tune.space={distill.batch_size: [8, 30], distill.lr: [0.0001, 0.01]}"],
+            "error: distill.batch_size=30 is larger than the 25 training images (generate.num_images, with "
+            "distill.batch_size at their extremes in tune.space: 32 synthetic",
+        ),
+    ],
+    ids=["base_batch", "batch_in_the_space"],
+)
+def test_tune_refuses_a_batch_larger_than_a_trials_training_images(
+    sets: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each trial trains on TINY's 25 of 32 images: a batch above that (as set, or at the top of the
+    searched range) is one line before Ray starts or the log file is written, as for ``run``."""
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    args = ["tune", "-c", "smoke", "-q", "--storage", str(tmp_path / "tune")]
+    for item in (*TINY, *sets):
+        args += ["--set", item]
+    res = runner.invoke(app, args)
+    assert assert_one_line_error(res.output, res.exit_code).startswith(expected)
+    assert tree(tmp_path) == before
 
 
 def _closed_port() -> int:
