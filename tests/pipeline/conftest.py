@@ -222,3 +222,16 @@ def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stor
     finally:
         if kind == "memory":
             storage.delete("", recursive=True)
+
+
+@pytest.fixture(scope="session")
+def gentle_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The local executor's run of TINY at ``GENTLE_LR``: ``(location, metrics)``, made once for the
+    Ray runs compared with it (``test_run_s3``, ``test_concurrency``). Read it, never write into it."""
+    from pipeline.config import load_run_config
+    from pipeline.run.job import run_pipeline
+    from tests.pipeline.run_helpers import GENTLE_LR, TINY
+
+    where = tmp_path_factory.mktemp("gentle-reference") / "run"
+    metrics = run_pipeline(load_run_config("smoke", [*TINY, GENTLE_LR, f"storage.url={where}"]), progress=False)
+    return where, metrics

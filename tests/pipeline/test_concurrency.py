@@ -31,7 +31,7 @@ from pipeline.errors import LockedError
 from pipeline.storage.lock import acquire_lock, run_lock
 from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET
-from tests.pipeline.run_helpers import REPO, TINY, assert_one_line_error, cli_args, read_json, snapshot
+from tests.pipeline.run_helpers import GENTLE_LR, REPO, TINY, assert_one_line_error, cli_args, read_json, snapshot
 
 runner = CliRunner()
 
@@ -99,18 +99,18 @@ def test_heartbeat_keeps_a_short_lease_and_notices_a_takeover(tmp_path: Path) ->
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_runs_at_once_on_one_ray_cluster(ray_cluster: dict[str, Any], s3_bucket: str, tmp_path: Path) -> None:
+def test_two_runs_at_once_on_one_ray_cluster(
+    ray_cluster: dict[str, Any], s3_bucket: str, tmp_path: Path, gentle_reference: tuple[Path, dict[str, Any]]
+) -> None:
     """Two drivers (separate CLI processes) share the session's Ray cluster at the same time.
 
     A runs the whole pipeline into a local directory, B generates into loopback S3 (a full second
     ``run`` would double the cost: ~130 s instead of ~60 s on 2 cores). Both must produce the
     local executor's dataset byte for byte; A's calibrated student must be the local one's.
     """
-    from pipeline.run.job import run_pipeline
 
-    lr = "distill.lr=1e-4"  # small steps: Ray's stream order moves the student little (see test_ray_train)
-    reference = tmp_path / "reference"
-    ref = run_pipeline(load_run_config("smoke", [*TINY, lr, f"storage.url={reference}"]), progress=False)
+    lr = GENTLE_LR  # small steps: Ray's stream order moves the student little (see test_ray_train)
+    reference, ref = gentle_reference  # the local executor's run of the same config
     ray_settings = (
         "executor=ray",
         f"ray.address={ray_cluster['address']}",

@@ -24,9 +24,7 @@ from typer.testing import CliRunner
 
 from intraq_core.student import load_student
 from pipeline.cli.app import app
-from pipeline.config import load_run_config
-from pipeline.run.job import run_pipeline
-from tests.pipeline.run_helpers import FP_TOP1_200, GENTLE_LR, MAX_MOVE, TINY, cli_args
+from tests.pipeline.run_helpers import FP_TOP1_200, GENTLE_LR, MAX_MOVE, cli_args
 
 runner = CliRunner()
 
@@ -43,9 +41,10 @@ def _actors(class_name: str) -> dict[str, str]:
 @pytest.mark.s3
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_run_on_two_nodes_and_s3(ray_cluster: dict[str, Any], s3_bucket: str, s3_endpoint: str, tmp_path: Any) -> None:
-    local = [*TINY, GENTLE_LR, f"storage.url={tmp_path / 'local'}"]
-    reference = run_pipeline(load_run_config("smoke", local), progress=False)
+def test_run_on_two_nodes_and_s3(
+    ray_cluster: dict[str, Any], s3_bucket: str, s3_endpoint: str, gentle_reference: tuple[Any, dict[str, Any]]
+) -> None:
+    reference = gentle_reference[1]  # the local executor's run of the same config
     before = {name: _actors(name) for name in ("GeneratorActor", "RayTrainWorker")}
     url = f"{s3_bucket}/run"
     args = cli_args(
