@@ -32,7 +32,7 @@ import torch
 from intraq_core.config import EvalConfig
 from intraq_core.data import load_test_set
 from intraq_core.models.introspect import FeatureTap
-from intraq_core.quant import calibrate
+from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student, load_student
 from intraq_core.synth import losses
 from pipeline.config import RunConfig, load_run_config
@@ -316,7 +316,7 @@ class Bench:
         ctx = RunContext.create(self.config(row, seed, [f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]))
         student = build_student(ctx.teacher(), ctx.cfg.quant)
         x = self.test[0][self.split.train[:512]]
-        calibrate(student, [x[s : s + 128] for s in range(0, x.shape[0], 128)])
+        calibrate_ranges(student, [x[s : s + 128] for s in range(0, x.shape[0], 128)])
         return {
             **self._base(row, bits, seed),
             **self.accuracy(student),

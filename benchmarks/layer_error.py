@@ -20,7 +20,7 @@ from torch import nn
 
 from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
-from intraq_core.quant import calibrate, quantize, set_act_mode, weight_quantized_layers
+from intraq_core.quant import calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
 from intraq_core.student import load_student
 from pipeline.storage.shards import Manifest, read_all
 from pipeline.storage.store import Storage
@@ -61,7 +61,7 @@ def main() -> None:
     else:
         b = args.bits
         student = quantize(teacher, QuantConfig(w_bits=b, a_bits=b, weight_range="lp", act_range="lp"))
-        calibrate(student, [calib[i : i + 64] for i in range(0, len(calib), 64)])
+        calibrate_ranges(student, [calib[i : i + 64] for i in range(0, len(calib), 64)])
         rows = {}
         for label, weights_on, acts_on in (
             (f"W{b} only", True, False),

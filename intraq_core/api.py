@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from intraq_core.config import DistillConfig, EvalConfig, ModelConfig, QuantConfig, SynthConfig
 from intraq_core.models.imported import declared_spec, head_classes
 from intraq_core.models.registry import resolve_model_config
-from intraq_core.quant import calibrate as calibrate_ranges
+from intraq_core.quant import calibrate_ranges
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.student import set_step_size_training
 
@@ -282,7 +282,7 @@ class CalibrationInputs:
 
 def _minmax(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
     """Each activation's range from the batches (EMA of min/max, or the Lp search when
-    ``act_range: lp``), then frozen (:func:`intraq_core.quant.calibrate`)."""
+    ``act_range: lp``), then frozen (:func:`intraq_core.quant.calibrate_ranges`)."""
     calibrate_ranges(student, inputs.batches)
     return {}
 

@@ -70,7 +70,7 @@ __all__ = [
     "QuantLinear",
     "QuantizationWarning",
     "act_quantizers",
-    "calibrate",
+    "calibrate_ranges",
     "format_quant_map",
     "quant_map",
     "quant_summary",
@@ -719,7 +719,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], *, freeze: bool = True) -> int:
+def calibrate_ranges(model: nn.Module, batches: Iterable[Any], *, freeze: bool = True) -> int:
     """Calibrate the activation ranges on ``batches``; return the number of batches used.
 
     Sets every activation quantizer to ``"calibrate"``, runs the model in eval mode under

@@ -479,7 +479,7 @@ class ActFakeQuant(nn.Module):
         if mode == "frozen" and not self._calibrated:
             raise RuntimeError(
                 "cannot freeze an activation quantizer that was never calibrated: run forward "
-                "passes in mode 'calibrate' first (see intraq_core.quant.calibrate)"
+                "passes in mode 'calibrate' first (see intraq_core.quant.calibrate_ranges)"
             )
         if mode == "frozen" and self._mode == "calibrate" and self.stateful and self._seen is not None:
             self._store_range()

@@ -209,12 +209,12 @@ def reconstruct(
         >>> import torch
         >>> from intraq_core.config import ModelConfig, QuantConfig, ReconstructConfig
         >>> from intraq_core.models import create_model
-        >>> from intraq_core.quant import calibrate, quantize
+        >>> from intraq_core.quant import calibrate_ranges, quantize
         >>> teacher = create_model(ModelConfig(arch="cifar_resnet20")).eval()
         >>> qcfg = QuantConfig(method="reconstruct", weight_range="lp", act_range="lp")
         >>> student = quantize(teacher, qcfg)
         >>> images = torch.randn(32, 3, 32, 32)
-        >>> calibrate(student, [images])
+        >>> calibrate_ranges(student, [images])
         1
         >>> report = reconstruct(student, images, ReconstructConfig(iterations=2, batch_size=8))
         >>> len(report.units)

@@ -46,7 +46,7 @@ def evaluate_command(
     from intraq_core.models import create_model, resolve_model_config
     from intraq_core.models.checkpoint import CheckpointError
     from intraq_core.preflight import check_model
-    from intraq_core.quant import calibrate
+    from intraq_core.quant import calibrate_ranges
     from intraq_core.student import build_student, load_student
 
     student = None
@@ -68,7 +68,7 @@ def evaluate_command(
                 data=calib, limit=calib_images, classes=eval_cfg.classes, num_workers=eval_cfg.num_workers
             )
             calib_set = load_test_set(calib_cfg, model_cfg)
-            calibrate(model, (x for x, _ in calib_set.batches(min(eval_cfg.batch_size, calib_images))))
+            calibrate_ranges(model, (x for x, _ in calib_set.batches(min(eval_cfg.batch_size, calib_images))))
     else:
         model = student
         # The student records its normalization and preprocessing; explicit model.* values still win.

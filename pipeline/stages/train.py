@@ -57,8 +57,7 @@ from intraq_core.api import calibration_positions as calibration_positions_of
 from intraq_core.distill import Distiller, distill, distillation_selector, reestimate_bn, steps_per_epoch
 from intraq_core.errors import CheckpointError
 from intraq_core.models.checkpoint import safe_load
-from intraq_core.quant import act_quantizers
-from intraq_core.quant import calibrate as calibrate_ranges
+from intraq_core.quant import act_quantizers, calibrate_ranges
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.selection import Selection, Selector
 from intraq_core.student import build_student, student_checkpoint_bytes

@@ -15,7 +15,7 @@ from intraq_core.data import DatasetError, load_test_set
 from intraq_core.evaluate import agreement, agreement_sums, top1
 from intraq_core.models import create_model, resolve_model_config
 from intraq_core.models.checkpoint import CheckpointError
-from intraq_core.quant import calibrate
+from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student, load_student, student_checkpoint_bytes
 
 TEACHER = ModelConfig(arch="cifar_resnet20", weights="cifar10-resnet20")
@@ -26,7 +26,7 @@ def test_student_checkpoint_round_trip(tmp_path: Path) -> None:
     teacher = create_model(model_cfg)
     student = build_student(teacher, QuantConfig(w_bits=4, a_bits=4))
     x = torch.randn(16, 3, 32, 32)
-    calibrate(student, [x])
+    calibrate_ranges(student, [x])
     path = tmp_path / "student.pt"
     path.write_bytes(student_checkpoint_bytes(student, model_cfg, QuantConfig(w_bits=4, a_bits=4)))
     again, mcfg, qcfg, _ = load_student(path)

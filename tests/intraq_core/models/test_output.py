@@ -24,7 +24,7 @@ from intraq_core.models import (
     save_model_checkpoint,
 )
 from intraq_core.models.output import select_output
-from intraq_core.quant import calibrate
+from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student, load_student, save_student
 from tests.odd_models import TinyNet
 
@@ -106,7 +106,7 @@ def test_checkpoints_written_by_the_project_reload(tmp_path: Path) -> None:
     # A student: rebuilt as create_model -> quantize -> load_state_dict.
     quant = QuantConfig(w_bits=4, a_bits=4)
     student = build_student(teacher, quant).eval()
-    calibrate(student, [x])  # and freeze the ranges, as saved students are
+    calibrate_ranges(student, [x])  # and freeze the ranges, as saved students are
     save_student(tmp_path / "student.pt", student, resolve_model_config(cfg), quant)
     loaded, loaded_cfg, _, _ = load_student(tmp_path / "student.pt")
     assert loaded_cfg.output == "logits"

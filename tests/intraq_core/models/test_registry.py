@@ -195,12 +195,12 @@ def test_shortcut_and_classes_are_read_off_the_checkpoint_keys(tmp_path: Path, t
 
 def test_a_student_checkpoint_is_not_a_teacher(tmp_path: Path) -> None:
     from intraq_core.config import QuantConfig
-    from intraq_core.quant import calibrate, quantize
+    from intraq_core.quant import calibrate_ranges, quantize
     from intraq_core.student import save_student
 
     cfg = resolve_model_config(ModelConfig())
     student = quantize(create_model(cfg), QuantConfig())
-    calibrate(student, [torch.randn(4, 3, 32, 32)])
+    calibrate_ranges(student, [torch.randn(4, 3, 32, 32)])
     path = save_student(tmp_path / "student.pt", student, cfg, QuantConfig())
     with pytest.raises(CheckpointError, match=r"is a quantized student, not a float model"):
         resolve_model_config(ModelConfig(arch=str(path)))

@@ -17,7 +17,7 @@ from intraq_core.quant import (
     QuantConv2d,
     QuantLinear,
     act_quantizers,
-    calibrate,
+    calibrate_ranges,
     quant_summary,
     quantize,
     set_act_mode,
@@ -132,7 +132,7 @@ def test_shared_relu_gets_one_quantizer_per_call_site():
         "act_quant.relu6",
     ]
     assert len({id(m) for m in act_quantizers(q).values()}) == 6
-    calibrate(q, calib_batches(2))
+    calibrate_ranges(q, calib_batches(2))
     ranges = [tuple(float(v) for v in m.range()) for m in act_quantizers(q).values()]
     assert ranges[0] != ranges[1]  # the shared module's two sites have separate ranges
     # Residual option: the two tensor additions (conv3 + x, relu + relu6), not the int add.
@@ -182,7 +182,7 @@ def test_input_and_residual_options():
     ]
     assert quants["act_quant.x"].bits == 8 and quants["act_quant.add"].bits == 3
     x = calib_batches(1)[0]
-    calibrate(q, [x])
+    calibrate_ranges(q, [x])
     lo, hi = quants["act_quant.x"].range()
     torch.testing.assert_close((lo, hi), torch.aminmax(x))
 
@@ -192,7 +192,7 @@ def test_inplace_relu_result_discarded_still_quantized():
     q = quantize(InplaceDiscardNet(), cfg(a_bits=2, act_placement="after_activations"))
     assert list(act_quantizers(q)) == ["act_quant.relu"]
     x = torch.randn(2, 3, 8, 8)
-    calibrate(q, [x])
+    calibrate_ranges(q, [x])
     out = q(x)
     assert out.min() >= 0 and out.unique().numel() <= 4
 
@@ -230,7 +230,7 @@ def test_torchvision_mobilenet_v2():
     assert sum(qt.signed for qt in quants.values()) == 17
     assert sum(not qt.signed for qt in quants.values()) == 35
     x = torch.randn(2, 3, 32, 32)
-    assert calibrate(q, [x]) == 1
+    assert calibrate_ranges(q, [x]) == 1
     assert q(x).shape == (2, 10)
 
 
@@ -243,9 +243,9 @@ def test_w8a8_close_w2a2_far(resnet18):
     with torch.no_grad():
         ref = resnet18(x)
         q8 = quantize(resnet18, cfg(w_bits=8, a_bits=8))
-        calibrate(q8, batches)
+        calibrate_ranges(q8, batches)
         q2 = quantize(resnet18, cfg(w_bits=2, a_bits=2))
-        calibrate(q2, batches)
+        calibrate_ranges(q2, batches)
         err8, err2 = rel_err(q8(x), ref), rel_err(q2(x), ref)
     assert err8 < 0.05, err8
     assert err2 > 0.3, err2
@@ -257,7 +257,7 @@ def test_local_net_w8a8_close():
     model = ResNetish().eval()
     x = torch.randn(8, 3, 16, 16)
     q = quantize(model, cfg(w_bits=8, a_bits=8, quantize_input=True, quantize_residual=True))
-    calibrate(q, [x])
+    calibrate_ranges(q, [x])
     with torch.no_grad():
         assert rel_err(q(x), model(x)) < 0.03
 
@@ -265,7 +265,7 @@ def test_local_net_w8a8_close():
 def test_gradients_reach_input_and_weights():
     torch.manual_seed(0)
     q = quantize(ResNetish(), cfg(w_bits=4, a_bits=4))
-    calibrate(q, calib_batches(2))
+    calibrate_ranges(q, calib_batches(2))
     q.train()
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     q(x).logsumexp(dim=1).sum().backward()
@@ -281,7 +281,7 @@ def test_original_untouched_and_nothing_shared(resnet18):
     before = {k: v.clone() for k, v in resnet18.state_dict().items()}
     types = [type(m) for m in resnet18.modules()]
     q = quantize(resnet18, cfg())
-    calibrate(q, calib_batches(1, size=32))
+    calibrate_ranges(q, calib_batches(1, size=32))
     with torch.no_grad():
         for p in q.parameters():
             p.add_(1.0)
@@ -297,7 +297,7 @@ def test_state_dict_keys_and_round_trip():
     model = ResNetish()
     config = cfg(w_bits=3, a_bits=3, quantize_residual=True, quantize_input=True)
     q = quantize(model, config)
-    calibrate(q, calib_batches(3))
+    calibrate_ranges(q, calib_batches(3))
     state = q.state_dict()
     extra = set(state) - set(model.state_dict())
     assert set(model.state_dict()) <= set(state)
@@ -316,7 +316,7 @@ def test_state_dict_keys_and_round_trip():
 
 def test_deepcopy_preserves_state_and_output(resnet18):
     q = quantize(resnet18, cfg())
-    calibrate(q, calib_batches(1, size=32))
+    calibrate_ranges(q, calib_batches(1, size=32))
     dup = copy.deepcopy(q)
     assert all(m.mode == "frozen" for m in act_quantizers(dup).values())
     x = torch.randn(2, 3, 32, 32)
@@ -333,12 +333,12 @@ def test_calibrate_counts_freezes_and_restores_mode():
     model = quantize(ResNetish(), cfg())
     model.train()
     batches = [(b, torch.zeros(4, dtype=torch.long)) for b in calib_batches(3)]
-    assert calibrate(model, batches) == 3
+    assert calibrate_ranges(model, batches) == 3
     assert model.training and model.bn1.training
     assert int(model.bn1.num_batches_tracked) == 0  # ran in eval mode
     for quant in act_quantizers(model).values():
         assert quant.mode == "frozen" and int(quant.num_updates) == 3
-    assert calibrate(model, calib_batches(1), freeze=False) == 1
+    assert calibrate_ranges(model, calib_batches(1), freeze=False) == 1
     assert all(m.mode == "calibrate" and int(m.num_updates) == 4 for m in act_quantizers(model).values())
 
 
@@ -368,7 +368,7 @@ def test_quant_summary_rows():
     assert [r["kind"] for r in rows] == ["conv2d"] * 3 + ["linear"] + ["act"] * 3
     assert rows[0]["bits"] == 8 and rows[0]["scale"] > 0 and rows[0]["range"][0] < rows[0]["range"][1]
     assert rows[-1]["range"] is None and rows[-1]["mode"] == "calibrate"
-    calibrate(model, calib_batches(1))
+    calibrate_ranges(model, calib_batches(1))
     row = quant_summary(model)[-1]
     assert row["mode"] == "frozen" and row["updates"] == 1
     assert row["range"][0] == 0.0 and row["scale"] == pytest.approx(row["range"][1] / 15)
@@ -429,7 +429,7 @@ def test_every_activation_site_gets_a_quantizer_signed_where_outputs_dip_below_z
         "silu_1": True,
     }
     x = torch.randn(8, 3, 6, 6)
-    calibrate(q, [x])
+    calibrate_ranges(q, [x])
     lo, _ = act_quantizers(q)["act_quant.gelu"].range()
     assert float(lo) < 0  # GELU's negative dip is kept on the signed grid
     # A ReLU output is non-negative: its unsigned grid starts at 0 (zero point 0).

@@ -19,7 +19,7 @@ from torch import nn
 from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.errors import QuantizationError
 from intraq_core.models import create_model, resolve_model_config
-from intraq_core.quant import act_quantizers, calibrate, quantize, set_act_mode, weight_quantized_layers
+from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
 from intraq_core.quant.api import QuantConv2d, QuantizationWarning, format_quant_map, quant_map
 
 
@@ -97,7 +97,7 @@ def test_the_quantizers_act_on_every_layer_input() -> None:
     torch.manual_seed(0)
     q = quantize(AnyActs().eval(), QuantConfig(w_bits=8, a_bits=2))
     gen = torch.Generator().manual_seed(0)
-    calibrate(q, [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(2)])
+    calibrate_ranges(q, [torch.randn(8, 3, 8, 8, generator=gen) for _ in range(2)])
     x = torch.randn(4, 3, 8, 8, generator=gen)
     levels = _input_levels(q, x)
     assert levels.pop("c1") > 100  # the image is not quantized (quantize_input=false)
@@ -209,7 +209,7 @@ def test_conv1d_is_quantized() -> None:
         "act_quant._3 (4-bit, signed)",
     ]
     x = torch.randn(4, 2, 5)
-    calibrate(q, [x])
+    calibrate_ranges(q, [x])
     w = q.get_submodule("0").weight
     assert q.get_submodule("0").weight_quant(w).detach().unique().numel() <= 4 * 2**3
 
@@ -310,7 +310,7 @@ def test_depthwise_inputs_get_one_range_per_channel_only_when_every_reader_is_de
         "act_quant.add": None,
     }
     gen = torch.Generator().manual_seed(0)
-    calibrate(q, [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)])
+    calibrate_ranges(q, [torch.randn(4, 3, 8, 8, generator=gen) for _ in range(2)])
     lo, hi = quants["act_quant.leaky_relu"].range()
     assert lo.shape == hi.shape == (6,) and bool((hi > lo).all())
     inputs = {r["layer"]: r["input"] for r in quant_map(q)["layer_inputs"]}

@@ -8,7 +8,7 @@ from torch import nn
 
 from intraq_core.config import ModelConfig, QuantConfig, ReconstructConfig
 from intraq_core.models import create_model
-from intraq_core.quant import calibrate, quantize, weight_quantized_layers
+from intraq_core.quant import calibrate_ranges, quantize, weight_quantized_layers
 from intraq_core.quant.reconstruct import graph_units, reconstruct, unit_module
 
 
@@ -48,7 +48,7 @@ def test_resnet20_units_are_stem_blocks_head():
     assert units[-1].output.name == "linear"
     # Units chained one after the other reproduce the whole model.
     x = torch.randn(4, 3, 32, 32)
-    calibrate(student, [x])
+    calibrate_ranges(student, [x])
     with torch.no_grad():
         h = x
         for u in units:
@@ -81,7 +81,7 @@ def test_conv1d_layers_are_units_and_get_their_rounding_learned():
     student = _student(Signal(), bits=3)
     assert [u.weight_layers for u in graph_units(student)] == [["c1"], ["dw"], ["fc"]]
     x = torch.randn(64, 2, 40)
-    calibrate(student, [x])
+    calibrate_ranges(student, [x])
     assert student.get_submodule("act_quant.leaky_relu").channels == 6  # only the depthwise conv reads it
     before = student.c1.weight.detach().clone()
     report = reconstruct(student, x, ReconstructConfig(iterations=30, batch_size=16, num_images=None), seed=0)
@@ -108,7 +108,7 @@ def test_reconstruction_lowers_unit_error_and_hardens_weights():
             teacher(images)
     teacher.eval()
     student = _student(teacher, bits=3)
-    calibrate(student, [images[:48], images[48:]])
+    calibrate_ranges(student, [images[:48], images[48:]])
     with torch.no_grad():
         before = (student(images) - teacher(images)).pow(2).mean()
     report = reconstruct(student, images, ReconstructConfig(iterations=40, batch_size=16, num_images=None), seed=1)
@@ -137,7 +137,7 @@ def test_reconstruct_refuses_uncalibrated_or_stateless_models():
     with pytest.raises(RuntimeError, match="frozen"):
         reconstruct(student, torch.randn(4, 3, 32, 32), ReconstructConfig(iterations=1))
     minmax = quantize(model, QuantConfig())
-    calibrate(minmax, [torch.randn(4, 3, 32, 32)])
+    calibrate_ranges(minmax, [torch.randn(4, 3, 32, 32)])
     with pytest.raises(RuntimeError, match="stored weight ranges"):
         reconstruct(minmax, torch.randn(4, 3, 32, 32), ReconstructConfig(iterations=1))
 
@@ -150,7 +150,7 @@ def test_reconstruction_depends_on_its_seed_only_not_on_the_global_rng():
     torch.manual_seed(0)
     student = _student(Plain(), bits=3)
     images = torch.randn(32, 3, 8, 8)
-    calibrate(student, [images])
+    calibrate_ranges(student, [images])
     cfg = ReconstructConfig(iterations=8, batch_size=8, num_images=None, drop_prob=0.5)
     results = []
     for global_seed, seed in ((1, 5), (2, 5), (3, 6)):

@@ -162,12 +162,12 @@ def test_evaluate_a_saved_student_with_another_preprocessing(tmp_path: Path) -> 
 
     from intraq_core.config import ModelConfig, QuantConfig
     from intraq_core.models import create_model, resolve_model_config
-    from intraq_core.quant import calibrate
+    from intraq_core.quant import calibrate_ranges
     from intraq_core.student import build_student, student_checkpoint_bytes
 
     model_cfg = resolve_model_config(ModelConfig(arch="cifar_resnet20"))
     student = build_student(create_model(model_cfg), QuantConfig(w_bits=4, a_bits=4))
-    calibrate(student, [torch.randn(8, 3, 32, 32)])
+    calibrate_ranges(student, [torch.randn(8, 3, 32, 32)])
     path = tmp_path / "student.pt"
     path.write_bytes(student_checkpoint_bytes(student, model_cfg, QuantConfig(w_bits=4, a_bits=4)))
     for k in range(10):

@@ -208,7 +208,7 @@ def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -
     carries executor bookkeeping, and is refused for another training."""
     from intraq_core.config import DistillConfig, ModelConfig, QuantConfig
     from intraq_core.models import create_model
-    from intraq_core.quant import calibrate
+    from intraq_core.quant import calibrate_ranges
 
     torch.manual_seed(0)
     teacher = create_model(ModelConfig(arch="cifar_resnet20", num_classes=10)).eval()
@@ -217,7 +217,7 @@ def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -
     def fresh() -> Distiller:
         student = build_student(teacher, QuantConfig(calibration_batches=1))
         torch.manual_seed(1)
-        calibrate(student, [torch.randn(4, 3, 16, 16)])
+        calibrate_ranges(student, [torch.randn(4, 3, 16, 16)])
         return Distiller(student, teacher, DistillConfig(epochs=2, batch_size=4), steps_per_epoch=2, seed=3)
 
     identity = {"config_hash": "c", "dataset": "d", "num_train": 4}

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from intraq_core.config import EvalConfig, ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
-from intraq_core.quant import act_quantizers, calibrate, quantize, set_act_mode
+from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode
 from intraq_core.quant.api import weight_quantized_layers
 from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.cli.app import app
@@ -52,7 +52,7 @@ def student(model_cfg: ModelConfig) -> nn.Module:
     teacher = create_model(model_cfg).eval()
     model = build_student(teacher, QuantConfig(w_bits=4, a_bits=4)).eval()
     gen = torch.Generator().manual_seed(0)
-    calibrate(model, [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(4)])
+    calibrate_ranges(model, [torch.randn(32, 3, 32, 32, generator=gen) for _ in range(4)])
     return model
 
 
@@ -165,7 +165,7 @@ def test_other_bit_widths_and_symmetric_weights_are_encoded_exactly() -> None:
     cfg = QuantConfig(w_bits=3, a_bits=5, first_layer_bits=8, weight_symmetric=True, quantize_input=True, input_bits=6)
     model = quantize(_Tiny().eval(), cfg).eval()
     gen = torch.Generator().manual_seed(1)
-    calibrate(model, [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(2)])
+    calibrate_ranges(model, [torch.randn(16, 3, 8, 8, generator=gen) for _ in range(2)])
     data, _ = export_onnx(model, torch.zeros(2, 3, 8, 8))
     sites = {s["name"]: s for s in onnx_qdq_sites(onnx.load_from_string(data))}
     assert sites["conv.weight"]["dtype"] == "INT8" and sites["conv.weight"]["clip"] == (-127, 127)
@@ -290,7 +290,7 @@ def test_onnx_runtime_agrees_on_a_network_of_any_activation(network: str, n_acts
 
     model = quantize(getattr(test_placement, network)().eval(), QuantConfig(w_bits=4, a_bits=4)).eval()
     gen = torch.Generator().manual_seed(3)
-    calibrate(model, [torch.randn(32, 3, 16, 16, generator=gen) for _ in range(4)])
+    calibrate_ranges(model, [torch.randn(32, 3, 16, 16, generator=gen) for _ in range(4)])
     data, _ = export_onnx(model, torch.zeros(2, 3, 16, 16))
     sites = onnx_qdq_sites(onnx.load_from_string(data))
     kinds = [s["kind"] for s in sites]

@@ -18,7 +18,7 @@ import torch
 from intraq_core.config import DistillConfig, ModelConfig, QuantConfig
 from intraq_core.distill import distill
 from intraq_core.models import create_model
-from intraq_core.quant import calibrate
+from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
@@ -41,7 +41,7 @@ def setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
 def _student(teacher: torch.nn.Module) -> torch.nn.Module:
     student = build_student(teacher, QuantConfig(calibration_batches=1))
     torch.manual_seed(1)
-    calibrate(student, [torch.randn(4, 3, 16, 16)])
+    calibrate_ranges(student, [torch.randn(4, 3, 16, 16)])
     return student
 
 
