@@ -46,10 +46,12 @@ YAML (``<run>/tune/best.yaml``) that ``intraq-pipeline run --config`` accepts;
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -326,6 +328,29 @@ def check_trial_batches(cfg: RunConfig) -> None:
     check_batch(worst, images, source=source)
 
 
+#: Credentials Ray Tune copies from the driver's environment into every trial's runtime env, which
+#: Ray's runtime-env agent then writes in clear to its log file (``runtime_env_agent.log``).
+_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+@contextlib.contextmanager
+def _credentials_not_propagated() -> Iterator[None]:
+    """Tune's trials without the driver's cloud credentials in their runtime env.
+
+    A trial finds its credentials where every worker of this pipeline does, in its node's own
+    environment (credentials are never shipped: pipeline.ray.session.WORKER_ENV_VARS), so nothing is lost;
+    but a runtime env is logged verbatim by Ray, so propagating them put the secret in Ray's logs.
+    """
+    from ray.tune.execution import class_cache
+
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_VARS
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
+
+
 def _planned_reports(cfg: RunConfig) -> int:
     """The most reports a trial can make (ASHA's ``max_t``): one per generation round, one per
     epoch, at the extremes of ``tune.space`` for the keys that change those counts."""
@@ -495,7 +520,8 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
         ),
     )
     try:
-        grid = tuner.fit()
+        with _credentials_not_propagated():
+            grid = tuner.fit()
     finally:
         bar.close()
 
