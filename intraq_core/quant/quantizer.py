@@ -136,9 +136,8 @@ def lp_search(
 
     Candidates are the row's own min/max range (or ``start``, e.g. the extremes seen over all
     calibration batches when ``x`` is a sample: numbers, or [C] tensors; extended to include 0;
-    ``±max|x|`` when
-    ``symmetric``) shrunk by ``k / grid`` for ``k = 1 … grid``; ties keep the widest range. A
-    1-D ``x`` is one row. Returns float32 tensors of shape [C] (scalars for 1-D input).
+    ``±max|x|`` when ``symmetric``) shrunk by ``k / grid`` for ``k = 1 … grid``; ties keep the
+    widest range. A 1-D ``x`` is one row. Returns float32 tensors of shape [C] (scalars for 1-D input).
     """
     squeeze = x.dim() == 1
     rows = x.detach().float().reshape(1, -1) if squeeze else x.detach().float().reshape(x.shape[0], -1)
