@@ -523,14 +523,17 @@ class ActFakeQuant(nn.Module):
         lo, hi = self.ema_range()
         return affine_qparams(lo, hi, self.bits)
 
+    def _check_channels(self, x: Tensor) -> None:
+        """A per-channel quantizer's input must have its channels on axis 1 (checked by ``forward``)."""
+        if self.channels is not None and (x.dim() < 2 or x.shape[1] != self.channels):
+            raise ValueError(
+                f"per-channel activation quantizer of {self.channels} channels got a tensor of shape {tuple(x.shape)}"
+            )
+
     def _rows(self, x: Tensor) -> Tensor:
         """``x`` as one row (per tensor) or one row per channel ``[C, N·H·W]`` (per channel)."""
         if self.channels is None:
             return x.reshape(1, -1)
-        if x.dim() < 2 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"per-channel activation quantizer of {self.channels} channels got a tensor of shape {tuple(x.shape)}"
-            )
         return x.transpose(0, 1).reshape(self.channels, -1)
 
     @torch.no_grad()
@@ -586,8 +589,7 @@ class ActFakeQuant(nn.Module):
         mode = self._mode
         if mode == "off":
             return x
-        if self.channels is not None and (x.dim() < 2 or x.shape[1] != self.channels):
-            self._rows(x)  # raises: the tensor does not have this quantizer's channels
+        self._check_channels(x)
         if mode == "dynamic":
             lo, hi = torch.aminmax(self._rows(x.detach()), dim=1)
             scale, zero_point = affine_qparams(lo if self.signed else torch.zeros_like(lo), hi, self.bits)

@@ -354,15 +354,11 @@ def _credentials_not_propagated() -> Iterator[None]:
 def _planned_reports(cfg: RunConfig) -> int:
     """The most reports a trial can make (ASHA's ``max_t``): one per generation round, one per
     epoch, at the extremes of ``tune.space`` for the keys that change those counts."""
-
-    def extreme(key: str, value: float, pick: Any) -> float:
-        return _extreme(cfg, key, value, pick)
-
     g = cfg.generate
-    images = extreme("generate.num_images", g.num_images, max)
-    batch = extreme("generate.batch_size", g.batch_size, min)
-    per_round = extreme("generate.shards_per_round", g.shards_per_round, min)
-    epochs = extreme("distill.epochs", cfg.distill.epochs, max)
+    images = _extreme(cfg, "generate.num_images", g.num_images, max)
+    batch = _extreme(cfg, "generate.batch_size", g.batch_size, min)
+    per_round = _extreme(cfg, "generate.shards_per_round", g.shards_per_round, min)
+    epochs = _extreme(cfg, "distill.epochs", cfg.distill.epochs, max)
     shards = math.ceil(images / min(batch, images))
     return int(math.ceil(shards / per_round) + epochs)
 
