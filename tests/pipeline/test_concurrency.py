@@ -28,6 +28,7 @@ from intraq_core.student import load_student
 from pipeline.cli.app import app
 from pipeline.config import load_run_config
 from pipeline.errors import LockedError
+from pipeline.stages.train import TRAIN_HISTORY_PATH
 from pipeline.storage.lock import acquire_lock, run_lock
 from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET
@@ -104,7 +105,8 @@ def test_two_runs_at_once_on_one_ray_cluster(
 ) -> None:
     """Two drivers (separate CLI processes) share the session's Ray cluster at the same time.
 
-    A runs the whole pipeline into a local directory, B generates into loopback S3 (a full second
+    A runs the whole pipeline into a local directory on one Train worker, which must be the local
+    executor's run bit for bit (the one training loop on either executor), B generates into loopback S3 (a full second
     ``run`` would double the cost: ~130 s instead of ~60 s on 2 cores). Both must produce the
     local executor's dataset byte for byte; A's calibrated student must be the local one's.
     """
@@ -163,6 +165,10 @@ def test_two_runs_at_once_on_one_ray_cluster(
         assert metrics[key] == ref[key], (key, metrics[key], ref[key])
     for key in ("holdout_agreement_calibrated", "holdout_agreement_final"):
         assert metrics["training"][key] == ref["training"][key], key
+    # Every epoch's loss, lr, step and held-out agreement, exactly (the Ray rows add their attempt and workers).
+    history = read_json(a / TRAIN_HISTORY_PATH)
+    assert [(row.pop("attempt"), row.pop("workers")) for row in history] == [(1, 1)] * len(history)
+    assert history == read_json(reference / TRAIN_HISTORY_PATH) and all("holdout_agreement" in r for r in history)
     student = load_student(a / "student.pt")[0].state_dict()
     expected = load_student(reference / "student.pt")[0].state_dict()
     calibrated = load_student(reference / "student_calibrated.pt")[0].state_dict()
