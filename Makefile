@@ -22,7 +22,7 @@ smoke: install
 	$(BIN)/intraq-pipeline run --config configs/smoke.yaml --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -44,3 +44,32 @@ def _seed() -> None:
 def _one_thread() -> None:
     """Back to one thread before every test: a run's context may have raised it."""
     torch.set_num_threads(1)
+
+
+#: The xdist group of every test that starts or joins Ray (``make test`` runs two test processes).
+RAY_GROUP = "ray"
+
+
+def _uses_ray(item: pytest.Item) -> bool:
+    return item.get_closest_marker("ray") is not None or "ray_cluster" in getattr(item, "fixturenames", ())
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs), every test that
+    starts or joins Ray runs in one worker process: they share the session's two-node cluster
+    (``ray_cluster``) and the reference run compared with it, so a second worker would start a
+    second cluster and contend with the first. The other worker takes the rest (single-threaded
+    torch: one core each). Marked as each item is collected, before xdist reads the groups in
+    its own ``pytest_collection_modifyitems``. Without xdist the marker does nothing."""
+    if _uses_ray(item):
+        item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` the Ray group (the longest) is scheduled first, so it never ends
+    last; a plain ``pytest`` keeps the collection order. (In an xdist worker ``dist`` reads "no"
+    and ``loadgroup`` says how the session distributes.)"""
+    if getattr(config.option, "loadgroup", False) or config.getvalue("dist") == "loadgroup":
+        ray_items = [item for item in items if _uses_ray(item)]
+        chosen = set(map(id, ray_items))
+        items[:] = ray_items + [item for item in items if id(item) not in chosen]
