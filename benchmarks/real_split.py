@@ -1,0 +1,103 @@
+"""Diagnosis only: a run's recipe calibrated on REAL images, to tell the data's share of a loss
+from the quantization recipe's (``benchmarks/results/imagenet-mobilenetv1-cpu.md``).
+
+``write`` puts the even-indexed half of a config's test set into a dataset in the shard format
+(the teacher's features included, like a generated one), so ``intraq-pipeline train --dataset``
+runs the config's train stage on it unchanged. ``eval`` scores students on both halves. Real
+images choose nothing here: the result is an upper bound for the data, never a recipe::
+
+    python -m benchmarks.real_split write -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml -o real-even
+    intraq-pipeline train -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml --dataset real-even -o w4a4-real
+    python -m benchmarks.real_split eval -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml w4a4-real/student.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from intraq_core.data import load_test_set
+from intraq_core.evaluate import top1
+from intraq_core.models.introspect import FeatureTap
+from intraq_core.student import load_student
+from pipeline.config import load_run_config
+from pipeline.context import RunContext, dataset_storage
+from pipeline.stages.generate import new_manifest
+from pipeline.storage.shards import write_shard
+
+
+def _test_images(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+    test_set = load_test_set(ctx.cfg.eval, ctx.model_cfg)
+    xs, ys = zip(*test_set.batches(ctx.cfg.eval.batch_size), strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def write(config: str, out: str) -> None:
+    """The even half of the config's test set as a one-shard dataset at ``out``."""
+    cfg = load_run_config(config, [f"storage.url={out}"])
+    ctx = RunContext.create(cfg)
+    x, y = _test_images(ctx)
+    even = np.arange(0, len(y), 2)
+    teacher = ctx.teacher()
+    with torch.no_grad(), FeatureTap(teacher) as tap:
+        teacher(x[even])
+        features = tap.features.numpy()
+    meta = {
+        "round": 0,
+        "config_hash": cfg.dataset_hash(),
+        "teacher_sha256": ctx.teacher_sha256,
+        "mean": list(ctx.model_cfg.mean or ()),
+        "std": list(ctx.model_cfg.std or ()),
+        "num_classes": ctx.num_classes,
+        "seed": 0,
+        "method": "real",
+    }
+    storage = dataset_storage(ctx)
+    manifest = new_manifest(ctx, 1)
+    info = write_shard(
+        storage, 0, x[even].numpy(), y[even].numpy(), even, even, meta, features=features, store_dtype="float16"
+    )
+    manifest.add_shard(info, round=0)
+    manifest.save(storage)
+    print(f"wrote {len(even)} real images (the even half) to {out}")
+
+
+def evaluate(config: str, students: list[str]) -> None:
+    """Top-1 of each student on the odd half (never calibrated on) and the even half."""
+    ctx = RunContext.create(load_run_config(config, []))
+    x, y = _test_images(ctx)
+    halves = {"odd": np.arange(1, len(y), 2), "even": np.arange(0, len(y), 2)}
+
+    def batches(idx: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(idx), 100):
+            yield x[idx[i : i + 100]], y[idx[i : i + 100]]
+
+    for path in students:
+        student = load_student(path)[0].eval()
+        scores = {name: top1(student, batches(idx)) for name, idx in halves.items()}
+        print(json.dumps({"student": path, **scores}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="the even half of the test set as a dataset")
+    w.add_argument("-c", "--config", required=True)
+    w.add_argument("-o", "--out", required=True)
+    e = sub.add_parser("eval", help="students on both halves")
+    e.add_argument("-c", "--config", required=True)
+    e.add_argument("students", nargs="+")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "write":
+        write(args.config, args.out)
+    else:
+        evaluate(args.config, args.students)
+
+
+if __name__ == "__main__":
+    main()
