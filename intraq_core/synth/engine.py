@@ -91,7 +91,11 @@ class _ChannelStats(torch.autograd.Function):
     def backward(ctx, grad_var: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x2, mean = ctx.saved_tensors
         m = x2.shape[-2]
-        return (x2 - mean.unsqueeze(-2)) * (2.0 * grad_var / m).unsqueeze(-2) + (grad_mean / m).unsqueeze(-2)
+        # (x - mean) * (2 g_var / m) + g_mean / m, in place in one output buffer: the same
+        # float32 operations in the same order (bit-identical) without two batch-sized temporaries.
+        out = x2 - mean.unsqueeze(-2)
+        out.mul_((2.0 * grad_var / m).unsqueeze(-2))
+        return out.add_((grad_mean / m).unsqueeze(-2))
 
 
 def channel_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
