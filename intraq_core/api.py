@@ -174,8 +174,9 @@ def synthesize(
 
     Runs the pipeline's plan in memory: batches of ``config.batch_size`` images optimized for
     ``config.iterations`` steps, in rounds of ``config.shards_per_round`` batches whose MDC term
-    sees the class centres of earlier rounds; the same config and seed give the same images as
-    ``intraq-pipeline generate``. A teacher without BatchNorm is refused when the method uses the
+    sees the class centres of earlier rounds (``config.groups_per_pass`` batches of a round per
+    forward/backward pass, each with its own loss); the same config and seed give the same images
+    as ``intraq-pipeline generate``. A teacher without BatchNorm is refused when the method uses the
     BN-statistics loss (``config.method`` ``gaussian``, or ``bns_weight=0``, need none).
 
     Args:
@@ -197,7 +198,7 @@ def synthesize(
 
     from intraq_core.synth.centres import ClassCentres
     from intraq_core.synth.engine import Synthesizer
-    from intraq_core.synth.plan import plan_tasks, rounds
+    from intraq_core.synth.plan import packs, plan_tasks, rounds
 
     cfg = config or SynthConfig()
     tasks = plan_tasks(
@@ -225,17 +226,22 @@ def synthesize(
         for round_tasks in rounds(tasks):
             snapshot = centres.snapshot() if centres is not None and centres.counts.any() else None
             finished = []
-            for task in round_tasks:
-                result = synth.synthesize(
-                    torch.tensor(task.labels, dtype=torch.int64),
-                    torch.tensor(task.image_seeds, dtype=torch.int64),
-                    task.batch_seed,
-                    snapshot,
-                    progress=(lambda *_: bar.update(1)) if cfg.optimizes else None,
+            for pack in packs(round_tasks, cfg.groups_per_pass):
+                groups = [
+                    (
+                        torch.tensor(task.labels, dtype=torch.int64),
+                        torch.tensor(task.image_seeds, dtype=torch.int64),
+                        task.batch_seed,
+                    )
+                    for task in pack
+                ]
+                step = len(pack)
+                results = synth.synthesize_groups(
+                    groups, snapshot, progress=(lambda *_, k=step: bar.update(k)) if cfg.optimizes else None
                 )
                 if not cfg.optimizes:
-                    bar.update(1)
-                finished.append(result)
+                    bar.update(step)
+                finished.extend(results)
             for result in finished:  # centres grow in task order once the round is done
                 if centres is None:
                     centres = ClassCentres(spec.num_classes, result.features.shape[1])

@@ -308,7 +308,12 @@ class SynthConfig(StageConfig):
     images at a time, and the loss and each Adam step are still those of the whole batch (exact
     BN statistics in two passes, :mod:`intraq_core.synth.engine`; equal up to float32 reduction
     order, so it is not part of the dataset's identity). ADI and the generator methods cannot
-    be split exactly and refuse it. ``store_dtype`` is how shards store pixels: ``float16``
+    be split exactly and refuse it. ``groups_per_pass`` packs that many batches of a round into
+    one forward/backward pass, each with its own loss (its own BN statistics, SIL targets, LOR
+    crops, MDC denominator), Adam state and plateau schedule, so each batch's images are those
+    of its separate run up to float32 reduction order (not part of the dataset's identity either);
+    it fills a GPU that one 256-image 32x32 batch leaves launch-bound. Not with micro-batches or
+    ADI (whole-batch couplings), nor the generator methods. ``store_dtype`` is how shards store pixels: ``float16``
     halves the files (rounding error 2^-11 relative, 14x below the 8-bit step of a real image
     in normalized units), ``auto`` (default) picks float16 for images of at least 128 px and
     float32 below (CIFAR shards stay as they always were). Readers always get float32.
@@ -368,6 +373,8 @@ class SynthConfig(StageConfig):
     amp: Literal["off", "bf16"] = "off"
     # Images per forward/backward pass of an optimization batch (None: the whole batch).
     micro_batch_size: int | None = Field(default=None, ge=1)
+    # Batches of a round optimized together in one pass, each with its own loss (1: one at a time).
+    groups_per_pass: int = Field(default=1, ge=1)
     # Pixel storage of the shards (auto: float16 from FLOAT16_MIN_SIZE px up, float32 below).
     store_dtype: Literal["auto", "float32", "float16"] = "auto"
 
@@ -385,6 +392,22 @@ class SynthConfig(StageConfig):
                 raise ValueError(
                     "generate.micro_batch_size cannot keep the ADI term exact: its quantized student takes "
                     "activation ranges from the whole batch; leave micro_batch_size unset or set adi_weight=0"
+                )
+        if self.groups_per_pass > 1:
+            if self.uses_generator:
+                raise ValueError(
+                    f"generate.groups_per_pass does not apply to generate.method={self.method}: it packs pixel "
+                    "optimizations; leave groups_per_pass at 1"
+                )
+            if self.weights()["adi"] > 0:
+                raise ValueError(
+                    "generate.groups_per_pass cannot keep the ADI term per batch: its quantized student takes "
+                    "activation ranges from the whole pass; leave groups_per_pass at 1 or set adi_weight=0"
+                )
+            if self.micro_batch_size is not None:
+                raise ValueError(
+                    "generate.groups_per_pass and generate.micro_batch_size do not combine (one packs batches "
+                    "for throughput, the other splits a batch for memory); set only one"
                 )
         return self
 

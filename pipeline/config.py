@@ -199,7 +199,7 @@ def _eval_identity(cfg: RunConfig) -> dict[str, Any]:
 def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
     g = cfg.generate.model_dump(mode="json")
     # Engineering knobs that do not change the images' law are not part of the identity.
-    for k in ("channels_last", "compile", "amp", "generator_checkpoint_every", "micro_batch_size"):
+    for k in ("channels_last", "compile", "amp", "generator_checkpoint_every", "micro_batch_size", "groups_per_pass"):
         g.pop(k, None)
     # The pixel storage is not in the hash either (``auto`` resolves by the image size, which the hash
     # does not know; every hash written before the key existed stays the same): the manifest records

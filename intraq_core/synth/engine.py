@@ -72,7 +72,7 @@ class SynthResult:
 
 
 class _ChannelStats(torch.autograd.Function):
-    """Per-channel (biased variance, mean) of a [M, C] matrix, with a fused backward.
+    """Per-channel (biased variance, mean) of a [M, C] matrix (or [G, M, C]: per group), with a fused backward.
 
     One pass for the forward (E[x], E[x²]) and one elementwise pass for the backward,
     2-4x faster on CPU than ``torch.var_mean`` over (N, H, W), whose reduction and backward
@@ -82,27 +82,40 @@ class _ChannelStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        mean = x2.mean(0)
-        var = ((x2 * x2).mean(0) - mean * mean).clamp_(min=0.0)
+        mean = x2.mean(-2)
+        var = ((x2 * x2).mean(-2) - mean * mean).clamp_(min=0.0)
         ctx.save_for_backward(x2, mean)
         return var, mean
 
     @staticmethod
     def backward(ctx, grad_var: torch.Tensor, grad_mean: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x2, mean = ctx.saved_tensors
-        m = x2.shape[0]
-        return (x2 - mean) * (2.0 * grad_var / m) + grad_mean / m
+        m = x2.shape[-2]
+        # (x - mean) * (2 g_var / m) + g_mean / m, in place in one output buffer: the same
+        # float32 operations in the same order (bit-identical) without two batch-sized temporaries.
+        out = x2 - mean.unsqueeze(-2)
+        out.mul_((2.0 * grad_var / m).unsqueeze(-2))
+        return out.add_((grad_mean / m).unsqueeze(-2))
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(biased variance, mean) per channel (dim 1) over all other dims, differentiable."""
+def channel_stats(x: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(biased variance, mean) per channel (dim 1) over all other dims, differentiable.
+
+    ``groups`` > 1: the batch (dim 0) is that many equal groups of consecutive images and the
+    statistics are per group, ``[groups, C]`` each (packed groups, ``generate.groups_per_pass``).
+    """
     channels = x.shape[1]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return _ChannelStats.apply(x.permute(0, 2, 3, 1).reshape(-1, channels))
+        flat = x.permute(0, 2, 3, 1)
+        return _ChannelStats.apply(flat.reshape(-1, channels) if groups == 1 else flat.reshape(groups, -1, channels))
     if x.dim() == 2:
-        return _ChannelStats.apply(x)
-    dims = [d for d in range(x.dim()) if d != 1]
-    return torch.var_mean(x, dim=dims, unbiased=False)
+        return _ChannelStats.apply(x if groups == 1 else x.reshape(groups, -1, channels))
+    if groups == 1:
+        dims = [d for d in range(x.dim()) if d != 1]
+        return torch.var_mean(x, dim=dims, unbiased=False)
+    packed = x.reshape(groups, -1, *x.shape[1:])
+    dims = [d for d in range(packed.dim()) if d not in (0, 2)]
+    return torch.var_mean(packed, dim=dims, unbiased=False)
 
 
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -139,9 +152,9 @@ class _BNStats:
     """Forward pre-hooks on every BN layer, reading its input.
 
     Modes: ``stats`` (default) appends the per-channel mean and biased variance of each call,
-    differentiable; ``sums`` accumulates per-layer channel sums over several forwards (the
-    first micro-batch pass); ``inject`` adds each layer's :class:`_InjectBNGrad` term (the
-    second pass).
+    differentiable (``[groups, C]`` when the pass packs ``groups`` > 1 batches); ``sums``
+    accumulates per-layer channel sums over several forwards (the first micro-batch pass);
+    ``inject`` adds each layer's :class:`_InjectBNGrad` term (the second pass).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -149,6 +162,7 @@ class _BNStats:
         self.means: list[torch.Tensor] = []
         self.vars: list[torch.Tensor] = []
         self.mode = "stats"
+        self.groups = 1
         self._sums: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []
         self._grads: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.injected: list[torch.Tensor] = []
@@ -161,7 +175,7 @@ class _BNStats:
     def _hook(self, index: int, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].float()
         if self.mode == "stats":
-            var, mean = channel_stats(x)
+            var, mean = channel_stats(x, self.groups)
             self.means.append(mean)
             self.vars.append(var)
         elif self.mode == "sums":
@@ -351,83 +365,122 @@ class Synthesizer:
         ``batch_seed`` drives LOR and SIL randomness; ``centres`` = (class centres [K, D],
         has_centre [K]) of earlier images, used by MDC (None: MDC inactive).
         """
-        cfg = self.cfg
-        labels = labels.to(torch.int64)
-        n = labels.shape[0]
-        start_time = time.perf_counter()
-        x0 = initial_noise(seeds, self.image_shape)
-        if self.bounds is not None:
-            x0 = torch.maximum(torch.minimum(x0, self.bounds[1]), self.bounds[0])
-        if not cfg.optimizes or cfg.iterations == 0:
-            feats = self.features(x0, batch_size=min(512, cfg.micro_batch_size or 512))
-            return SynthResult(x0, labels.cpu(), seeds.cpu(), feats, {}, {}, time.perf_counter() - start_time, 0)
+        return self.synthesize_groups([(labels, seeds, batch_seed)], centres, progress)[0]
 
-        gen = torch.Generator().manual_seed(int(batch_seed))
-        sil_t = losses.sil_targets(n, cfg.sil_epsilon, cfg.sil_fraction, gen).to(self.device)
-        y = labels.to(self.device)
+    def synthesize_groups(
+        self,
+        groups: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
+        centres: tuple[torch.Tensor, torch.Tensor] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[SynthResult]:
+        """Synthesize several batches ``(labels, seeds, batch_seed)`` of one size in ONE forward/backward.
+
+        Packed groups (``generate.groups_per_pass``): the groups' images go through the teacher as
+        one batch, but every loss term is computed per group (BN statistics of the group's images
+        alone, its own SIL targets, LOR coin and crops, MDC denominator) and the loss summed over
+        groups, so each group's pixel gradient is the one its own batch would get. Each group keeps
+        its own Adam and plateau schedule (the schedule follows the group's loss). Each result
+        equals :meth:`synthesize` of that group alone up to float32 reduction order; ``progress``
+        gets the mean of the groups' totals. Fills a GPU that one 32x32 batch leaves launch-bound.
+        """
+        cfg = self.cfg
+        count = len(groups)
+        if count == 0:
+            return []
+        n = int(groups[0][0].shape[0])
+        if any(int(g[0].shape[0]) != n for g in groups):
+            raise ValueError(f"packed groups need one size, got {[int(g[0].shape[0]) for g in groups]}")
+        if count > 1 and (self.student is not None or (cfg.micro_batch_size is not None and cfg.micro_batch_size < n)):
+            raise ValueError("packed groups cannot be combined with ADI or micro-batches")
+        labels = [g[0].to(torch.int64) for g in groups]
+        seeds = [g[1] for g in groups]
+        start_time = time.perf_counter()
+        x0s = [initial_noise(s, self.image_shape) for s in seeds]
+        if self.bounds is not None:
+            x0s = [torch.maximum(torch.minimum(x0, self.bounds[1]), self.bounds[0]) for x0 in x0s]
+        feature_batch = min(512, cfg.micro_batch_size or 512)
+        if not cfg.optimizes or cfg.iterations == 0:
+            feats = [self.features(x0, batch_size=feature_batch) for x0 in x0s]
+            seconds = (time.perf_counter() - start_time) / count
+            return [
+                SynthResult(x0, lab.cpu(), s.cpu(), f, {}, {}, seconds, 0)
+                for x0, lab, s, f in zip(x0s, labels, seeds, feats, strict=True)
+            ]
+
+        gens = [torch.Generator().manual_seed(int(g[2])) for g in groups]
+        sil_t = torch.cat([losses.sil_targets(n, cfg.sil_epsilon, cfg.sil_fraction, gen) for gen in gens])
+        sil_t = sil_t.to(self.device)
+        y = torch.cat(labels).to(self.device)
         if centres is not None:
             c_feats, c_mask = centres[0].to(self.device), centres[1].to(self.device)
         else:
             c_feats, c_mask = None, None
 
-        x = x0.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True)
-        del x0  # a copy when channels-last: one batch of pixels less held during the optimization
+        xs = [x0.to(self.device).contiguous(memory_format=self.memory_format).requires_grad_(True) for x0 in x0s]
+        del x0s  # copies when channels-last: one batch of pixels less held during the optimization
         bounds = None if self.bounds is None else (self.bounds[0].to(self.device), self.bounds[1].to(self.device))
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
-        )
+        opts = [torch.optim.Adam([x], lr=cfg.lr) for x in xs]
+        scheds = [
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+            )
+            for opt in opts
+        ]
         names = self.active_terms()
         w = self.weights
-        record = torch.zeros(cfg.iterations, len(names) + 1, device=self.device)
+        record = torch.zeros(count, cfg.iterations, len(names) + 1, device=self.device)
         micro = cfg.micro_batch_size is not None and cfg.micro_batch_size < n
         mdc_denom = losses.mdc_denominator(y, c_mask) if micro and c_mask is not None else None
         _, height, width = self.image_shape
         for it in range(cfg.iterations):
-            params = None
-            if self.lor and float(torch.rand(1, generator=gen)) < cfg.lor_prob:
-                params = sample_lor_params(
-                    n,
-                    height,
-                    width,
-                    min_area=cfg.lor_min_area,
-                    generator=gen,
-                    flip=cfg.lor_flip,
-                    rotation=cfg.lor_rotation,
-                )
-            opt.zero_grad(set_to_none=True)
+            params: list[LorParams | None] = []
+            for gen in gens:  # each group draws its coin and crops from its own generator, as alone
+                p = None
+                if self.lor and float(torch.rand(1, generator=gen)) < cfg.lor_prob:
+                    p = sample_lor_params(
+                        n,
+                        height,
+                        width,
+                        min_area=cfg.lor_min_area,
+                        generator=gen,
+                        flip=cfg.lor_flip,
+                        rotation=cfg.lor_rotation,
+                    )
+                params.append(p)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             if micro:
-                terms = self._micro_batch_step(x, params, y, sil_t, c_feats, c_mask, mdc_denom)
+                terms = self._micro_batch_step(xs[0], params[0], y, sil_t, c_feats, c_mask, mdc_denom)
             else:
-                terms = self._batch_step(x, params, y, sil_t, c_feats, c_mask)
-            total_value = float(sum(w[_weight_key(k)] * v for k, v in terms.items()))
-            opt.step()
-            if bounds is not None:
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, bounds[1]), bounds[0]))
-            sched.step(total_value)
+                terms = self._batch_step(xs, params, y, sil_t, c_feats, c_mask)
+            total = sum(w[_weight_key(k)] * v for k, v in terms.items())
+            totals = total.reshape(-1).tolist() if isinstance(total, torch.Tensor) else [float(total)] * count
+            for g in range(count):
+                opts[g].step()
+                if bounds is not None:
+                    with torch.no_grad():
+                        xs[g].copy_(torch.maximum(torch.minimum(xs[g], bounds[1]), bounds[0]))
+                scheds[g].step(totals[g])
             with torch.no_grad():
                 if names:
-                    record[it, :-1] = torch.stack([terms[k].detach().float() for k in names])
-                record[it, -1] = total_value
+                    record[:, it, :-1] = torch.stack([terms[k].detach().float() for k in names], dim=-1)
+                for g in range(count):
+                    record[g, it, -1] = totals[g]
             if progress is not None:
-                progress(it + 1, cfg.iterations, {"total": total_value})
+                progress(it + 1, cfg.iterations, {"total": sum(totals) / count})
         self.bn.clear()
-        images = x.detach().contiguous().float().cpu()
-        feats = self.features(images, batch_size=min(512, cfg.micro_batch_size or 512))
-        rec = record.cpu()
-        history = {k: rec[:, j].tolist() for j, k in enumerate([*names, "total"])}
-        final = {k: v[-1] for k, v in history.items()}
-        return SynthResult(
-            images,
-            labels.cpu(),
-            seeds.cpu(),
-            feats,
-            history,
-            final,
-            time.perf_counter() - start_time,
-            cfg.iterations,
-        )
+        seconds = (time.perf_counter() - start_time) / count
+        results = []
+        for g in range(count):
+            images = xs[g].detach().contiguous().float().cpu()
+            feats = self.features(images, batch_size=feature_batch)
+            rec = record[g].cpu()
+            history = {k: rec[:, j].tolist() for j, k in enumerate([*names, "total"])}
+            final = {k: v[-1] for k, v in history.items()}
+            results.append(
+                SynthResult(images, labels[g].cpu(), seeds[g].cpu(), feats, history, final, seconds, cfg.iterations)
+            )
+        return results
 
     def _input(self, x: torch.Tensor, params: LorParams | None, start: int = 0) -> torch.Tensor:
         """The teacher's input for images ``x`` (images ``start:`` of the batch): LOR'd when
@@ -435,6 +488,19 @@ class Synthesizer:
         if params is not None:
             x = apply_lor(x, params.rows(start, start + x.shape[0]))
         return x.contiguous(memory_format=self.memory_format)
+
+    def _packed_input(self, xs: Sequence[torch.Tensor], params: Sequence[LorParams | None]) -> torch.Tensor:
+        """The teacher's input for packed groups: each group's images, LOR'd by its own ``params``
+        (the LOR'd groups in one batched call), concatenated in group order."""
+        if len(xs) == 1:
+            return self._input(xs[0], params[0])
+        lor = [g for g, p in enumerate(params) if p is not None]
+        pieces = list(xs)
+        if lor:
+            both = apply_lor(torch.cat([xs[g] for g in lor]), LorParams.cat([params[g] for g in lor]))  # type: ignore[misc]
+            for g, part in zip(lor, both.split(xs[0].shape[0]), strict=True):
+                pieces[g] = part
+        return torch.cat(pieces).contiguous(memory_format=self.memory_format)
 
     def _teacher_forward(self, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher logits (BN hooks fire) and, with ADI, the quantized student's logits."""
@@ -454,24 +520,33 @@ class Synthesizer:
         *,
         share: float | None = None,
         mdc_denom: torch.Tensor | None = None,
+        groups: int = 1,
     ) -> dict[str, torch.Tensor]:
         """CE, SIL, MDC (and ADI) of these images; with ``share`` = micro-batch size / batch size
-        and ``mdc_denom`` (the batch's), the micro-batch's part of the whole batch's terms."""
+        and ``mdc_denom`` (the batch's), the micro-batch's part of the whole batch's terms; with
+        ``groups`` > 1, each of that many packed groups' own terms (``[groups]`` tensors)."""
         cfg, w = self.cfg, self.weights
         terms: dict[str, torch.Tensor] = {}
         if w["ce"] > 0:
-            terms["ce"] = losses.ce_loss(logits, y)
+            terms["ce"] = losses.ce_loss(logits, y, groups)
         if w["sil"] > 0:
-            terms["sil"] = losses.sil_loss(logits, y, sil_t)
+            terms["sil"] = losses.sil_loss(logits, y, sil_t, groups)
         if share is not None:  # batch means = sums of micro-batch means weighted by their share
             terms = {k: v * share for k, v in terms.items()}
         if w["mdc"] > 0:
             if c_feats is None or c_mask is None:
-                zero = logits.float().sum() * 0.0
+                zero = losses.group_sum(logits.float(), groups) * 0.0
                 terms["mdc_lower"], terms["mdc_upper"] = zero, zero
             else:
                 terms["mdc_lower"], terms["mdc_upper"] = losses.mdc_loss(
-                    self.tap.features, y, c_feats, c_mask, cfg.mdc_lower, cfg.mdc_upper, denominator=mdc_denom
+                    self.tap.features,
+                    y,
+                    c_feats,
+                    c_mask,
+                    cfg.mdc_lower,
+                    cfg.mdc_upper,
+                    denominator=mdc_denom,
+                    groups=groups,
                 )
         if student_logits is not None:
             terms["adi"] = losses.adi_loss(logits, student_logits)
@@ -479,26 +554,33 @@ class Synthesizer:
 
     def _batch_step(
         self,
-        x: torch.Tensor,
-        params: LorParams | None,
+        xs: Sequence[torch.Tensor],
+        params: Sequence[LorParams | None],
         y: torch.Tensor,
         sil_t: torch.Tensor,
         c_feats: torch.Tensor | None,
         c_mask: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Set ``x.grad`` to the gradient of the batch's loss in one pass; returns the term values."""
+        """Set each group's ``x.grad`` (``xs``: one leaf per packed group, usually one) to the gradient
+        of its batch's loss, all in one pass; returns the term values (``[groups]`` with several)."""
         w = self.weights
+        groups = len(xs)
         self.bn.clear()
-        logits, student_logits = self._teacher_forward(self._input(x, params))
-        terms: dict[str, torch.Tensor] = {}
-        if w["bns"] > 0:
-            terms["bns_mean"], terms["bns_var"] = losses.bns_loss(
-                self.bn.means, self.bn.vars, self.bn.running_means, self.bn.running_vars
-            )
-        terms.update(self._image_terms(logits, student_logits, y, sil_t, c_feats, c_mask))
+        self.bn.groups = groups
+        try:
+            logits, student_logits = self._teacher_forward(self._packed_input(xs, params))
+            terms: dict[str, torch.Tensor] = {}
+            if w["bns"] > 0:
+                terms["bns_mean"], terms["bns_var"] = losses.bns_loss(
+                    self.bn.means, self.bn.vars, self.bn.running_means, self.bn.running_vars
+                )
+            terms.update(self._image_terms(logits, student_logits, y, sil_t, c_feats, c_mask, groups=groups))
+        finally:
+            self.bn.groups = 1
         total = sum(w[_weight_key(k)] * v for k, v in terms.items())
         assert isinstance(total, torch.Tensor)
-        total.backward()
+        # Groups' losses are summed: each group's pixels get exactly the gradient of its own loss.
+        (total if groups == 1 else total.sum()).backward()
         self.bn.clear()
         return {k: v.detach() for k, v in terms.items()}
 

@@ -41,6 +41,12 @@ class LorParams:
         fields = (self.top, self.left, self.height, self.width, self.flip, self.angle)
         return LorParams(*(t[start:stop] for t in fields))
 
+    @staticmethod
+    def cat(parts: list[LorParams]) -> LorParams:
+        """The parameters of several batches one after the other (packed groups, each its own crops)."""
+        names = ("top", "left", "height", "width", "flip", "angle")
+        return LorParams(*(torch.cat([getattr(p, f) for p in parts]) for f in names))
+
 
 def sample_lor_params(
     n: int,

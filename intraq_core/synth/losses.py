@@ -2,6 +2,11 @@
 
 Each function takes plain tensors and returns scalar tensors, so every term can be
 tested against a hand-computed case and weighted independently by the engine.
+
+``groups``: the batch is ``groups`` equal groups of consecutive images packed in one pass
+(``generate.groups_per_pass``); each term is then a ``[groups]`` tensor, group g's value being the
+term of its images alone, exactly as a separate batch of them would compute it. ``groups=1`` is
+the plain batch (scalar terms, unchanged arithmetic).
 """
 
 from __future__ import annotations
@@ -10,6 +15,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def group_mean(values: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Mean of ``values`` (per image along dim 0): a scalar, or ``[groups]`` means of equal groups."""
+    return values.mean() if groups == 1 else values.reshape(groups, -1).mean(1)
+
+
+def group_sum(values: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Sum of ``values`` (per image along dim 0): a scalar, or ``[groups]`` sums of equal groups."""
+    return values.sum() if groups == 1 else values.reshape(groups, -1).sum(1)
 
 
 def bns_loss(
@@ -24,17 +39,28 @@ def bns_loss(
     biased variance) and running statistics (mu^_l, s2^_l):
     mean part = (1/L) sum_l mean_c (mu_l - mu^_l)^2, variance part likewise on s2
     (squared error on the variance, not the std, as in the reference).
+    Statistics of packed groups (``[groups, C]`` each) give ``[groups]`` losses, one per group.
     """
     if not means:
         raise ValueError("bns_loss needs at least one BN layer")
-    mean_terms = [((m.float() - rm.float()) ** 2).mean() for m, rm in zip(means, running_means, strict=True)]
-    var_terms = [((v.float() - rv.float()) ** 2).mean() for v, rv in zip(variances, running_vars, strict=True)]
+    grouped = means[0].dim() == 2
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sq = (a.float() - b.float()) ** 2
+        return sq.mean(-1) if grouped else sq.mean()
+
+    mean_terms = [err(m, rm) for m, rm in zip(means, running_means, strict=True)]
+    var_terms = [err(v, rv) for v, rv in zip(variances, running_vars, strict=True)]
+    if grouped:
+        return torch.stack(mean_terms).mean(0), torch.stack(var_terms).mean(0)
     return torch.stack(mean_terms).mean(), torch.stack(var_terms).mean()
 
 
-def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Hard-label cross-entropy (the 'inception loss' of ZeroQ/GDFQ-style baselines)."""
-    return F.cross_entropy(logits.float(), labels)
+    if groups == 1:
+        return F.cross_entropy(logits.float(), labels)
+    return group_mean(F.cross_entropy(logits.float(), labels, reduction="none"), groups)
 
 
 def sil_targets(n: int, epsilon: float, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -48,7 +74,7 @@ def sil_targets(n: int, epsilon: float, fraction: float, generator: torch.Genera
     return torch.where(soft, values, torch.ones(n))
 
 
-def sil_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sil_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Soft Inception Loss: mean_i (p_i[y_i] - t_i)^2 with p = softmax(logits).
 
     Only the target-class probability is penalized; the other classes are free, which
@@ -56,7 +82,7 @@ def sil_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) 
     """
     probs = torch.softmax(logits.float(), dim=1)
     p_target = probs.gather(1, labels.view(-1, 1)).squeeze(1)
-    return ((p_target - targets.to(p_target.dtype)) ** 2).mean()
+    return group_mean((p_target - targets.to(p_target.dtype)) ** 2, groups)
 
 
 def cosine_distance_to_centres(features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -72,6 +98,7 @@ def mdc_loss(
     lower: float,
     upper: float,
     denominator: torch.Tensor | float | None = None,
+    groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marginal Distance Constraint, split into its lower and upper hinge.
 
@@ -84,18 +111,18 @@ def mdc_loss(
     """
     mask = has_centre[labels].float()
     if not bool(has_centre.any()):
-        zero = features.sum() * 0.0
+        zero = group_sum(features, groups) * 0.0
         return zero, zero
     dist = cosine_distance_to_centres(features, labels, centres)
-    denom = mdc_denominator(labels, has_centre) if denominator is None else denominator
-    low = (mask * torch.clamp(lower - dist, min=0.0)).sum() / denom
-    up = (mask * torch.clamp(dist - upper, min=0.0)).sum() / denom
+    denom = mdc_denominator(labels, has_centre, groups) if denominator is None else denominator
+    low = group_sum(mask * torch.clamp(lower - dist, min=0.0), groups) / denom
+    up = group_sum(mask * torch.clamp(dist - upper, min=0.0), groups) / denom
     return low, up
 
 
-def mdc_denominator(labels: torch.Tensor, has_centre: torch.Tensor) -> torch.Tensor:
-    """``sum_i m_i + 1e-6`` of :func:`mdc_loss` for a batch: it depends on the labels only."""
-    return has_centre[labels].float().sum() + 1e-6
+def mdc_denominator(labels: torch.Tensor, has_centre: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``sum_i m_i + 1e-6`` of :func:`mdc_loss` for a batch (per group): it depends on the labels only."""
+    return group_sum(has_centre[labels].float(), groups) + 1e-6
 
 
 def adi_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from intraq_core.seeding import PURPOSE_IMAGE, PURPOSE_SHARD, derive_seed
 from intraq_core.synth.labels import label_plan
 
-__all__ = ["ShardTask", "plan_tasks", "rounds"]
+__all__ = ["ShardTask", "packs", "plan_tasks", "rounds"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,19 @@ def rounds(tasks: list[ShardTask]) -> list[list[ShardTask]]:
     for t in tasks:
         out.setdefault(t.round, []).append(t)
     return [out[r] for r in sorted(out)]
+
+
+def packs(tasks: list[ShardTask], groups_per_pass: int) -> list[list[ShardTask]]:
+    """Tasks (in order) cut into packs optimized in one pass (``generate.groups_per_pass``).
+
+    A pack holds at most ``groups_per_pass`` consecutive tasks of one round (they see the same
+    MDC centres) and one size (the last batch of a plan may be smaller; it gets its own pack).
+    """
+    out: list[list[ShardTask]] = []
+    for t in tasks:
+        last = out[-1] if out else None
+        if last is not None and len(last) < groups_per_pass and last[0].round == t.round and last[0].size == t.size:
+            last.append(t)
+        else:
+            out.append([t])
+    return out

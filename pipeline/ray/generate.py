@@ -17,8 +17,9 @@ labels and features for the same config and seed, whatever the number of actors)
   (:func:`pipeline.ray.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
 * Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
   :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
-  optimizes the shards it is given, writes each one itself (atomic Parquet write,
-  :func:`pipeline.stages.generate.synthesize_shard`) and returns its
+  optimizes the shards it is given (a pack of ``generate.groups_per_pass`` shards of a round per
+  call, one pass for the pack), writes each one itself (atomic Parquet write,
+  :func:`pipeline.stages.generate.synthesize_shards`) and returns its
   :class:`~pipeline.stages.generate.ShardOutcome`. The driver adds every finished shard to the manifest
   and saves it atomically at once, so a crash loses at most the in-flight shards, and
   a re-run skips listed shards.
@@ -66,9 +67,9 @@ from pipeline.stages.generate import (
     centres_before_round,
     make_synthesizer,
     pending_work,
-    synthesize_shard,
+    synthesize_shards,
 )
-from pipeline.stages.plan import ShardTask, rounds
+from pipeline.stages.plan import ShardTask, packs, rounds
 from pipeline.storage.shards import Manifest
 from pipeline.storage.store import Storage
 
@@ -98,8 +99,8 @@ class GeneratorActor:
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
 
-    def run(self, task: ShardTask, centres_state: dict[str, Any] | None) -> ShardOutcome:
-        """Optimize and write shard ``task`` against the round's centre snapshot."""
+    def run(self, pack: list[ShardTask], centres_state: dict[str, Any] | None) -> list[ShardOutcome]:
+        """Optimize and write the shards of ``pack`` (one pass) against the round's centre snapshot."""
         run_name = self.ctx.cfg.name
         step = max(1, self.ctx.cfg.generate.iterations // REPORT_FRACTION)
 
@@ -110,17 +111,20 @@ class GeneratorActor:
                 loss = float(losses.get("total", float("nan")))
                 metrics.GENERATION_LOSS.set(loss, run=run_name, term="total")
                 if self.board is not None:
-                    self.board.report.remote(task.index, it, total, loss)
+                    for task in pack:
+                        self.board.report.remote(task.index, it, total, loss)
 
         g = self.ctx.cfg.generate
         progress = report if g.optimizes and not g.uses_generator else None
-        outcome = synthesize_shard(self.synth, self.ctx, self.storage, task, centres_state, progress=progress)
-        if outcome.seconds > 0:
-            rate = outcome.image_iterations / outcome.seconds
+        outcomes = synthesize_shards(self.synth, self.ctx, self.storage, pack, centres_state, progress=progress)
+        seconds = sum(o.seconds for o in outcomes)
+        if seconds > 0:
+            rate = sum(o.image_iterations for o in outcomes) / seconds
             metrics.GENERATION_IMAGE_ITERATIONS_PER_S.set(rate, run=run_name, actor=self.name)
-        for term, value in outcome.final.items():
-            metrics.GENERATION_LOSS.set(value, run=run_name, term=term)
-        return outcome
+        for outcome in outcomes:
+            for term, value in outcome.final.items():
+                metrics.GENERATION_LOSS.set(value, run=run_name, term=term)
+        return outcomes
 
     def _maybe_fail(self) -> None:
         """Test hook: exit this process once (the first actor to claim the marker file)."""
@@ -234,7 +238,8 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
         return manifest, stats
 
     plan_rounds = rounds(tasks)
-    busiest = max(sum(1 for t in r if manifest.shard(t.index) is None) for r in plan_rounds)
+    per_pass = ctx.cfg.generate.groups_per_pass
+    busiest = max(len(packs([t for t in r if manifest.shard(t.index) is None], per_pass)) for r in plan_rounds)
     resources = ray.cluster_resources()
     spec = pool_spec(ctx.cfg, busiest, resources)
     if storage.kind == "local" and len(ray.nodes()) > 1:
@@ -302,27 +307,28 @@ class _Driver:
         self.last_loss: float | None = None
 
     def run_round(self, pending: list[ShardTask], state_ref: Any) -> None:
-        queue = deque(pending)
-        inflight: dict[Any, tuple[Any, ShardTask]] = {}
+        queue = deque(packs(pending, self.ctx.cfg.generate.groups_per_pass))
+        inflight: dict[Any, tuple[Any, list[ShardTask]]] = {}
         last_finish = time.monotonic()
         warned = False
         while queue or inflight:
             while queue and self.pool.idle:
                 actor = self.pool.idle.popleft()
-                task = queue.popleft()
-                inflight[actor.run.remote(task, state_ref)] = (actor, task)
+                pack = queue.popleft()
+                inflight[actor.run.remote(pack, state_ref)] = (actor, pack)
             if not inflight:  # unreachable while the pool has actors; never spin silently
                 raise GenerationError("no generator actor available to run the remaining shards")
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
             for ref in ready:
-                actor, task = inflight.pop(ref)
+                actor, pack = inflight.pop(ref)
                 try:
-                    outcome: ShardOutcome = ray.get(ref)
+                    outcomes: list[ShardOutcome] = ray.get(ref)
                 except RayActorError as exc:
-                    self._actor_died(actor, task, exc)
-                    queue.appendleft(task)
+                    self._actor_died(actor, pack, exc)
+                    queue.appendleft(pack)
                     continue
-                self._record(task, outcome)
+                for task, outcome in zip(pack, outcomes, strict=True):
+                    self._record(task, outcome)
                 self.pool.idle.append(actor)
                 last_finish = time.monotonic()
             if not warned and time.monotonic() - last_finish > STALL_WARNING_S:
@@ -333,23 +339,25 @@ class _Driver:
                     self.pool.spec.num_cpus,
                     self.pool.spec.num_gpus,
                 )
-            self._show_progress([t for _, t in inflight.values()])
+            self._show_progress([t for _, pack in inflight.values() for t in pack])
 
-    def _actor_died(self, actor: Any, task: ShardTask, exc: BaseException) -> None:
+    def _actor_died(self, actor: Any, pack: list[ShardTask], exc: BaseException) -> None:
         if getattr(exc, "actor_init_failed", False):  # its __init__ raised: retrying cannot help
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise GenerationError(
                 f"a generator actor could not start: {lines[-1] if lines else type(exc).__name__}"
             ) from exc
+        task = pack[0]  # a pack is retried whole; its first shard counts the failures
         n = self.failures.get(task.index, 0) + 1
         self.failures[task.index] = n
         reason = " ".join(str(exc).split())[:300]
+        shards = f"shard {task.index}" if len(pack) == 1 else f"shards {task.index}-{pack[-1].index}"
         if n > self.ctx.cfg.ray.max_failures:
             raise GenerationError(
-                f"shard {task.index}: its generator actor died {n} times (ray.max_failures="
+                f"{shards}: its generator actor died {n} times (ray.max_failures="
                 f"{self.ctx.cfg.ray.max_failures}); last error: {reason}"
             ) from exc
-        log.warning("shard %d: generator actor died (%s); retrying on a fresh actor", task.index, reason)
+        log.warning("%s: generator actor died (%s); retrying on a fresh actor", shards, reason)
         self.pool.replace(actor)
 
     def _record(self, task: ShardTask, outcome: ShardOutcome) -> None:

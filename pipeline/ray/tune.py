@@ -262,6 +262,7 @@ def probe_config(cfg: RunConfig, storage: Storage) -> RunConfig:
         compile=g.compile,
         amp=g.amp,
         micro_batch_size=g.micro_batch_size,
+        groups_per_pass=g.groups_per_pass,
         store_dtype=g.store_dtype,
     )
     seed = derive_seed(cfg.seed, PURPOSE_PROBE) % 2**31

@@ -31,7 +31,7 @@ from intraq_core.synth.generator import GeneratorSampler
 from pipeline.context import RunContext, dataset_storage, kill_point
 from pipeline.errors import GenerationError
 from pipeline.stages.generator_training import make_sampler, train_generator
-from pipeline.stages.plan import ShardTask, make_plan, rounds
+from pipeline.stages.plan import ShardTask, make_plan, packs, rounds
 from pipeline.storage.shards import Manifest, ShardInfo, read_shard, write_shard
 from pipeline.storage.store import Storage
 
@@ -112,23 +112,39 @@ def loss_history(result: SynthResult) -> dict[str, Any]:
     return {"iteration": steps, "terms": terms}
 
 
-def synthesize_shard(
+def synthesize_shards(
     synth: Synthesizer | GeneratorSampler,
     ctx: RunContext,
     storage: Storage,
-    task: ShardTask,
+    tasks: list[ShardTask],
     centres_state: dict[str, np.ndarray] | None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
-) -> ShardOutcome:
-    """Optimize one shard and write it; the unit of work of every executor."""
+) -> list[ShardOutcome]:
+    """Optimize a pack of shards of one round in one pass (one shard, usually) and write each one.
+
+    The unit of work of every executor; a pack of several (``generate.groups_per_pass``) runs
+    through :meth:`Synthesizer.synthesize_groups`, each shard with its own loss.
+    """
     centres = None
     if centres_state is not None:
         store = ClassCentres.from_state(centres_state)
         if store.counts.any():
             centres = store.snapshot()
-    labels = torch.tensor(task.labels, dtype=torch.int64)
-    seeds = torch.tensor(task.image_seeds, dtype=torch.int64)
-    result = synth.synthesize(labels, seeds, task.batch_seed, centres, progress=progress)
+    groups = [
+        (torch.tensor(t.labels, dtype=torch.int64), torch.tensor(t.image_seeds, dtype=torch.int64), t.batch_seed)
+        for t in tasks
+    ]
+    if len(groups) == 1:
+        results = [synth.synthesize(*groups[0], centres, progress=progress)]
+    elif isinstance(synth, Synthesizer):
+        results = synth.synthesize_groups(groups, centres, progress=progress)
+    else:
+        raise GenerationError("packed shards need the pixel optimizer (generate.groups_per_pass=1 for generators)")
+    return [_write(ctx, storage, task, result) for task, result in zip(tasks, results, strict=True)]
+
+
+def _write(ctx: RunContext, storage: Storage, task: ShardTask, result: SynthResult) -> ShardOutcome:
+    """Write one finished shard; its outcome for the manifest and the centre store."""
     info = write_shard(
         storage,
         task.index,
@@ -304,24 +320,27 @@ def generate_local(
                 continue
             centres = centres_before_round(storage, manifest, round_tasks[0].round, ctx.num_classes)
             state = centres.state() if centres is not None else None
-            for task in pending:
+            for pack in packs(pending, g.groups_per_pass):
                 label = f"{done_shards + 1}/{len(tasks)}"
+                if len(pack) > 1:
+                    label = f"{done_shards + 1}-{done_shards + len(pack)}/{len(tasks)}"
                 bar.set_postfix(shard=label)
 
-                def tick(it: int, total: int, losses: dict[str, float], label: str = label) -> None:
-                    bar.update(1)
+                def tick(it: int, total: int, losses: dict[str, float], label: str = label, k: int = len(pack)) -> None:
+                    bar.update(k)
                     if it % 20 == 0 or it == total:
                         bar.set_postfix(shard=label, loss=f"{losses['total']:.4f}")
 
                 stepwise = g.optimizes and not g.uses_generator
-                outcome = synthesize_shard(synth, ctx, storage, task, state, progress=tick if stepwise else None)
-                kill_point("generate", task.index)  # test hook: shard file written, not yet listed
-                if not stepwise:
-                    bar.update(1)
-                manifest.add_shard(outcome.info, round=task.round)
-                manifest.save(storage)
-                stats.add(outcome)
-                done_shards += 1
+                outcomes = synthesize_shards(synth, ctx, storage, pack, state, progress=tick if stepwise else None)
+                for task, outcome in zip(pack, outcomes, strict=True):
+                    kill_point("generate", task.index)  # test hook: shard file written, not yet listed
+                    if not stepwise:
+                        bar.update(1)
+                    manifest.add_shard(outcome.info, round=task.round)
+                    manifest.save(storage)
+                    stats.add(outcome)
+                    done_shards += 1
             if on_round is not None:
                 on_round(manifest)
     finally:

@@ -7,10 +7,10 @@ optimize exactly the same batches.
 
 from __future__ import annotations
 
-from intraq_core.synth.plan import ShardTask, plan_tasks, rounds
+from intraq_core.synth.plan import ShardTask, packs, plan_tasks, rounds
 from pipeline.config import RunConfig
 
-__all__ = ["ShardTask", "make_plan", "rounds"]
+__all__ = ["ShardTask", "make_plan", "packs", "rounds"]
 
 
 def make_plan(cfg: RunConfig, num_classes: int) -> list[ShardTask]:

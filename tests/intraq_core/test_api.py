@@ -149,6 +149,39 @@ def test_synthesize_gives_the_pipelines_images(tmp_path: Path) -> None:
     assert data.labels.tolist() == np.asarray(labels).tolist()
 
 
+def test_packed_groups_give_the_unpacked_images(tmp_path: Path) -> None:
+    """generate.groups_per_pass=2, in the pipeline's local executor and in iq.synthesize, gives the
+    images of one batch per pass (shards of 4, 4 | 4, 2: round 0 is one pack, round 1 two packs of
+    unequal sizes, with MDC centres from round 0). Tolerance: float32 reduction order only."""
+    from pipeline.config import load_run_config
+    from pipeline.context import RunContext
+    from pipeline.stages.generate import generate_local
+    from pipeline.storage.shards import read_all
+
+    sets = [
+        "model.weights=cifar10-resnet20",
+        "generate.num_images=14",
+        "generate.batch_size=4",
+        "generate.iterations=2",
+        "generate.shards_per_round=2",
+        "generate.groups_per_pass=2",
+        "seed=3",
+        "device=cpu",
+        f"storage.url={tmp_path / 'run'}",
+    ]
+    cfg = load_run_config(None, sets)
+    ctx = RunContext.create(cfg)
+    manifest, stats = generate_local(ctx, progress=False)
+    assert stats.shards_done == 4 and stats.image_iterations == 14 * 2
+    images, labels = read_all(ctx.storage.child("data"), manifest)
+    spec = iq.input_spec(cfg.model)
+    one = iq.synthesize(ctx.teacher(), spec, cfg.generate.model_copy(update={"groups_per_pass": 1}), seed=3)
+    two = iq.synthesize(ctx.teacher(), spec, cfg.generate, seed=3)
+    torch.testing.assert_close(torch.as_tensor(np.asarray(images)), one.images, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two.images, one.images, rtol=1e-5, atol=1e-5)
+    assert np.asarray(labels).tolist() == one.labels.tolist() == two.labels.tolist()
+
+
 class _NoBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -109,7 +109,9 @@ def test_model_output_enters_the_hashes_only_when_set() -> None:
 
 def test_dataset_hash_ignores_training_settings() -> None:
     a = load_run_config(None, ["quant.w_bits=4"])
-    b = load_run_config(None, ["quant.w_bits=3", "distill.epochs=3", "generate.channels_last=false"])
+    b = load_run_config(
+        None, ["quant.w_bits=3", "distill.epochs=3", "generate.channels_last=false", "generate.groups_per_pass=4"]
+    )
     c = load_run_config(None, ["generate.iterations=10"])
     assert a.dataset_hash() == b.dataset_hash() != c.dataset_hash()
     assert a.config_hash() != b.config_hash()

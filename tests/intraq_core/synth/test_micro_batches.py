@@ -95,7 +95,7 @@ def step_gradient(s: Synthesizer, micro: bool) -> tuple[torch.Tensor, dict[str, 
         denom = c_mask[LABELS].float().sum() + 1e-6
         terms = s._micro_batch_step(x, params, LABELS, sil_t, c_feats, c_mask, denom)
     else:
-        terms = s._batch_step(x, params, LABELS, sil_t, c_feats, c_mask)
+        terms = s._batch_step([x], [params], LABELS, sil_t, c_feats, c_mask)
     assert x.grad is not None
     return x.grad, terms
 

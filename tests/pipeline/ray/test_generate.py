@@ -109,6 +109,24 @@ def test_two_actors_give_the_local_dataset(
 
 
 @pytest.mark.timeout(120)
+def test_packed_shards_give_the_local_dataset(
+    ray_cluster: dict[str, Any], reference: dict[int, Any], tmp_path: Path
+) -> None:
+    """One actor given packs of 2 shards (generate.groups_per_pass=2, one pass per round) writes the
+    local dataset's shards, up to float32 reduction order (rtol 1e-5, see the engine's packed test)."""
+    from pipeline.ray.generate import generate_ray
+
+    cfg = tiny_config(str(tmp_path / "run"), "ray.generation_actors=1", "generate.groups_per_pass=2")
+    manifest, stats = generate_ray(RunContext.create(cfg), progress=False)
+    assert stats.shards_done == NUM_SHARDS and manifest.complete
+    got = dataset_arrays(cfg)
+    assert sorted(got) == sorted(reference)
+    for index, arrays in reference.items():
+        for a, b in zip(got[index], arrays, strict=True):
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
 def test_resume_finishes_the_rest_and_rerun_does_no_work(
     ray_cluster: dict[str, Any],
     local_run: Path,

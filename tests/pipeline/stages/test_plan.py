@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config import load_run_config
-from pipeline.stages.plan import make_plan, rounds
+from pipeline.stages.plan import make_plan, packs, rounds
 
 
 def test_plan_cuts_batches_into_rounds() -> None:
@@ -37,3 +37,12 @@ def test_image_seeds_do_not_depend_on_the_batch_size() -> None:
 def test_batch_larger_than_plan() -> None:
     tasks = make_plan(load_run_config(None, ["generate.num_images=20", "generate.batch_size=256"]), 10)
     assert len(tasks) == 1 and tasks[0].size == 20
+
+
+def test_packs_keep_a_round_and_a_size() -> None:
+    # Shards of 256, 256, 256, 256, 232 in rounds of 3: [0, 1, 2] [3, 4]; packs of at most 2.
+    cfg = load_run_config(None, ["generate.num_images=1256", "generate.batch_size=256", "generate.shards_per_round=3"])
+    tasks = make_plan(cfg, 10)
+    assert [[t.index for t in p] for p in packs(tasks, 2)] == [[0, 1], [2], [3], [4]]
+    assert [[t.index for t in p] for p in packs(tasks, 4)] == [[0, 1, 2], [3], [4]]
+    assert [[t.index for t in p] for p in packs(tasks, 1)] == [[0], [1], [2], [3], [4]]
