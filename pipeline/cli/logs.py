@@ -15,7 +15,9 @@ refused command leaves the location untouched.
 Worker output reaches the driver through Ray's log streaming (``log_to_driver``);
 :func:`route_worker_output` replaces Ray's printer of that stream with one that writes to the log
 file. That printer is a private part of Ray (``global_worker_stdstream_dispatcher``): if it
-moves, worker output simply stays on the terminal as before.
+moves, worker output simply stays on the terminal as before. The raylet's warnings to the driver
+(too many worker processes started, ...) come through Ray's error listener instead and are routed
+the same way.
 """
 
 from __future__ import annotations
@@ -159,15 +161,38 @@ def route_worker_output(*, verbose: bool) -> bool:
     dispatcher.add_handler(_HANDLER_NAME, handle)
     if not verbose:
         dispatcher.remove_handler(_RAY_PRINTER)
+        _route_driver_messages(handle)
     return True
+
+
+def _route_driver_messages(handle: Any) -> None:
+    """The raylet's warnings to this driver ("N PYTHON worker processes have been started …") do
+    not pass through the stream dispatcher: Ray's error listener prints them with its module-level
+    ``print_to_stdstream``. Replaced for the command's duration by ``handle`` (to the log file);
+    :func:`stop_routing_worker_output` puts Ray's back."""
+    from ray._private import worker
+
+    original = _state.setdefault("print_to_stdstream", worker.print_to_stdstream)
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        try:
+            handle(data)
+        except Exception:  # never lose Ray's message: fall back to its printer
+            original(data, ignore_prefix)
+
+    worker.print_to_stdstream = to_log
 
 
 def stop_routing_worker_output() -> None:
     """Undo :func:`route_worker_output` (Ray's own printer is restored by the next ``ray.init``)."""
     with contextlib.suppress(ImportError):
+        from ray._private import worker
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
 
         dispatcher.remove_handler(_HANDLER_NAME)
+        original = _state.pop("print_to_stdstream", None)
+        if original is not None:
+            worker.print_to_stdstream = original
 
 
 class RunLog:

@@ -213,7 +213,7 @@ def test_user_module_is_shipped_to_workers_of_a_ray_started_elsewhere(
     assert ray.get(remote.options(runtime_env=env).remote(), timeout=60) == "VGGish"
 
 
-FORBIDDEN = ("core_worker", "Deprecat", "TrainingReport(", "BuildBackendWarning")
+FORBIDDEN = ("core_worker", "Deprecat", "TrainingReport(", "BuildBackendWarning", "worker processes have been started")
 
 
 @pytest.mark.ray

@@ -92,6 +92,32 @@ def test_worker_lines_are_prefixed_and_autoscaler_status_dropped() -> None:
     assert list(logs._worker_lines(status)) == []
 
 
+def test_raylet_warnings_go_to_the_log_not_the_terminal(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The raylet's message to the driver (as Ray's error listener sends it) lands in the log
+    file, not on the terminal, while the output is routed; afterwards Ray prints it again."""
+    from ray._private import worker
+
+    message = {"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet", "is_err": False}
+    log = logging.getLogger(logs.WORKER_LOGGER)
+    handler = logging.FileHandler(tmp_path / "run.log")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        assert logs.route_worker_output(verbose=False)
+        worker.print_to_stdstream(message, ignore_prefix=False)  # the listener's call, looked up at call time
+        logs.stop_routing_worker_output()
+        handler.flush()
+        assert capsys.readouterr().out == ""
+        assert "(pid=raylet) WARNING: 8 PYTHON worker processes" in (tmp_path / "run.log").read_text()
+        worker.print_to_stdstream(message, ignore_prefix=False)
+        assert "8 PYTHON worker processes" in capsys.readouterr().out
+    finally:
+        logs.stop_routing_worker_output()
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def _metrics(ptq: float, final: float, before: float | None, after: float | None) -> dict:
     training = {}
     if before is not None:
