@@ -30,6 +30,10 @@ from pipeline.storage.store import StorageConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+#: Where a run location keeps its resolved config.
+RUN_CONFIG_PATH = "run.yaml"
+
+
 class ConfigError(ValueError):
     """The run config is invalid (unknown key, bad value, malformed YAML)."""
 

@@ -192,8 +192,8 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
     a refused input, or a Ray that cannot start, leaves no ``logs/`` (nor anything else) there.
     """
     from pipeline.cli.logs import RunLog
-    from pipeline.errors import LockedError
-    from pipeline.run.job import RunExistsError, open_run
+    from pipeline.errors import LockedError, RunExistsError
+    from pipeline.run.job import open_run
 
     with RunLog(cfg.storage, stage, refusals=(RunExistsError, LockedError)) as log:
         run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair, cluster=cluster)

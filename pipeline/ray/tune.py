@@ -200,8 +200,10 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
 
     from intraq_core.distill import DivergenceError
     from pipeline.context import RunContext, limit_threads
+    from pipeline.stages.calibration import prepare_student
     from pipeline.stages.generate import generate_local
-    from pipeline.stages.train import load_dataset, prepare_student, split_mask, train_local
+    from pipeline.stages.holdout import split_mask
+    from pipeline.stages.train import load_dataset, train_local
 
     limit_threads()
     trial_id = tune.get_context().get_trial_id()

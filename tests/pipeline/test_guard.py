@@ -29,7 +29,7 @@ from intraq_core.student import load_student
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
 from pipeline.run.job import run_pipeline
-from pipeline.stages.train import load_probe
+from pipeline.stages.holdout import load_probe
 from tests.pipeline.run_helpers import TINY, read_json
 
 pytestmark = pytest.mark.timeout(300)
