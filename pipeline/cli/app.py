@@ -22,6 +22,19 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.cli.options import (
+    ArchOpt,
+    ClusterOpt,
+    ConfigOpt,
+    QuietOpt,
+    RunOptions,
+    SetOpt,
+    StorageOpt,
+    WeightsOpt,
+    load_config,
+    run_options,
+    yaml_string,
+)
 from pipeline.errors import UsageError
 
 app = typer.Typer(
@@ -32,48 +45,6 @@ app = typer.Typer(
 )
 
 _STATE = {"debug": False, "verbose": False}
-
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option("--config", "-c", help="YAML run config (a path, or a shipped name like 'smoke')."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: --set generate.iterations=200."),
-]
-StorageOpt = Annotated[
-    str | None,
-    typer.Option("--storage", "--output", "-o", help="Run location: a local dir, file://, s3://bucket/prefix."),
-]
-ClusterOpt = Annotated[
-    str | None, typer.Option("--cluster", help="Ray cluster-launcher YAML to run on (default: a local Ray).")
-]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run at this location.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the run at this location.")]
-RepairOpt = Annotated[
-    bool,
-    typer.Option(
-        "--repair",
-        help="Continue the run and regenerate only the synthetic shards that fail validation "
-        "(truncated, wrong schema or shape, NaN/Inf, checksum mismatch).",
-    ),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        help="Model (= --set model.arch=…): cifar_resnet20, torchvision:resnet18, timm:resnet18, "
-        "package.module:callable, or a checkpoint written by a run.",
-    ),
-]
-WeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--weights",
-        help="Teacher weights (= --set model.weights=…): a state_dict file, an asset name, torchvision:/timm:<TAG>.",
-    ),
-]
 
 
 def _fail(exc: BaseException, message: str) -> None:
@@ -126,65 +97,17 @@ def _main(
     configure_console(log_level, verbose=verbose)
 
 
-def _model_sets(arch: str | None, weights: str | None) -> list[str]:
-    """``--arch``/``--weights`` as the ``--set`` overrides they stand for."""
-    out = []
-    if arch is not None:
-        out.append(f"model.arch={_yaml_string(arch)}")
-    if weights is not None:
-        out.append(f"model.weights={_yaml_string(weights)}")
-    return out
-
-
-def _yaml_string(text: str) -> str:
-    """``text`` quoted for a ``--set`` value, so ``null``, ``1e3`` or ``a: b`` stay strings."""
-    return json.dumps(text)
-
-
-def _load_config(
-    config: str | None,
-    sets: list[str] | None,
-    storage: str | None,
-    cluster: str | None,
-    *,
-    arch: str | None = None,
-    weights: str | None = None,
-    base: dict[str, Any] | None = None,
-):
-    from pipeline.config import load_run_config
-
-    overrides = [*_model_sets(arch, weights), *(sets or [])]
-    if storage is not None:
-        overrides.append(f"storage.url={storage}")
-    cfg = load_run_config(config, overrides, base=base)
-    if cluster is not None:
-        from pipeline.ray.cluster import load_cluster_config
-
-        load_cluster_config(cluster)  # validates; connection happens in the stage
-    return cfg
-
-
 @app.command()
 @_guard
-def run(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@run_options
+def run(opts: RunOptions) -> None:
     """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
-    metrics, log_url = _run_stage("run", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    cfg = opts.load()
+    metrics, log_url = _run_stage("run", cfg, opts)
     _print_metrics(metrics, cfg.storage.url, log_url)
 
 
-def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
+def _run_stage(stage: str, cfg: Any, opts: RunOptions) -> tuple[Any, str | None]:
     """Open the run (every check: bad input fails here, before Ray starts and before the location
     is touched), then execute it inside a Ray session when its executor needs one.
 
@@ -196,12 +119,14 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
     from pipeline.run.job import open_run
 
     with RunLog(cfg.storage, stage, refusals=(RunExistsError, LockedError)) as log:
-        run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair, cluster=cluster)
+        run = open_run(
+            cfg, stage, resume=opts.resume, overwrite=opts.overwrite, repair=opts.repair, cluster=opts.cluster
+        )
         # A run that needs no images (SQuant without distillation) has no work for Ray.
         needs_ray = run.executor.needs_ray and (stage != "run" or cfg.needs_synthetic_data())
-        with _ray_session(cfg, cluster, needs_ray):
+        with _ray_session(cfg, opts.cluster, needs_ray):
             log.keep()
-            result = run.execute(progress=not quiet)
+            result = run.execute(progress=not opts.quiet)
     return result, log.url
 
 
@@ -295,23 +220,11 @@ def _ray_session(cfg: Any, cluster: str | None, needed: bool = True) -> Iterator
 
 @app.command()
 @_guard
-def generate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@run_options
+def generate(opts: RunOptions) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
-    manifest, log_url = _run_stage(
-        "generate", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet
-    )
+    cfg = opts.load()
+    manifest, log_url = _run_stage("generate", cfg, opts)
     typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
     if log_url:
         typer.echo(f"log: {log_url}")
@@ -319,26 +232,18 @@ def generate(
 
 @app.command()
 @_guard
+@run_options
 def train(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
+    opts: RunOptions,
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Run location whose synthetic data to train on.")
     ] = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    cfg = opts.load()
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
-    metrics, log_url = _run_stage("train", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    metrics, log_url = _run_stage("train", cfg, opts)
     _print_metrics(metrics, cfg.storage.url, log_url)
 
 
@@ -361,11 +266,11 @@ def tune_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    cfg = load_config(config, set_, storage, cluster, arch=arch, weights=weights)
     from pipeline.cli.logs import RunLog
-    from pipeline.ray.tune import BEST_PATH, check_trial_batches, tune_search, write_best_config
+    from pipeline.ray.tune import BEST_PATH, check_tune, tune_search, write_best_config
 
-    check_trial_batches(cfg)  # before the log file and Ray: one line, nothing written
+    check_tune(cfg)  # before the log file and Ray: one line, nothing written
 
     with RunLog(cfg.storage, "tune") as log, _ray_session(cfg, cluster):
         log.keep()
@@ -499,9 +404,9 @@ def evaluate(
             shortcuts.append(f"{key}={value}")
     for key, text in (("eval.data", data), ("eval.classes", classes), ("eval.labels", labels)):
         if text is not None:
-            shortcuts.append(f"{key}={_yaml_string(text)}")
+            shortcuts.append(f"{key}={yaml_string(text)}")
     base = None if config is not None else {"model": {"weights": None}}
-    cfg = _load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
+    cfg = load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
     result = evaluate_command(
         model_cfg=cfg.model,
         eval_cfg=cfg.eval,
@@ -624,7 +529,7 @@ def show_quant(
     from intraq_core.models import create_model, resolve_model_config
     from intraq_core.quant import format_quant_map, quant_map, quantize
 
-    cfg = _load_config(config, set_, None, None, arch=arch, weights=weights)
+    cfg = load_config(config, set_, None, None, arch=arch, weights=weights)
     teacher = create_model(resolve_model_config(cfg.model)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the map lists the float layers itself
@@ -640,7 +545,7 @@ def show_quant(
 @_guard
 def show_config(config: ConfigOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Print the fully resolved run config as YAML (defaults + file + overrides)."""
-    cfg = _load_config(config, set_, storage, None)
+    cfg = load_config(config, set_, storage, None)
     typer.echo(cfg.to_yaml(), nl=False)
 
 

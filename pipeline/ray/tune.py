@@ -65,6 +65,8 @@ __all__ = [
     "RESULTS_PATH",
     "TUNE_DIR",
     "check_objective",
+    "check_trial_batches",
+    "check_tune",
     "probe_config",
     "search_algorithm",
     "search_space",
@@ -330,6 +332,14 @@ def check_trial_batches(cfg: RunConfig) -> None:
     check_batch(worst, images, source=source)
 
 
+def check_tune(cfg: RunConfig) -> None:
+    """Every check of a search that needs no Ray, once: the objective (:func:`check_objective`) and
+    every trial's batch (:func:`check_trial_batches`). The CLI runs it before the log file and Ray;
+    :func:`tune_search` assumes it ran."""
+    check_objective(cfg)
+    check_trial_batches(cfg)
+
+
 #: Credentials Ray Tune copies from the driver's environment into every trial's runtime env, which
 #: Ray's runtime-env agent then writes in clear to its log file (``runtime_env_agent.log``).
 _CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
@@ -463,14 +473,13 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
     """Search ``cfg.tune.space`` with ASHA (+ Optuna); return the best config and the trials table.
 
     Writes ``<run>/tune/{probe/,trial-<id>/,ray/,results.json,best.yaml}`` in the run storage.
-    Uses the Ray this process is connected to (``pipeline.ray.session.start_ray``).
+    Uses the Ray this process is connected to (``pipeline.ray.session.start_ray``). ``cfg`` has
+    passed :func:`check_tune` (before Ray started).
     """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    check_objective(cfg)
-    check_trial_batches(cfg)
     space = search_space(cfg)
     storage = Storage.from_config(cfg.storage)
     if storage.kind == "memory":
