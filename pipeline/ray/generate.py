@@ -69,7 +69,7 @@ from pipeline.stages.generate import (
     synthesize_shard,
 )
 from pipeline.stages.plan import ShardTask, rounds
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
 
 __all__ = ["FAULT_ENV", "GeneratorActor", "generate_ray"]

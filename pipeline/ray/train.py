@@ -43,7 +43,7 @@ from pipeline.ray.user_code import with_user_code
 from pipeline.stages.calibration import calibrate_student, calibration_positions, reconstruction_positions
 from pipeline.stages.train import TrainOutcome, write_calibrated
 from pipeline.stages.train_state import train_identity
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
 
 __all__ = ["RAY_TRAIN_DIR", "resolve_use_gpu", "train_ray", "train_run_name", "worker_config"]

@@ -23,7 +23,7 @@ import torch
 from intraq_core.distill import EpochBatches
 from intraq_core.seeding import derive_seed
 from pipeline.ray.train_plan import TrainPlan
-from pipeline.storage.shards import Manifest, pyarrow_dataset_source
+from pipeline.storage.manifest import Manifest, pyarrow_dataset_source
 from pipeline.storage.store import Storage
 
 #: CPUs of each Ray Data read/filter task (fractional, beside the Train workers).

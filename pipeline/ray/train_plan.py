@@ -19,7 +19,8 @@ from intraq_core.distill import steps_per_epoch
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
 from pipeline.stages.holdout import split_mask
-from pipeline.storage.shards import Manifest, pyarrow_dataset_source, read_rows, shard_paths
+from pipeline.storage.manifest import Manifest, pyarrow_dataset_source, shard_paths
+from pipeline.storage.shards import read_rows
 from pipeline.storage.store import Storage
 
 

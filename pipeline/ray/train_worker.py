@@ -29,7 +29,8 @@ from pipeline.context import RunContext, limit_threads, state_dict_sha256
 from pipeline.ray.train_data import WorkerData
 from pipeline.stages.train import CALIBRATED_PATH, Training, write_outputs
 from pipeline.stages.train_state import TRAIN_STATE_PATH, parse_train_state
-from pipeline.storage.store import Storage, StorageConfig
+from pipeline.storage.location import StorageConfig
+from pipeline.storage.store import Storage
 
 #: Test hook: ``"<epoch>:<marker file>"`` makes a worker raise once at the start of that epoch
 #: (the marker file records that it did), after the checkpoints reported so far are committed.

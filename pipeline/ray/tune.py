@@ -278,7 +278,7 @@ def _probe_images(cfg: RunConfig, storage: Storage, progress: bool) -> Any:
     """The fixed probe set (:func:`probe_config`), generated once."""
     from pipeline.context import RunContext
     from pipeline.stages.generate import generate_local
-    from pipeline.storage.shards import read_all
+    from pipeline.storage.manifest import read_all
 
     ctx = RunContext.create(probe_config(cfg, storage))
     manifest, _ = generate_local(ctx, progress=progress)

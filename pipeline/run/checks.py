@@ -15,7 +15,7 @@ from pipeline.config import RUN_CONFIG_PATH, RunConfig
 from pipeline.context import RunContext
 from pipeline.errors import InputError, RunExistsError
 from pipeline.stages.holdout import probe_storage
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 
 
 def check_flags(resume: bool, overwrite: bool, repair: bool) -> None:

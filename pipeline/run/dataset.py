@@ -1,6 +1,6 @@
 """The run's synthetic dataset: generated (or resumed), every shard validated, bad shards repaired.
 
-Every shard is validated (:func:`pipeline.storage.shards.validate_dataset`) before training, and
+Every shard is validated (:func:`pipeline.storage.manifest.validate_dataset`) before training, and
 before a resumed generation uses finished shards for later rounds' MDC centres. A bad shard is an
 error naming it; ``repair=True`` (``--repair``) drops only the bad shards from the manifest and
 regenerates them (byte-identical: generation is deterministic per shard). A dataset of another
@@ -18,7 +18,8 @@ from pipeline.context import RunContext, dataset_storage
 from pipeline.errors import BadDatasetError, InputError
 from pipeline.run.executor import Executor, executor_for
 from pipeline.stages.generate import GenerationStats, store_dtype
-from pipeline.storage.shards import Manifest, ShardError, validate_dataset
+from pipeline.storage.manifest import Manifest, validate_dataset
+from pipeline.storage.shards import ShardError
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)

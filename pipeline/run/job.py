@@ -59,7 +59,8 @@ from pipeline.stages.train import (
 )
 from pipeline.stages.train_state import TRAIN_STATE_PATH
 from pipeline.storage.lock import Lock, run_lock
-from pipeline.storage.shards import Manifest, ShardError
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import ShardError
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from intraq_core.distill import distillation_selector
 from intraq_core.seeding import derive_seed
 from intraq_core.selection import Selection, Selector
 from pipeline.context import RunContext
-from pipeline.storage.shards import Manifest, read_shard
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import read_shard
 from pipeline.storage.store import Storage
 
 HOLDOUT_PURPOSE = 6

@@ -58,7 +58,8 @@ from pipeline.stages.train_state import (
     train_identity,
     train_state_bytes,
 )
-from pipeline.storage.shards import Manifest, read_shard
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import read_shard
 
 log = logging.getLogger(__name__)
 

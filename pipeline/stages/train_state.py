@@ -24,7 +24,7 @@ from intraq_core.errors import CheckpointError, first_line
 from intraq_core.models.checkpoint import safe_load
 from intraq_core.selection import Selector
 from pipeline.context import RunContext
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli import logs
 from pipeline.cli.app import summary_lines
-from pipeline.storage.store import StorageConfig
+from pipeline.storage.location import StorageConfig
 
 
 @pytest.fixture()

@@ -52,7 +52,7 @@ from pipeline.stages.train import (
     train_local,
 )
 from pipeline.stages.train_state import parse_train_state, train_state_bytes
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 
 EPOCHS = 2
 TEST_IMAGES = 500
