@@ -31,10 +31,14 @@ from pipeline.cli.options import (
     SetOpt,
     StorageOpt,
     WeightsOpt,
+    check_calib_images,
     load_config,
+    parse_bits,
+    parse_floats,
     run_options,
     yaml_string,
 )
+from pipeline.cli.summary import summary_lines
 from pipeline.errors import UsageError
 
 app = typer.Typer(
@@ -128,60 +132,6 @@ def _run_stage(stage: str, cfg: Any, opts: RunOptions) -> tuple[Any, str | None]
             log.keep()
             result = run.execute(progress=not opts.quiet)
     return result, log.url
-
-
-def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """The result lines of a run: accuracies, and what happened when distillation lost accuracy.
-
-    When the final student is worse than the calibrated one (its starting point), a second line
-    says by how much, at which budget, and whether the data-free signal (teacher–student
-    agreement on held-out synthetic images, measured without test data) saw it coming.
-    """
-    ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
-    head = f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
-    from intraq_core.quant import format_quant_map
-
-    qmap = metrics.get("quantization")
-    mapped = [f"quantized: {format_quant_map(qmap, layers=False)}"] if qmap else []
-    if metrics.get("epochs") == 0:
-        return [head + f"{final:.2f}% (no distillation)", *mapped]
-    lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%", *mapped]
-    training = metrics.get("training") or {}
-    if training.get("kept_final") is False:
-        chosen = training.get("selected_epoch")
-        where = "the starting (calibrated) student" if chosen is None else f"the student after epoch {chosen + 1}"
-        evals = training.get("evaluations") or []
-        kept = next((e for e in evals if e.get("epoch") == chosen), None)
-        scores = ""
-        if kept is not None and evals:
-            scores = f" (held-out synthetic KL {kept['kl']:.4f}, the final one's {evals[-1]['kl']:.4f})"
-        lines.append(
-            f"guard: the final student was worse by the data-free signals; kept {where}{scores}; "
-            "distill.select=final keeps the last one"
-        )
-    if final >= ptq:
-        return lines
-    iterations = metrics.get("gen_iterations")
-    budget = f"{metrics.get('num_images', '?')} synthetic images"
-    budget += f" × {iterations} iterations" if iterations else " (not optimized)"
-    budget += f", {metrics.get('epochs', '?')} epoch(s)"
-    training = metrics.get("training") or {}
-    before = (training.get("holdout_agreement_calibrated") or {}).get("agreement")
-    after = (training.get("holdout_agreement_final") or {}).get("agreement")
-    if before is None or after is None:
-        signal = "no held-out synthetic images to check it without test data (distill.holdout_fraction=0)"
-    elif after < before:
-        signal = f"the data-free signal saw it: held-out teacher agreement fell {before:.1f}% → {after:.1f}%"
-    else:
-        signal = (
-            f"the data-free signal did not: held-out teacher agreement went {before:.1f}% → {after:.1f}% "
-            "(the synthetic images do not represent the test set well)"
-        )
-    lines.append(
-        f"note: the final model is {ptq - final:.2f} points WORSE than its starting point (calibrated) at this "
-        f"budget ({budget}); {signal}. A small budget such as the smoke config's is expected to lose accuracy."
-    )
-    return lines
 
 
 def _print_metrics(metrics: dict[str, Any], where: str, log_url: str | None = None) -> None:
@@ -290,29 +240,6 @@ def tune_command(
         typer.echo(f"log: {log.url}")
 
 
-def _parse_bits(bits: str) -> tuple[int, int]:
-    """``W4A4`` → (4, 4), checked against ``quant.w_bits``/``quant.a_bits``'s range before any work."""
-    import re
-
-    from intraq_core.config import QuantConfig
-    from pipeline.config import validate_section
-
-    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
-    if not m:
-        raise UsageError(f"--bits must look like W4A4, got '{bits}'")
-    w_bits, a_bits = int(m.group(1)), int(m.group(2))
-    validate_section(QuantConfig, {"w_bits": w_bits, "a_bits": a_bits}, source=f"--bits {bits}")
-    return w_bits, a_bits
-
-
-def _check_calib_images(calib_images: int) -> None:
-    """``--calib-images`` is the calibration set's ``limit``: the same range, one line before any work."""
-    from intraq_core.config import EvalConfig
-    from pipeline.config import validate_section
-
-    validate_section(EvalConfig, {"limit": calib_images}, source="--calib-images", prefix="", names={"limit": ""})
-
-
 @app.command()
 @_guard
 def evaluate(
@@ -388,10 +315,10 @@ def evaluate(
     """
     from pipeline.stages.evaluate import evaluate_command
 
-    parsed_bits = _parse_bits(bits) if bits else None
-    _check_calib_images(calib_images)
+    parsed_bits = parse_bits(bits) if bits else None
+    check_calib_images(calib_images)
     shortcuts = []
-    for key, value in (("model.mean", _floats(mean, "--mean")), ("model.std", _floats(std, "--std"))):
+    for key, value in (("model.mean", parse_floats(mean, "--mean")), ("model.std", parse_floats(std, "--std"))):
         if value is not None:
             shortcuts.append(f"{key}={list(value)}")
     for key, value in (
@@ -423,18 +350,6 @@ def evaluate(
             from intraq_core.quant import format_quant_map
 
             typer.echo(f"quantized: {format_quant_map(result['quantization'], layers=False)}")
-
-
-def _floats(text: str | None, name: str) -> tuple[float, float, float] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'") from None
-    if len(vals) != 3:
-        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'")
-    return vals  # type: ignore[return-value]
 
 
 @app.command()

@@ -17,6 +17,8 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
+from pipeline.errors import UsageError
+
 ConfigOpt = Annotated[
     str | None,
     typer.Option("--config", "-c", help="YAML run config (a path, or a shipped name like 'smoke')."),
@@ -133,3 +135,39 @@ def run_options(command: Callable[..., None]) -> Callable[..., None]:
 
     wrapper.__signature__ = inspect.Signature([*shared, *own], return_annotation=None)  # type: ignore[attr-defined]
     return wrapper
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """``W4A4`` → (4, 4), checked against ``quant.w_bits``/``quant.a_bits``'s range before any work."""
+    import re
+
+    from intraq_core.config import QuantConfig
+    from pipeline.config import validate_section
+
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
+    if not m:
+        raise UsageError(f"--bits must look like W4A4, got '{bits}'")
+    w_bits, a_bits = int(m.group(1)), int(m.group(2))
+    validate_section(QuantConfig, {"w_bits": w_bits, "a_bits": a_bits}, source=f"--bits {bits}")
+    return w_bits, a_bits
+
+
+def check_calib_images(calib_images: int) -> None:
+    """``--calib-images`` is the calibration set's ``limit``: the same range, one line before any work."""
+    from intraq_core.config import EvalConfig
+    from pipeline.config import validate_section
+
+    validate_section(EvalConfig, {"limit": calib_images}, source="--calib-images", prefix="", names={"limit": ""})
+
+
+def parse_floats(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """``--mean``/``--std``: three comma-separated numbers (None when not given)."""
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'") from None
+    if len(vals) != 3:
+        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'")
+    return vals  # type: ignore[return-value]

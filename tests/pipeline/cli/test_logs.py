@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import logs
-from pipeline.cli.app import summary_lines
+from pipeline.cli.summary import summary_lines
 from pipeline.storage.location import StorageConfig
 
 
