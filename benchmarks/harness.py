@@ -39,7 +39,8 @@ from pipeline.config import RunConfig, load_run_config
 from pipeline.context import RunContext, dataset_storage
 from pipeline.stages.generate import generate_local, new_manifest
 from pipeline.stages.train import CALIBRATED_PATH, STUDENT_PATH, train_local
-from pipeline.storage.shards import Manifest, read_shard, write_shard
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import read_shard, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
 from intraq_core.quant import calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
 from intraq_core.student import load_student
-from pipeline.storage.shards import Manifest, read_all
+from pipeline.storage.manifest import Manifest, read_all
 from pipeline.storage.store import Storage
 
 

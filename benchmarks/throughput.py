@@ -166,7 +166,7 @@ def make_dataset(args: argparse.Namespace, root: Path) -> Path:
 def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Path) -> dict[str, Any]:
     """One training stage: steady-state samples/s after the first epoch, and start-up seconds."""
     from pipeline.context import dataset_storage
-    from pipeline.storage.shards import Manifest
+    from pipeline.storage.manifest import Manifest
 
     extra = {
         "local": ["executor=local"],

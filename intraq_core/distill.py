@@ -280,6 +280,12 @@ class Distiller:
         self.step_count = int(state["step"])
         self.generator.set_state(state["rng"])
 
+    def resume(self, start: dict) -> tuple[int, list[dict[str, Any]]]:
+        """Continue from a checkpoint ``{"distiller": state_dict(), "history": [...], "epoch": e}``:
+        loads the state; returns the first epoch to run (``e + 1``) and the history so far."""
+        self.load_state_dict(start["distiller"])
+        return int(start["epoch"]) + 1, list(start["history"])
+
 
 def bare_module(model: nn.Module) -> nn.Module:
     """``model`` without its DistributedDataParallel (or DataParallel) wrapper."""
@@ -499,12 +505,7 @@ def distill(
     n = images.shape[0]
     spe = steps_per_epoch(n, cfg)
     distiller = Distiller(student, teacher, cfg, steps_per_epoch=spe, seed=seed, device=device)
-    history: list[dict[str, Any]] = []
-    first = 0
-    if start is not None:
-        distiller.load_state_dict(start["distiller"])
-        history = list(start["history"])
-        first = int(start["epoch"]) + 1
+    first, history = distiller.resume(start) if start is not None else (0, [])
     return train_epochs(
         distiller,
         EpochBatches(images, labels, cfg.batch_size, steps=spe, seed=seed),

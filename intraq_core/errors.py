@@ -144,7 +144,14 @@ class DatasetError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file could not be read, was refused (it needs unpickling), or holds no usable state_dict."""
+    """A checkpoint file could not be read, was refused (it needs unpickling), or holds no usable state_dict.
+
+    ``refused``: the Python objects (``module.name``) a refused file would need to unpickle.
+    """
+
+    def __init__(self, message: str, refused: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = list(refused or [])
 
 
 def _listing(items: list[str]) -> str:

@@ -25,9 +25,13 @@ from intraq_core.config import (
     SynthConfig,
 )
 from intraq_core.errors import format_validation_error
-from pipeline.storage.store import StorageConfig
+from pipeline.storage.location import StorageConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+#: Where a run location keeps its resolved config.
+RUN_CONFIG_PATH = "run.yaml"
 
 
 class ConfigError(ValueError):

@@ -9,10 +9,12 @@ method's own classes live in :mod:`intraq_core.errors`.
 from __future__ import annotations
 
 __all__ = [
+    "BadDatasetError",
     "ClusterAuthError",
     "GenerationError",
     "InputError",
     "LockedError",
+    "RunExistsError",
     "StorageError",
     "UsageError",
     "exception_chain",
@@ -36,6 +38,18 @@ class StorageError(ValueError):
 
 class LockedError(StorageError):
     """The run location is locked by another live run."""
+
+
+class RunExistsError(StorageError):
+    """The location already holds a run and neither --resume nor --overwrite was given."""
+
+
+class BadDatasetError(ValueError):
+    """Shards of the synthetic dataset failed validation; ``shards`` lists their indices."""
+
+    def __init__(self, message: str, shards: list[int]) -> None:
+        super().__init__(message)
+        self.shards = shards
 
 
 class GenerationError(RuntimeError):

@@ -59,17 +59,23 @@ Source = str | os.PathLike[str] | bytes | IO[bytes]
 
 
 def _unpickler_detail(message: str) -> str:
-    """The informative line of torch's long weights-only error (e.g. 'Unsupported global: ...')."""
+    """The informative line of torch's long weights-only error (e.g. 'Unsupported operand 60')."""
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     for i, line in enumerate(lines):
-        if "unsupported GLOBAL" in line:  # torch >= 2.14: "Trying to load unsupported GLOBAL x.y whose ..."
-            return "Unsupported global: " + line.split("unsupported GLOBAL", 1)[1].split(" whose ")[0].strip()
-        if "Unsupported global" in line:
-            return line.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         if "WeightsUnpickler error:" in line:
             rest = line.split("WeightsUnpickler error:", 1)[1].strip()
             return rest or (lines[i + 1] if i + 1 < len(lines) else "invalid pickle")
     return lines[0] if lines else "invalid pickle"
+
+
+def _refused_globals(source: Any) -> list[str]:
+    """The Python objects (``module.name``) a torch file needs unpickled that ``weights_only`` refuses,
+    as torch itself reads them (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`); [] where
+    it cannot tell (not a zip checkpoint, a stream that cannot seek)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(source))
+    except Exception:  # not a checkpoint it can disassemble: the caller describes the file instead
+        return []
 
 
 #: The pickled magic number that opens a torch file of the legacy (pre-1.6, non-zip) format.
@@ -177,7 +183,8 @@ def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) ->
     messages (default: the path, or "checkpoint"). Every failure is a :class:`CheckpointError`
     with one informative line: a missing file, what an unreadable one is (:func:`describe_unreadable`:
     an empty file, a text file, a truncated zip, ...), or a refusal that names the global the file
-    would need to unpickle (e.g. ``Unsupported global: GLOBAL posix.system``).
+    would need to unpickle (:func:`_refused_globals`, e.g. ``posix.system``), also in
+    :attr:`CheckpointError.refused <intraq_core.errors.CheckpointError>`.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -195,13 +202,19 @@ def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) ->
     try:
         return torch.load(target, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(str(exc))
-        if "global" in detail.lower():
+        readable_again = isinstance(target, Path) or start is not None
+        if start is not None:
+            target.seek(start)
+        refused = _refused_globals(target) if readable_again else []
+        if refused:
             raise CheckpointError(
-                f"refused to load {name}: it is not loadable with torch.load(weights_only=True) ({detail}); "
-                "only plain tensors/containers are accepted because unpickling arbitrary objects can "
-                "execute code. Re-save it as {'state_dict': model.state_dict()} from a trusted environment."
+                f"refused to load {name}: it is not loadable with torch.load(weights_only=True) (it needs the "
+                f"Python object{'s' if len(refused) > 1 else ''} {', '.join(refused)}); only plain "
+                "tensors/containers are accepted because unpickling arbitrary objects can execute code. "
+                "Re-save it as {'state_dict': model.state_dict()} from a trusted environment.",
+                refused=refused,
             ) from None
+        detail = _unpickler_detail(str(exc))
     except Exception as exc:
         detail = " ".join(str(exc).split()).split(". ")[0] or type(exc).__name__
     # Corrupt, or not a torch file at all. Raised outside the handler, so torch's message (for a text

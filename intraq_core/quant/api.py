@@ -401,13 +401,21 @@ def _is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == module.in_channels > 1
 
 
-def _depthwise_only_inputs(gm: fx.GraphModule, weight_nodes: list[fx.Node]) -> dict[fx.Node, int]:
-    """The producers (see :func:`_producer`) whose every weight-layer reader is a depthwise conv
+def _input_producers(gm: fx.GraphModule, weight_nodes: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Each weight layer reading a node → the producer of its input (:func:`_producer`), walked once."""
+    return {
+        layer: _producer(layer.args[0], gm)
+        for layer in weight_nodes
+        if layer.args and isinstance(layer.args[0], fx.Node)
+    }
+
+
+def _depthwise_only_inputs(gm: fx.GraphModule, producers: dict[fx.Node, fx.Node]) -> dict[fx.Node, int]:
+    """The producers (see :func:`_input_producers`) whose every weight-layer reader is a depthwise conv
     of the same input channels, with that channel count: their quantizer may be per channel."""
     readers: dict[fx.Node, list[nn.Module]] = {}
-    for layer in weight_nodes:
-        if layer.args and isinstance(layer.args[0], fx.Node):
-            readers.setdefault(_producer(layer.args[0], gm), []).append(gm.get_submodule(str(layer.target)))
+    for layer, producer in producers.items():
+        readers.setdefault(producer, []).append(gm.get_submodule(str(layer.target)))
     out: dict[fx.Node, int] = {}
     for node, modules in readers.items():
         channels = {int(m.in_channels) for m in modules if _is_depthwise(m)}
@@ -530,11 +538,9 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     nonneg: dict[fx.Node, bool] = {}
     tensor_memo: dict[fx.Node, bool] = {}
     sites: dict[fx.Node, bool] = {}  # node -> signed
+    producers = _input_producers(gm, weight_nodes)  # before any quantizer is inserted
     if config.act_placement == "weight_inputs":
-        for layer in weight_nodes:
-            if not layer.args or not isinstance(layer.args[0], fx.Node):
-                continue
-            producer = _producer(layer.args[0], gm)
+        for producer in producers.values():
             if from_weights[producer]:
                 sites.setdefault(producer, not _non_negative(producer, gm, nonneg))
     else:
@@ -562,7 +568,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     container = nn.ModuleDict()
     gm.add_module(ACT_QUANT_PREFIX, container)
 
-    per_channel = _depthwise_only_inputs(gm, weight_nodes) if config.depthwise_act_per_channel else {}
+    per_channel = _depthwise_only_inputs(gm, producers) if config.depthwise_act_per_channel else {}
 
     def new_act(bits: int, signed: bool, channels: int | None = None) -> ActFakeQuant:
         return ActFakeQuant(
@@ -595,6 +601,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         if layer.target in mapped:
             continue
         mapped.add(str(layer.target))
+        # Walked again: the quantizers just inserted (and in-place ops rerouted) are what it reads now.
         source = layer.args[0] if layer.args and isinstance(layer.args[0], fx.Node) else None
         producer = _producer(source, gm) if source is not None else None
         is_quant = producer is not None and producer.op == "call_module" and str(producer.target) != input_quant

@@ -22,6 +22,23 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.cli.options import (
+    ArchOpt,
+    ClusterOpt,
+    ConfigOpt,
+    QuietOpt,
+    RunOptions,
+    SetOpt,
+    StorageOpt,
+    WeightsOpt,
+    check_calib_images,
+    load_config,
+    parse_bits,
+    parse_floats,
+    run_options,
+    yaml_string,
+)
+from pipeline.cli.summary import summary_lines
 from pipeline.errors import UsageError
 
 app = typer.Typer(
@@ -32,48 +49,6 @@ app = typer.Typer(
 )
 
 _STATE = {"debug": False, "verbose": False}
-
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option("--config", "-c", help="YAML run config (a path, or a shipped name like 'smoke')."),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: --set generate.iterations=200."),
-]
-StorageOpt = Annotated[
-    str | None,
-    typer.Option("--storage", "--output", "-o", help="Run location: a local dir, file://, s3://bucket/prefix."),
-]
-ClusterOpt = Annotated[
-    str | None, typer.Option("--cluster", help="Ray cluster-launcher YAML to run on (default: a local Ray).")
-]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run at this location.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the run at this location.")]
-RepairOpt = Annotated[
-    bool,
-    typer.Option(
-        "--repair",
-        help="Continue the run and regenerate only the synthetic shards that fail validation "
-        "(truncated, wrong schema or shape, NaN/Inf, checksum mismatch).",
-    ),
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        help="Model (= --set model.arch=…): cifar_resnet20, torchvision:resnet18, timm:resnet18, "
-        "package.module:callable, or a checkpoint written by a run.",
-    ),
-]
-WeightsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--weights",
-        help="Teacher weights (= --set model.weights=…): a state_dict file, an asset name, torchvision:/timm:<TAG>.",
-    ),
-]
 
 
 def _fail(exc: BaseException, message: str) -> None:
@@ -126,65 +101,17 @@ def _main(
     configure_console(log_level, verbose=verbose)
 
 
-def _model_sets(arch: str | None, weights: str | None) -> list[str]:
-    """``--arch``/``--weights`` as the ``--set`` overrides they stand for."""
-    out = []
-    if arch is not None:
-        out.append(f"model.arch={_yaml_string(arch)}")
-    if weights is not None:
-        out.append(f"model.weights={_yaml_string(weights)}")
-    return out
-
-
-def _yaml_string(text: str) -> str:
-    """``text`` quoted for a ``--set`` value, so ``null``, ``1e3`` or ``a: b`` stay strings."""
-    return json.dumps(text)
-
-
-def _load_config(
-    config: str | None,
-    sets: list[str] | None,
-    storage: str | None,
-    cluster: str | None,
-    *,
-    arch: str | None = None,
-    weights: str | None = None,
-    base: dict[str, Any] | None = None,
-):
-    from pipeline.config import load_run_config
-
-    overrides = [*_model_sets(arch, weights), *(sets or [])]
-    if storage is not None:
-        overrides.append(f"storage.url={storage}")
-    cfg = load_run_config(config, overrides, base=base)
-    if cluster is not None:
-        from pipeline.ray.cluster import load_cluster_config
-
-        load_cluster_config(cluster)  # validates; connection happens in the stage
-    return cfg
-
-
 @app.command()
 @_guard
-def run(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@run_options
+def run(opts: RunOptions) -> None:
     """Generate synthetic data, quantize, distil and evaluate; writes metrics.json."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
-    metrics, log_url = _run_stage("run", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    cfg = opts.load()
+    metrics, log_url = _run_stage("run", cfg, opts)
     _print_metrics(metrics, cfg.storage.url, log_url)
 
 
-def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overwrite: bool, repair: bool, quiet: bool):
+def _run_stage(stage: str, cfg: Any, opts: RunOptions) -> tuple[Any, str | None]:
     """Open the run (every check: bad input fails here, before Ray starts and before the location
     is touched), then execute it inside a Ray session when its executor needs one.
 
@@ -192,71 +119,19 @@ def _run_stage(stage: str, cfg: Any, cluster: str | None, *, resume: bool, overw
     a refused input, or a Ray that cannot start, leaves no ``logs/`` (nor anything else) there.
     """
     from pipeline.cli.logs import RunLog
-    from pipeline.errors import LockedError
-    from pipeline.run.job import RunExistsError, open_run
+    from pipeline.errors import LockedError, RunExistsError
+    from pipeline.run.job import open_run
 
     with RunLog(cfg.storage, stage, refusals=(RunExistsError, LockedError)) as log:
-        run = open_run(cfg, stage, resume=resume, overwrite=overwrite, repair=repair, cluster=cluster)
+        run = open_run(
+            cfg, stage, resume=opts.resume, overwrite=opts.overwrite, repair=opts.repair, cluster=opts.cluster
+        )
         # A run that needs no images (SQuant without distillation) has no work for Ray.
         needs_ray = run.executor.needs_ray and (stage != "run" or cfg.needs_synthetic_data())
-        with _ray_session(cfg, cluster, needs_ray):
+        with _ray_session(cfg, opts.cluster, needs_ray):
             log.keep()
-            result = run.execute(progress=not quiet)
+            result = run.execute(progress=not opts.quiet)
     return result, log.url
-
-
-def summary_lines(metrics: dict[str, Any]) -> list[str]:
-    """The result lines of a run: accuracies, and what happened when distillation lost accuracy.
-
-    When the final student is worse than the calibrated one (its starting point), a second line
-    says by how much, at which budget, and whether the data-free signal (teacher–student
-    agreement on held-out synthetic images, measured without test data) saw it coming.
-    """
-    ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
-    head = f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
-    from intraq_core.quant import format_quant_map
-
-    qmap = metrics.get("quantization")
-    mapped = [f"quantized: {format_quant_map(qmap, layers=False)}"] if qmap else []
-    if metrics.get("epochs") == 0:
-        return [head + f"{final:.2f}% (no distillation)", *mapped]
-    lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%", *mapped]
-    training = metrics.get("training") or {}
-    if training.get("kept_final") is False:
-        chosen = training.get("selected_epoch")
-        where = "the starting (calibrated) student" if chosen is None else f"the student after epoch {chosen + 1}"
-        evals = training.get("evaluations") or []
-        kept = next((e for e in evals if e.get("epoch") == chosen), None)
-        scores = ""
-        if kept is not None and evals:
-            scores = f" (held-out synthetic KL {kept['kl']:.4f}, the final one's {evals[-1]['kl']:.4f})"
-        lines.append(
-            f"guard: the final student was worse by the data-free signals; kept {where}{scores}; "
-            "distill.select=final keeps the last one"
-        )
-    if final >= ptq:
-        return lines
-    iterations = metrics.get("gen_iterations")
-    budget = f"{metrics.get('num_images', '?')} synthetic images"
-    budget += f" × {iterations} iterations" if iterations else " (not optimized)"
-    budget += f", {metrics.get('epochs', '?')} epoch(s)"
-    training = metrics.get("training") or {}
-    before = (training.get("holdout_agreement_calibrated") or {}).get("agreement")
-    after = (training.get("holdout_agreement_final") or {}).get("agreement")
-    if before is None or after is None:
-        signal = "no held-out synthetic images to check it without test data (distill.holdout_fraction=0)"
-    elif after < before:
-        signal = f"the data-free signal saw it: held-out teacher agreement fell {before:.1f}% → {after:.1f}%"
-    else:
-        signal = (
-            f"the data-free signal did not: held-out teacher agreement went {before:.1f}% → {after:.1f}% "
-            "(the synthetic images do not represent the test set well)"
-        )
-    lines.append(
-        f"note: the final model is {ptq - final:.2f} points WORSE than its starting point (calibrated) at this "
-        f"budget ({budget}); {signal}. A small budget such as the smoke config's is expected to lose accuracy."
-    )
-    return lines
 
 
 def _print_metrics(metrics: dict[str, Any], where: str, log_url: str | None = None) -> None:
@@ -295,23 +170,11 @@ def _ray_session(cfg: Any, cluster: str | None, needed: bool = True) -> Iterator
 
 @app.command()
 @_guard
-def generate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
+@run_options
+def generate(opts: RunOptions) -> None:
     """Generate the synthetic dataset only (Parquet shards + manifest)."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
-    manifest, log_url = _run_stage(
-        "generate", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet
-    )
+    cfg = opts.load()
+    manifest, log_url = _run_stage("generate", cfg, opts)
     typer.echo(f"{len(manifest.shards)} shards, {manifest.rows} images at {cfg.storage.url.rstrip('/')}/data")
     if log_url:
         typer.echo(f"log: {log_url}")
@@ -319,26 +182,18 @@ def generate(
 
 @app.command()
 @_guard
+@run_options
 def train(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    storage: StorageOpt = None,
-    cluster: ClusterOpt = None,
+    opts: RunOptions,
     dataset: Annotated[
         str | None, typer.Option("--dataset", help="Run location whose synthetic data to train on.")
     ] = None,
-    arch: ArchOpt = None,
-    weights: WeightsOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    repair: RepairOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Quantize, calibrate and distil on an existing synthetic dataset, then evaluate."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    cfg = opts.load()
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
-    metrics, log_url = _run_stage("train", cfg, cluster, resume=resume, overwrite=overwrite, repair=repair, quiet=quiet)
+    metrics, log_url = _run_stage("train", cfg, opts)
     _print_metrics(metrics, cfg.storage.url, log_url)
 
 
@@ -361,11 +216,11 @@ def tune_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
-    cfg = _load_config(config, set_, storage, cluster, arch=arch, weights=weights)
+    cfg = load_config(config, set_, storage, cluster, arch=arch, weights=weights)
     from pipeline.cli.logs import RunLog
-    from pipeline.ray.tune import BEST_PATH, check_trial_batches, tune_search, write_best_config
+    from pipeline.ray.tune import BEST_PATH, check_tune, tune_search, write_best_config
 
-    check_trial_batches(cfg)  # before the log file and Ray: one line, nothing written
+    check_tune(cfg)  # before the log file and Ray: one line, nothing written
 
     with RunLog(cfg.storage, "tune") as log, _ray_session(cfg, cluster):
         log.keep()
@@ -383,29 +238,6 @@ def tune_command(
         typer.echo(f"best config: {write_best_config(best, output)}")
     if log.url:
         typer.echo(f"log: {log.url}")
-
-
-def _parse_bits(bits: str) -> tuple[int, int]:
-    """``W4A4`` → (4, 4), checked against ``quant.w_bits``/``quant.a_bits``'s range before any work."""
-    import re
-
-    from intraq_core.config import QuantConfig
-    from pipeline.config import validate_section
-
-    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
-    if not m:
-        raise UsageError(f"--bits must look like W4A4, got '{bits}'")
-    w_bits, a_bits = int(m.group(1)), int(m.group(2))
-    validate_section(QuantConfig, {"w_bits": w_bits, "a_bits": a_bits}, source=f"--bits {bits}")
-    return w_bits, a_bits
-
-
-def _check_calib_images(calib_images: int) -> None:
-    """``--calib-images`` is the calibration set's ``limit``: the same range, one line before any work."""
-    from intraq_core.config import EvalConfig
-    from pipeline.config import validate_section
-
-    validate_section(EvalConfig, {"limit": calib_images}, source="--calib-images", prefix="", names={"limit": ""})
 
 
 @app.command()
@@ -483,10 +315,10 @@ def evaluate(
     """
     from pipeline.stages.evaluate import evaluate_command
 
-    parsed_bits = _parse_bits(bits) if bits else None
-    _check_calib_images(calib_images)
+    parsed_bits = parse_bits(bits) if bits else None
+    check_calib_images(calib_images)
     shortcuts = []
-    for key, value in (("model.mean", _floats(mean, "--mean")), ("model.std", _floats(std, "--std"))):
+    for key, value in (("model.mean", parse_floats(mean, "--mean")), ("model.std", parse_floats(std, "--std"))):
         if value is not None:
             shortcuts.append(f"{key}={list(value)}")
     for key, value in (
@@ -499,9 +331,9 @@ def evaluate(
             shortcuts.append(f"{key}={value}")
     for key, text in (("eval.data", data), ("eval.classes", classes), ("eval.labels", labels)):
         if text is not None:
-            shortcuts.append(f"{key}={_yaml_string(text)}")
+            shortcuts.append(f"{key}={yaml_string(text)}")
     base = None if config is not None else {"model": {"weights": None}}
-    cfg = _load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
+    cfg = load_config(config, [*shortcuts, *(set_ or [])], None, None, arch=arch, weights=weights, base=base)
     result = evaluate_command(
         model_cfg=cfg.model,
         eval_cfg=cfg.eval,
@@ -518,18 +350,6 @@ def evaluate(
             from intraq_core.quant import format_quant_map
 
             typer.echo(f"quantized: {format_quant_map(result['quantization'], layers=False)}")
-
-
-def _floats(text: str | None, name: str) -> tuple[float, float, float] | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'") from None
-    if len(vals) != 3:
-        raise UsageError(f"{name} expects three comma-separated numbers, got '{text}'")
-    return vals  # type: ignore[return-value]
 
 
 @app.command()
@@ -624,7 +444,7 @@ def show_quant(
     from intraq_core.models import create_model, resolve_model_config
     from intraq_core.quant import format_quant_map, quant_map, quantize
 
-    cfg = _load_config(config, set_, None, None, arch=arch, weights=weights)
+    cfg = load_config(config, set_, None, None, arch=arch, weights=weights)
     teacher = create_model(resolve_model_config(cfg.model)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the map lists the float layers itself
@@ -640,7 +460,7 @@ def show_quant(
 @_guard
 def show_config(config: ConfigOpt = None, set_: SetOpt = None, storage: StorageOpt = None) -> None:
     """Print the fully resolved run config as YAML (defaults + file + overrides)."""
-    cfg = _load_config(config, set_, storage, None)
+    cfg = load_config(config, set_, storage, None)
     typer.echo(cfg.to_yaml(), nl=False)
 
 

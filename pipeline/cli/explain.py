@@ -20,10 +20,8 @@ classes it recognizes live in the leaf modules :mod:`pipeline.errors` and
 
 from __future__ import annotations
 
-import re
-
 from intraq_core.errors import DivergenceError, first_line
-from pipeline.errors import ClusterAuthError, GenerationError, exception_chain
+from pipeline.errors import ClusterAuthError, GenerationError
 from pipeline.storage.failures import explain_storage_failure, redact
 
 __all__ = ["explain", "root_cause"]
@@ -72,24 +70,6 @@ _EXPLAINED_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
-_WEIGHTS_ONLY = "weights only load failed"
-
-
-def _weights_only_refusal(exc: BaseException) -> str | None:
-    """What torch's weights-only unpickler refused (e.g. ``GLOBAL posix.system``), if it did."""
-    refused = False
-    for e in exception_chain(exc):
-        text = str(e)
-        if _WEIGHTS_ONLY not in text.lower() and "unsupported global" not in text.lower():
-            continue
-        refused = True
-        for line in text.splitlines():
-            m = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", line, re.IGNORECASE)
-            if m:
-                return f"it needs the Python object {m.group(1)}"
-    return "it holds pickled Python objects" if refused else None
-
-
 def explain(exc: BaseException) -> str | None:
     """The one-line message for an explained failure, or None when ``exc`` is unexpected (a bug).
 
@@ -99,13 +79,5 @@ def explain(exc: BaseException) -> str | None:
     cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
     if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):
         return explain_storage_failure(root)  # None: not a storage failure either
-    text = first_line(root)
-    refusal = _weights_only_refusal(root)
-    if refusal is not None:
-        cut = text.lower().find(_WEIGHTS_ONLY)
-        head = text[:cut].rstrip(" :") if cut > 0 else text
-        text = (
-            f"{head}: refused: checkpoints are loaded with torch.load(weights_only=True) only, and {refusal}; "
-            "re-save it as a plain state_dict ({'state_dict': model.state_dict()}) from a trusted environment"
-        )
-    return redact(" ".join(text.split()))
+    # A refused checkpoint says what it needs itself (intraq_core.models.checkpoint.safe_load).
+    return redact(" ".join(first_line(root).split()))

@@ -70,7 +70,7 @@ from pipeline.stages.generate import (
     synthesize_shards,
 )
 from pipeline.stages.plan import ShardTask, packs, rounds
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
 
 __all__ = ["FAULT_ENV", "GeneratorActor", "generate_ray"]

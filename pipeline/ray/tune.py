@@ -65,6 +65,8 @@ __all__ = [
     "RESULTS_PATH",
     "TUNE_DIR",
     "check_objective",
+    "check_trial_batches",
+    "check_tune",
     "probe_config",
     "search_algorithm",
     "search_space",
@@ -200,8 +202,10 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], tune_url: str, p
 
     from intraq_core.distill import DivergenceError
     from pipeline.context import RunContext, limit_threads
+    from pipeline.stages.calibration import prepare_student
     from pipeline.stages.generate import generate_local
-    from pipeline.stages.train import load_dataset, prepare_student, split_mask, train_local
+    from pipeline.stages.holdout import split_mask
+    from pipeline.stages.train import load_dataset, train_local
 
     limit_threads()
     trial_id = tune.get_context().get_trial_id()
@@ -275,7 +279,7 @@ def _probe_images(cfg: RunConfig, storage: Storage, progress: bool) -> Any:
     """The fixed probe set (:func:`probe_config`), generated once."""
     from pipeline.context import RunContext
     from pipeline.stages.generate import generate_local
-    from pipeline.storage.shards import read_all
+    from pipeline.storage.manifest import read_all
 
     ctx = RunContext.create(probe_config(cfg, storage))
     manifest, _ = generate_local(ctx, progress=progress)
@@ -327,6 +331,14 @@ def check_trial_batches(cfg: RunConfig) -> None:
     searched = ", ".join(k for k in keys if k in cfg.tune.space)
     source = "generate.num_images" + (f", with {searched} at their extremes in tune.space" if searched else "")
     check_batch(worst, images, source=source)
+
+
+def check_tune(cfg: RunConfig) -> None:
+    """Every check of a search that needs no Ray, once: the objective (:func:`check_objective`) and
+    every trial's batch (:func:`check_trial_batches`). The CLI runs it before the log file and Ray;
+    :func:`tune_search` assumes it ran."""
+    check_objective(cfg)
+    check_trial_batches(cfg)
 
 
 #: Credentials Ray Tune copies from the driver's environment into every trial's runtime env, which
@@ -462,14 +474,13 @@ def tune_search(cfg: RunConfig, *, progress: bool = True) -> tuple[RunConfig, li
     """Search ``cfg.tune.space`` with ASHA (+ Optuna); return the best config and the trials table.
 
     Writes ``<run>/tune/{probe/,trial-<id>/,ray/,results.json,best.yaml}`` in the run storage.
-    Uses the Ray this process is connected to (``pipeline.ray.session.start_ray``).
+    Uses the Ray this process is connected to (``pipeline.ray.session.start_ray``). ``cfg`` has
+    passed :func:`check_tune` (before Ray started).
     """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    check_objective(cfg)
-    check_trial_batches(cfg)
     space = search_space(cfg)
     storage = Storage.from_config(cfg.storage)
     if storage.kind == "memory":

@@ -79,7 +79,8 @@ def load_run(url: str, label: str | None = None) -> RunData:
 
     from pipeline.config import RunConfig
     from pipeline.context import RunContext, dataset_storage
-    from pipeline.storage.shards import Manifest, read_shard
+    from pipeline.storage.manifest import Manifest
+    from pipeline.storage.shards import read_shard
 
     storage = Storage.from_url(url)
     try:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pipeline.context import RunContext
     from pipeline.stages.generate import GenerationStats
     from pipeline.stages.train import TrainOutcome
-    from pipeline.storage.shards import Manifest
+    from pipeline.storage.manifest import Manifest
 
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "executor_for"]
 

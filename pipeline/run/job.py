@@ -21,16 +21,12 @@ Ray is up when the executor is ``ray`` (the CLI enters the Ray session between t
 
 Failure and recovery (README "Failure and recovery"):
 
-* Bad input is found by :func:`open_run` before Ray starts and before the location is touched:
-  nothing is created, deleted or overwritten by a refused command.
+* Bad input is found by :func:`open_run` (:mod:`pipeline.run.checks`) before Ray starts and
+  before the location is touched: nothing is created, deleted or overwritten by a refused command.
 * The run lock is a short lease refreshed by a heartbeat while the run lives; a crashed run's
   lock is taken over at once on the same host (its pid is gone), elsewhere when the lease ends.
-* Every shard is validated (:func:`pipeline.storage.shards.validate_dataset`) before training, and
-  before a resumed generation uses finished shards for later rounds' MDC centres. A bad shard
-  is an error naming it; ``repair=True`` (``--repair``) drops only the bad shards from the
-  manifest and regenerates them. Generation is deterministic per shard (fixed labels and seeds,
-  MDC centres from the features of earlier rounds, which are validated), so a repaired shard is
-  byte-identical to the original and later rounds, generated from the original, stay valid.
+* Every shard is validated before training, and bad shards are regenerated with ``--repair``
+  (:mod:`pipeline.run.dataset`).
 """
 
 from __future__ import annotations
@@ -42,149 +38,34 @@ from typing import Any, Literal
 
 import torch
 
-from intraq_core.errors import ModelError, first_line
 from intraq_core.quant import quant_map
 from intraq_core.student import load_student
-from pipeline.config import RunConfig
+from pipeline.config import RUN_CONFIG_PATH, RunConfig
 from pipeline.context import RunContext, dataset_storage
-from pipeline.errors import InputError, StorageError
+from pipeline.errors import InputError, RunExistsError, StorageError
 from pipeline.report.methods import generation_budget, run_method
+from pipeline.run.checks import check_device, check_flags, check_inputs, check_location, check_probe
+from pipeline.run.dataset import build_dataset, drop_bad_shards, generation_context, source_config
 from pipeline.run.executor import Executor, executor_for
 from pipeline.stages.evaluate import evaluate_model
-from pipeline.stages.generate import GenerationStats, store_dtype
+from pipeline.stages.generate import GenerationStats
 from pipeline.stages.train import (
     CALIBRATED_PATH,
     STUDENT_PATH,
     TRAIN_HISTORY_PATH,
-    TRAIN_STATE_PATH,
     TrainOutcome,
     check_batch,
-    probe_storage,
     quantize_only,
 )
+from pipeline.stages.train_state import TRAIN_STATE_PATH
 from pipeline.storage.lock import Lock, run_lock
-from pipeline.storage.shards import Manifest, ShardError, validate_dataset
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import ShardError
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_PATH = "run.yaml"
 METRICS_PATH = "metrics.json"
-#: At most this many bad shards are described in the one-line error (the rest are counted).
-MAX_SHARDS_LISTED = 3
-
-
-class RunExistsError(StorageError):
-    """The location already holds a run and neither --resume nor --overwrite was given."""
-
-
-class BadDatasetError(ValueError):
-    """Shards of the synthetic dataset failed validation; ``shards`` lists their indices."""
-
-    def __init__(self, message: str, shards: list[int]) -> None:
-        super().__init__(message)
-        self.shards = shards
-
-
-# -- checks before any work --------------------------------------------------------------------
-
-
-def _check_flags(resume: bool, overwrite: bool, repair: bool) -> None:
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite are mutually exclusive")
-    if repair and overwrite:
-        raise InputError("--repair and --overwrite are mutually exclusive (--repair continues the run)")
-
-
-def check_device(cfg: RunConfig, cluster: str | None = None) -> None:
-    """``device: cuda`` (or ``ray.use_gpu: yes``) where the run can only have this machine's GPUs
-    and it has none: one line before anything is written (not from a generation actor, after
-    ``run.yaml`` and the log were written). A Ray cluster elsewhere (``--cluster``, ``ray.address``)
-    is not checked: it may scale up GPU nodes on demand."""
-    wants_gpu = cfg.device == "cuda" or (cfg.executor == "ray" and cfg.ray.use_gpu == "yes")
-    if not wants_gpu or torch.cuda.is_available():
-        return
-    from pipeline.ray.session import runs_on_this_machine
-
-    if cfg.executor == "ray" and not runs_on_this_machine(cfg, cluster):
-        return
-    if cfg.device == "cuda":
-        asked, instead = "device=cuda", "device=auto or device=cpu"
-    else:
-        asked, instead = "ray.use_gpu=yes", "ray.use_gpu=auto or ray.use_gpu=no"
-    where = "this machine" if cfg.executor == "local" else "this machine (where the run's local Ray runs)"
-    raise InputError(
-        f"{asked}, but {where} has no CUDA GPU (torch.cuda.is_available() is False); use {instead}, or run on a "
-        "GPU cluster (--cluster FILE)"
-    )
-
-
-def check_inputs(ctx: RunContext, *, generate: bool = True, evaluate: bool = True) -> None:
-    """Fail with one line on bad input, before anything is started or written.
-
-    Resolves the model and loads the teacher (unknown architecture; missing weights; a checkpoint
-    that does not fit, listing missing/unexpected keys; one that needs arbitrary unpickling,
-    refused because loading is weights-only; a user's callable that raises), checks the generation
-    plan, runs the model check (:func:`intraq_core.preflight.check_model`: one forward of the
-    teacher and of the quantized student on 2 random images, on the run's device; BatchNorm and
-    the recorded feature when ``generate``) and checks that the test set's
-    classes fit the model. Config values (bits, learning rates, batch sizes, iterations, unknown
-    keys) were already validated when the config loaded.
-    """
-    cfg = ctx.cfg
-    try:
-        ctx.model_cfg  # noqa: B018 - resolves arch, classes, normalization
-        ctx.teacher_sha256  # noqa: B018 - builds the teacher with its weights (cached for the stages)
-    except (ValueError, OSError) as exc:
-        raise InputError(
-            f"cannot load the teacher (model.arch={cfg.model.arch!r}, model.weights={cfg.model.weights!r}): "
-            f"{first_line(exc)}"
-        ) from exc
-    if generate:
-        from pipeline.stages.plan import make_plan
-
-        try:
-            make_plan(cfg, ctx.num_classes)
-        except ValueError as exc:
-            raise InputError(f"generate.num_images={cfg.generate.num_images}: {first_line(exc)}") from exc
-    from intraq_core.preflight import check_model
-
-    device = ctx.driver_device  # device: cuda without a GPU fails here, in one line
-    try:
-        check_model(ctx.teacher(), ctx.model_cfg, cfg.quant, cfg.generate if generate else None, device=device)
-    except ModelError as exc:
-        raise InputError(first_line(exc)) from exc
-    if evaluate:
-        from intraq_core.data import load_test_set
-
-        try:
-            load_test_set(cfg.eval, ctx.model_cfg)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"eval.data={cfg.eval.data!r}: {first_line(exc)}") from exc
-
-
-def check_location(ctx: RunContext, *, resume: bool, overwrite: bool, probe: bool = True) -> None:
-    """The location is writable (``probe``, failing fast: :meth:`~pipeline.storage.store.Storage.fail_fast`)
-    and free (or holds this very run, being resumed). Writes nothing but a probe object that it
-    deletes again (and the directories it had to create for it)."""
-    storage = ctx.storage
-    if probe:
-        storage.fail_fast().check_writable()
-    if not storage.exists(RUN_CONFIG_PATH):
-        return
-    if not (resume or overwrite):
-        raise RunExistsError(
-            f"{storage.url} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    if resume:
-        import yaml
-
-        prev_cfg = RunConfig.model_validate(yaml.safe_load(storage.read_bytes(RUN_CONFIG_PATH).decode()))
-        if prev_cfg.config_hash() != ctx.cfg.config_hash():
-            raise RunExistsError(
-                f"{storage.url} holds a run of a different config; --resume needs the same config "
-                "(use --overwrite or another location)"
-            )
 
 
 def prepare_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
@@ -201,88 +82,6 @@ def prepare_location(ctx: RunContext, *, resume: bool, overwrite: bool) -> None:
     if has_run and resume and storage.read_bytes(RUN_CONFIG_PATH) == text:
         return  # same run, same settings: leave the file alone
     storage.write_bytes_atomic(RUN_CONFIG_PATH, text)
-
-
-# -- dataset: generate, validate, repair -------------------------------------------------------
-
-
-def _bad_shards_message(data: Storage, bad: list[ShardError], *, after_repair: bool) -> str:
-    indices = sorted({int(e.shard) for e in bad if e.shard is not None})
-    listed = "; ".join(str(e) for e in bad[:MAX_SHARDS_LISTED])
-    more = f"; (+{len(bad) - MAX_SHARDS_LISTED} more)" if len(bad) > MAX_SHARDS_LISTED else ""
-    head = f"synthetic dataset at {data.url} has {len(indices)} bad shard(s) {indices}"
-    if after_repair:
-        return f"{head} even after regenerating them: {listed}{more}"
-    return f"{head}: {listed}{more}; rerun with --repair to regenerate only those shards"
-
-
-def drop_bad_shards(
-    ctx: RunContext, data: Storage, manifest: Manifest, *, repair: bool, after_repair: bool = False
-) -> list[int]:
-    """Validate the shards listed in ``manifest`` (reads every one of them).
-
-    All good: returns []. Bad shards without ``repair``: raises :class:`BadDatasetError` naming
-    them. With ``repair``: removes only the bad shards from the manifest (saved atomically; no
-    file is deleted, the regenerated shard later replaces the bad file) and returns their indices.
-    Planned shards that are simply not generated yet are not errors here.
-    """
-    errors = validate_dataset(data, manifest, {"teacher_sha256": ctx.teacher_sha256})
-    listed = {s.index for s in manifest.shards}
-    fatal = [e for e in errors if e.shard is None]
-    if fatal:
-        raise BadDatasetError(f"{first_line(fatal[0])} (not repairable: use another location or --overwrite)", [])
-    bad = [e for e in errors if e.shard in listed]
-    if not bad:
-        return []
-    indices = sorted({int(e.shard) for e in bad if e.shard is not None})
-    if not repair:
-        raise BadDatasetError(_bad_shards_message(data, bad, after_repair=after_repair), indices)
-    log.warning(
-        "%s",
-        f"regenerating {len(indices)} bad shard(s) {indices} of {data.url}: "
-        + "; ".join(first_line(e) for e in bad[:MAX_SHARDS_LISTED]),
-    )
-    manifest.shards = [s for s in manifest.shards if s.index not in indices]
-    manifest.save(data)
-    return indices
-
-
-def build_dataset(
-    ctx: RunContext, *, repair: bool = False, progress: bool = True, executor: Executor | None = None
-) -> tuple[Manifest, GenerationStats, list[int]]:
-    """Generate the run's dataset (resuming from its manifest) and return it validated.
-
-    Returns ``(manifest, stats, repaired shard indices)``. When resuming, the finished shards
-    are validated first: later rounds compute their MDC centres from them. After generation
-    every shard is validated before it can reach training (see :func:`drop_bad_shards`).
-    """
-    executor = executor or executor_for(ctx.cfg)
-    data = dataset_storage(ctx)
-    if repair and ctx.cfg.dataset is not None:
-        raise InputError(
-            f"--repair regenerates this run's own dataset, but the dataset at {data.url} belongs to "
-            f"another run location: repair it there (intraq-pipeline generate --repair -o {ctx.cfg.dataset})"
-        )
-    repaired: list[int] = []
-    stats = GenerationStats()
-    manifest = Manifest.load(data) if Manifest.exists(data) else None
-    ours = (
-        manifest is not None
-        and manifest.config_hash == ctx.cfg.dataset_hash()
-        and manifest.store_dtype == store_dtype(ctx)  # else generation refuses it, naming both dtypes
-    )
-    if not (ours and manifest.is_complete()):  # a complete dataset of ours goes straight to validation
-        if ours and manifest.shards:
-            repaired += drop_bad_shards(ctx, data, manifest, repair=repair)
-        manifest, more = executor.generate(ctx, progress=progress)
-        stats.merge(more)
-    dropped = drop_bad_shards(ctx, data, manifest, repair=repair)
-    if dropped:
-        repaired += dropped
-        manifest, more = executor.generate(ctx, progress=progress)
-        stats.merge(more)
-        drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
-    return manifest, stats, sorted(set(repaired))
 
 
 # -- a run: opened once, then executed ----------------------------------------------------------
@@ -349,14 +148,14 @@ def open_run(
     once, resolves ``train``'s dataset and chooses the executor. The CLI calls it before starting
     Ray, so bad input fails in a second, not after a cluster start.
     """
-    _check_flags(resume, overwrite, repair)
+    check_flags(resume, overwrite, repair)
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
     ctx = RunContext.create(cfg)
     check_device(cfg, cluster)
     ctx.storage.fail_fast().check_reachable()
     run = Run(ctx, command, executor_for(cfg), resume=resume, overwrite=overwrite, repair=repair)
-    _check_probe(ctx)
+    check_probe(ctx)
     if command == "train":
         _open_training(run)
         return run
@@ -366,16 +165,6 @@ def open_run(
     check_inputs(ctx, generate=needs_plan, evaluate=command != "generate")
     check_location(ctx, resume=run.continues, overwrite=overwrite)
     return run
-
-
-def _check_probe(ctx: RunContext) -> None:
-    """``distill.probe`` names a location holding a synthetic dataset (checked before any work)."""
-    storage = probe_storage(ctx)
-    if storage is not None and not Manifest.exists(storage):
-        raise InputError(
-            f"distill.probe={ctx.cfg.distill.probe}: no synthetic dataset there (data/manifest.json missing); "
-            "generate one first (intraq-pipeline generate -o LOCATION)"
-        )
 
 
 def _open_training(run: Run) -> None:
@@ -423,35 +212,9 @@ def _open_training(run: Run) -> None:
     dataset_root = data.url.rstrip("/").rsplit("/", 1)[0]
     with_yaml = Storage.from_config(cfg.storage.model_copy(update={"url": dataset_root}))
     if with_yaml.exists(RUN_CONFIG_PATH):
-        source_cfg = _source_config(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)), ctx.cfg, with_yaml)
+        source_cfg = source_config(yaml.safe_load(with_yaml.read_bytes(RUN_CONFIG_PATH)), ctx.cfg, with_yaml)
     ctx.storage.fail_fast().check_writable()
     run.manifest, run.source_cfg = manifest, source_cfg
-
-
-def _source_config(data: Any, cfg: RunConfig, where: Storage) -> RunConfig:
-    """The config that generated a dataset, from its location's ``run.yaml``.
-
-    Only its generation settings matter here (the method and budget in ``metrics.json``). A
-    ``run.yaml`` written by another version of the tool (a renamed key elsewhere) still gives
-    its ``generate`` section; failing that, this run's own settings are used, with a warning.
-    """
-    from pydantic import ValidationError
-
-    from intraq_core.config import SynthConfig
-
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        try:
-            generate = SynthConfig.model_validate((data or {}).get("generate") or {})
-        except (ValidationError, AttributeError):
-            log.warning(
-                "%s",
-                f"{where.join(RUN_CONFIG_PATH)} is not readable as a run config; its dataset's "
-                f"generation settings are taken from this run's config ({first_line(exc)})",
-            )
-            return cfg
-        return cfg.model_copy(update={"generate": generate})
 
 
 def run_pipeline(
@@ -503,27 +266,6 @@ def train_stage(
     return run.execute(progress=progress)
 
 
-def _generation_context(ctx: RunContext, candidates: list[RunConfig], manifest: Manifest) -> RunContext:
-    """A context that regenerates shards of ``manifest`` in the run's own ``data/``: the first
-    candidate config whose dataset hash is the manifest's, with this run's storage and executor."""
-    for candidate in candidates:
-        if candidate.dataset_hash() == manifest.config_hash:
-            cfg = candidate.model_copy(
-                update={
-                    "storage": ctx.cfg.storage,
-                    "dataset": None,
-                    "executor": ctx.cfg.executor,
-                    "ray": ctx.cfg.ray,
-                    "device": ctx.cfg.device,
-                }
-            )
-            return RunContext(cfg, ctx.storage)
-    raise InputError(
-        f"cannot repair {dataset_storage(ctx).url}: neither this config nor the location's run.yaml is the "
-        "config that generated it; run `intraq-pipeline generate --repair` with that config"
-    )
-
-
 def _train_stages(run: Run, *, progress: bool) -> dict[str, Any]:
     """``train``: validate (and repair) the dataset, train, evaluate, write metrics.json."""
     ctx, storage, lock = run.ctx, run.ctx.storage, run.lock
@@ -543,7 +285,7 @@ def _train_stages(run: Run, *, progress: bool) -> dict[str, Any]:
     repaired = drop_bad_shards(ctx, data, manifest, repair=run.repair)
     gen_stats = None
     if repaired:
-        gen_ctx = _generation_context(ctx, [run.source_cfg, ctx.cfg], manifest)
+        gen_ctx = generation_context(ctx, [run.source_cfg, ctx.cfg], manifest)
         manifest, gen_stats = run.executor.generate(gen_ctx, progress=progress)
         drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
     if own:

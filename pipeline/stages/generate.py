@@ -32,7 +32,8 @@ from pipeline.context import RunContext, dataset_storage, kill_point
 from pipeline.errors import GenerationError
 from pipeline.stages.generator_training import make_sampler, train_generator
 from pipeline.stages.plan import ShardTask, make_plan, packs, rounds
-from pipeline.storage.shards import Manifest, ShardInfo, read_shard, write_shard
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import ShardInfo, read_shard, write_shard
 from pipeline.storage.store import Storage
 
 log = logging.getLogger(__name__)

@@ -1,103 +1,71 @@
-"""Training stage: synthetic shards → calibrated, distilled student checkpoint.
+"""Training stage: synthetic shards → calibrated, distilled student checkpoint; the one training driver.
 
-Steps: quantize a copy of the teacher, set its quantization parameters on synthetic images
-(``quant.method``: min/max or Lp ranges, block reconstruction, SQuant), optionally re-estimate
-BN statistics, distil, and write the student. A held-out split of the synthetic images (chosen
-by image index, so it is the same for every executor) is what the data-free selector
-(:mod:`intraq_core.selection`) scores the student on before distillation, every
+Steps: quantize a copy of the teacher and set its quantization parameters on synthetic images
+(:mod:`pipeline.stages.calibration`), distil, and write the student. A held-out split of the
+synthetic images (chosen by image index, so it is the same for every executor) is what the data-free
+selector (:mod:`intraq_core.selection`) scores the student on before distillation, every
 ``distill.eval_every`` epochs and at the end; the run keeps the best-scoring student
 (``distill.select: best``) and says so in ``metrics.json`` (``selected_epoch``,
 ``selection_rule``). The test set is never involved.
 
-Two executors run the same loop (:func:`intraq_core.distill.train_epochs`): ``local`` (this
-module, in-memory, :func:`train_local`) and ``ray`` (:mod:`pipeline.ray.train`, Ray Train
-workers over the shards). What is shared lives here:
+Two executors run the same loop (:func:`intraq_core.distill.train_epochs`) through the same driver,
+:class:`Training`: ``local`` (this module, in-memory, :func:`train_local`) and ``ray``
+(:mod:`pipeline.ray.train`, Ray Train workers over the shards). What is shared lives here:
 
 * **The recipe does not depend on the number of workers.** ``distill.batch_size`` is the
   global batch; N workers take ``batch_size / N`` images each per step, and the steps per epoch
   (:func:`intraq_core.distill.steps_per_epoch` of the training images) and the learning-rate
   schedule are the same for every N. :class:`TrainOutcome` records ``train_workers``,
   ``global_batch_size`` and ``optimizer_steps`` (they go into ``metrics.json``).
-* **One checkpoint format** (:func:`train_state_bytes` / :func:`parse_train_state`): the
-  :class:`~intraq_core.distill.Distiller` state (student with bare, DDP-free keys; optimizer;
-  step; augmentation RNG), the epoch and the history, plus the identity of the training (config
-  hash, dataset fingerprint, number of training images). Tensors and plain types only, read
-  with ``torch.load(weights_only=True)``. A checkpoint of another training is ignored (with a
-  warning) and training restarts. The local executor keeps it at ``train_state.pt``; Ray Train
-  keeps the same file in each of its checkpoints.
+* **One checkpoint format** (:mod:`pipeline.stages.train_state`), resumed by :meth:`Training.resume`.
 * **Checkpoint cadence.** Every ``distill.checkpoint_every`` epochs (default: a tenth of the
-  run) and at the last epoch, written in the background (:class:`CheckpointWriter`) while the
-  next epoch trains. The batch order of an epoch is seeded by the epoch and the augmentation
-  RNG is part of the state, so a run resumed by the local executor trains exactly (bit for
-  bit) as an uninterrupted one.
-* **One set of outputs**: :func:`write_outputs` (``student.pt``, ``train_history.json``).
-* **The selector's state** (its scores and the best student so far) is part of the
-  checkpoint, so a resumed run chooses exactly as an uninterrupted one.
+  run) and at the last epoch; the local executor writes it in the background
+  (:class:`~pipeline.stages.train_state.CheckpointWriter`) while the next epoch trains. The batch
+  order of an epoch is seeded by the epoch and the augmentation RNG is part of the state, so a
+  resumed run trains exactly (bit for bit) as an uninterrupted one.
+* **The selector** (:func:`make_selector`) and its state (its scores and the best student so
+  far) are part of the checkpoint, so a resumed run chooses exactly as an uninterrupted one.
+* **One outcome** (:meth:`Training.report` → :meth:`TrainOutcome.from_report`) and **one set of
+  outputs** (:func:`write_outputs`: ``student.pt``, ``train_history.json``).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
-import io
 import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from intraq_core.api import CalibrationInputs, run_calibration
-from intraq_core.api import calibration_positions as calibration_positions_of
-from intraq_core.distill import Distiller, distill, distillation_selector, reestimate_bn, steps_per_epoch
-from intraq_core.errors import CheckpointError
-from intraq_core.models.checkpoint import safe_load
-from intraq_core.quant import act_quantizers, calibrate_ranges
-from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
-from intraq_core.selection import Selection, Selector
-from intraq_core.student import build_student, student_checkpoint_bytes
+from intraq_core.distill import Distiller, EpochBatches, steps_per_epoch, train_epochs
+from intraq_core.selection import Selection
+from intraq_core.student import student_checkpoint_bytes
 from pipeline.config import RunConfig
 from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage, kill_point
 from pipeline.errors import InputError
-from pipeline.storage.shards import Manifest, read_shard
-from pipeline.storage.store import Storage
+from pipeline.stages.calibration import calibrate_student, prepare_student
+from pipeline.stages.holdout import make_selector, selection_outcome, split_mask, training_images
+from pipeline.stages.train_state import (
+    TRAIN_STATE_PATH,
+    CheckpointWriter,
+    load_train_state,
+    train_identity,
+    train_state_bytes,
+)
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import read_shard
 
 log = logging.getLogger(__name__)
 
 STUDENT_PATH = "student.pt"
 CALIBRATED_PATH = "student_calibrated.pt"
 TRAIN_HISTORY_PATH = "train_history.json"
-#: The local executor's resume point (Ray Train's checkpoints hold a file of the same name).
-TRAIN_STATE_PATH = "train_state.pt"
-TRAIN_STATE_FORMAT = "intraq-train-state/1"
-HOLDOUT_PURPOSE = 6
-
-
-def holdout_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """Which images (by global index) are held out of training: a seeded hash of the index."""
-    if fraction <= 0:
-        return np.zeros(len(indices), dtype=bool)
-    threshold = int(fraction * 10_000)
-    return np.array([derive_seed(seed, HOLDOUT_PURPOSE, int(i)) % 10_000 < threshold for i in indices], dtype=bool)
-
-
-def split_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """:func:`holdout_mask`, except that a dataset held out entirely is all trained on instead."""
-    hold = holdout_mask(indices, seed, fraction)
-    if hold.all():
-        hold[:] = False
-    return hold
-
-
-def training_images(num_images: int, seed: int, fraction: float) -> int:
-    """How many of a dataset's ``num_images`` images (indices 0..num_images-1) are trained on, the
-    rest held out (:func:`split_mask`): known before any image exists."""
-    return int((~split_mask(np.arange(num_images), seed, fraction)).sum())
 
 
 @dataclass
@@ -150,6 +118,46 @@ class TrainOutcome:
             out["evaluations"] = self.selection["evaluations"]
         return out
 
+    @classmethod
+    def from_report(
+        cls,
+        cfg: RunConfig,
+        report: dict[str, Any],
+        *,
+        num_train: int,
+        num_holdout: int,
+        seconds_calibrate: float,
+        seconds_distill: float,
+        started: float,
+        train_workers: int = 1,
+        data: str = "memory",
+    ) -> TrainOutcome:
+        """The outcome of a training call from its :meth:`Training.report`; ``started`` is the
+        stage's start (a Unix time). Logs what the selector kept when it is not the final student
+        (the run's summary line says it on the terminal)."""
+        selection = report["selection"]
+        if selection is not None and not selection["kept_final"]:
+            log.info("%s", Selection.from_summary(selection).message)
+        loop_start = report["loop_start_unix"]
+        return cls(
+            num_train,
+            num_holdout,
+            report["agreement_calibrated"],
+            report["agreement_final"],
+            list(report["history"]),
+            seconds_calibrate,
+            seconds_distill,
+            train_workers=train_workers,
+            global_batch_size=cfg.distill.batch_size,
+            steps_per_epoch=int(report["steps_per_epoch"]),
+            optimizer_steps=int(report["optimizer_steps"]),
+            startup_s=(loop_start if loop_start is not None else time.time()) - started,
+            epoch_seconds=list(report["epoch_seconds"]),
+            data=data,
+            device=str(report["device"]),
+            selection=selection,
+        )
+
 
 def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
     """``distill.batch_size`` fits in the training images of a dataset of ``num_images`` (those not held out).
@@ -189,121 +197,6 @@ def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, tor
     return torch.from_numpy(x), torch.from_numpy(y), idx
 
 
-def calibration_positions(num_images: int, ctx: RunContext) -> list[torch.Tensor]:
-    """Which training images (positions in the training order) each calibration batch uses.
-
-    Split out of :func:`calibration_batches` so an executor that streams the data (Ray) can
-    read just these images and still calibrate on exactly the images the local executor uses.
-    """
-    q, d = ctx.cfg.quant, ctx.cfg.distill
-    return calibration_positions_of(num_images, q.calibration_batches, d.batch_size, ctx.cfg.seed)
-
-
-def calibration_batches(images: torch.Tensor, ctx: RunContext) -> list[torch.Tensor]:
-    """Seeded random batches of synthetic images for activation-range calibration."""
-    return [images[idx] for idx in calibration_positions(images.shape[0], ctx)]
-
-
-def reconstruction_positions(num_images: int, ctx: RunContext) -> torch.Tensor | None:
-    """Which training images (positions) block reconstruction uses; None without reconstruction."""
-    q = ctx.cfg.quant
-    if q.method != "reconstruct":
-        return None
-    n = num_images if q.reconstruct.num_images is None else min(q.reconstruct.num_images, num_images)
-    gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, PURPOSE_CALIBRATION, 1))
-    return torch.randperm(num_images, generator=gen)[:n]
-
-
-def prepare_student(ctx: RunContext, teacher: torch.nn.Module, train_images: torch.Tensor) -> torch.nn.Module:
-    """Quantize, calibrate ranges (then freeze), optionally re-estimate BN (then re-calibrate)
-    and, with ``quant.method: reconstruct``, run block reconstruction on the training images."""
-    positions = reconstruction_positions(train_images.shape[0], ctx)
-    images = train_images[positions] if positions is not None else None
-    return calibrate_student(ctx, teacher, calibration_batches(train_images, ctx), images)
-
-
-def calibrate_student(
-    ctx: RunContext,
-    teacher: torch.nn.Module,
-    batches: list[torch.Tensor],
-    images: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> torch.nn.Module:
-    """:func:`prepare_student` on given calibration batches and reconstruction images
-    (executors that read only those rows), on ``device`` (default: the run's).
-
-    With ``distill.bn: reestimate`` the BN statistics are re-estimated on the batches first (the
-    ranges calibrated before and after); then the quantization parameters are set by
-    ``quant.method`` (:func:`intraq_core.api.run_calibration`). ``squant`` needs no batches: it
-    rounds the weights and sets the activation ranges from the BN statistics.
-    """
-    device = ctx.device if device is None else device
-    teacher = teacher.to(device)
-    student = build_student(teacher, ctx.cfg.quant).to(device)
-    batches = [b.to(device) for b in batches]
-    if ctx.cfg.distill.bn == "reestimate" and batches:
-        calibrate_ranges(student, batches)
-        reestimate_bn(student, iter(batches), device=device)
-        for quantizer in act_quantizers(student).values():
-            quantizer.reset()
-    inputs = CalibrationInputs(
-        batches, teacher, images, ctx.cfg.seed, image_shape=ctx.image_shape, normalization=ctx.normalization
-    )
-    run_calibration(student, ctx.cfg.quant, inputs)
-    return student
-
-
-def probe_storage(ctx: RunContext) -> Storage | None:
-    """The dataset folder of ``distill.probe`` (None when no probe set is named)."""
-    location = ctx.cfg.distill.probe
-    if location is None:
-        return None
-    return Storage.from_config(ctx.cfg.storage.model_copy(update={"url": location})).child("data")
-
-
-def load_probe(ctx: RunContext) -> torch.Tensor | None:
-    """The probe images of ``distill.probe`` (every shard of that location's dataset), or None."""
-    storage = probe_storage(ctx)
-    if storage is None:
-        return None
-    location = ctx.cfg.distill.probe
-    if not Manifest.exists(storage):
-        raise FileNotFoundError(f"distill.probe={location}: no synthetic dataset there (data/manifest.json missing)")
-    manifest = Manifest.load(storage)
-    images = [read_shard(storage, entry.path).images for entry in manifest.shards]
-    if not images:
-        raise ValueError(f"distill.probe={location}: the dataset there has no shard")
-    return torch.from_numpy(np.concatenate(images))
-
-
-def make_selector(
-    ctx: RunContext,
-    teacher: torch.nn.Module,
-    holdout: torch.Tensor | Callable[[], Any] | None,
-    *,
-    device: torch.device | str | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Selector | None:
-    """The data-free selector of a training (None when there is nothing to score on).
-
-    The same for every executor (:func:`intraq_core.distill.distillation_selector`): held-out
-    images and their augmented views, the probe set named by ``distill.probe``; ``reduce`` sums
-    the held-out counts over data-parallel workers.
-    """
-    probe = load_probe(ctx)
-    if holdout is None and probe is None:
-        return None
-    return distillation_selector(
-        teacher,
-        holdout,
-        ctx.cfg.distill,
-        probe=probe,
-        device=ctx.device if device is None else device,
-        seed=derive_seed(ctx.cfg.seed, HOLDOUT_PURPOSE, 1),
-        reduce=reduce,
-    )
-
-
 def quantize_only(ctx: RunContext) -> TrainOutcome:
     """The student of a run that needs no images (SQuant with ``distill.epochs: 0``).
 
@@ -317,129 +210,6 @@ def quantize_only(ctx: RunContext) -> TrainOutcome:
     write_calibrated(ctx, student)
     write_outputs(ctx, student, [])
     return TrainOutcome(0, 0, None, None, [], seconds, 0.0)
-
-
-def selection_outcome(selection: Selection | None) -> tuple[dict[str, float] | None, dict[str, float] | None]:
-    """Held-out (agreement, KL) of the starting and of the kept student, from the selector's scores."""
-    if selection is None or not selection.evaluations or "holdout" not in selection.evaluations[0]:
-        return None, None
-    kept = next(e for e in selection.evaluations if e["epoch"] == selection.selected_epoch)
-    return dict(selection.evaluations[0]["holdout"]), dict(kept["holdout"])
-
-
-def dataset_fingerprint(manifest: Manifest) -> str:
-    """A short hash of the exact shard files of a manifest (their sha256, in shard order)."""
-    h = hashlib.sha256()
-    for entry in sorted(manifest.shards, key=lambda e: e.index):
-        h.update(f"{entry.index}:{entry.sha256}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def train_identity(ctx: RunContext, manifest: Manifest, num_train: int) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: config, dataset, training images (not the workers)."""
-    return {"config_hash": ctx.cfg.config_hash(), "dataset": dataset_fingerprint(manifest), "num_train": num_train}
-
-
-def train_state_bytes(
-    identity: dict[str, Any],
-    epoch: int,
-    history: list[dict[str, Any]],
-    distiller: Distiller,
-    extra: dict[str, Any] | None = None,
-    selector: Selector | None = None,
-) -> bytes:
-    """The checkpoint of both executors (tensors and plain types only: weights-only loadable).
-
-    ``extra`` holds executor bookkeeping (plain types), e.g. Ray's attempt counter; ``selector``
-    its scores and best state so far.
-    """
-    payload = {
-        "format": TRAIN_STATE_FORMAT,
-        **identity,
-        "epoch": int(epoch),
-        "history": [dict(row) for row in history],
-        "distiller": distiller.state_dict(),
-        "extra": dict(extra or {}),
-        "selector": selector.state() if selector is not None else None,
-    }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
-
-
-def parse_train_state(raw: bytes, identity: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
-    """A checkpoint from :func:`train_state_bytes` if it belongs to this training, else None.
-
-    Read with ``torch.load(weights_only=True)``; an unreadable or foreign checkpoint is ignored
-    with a warning naming ``where`` (training then starts from the calibrated student).
-    ``identity`` None accepts any training's checkpoint.
-    """
-    try:
-        state = safe_load(raw, what=where)
-    except CheckpointError as exc:
-        log.warning(
-            "ignoring unreadable training checkpoint %s: %s", where, str(exc).splitlines()[0] if str(exc) else exc
-        )
-        return None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        log.warning("ignoring %s: not an intraq training checkpoint", where)
-        return None
-    differs = [k for k, v in (identity or {}).items() if state.get(k) != v]
-    if differs:
-        log.warning("ignoring training checkpoint %s of another training (%s differ)", where, ", ".join(differs))
-        return None
-    log.info("resuming distillation after epoch %d from %s", int(state["epoch"]), where)
-    return state
-
-
-def load_train_state(ctx: RunContext, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The local executor's checkpoint at ``train_state.pt``, if it belongs to this training."""
-    try:
-        raw = ctx.storage.read_bytes(TRAIN_STATE_PATH)
-    except FileNotFoundError:
-        return None
-    return parse_train_state(raw, identity, ctx.storage.join(TRAIN_STATE_PATH))
-
-
-class CheckpointWriter:
-    """Writes checkpoints in a background thread, one at a time, while training goes on.
-
-    :meth:`submit` takes the bytes already serialized (a snapshot: training may change the
-    tensors right after), waits for the previous write, and starts this one; :meth:`flush` waits
-    for the last. A failed write is raised by the next :meth:`submit` or :meth:`flush`.
-    """
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="intraq-checkpoint")
-        self._pending: concurrent.futures.Future[None] | None = None
-
-    def submit(self, rel: str, data: bytes) -> None:
-        self.flush()
-        self._pending = self._pool.submit(self.storage.write_bytes_atomic, rel, data)
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            self.close()
-        else:  # failing already: wait for the write, but report the original error
-            try:
-                self.close()
-            except Exception as write_error:
-                log.warning("checkpoint write failed too: %s", write_error)
 
 
 def write_outputs(ctx: RunContext, student: torch.nn.Module, history: list[dict[str, Any]]) -> None:
@@ -458,29 +228,142 @@ def write_calibrated(ctx: RunContext, student: torch.nn.Module) -> None:
 
 
 class EpochClock:
-    """Start-up and per-epoch wall times of one training call (for throughput, never in the history)."""
+    """Start-up and per-epoch wall times of one training call (for throughput, never in the history).
 
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.first_step: float | None = None
+    Unix times, so a Ray worker's marks compare with its driver's start.
+    """
+
+    def __init__(self) -> None:
         self.marks: list[float] = []
 
     def start_epoch(self) -> None:
-        now = time.perf_counter()
-        if self.first_step is None:
-            self.first_step = now
-            self.marks.append(now)
+        if not self.marks:
+            self.marks.append(time.time())
 
     def end_epoch(self) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(time.time())
 
     @property
-    def startup_s(self) -> float:
-        return (self.first_step if self.first_step is not None else time.perf_counter()) - self.t0
+    def last_epoch_s(self) -> float:
+        return self.marks[-1] - self.marks[-2]
+
+    @property
+    def loop_start(self) -> float | None:
+        return self.marks[0] if self.marks else None
 
     @property
     def epoch_seconds(self) -> list[float]:
         return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+EpochCallback = Callable[[int, Distiller, list[dict[str, Any]]], None]
+
+
+class Training:
+    """One executor's call of the one loop (:func:`intraq_core.distill.train_epochs`), the same for every executor.
+
+    Owns what every executor shares around the loop: the :class:`~intraq_core.distill.Distiller`
+    (``distill.batch_size`` images per step over all workers, the steps per epoch of the training
+    images whatever the number of workers), the data-free selector (:func:`make_selector`), resuming
+    from a checkpoint of this training (:meth:`resume`), the checkpoint bytes (:meth:`state_bytes`),
+    the epoch clock, and the report an outcome is made of (:meth:`report`). The executor supplies
+    only what differs: ``model`` (the student, or its data-parallel wrapper), where the batches and
+    the held-out images come from, ``reduce`` (the sum over workers of the held-out scores and epoch
+    statistics), its seed, and where the checkpoints go (the ``checkpoint`` callback of :meth:`run`).
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        teacher: torch.nn.Module,
+        model: torch.nn.Module,
+        *,
+        identity: dict[str, Any],
+        holdout: torch.Tensor | Callable[[], Any] | None,
+        device: torch.device,
+        seed: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        d = ctx.cfg.distill
+        self.identity, self.reduce, self.device = identity, reduce, device
+        self.selector = make_selector(ctx, teacher, holdout, device=device, reduce=reduce)
+        self.steps_per_epoch = steps_per_epoch(int(identity["num_train"]), d)
+        self.distiller = Distiller(model, teacher, d, steps_per_epoch=self.steps_per_epoch, seed=seed, device=device)
+        self.first_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        #: The executor bookkeeping of the checkpoint resumed from (empty when starting afresh).
+        self.extra: dict[str, Any] = {}
+        self.clock = EpochClock()
+
+    def resume(self, state: dict[str, Any] | None) -> bool:
+        """Continue after the checkpoint ``state`` (None: start afresh); whether there was one."""
+        if state is None:
+            return False
+        self.first_epoch, self.history = self.distiller.resume(state)
+        self.extra = dict(state.get("extra") or {})
+        if self.selector is not None and state.get("selector") is not None:
+            self.selector.load_state(state["selector"])
+        return True
+
+    def state_bytes(self, epoch: int, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+        """The checkpoint after ``epoch`` (:func:`~pipeline.stages.train_state.train_state_bytes`)."""
+        return train_state_bytes(self.identity, epoch, rows, self.distiller, extra=extra, selector=self.selector)
+
+    def run(
+        self,
+        batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        *,
+        before_epoch: Callable[[int], None] | None = None,
+        checkpoint: EpochCallback | None = None,
+        on_epoch: EpochCallback | None = None,
+        tags: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The remaining epochs; the whole history. ``before_epoch``, ``checkpoint`` (at the
+        ``distill.checkpoint_every`` cadence) and ``on_epoch`` are the executor's (timed here)."""
+
+        def start(epoch: int) -> None:
+            if before_epoch is not None:
+                before_epoch(epoch)
+            self.clock.start_epoch()
+
+        def end(epoch: int, distiller: Distiller, rows: list[dict[str, Any]]) -> None:
+            self.clock.end_epoch()
+            if on_epoch is not None:
+                on_epoch(epoch, distiller, rows)
+
+        self.history = train_epochs(
+            self.distiller,
+            batches,
+            first_epoch=self.first_epoch,
+            history=self.history,
+            reduce=self.reduce,
+            selector=self.selector,
+            before_epoch=start,
+            checkpoint=checkpoint,
+            on_epoch=end,
+            tags=tags,
+            progress=progress,
+        ).epochs
+        return self.history
+
+    def report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the training call did, in plain types (a Ray worker reports it to the driver):
+        :meth:`TrainOutcome.from_report` makes the outcome of it. Called at the end of the last epoch
+        (the selector has chosen by then) or after :meth:`run`."""
+        selection = self.selector.selection if self.selector is not None else None
+        agree0, agree1 = selection_outcome(selection)
+        return {
+            "history": list(rows),
+            "agreement_calibrated": agree0,
+            "agreement_final": agree1,
+            "selection": selection.summary() if selection is not None else None,
+            "steps_per_epoch": self.steps_per_epoch,
+            "optimizer_steps": self.distiller.step_count,
+            "loop_start_unix": self.clock.loop_start,
+            "epoch_seconds": self.clock.epoch_seconds,
+            "device": str(self.device),
+        }
 
 
 def train_local(
@@ -488,7 +371,7 @@ def train_local(
     manifest: Manifest,
     *,
     progress: bool = True,
-    on_epoch: Callable[[int, Distiller, list[dict[str, Any]]], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainOutcome:
     """Calibrate and distil in this process; writes the calibrated and the kept student.
 
@@ -496,25 +379,27 @@ def train_local(
     (see the module docstring). ``on_epoch(epoch, distiller, rows)`` runs after every epoch (Tune
     trials report from it). The selector's probe set is ``distill.probe``'s images.
     """
-    t_start = time.perf_counter()
+    started = time.time()
     images, labels, indices = load_dataset(ctx, manifest)
     hold = split_mask(indices, ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
     train_x, train_y = images[~hold], labels[~hold]
-    hold_x = images[hold]
-    device = ctx.device
-    teacher = ctx.teacher().to(device)
+    teacher = ctx.teacher().to(ctx.device)
 
     t0 = time.perf_counter()
     student = prepare_student(ctx, teacher, train_x)
     write_calibrated(ctx, student)
     t1 = time.perf_counter()
     num_train = int(train_x.shape[0])
-    identity = train_identity(ctx, manifest, num_train)
-    clock = EpochClock(t_start)
-    selector = make_selector(ctx, teacher, hold_x if hold.any() else None)
-    start = load_train_state(ctx, identity)
-    if start is not None and selector is not None and start.get("selector") is not None:
-        selector.load_state(start["selector"])
+    training = Training(
+        ctx,
+        teacher,
+        student,
+        identity=train_identity(ctx, manifest, num_train),
+        holdout=images[hold] if hold.any() else None,
+        device=ctx.device,
+        seed=ctx.cfg.seed,
+    )
+    training.resume(load_train_state(ctx, training.identity))
 
     with CheckpointWriter(ctx.storage) as writer:
 
@@ -522,53 +407,24 @@ def train_local(
             if KILL_AT_ENV in os.environ:  # test hook: the previous checkpoint is on disk first
                 writer.flush()
             kill_point("train", epoch)
-            clock.start_epoch()
 
-        def checkpoint(epoch: int, distiller: Distiller, rows: list[dict[str, Any]]) -> None:
-            writer.submit(TRAIN_STATE_PATH, train_state_bytes(identity, epoch, rows, distiller, selector=selector))
+        def checkpoint(epoch: int, _: Distiller, rows: list[dict[str, Any]]) -> None:
+            writer.submit(TRAIN_STATE_PATH, training.state_bytes(epoch, rows))
 
-        def after_epoch(epoch: int, distiller: Distiller, rows: list[dict[str, Any]]) -> None:
-            clock.end_epoch()
-            if on_epoch is not None:
-                on_epoch(epoch, distiller, rows)
-
-        result = distill(
-            student,
-            teacher,
-            train_x,
-            train_y,
-            ctx.cfg.distill,
-            seed=ctx.cfg.seed,
-            device=device,
-            progress=progress,
-            start=start,
-            selector=selector,
-            before_epoch=before_epoch,
-            checkpoint=checkpoint,
-            on_epoch=after_epoch,
+        batches = EpochBatches(
+            train_x, train_y, ctx.cfg.distill.batch_size, steps=training.steps_per_epoch, seed=ctx.cfg.seed
         )
-    history = result.epochs
+        history = training.run(
+            batches, before_epoch=before_epoch, checkpoint=checkpoint, on_epoch=on_epoch, progress=progress
+        )
     t2 = time.perf_counter()
-    if result.selection is not None and not result.selection.kept_final:
-        log.info("%s", result.selection.message)  # the run's summary line says it on the terminal
-    agree0, agree1 = selection_outcome(result.selection)
     write_outputs(ctx, student, history)
-    spe = steps_per_epoch(num_train, ctx.cfg.distill)
-    return TrainOutcome(
-        num_train,
-        int(hold.sum()),
-        agree0,
-        agree1,
-        history,
-        t1 - t0,
-        t2 - t1,
-        train_workers=1,
-        global_batch_size=ctx.cfg.distill.batch_size,
-        steps_per_epoch=spe,
-        optimizer_steps=int(history[-1]["step"]) if history else 0,
-        startup_s=clock.startup_s,
-        epoch_seconds=clock.epoch_seconds,
-        data="memory",
-        device=str(device),
-        selection=result.selection.summary() if result.selection is not None else None,
+    return TrainOutcome.from_report(
+        ctx.cfg,
+        training.report(history),
+        num_train=num_train,
+        num_holdout=int(hold.sum()),
+        seconds_calibrate=t1 - t0,
+        seconds_distill=t2 - t1,
+        started=started,
     )

@@ -23,7 +23,8 @@ from pipeline.errors import LockedError, one_line
 from pipeline.storage.failures import (
     redact,
 )
-from pipeline.storage.store import Storage, _create_local_exclusive
+from pipeline.storage.local_files import create_local_exclusive
+from pipeline.storage.store import Storage
 
 __all__ = ["LOCK_TTL_S", "Lock", "acquire_lock", "lock_owner", "read_lock_record", "run_lock"]
 
@@ -140,9 +141,7 @@ def acquire_lock(storage: Storage, name: str = "LOCK", *, owner: str, ttl_s: flo
         "token": uuid.uuid4().hex,
     }
     if existing is None and storage.kind == "local":
-        created = storage._call(
-            "locking", rel, lambda: _create_local_exclusive(storage._path(rel), _lock_bytes(record))
-        )
+        created = storage._call("locking", rel, lambda: create_local_exclusive(storage._path(rel), _lock_bytes(record)))
         if not created:
             current = read_lock_record(storage, rel)
             raise LockedError(_locked_message(storage, rel, current or {}))

@@ -9,8 +9,10 @@ S3-compatible endpoint). The class adds what plain fsspec lacks for a pipeline:
   unreachable endpoint fails in seconds instead of minutes),
 * one-line :class:`StorageError` messages for wrong schemes, credentials and endpoints, with
   secrets removed (:func:`redact`),
-* the primitives the run lock (:mod:`pipeline.storage.lock`) is built on: exclusive creation of a
-  local file, atomic writes.
+* the run lock's (:mod:`pipeline.storage.lock`) operations, with local files written durably
+  (:mod:`pipeline.storage.local_files`).
+
+Where a run lives is a :class:`~pipeline.storage.location.StorageConfig`.
 
 Credentials are never part of the configuration: they come from the standard AWS settings
 (environment, ``AWS_PROFILE``, instance roles), so they are never written to a run directory or a
@@ -34,7 +36,6 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import StorageError, one_line
 from pipeline.storage.failures import (
@@ -44,8 +45,10 @@ from pipeline.storage.failures import (
     _is_transient,
     redact,
 )
+from pipeline.storage.local_files import write_local_atomic
+from pipeline.storage.location import StorageConfig, split_url
 
-__all__ = ["Storage", "StorageConfig"]
+__all__ = ["Storage"]
 
 log = logging.getLogger(__name__)
 
@@ -58,81 +61,8 @@ FAIL_FAST_RETRIES = 1
 FAIL_FAST_CONNECT_TIMEOUT_S = 2.0
 FAIL_FAST_BACKOFF_S = 0.25
 
-#: Schemes handled by fsspec backends that are optional dependencies: supported only when installed.
-_OPTIONAL_SCHEMES = {"gs": "gcsfs", "gcs": "gcsfs"}
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-
-
-class StorageConfig(BaseModel):
-    """Where a run's outputs live and how hard to try when the store misbehaves.
-
-    ``url`` is a local path, ``file://``, ``s3://bucket/prefix`` or ``memory://`` (tests).
-    ``endpoint_url`` selects an S3-compatible endpoint (MinIO, Ceph, a loopback server); when
-    unset it is read, at connection time, from ``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``
-    so a saved config stays portable between machines. There are deliberately no credential
-    fields: credentials come from the standard AWS settings only.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = "runs/default"
-    endpoint_url: str | None = None
-    region: str | None = None
-    anon: bool = False
-    retries: int = Field(default=5, ge=0)
-    retry_backoff_s: float = Field(default=0.5, ge=0)
-    timeout_s: float = Field(default=30, gt=0)
-
-    def resolved_endpoint_url(self) -> str | None:
-        """The endpoint to use: the configured one, else the standard AWS environment variables."""
-        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-    def resolved_region(self) -> str | None:
-        """The region to use: the configured one, else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``."""
-        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-
-
-def _supported_schemes() -> list[str]:
-    """Schemes usable in this environment (optional backends only when installed)."""
-    schemes = ["local path", "file://", "s3://", "memory://"]
-    for scheme in _OPTIONAL_SCHEMES:
-        if _optional_backend_available(scheme):
-            schemes.append(f"{scheme}://")
-    return schemes
-
-
-def _optional_backend_available(scheme: str) -> bool:
-    try:
-        fsspec.get_filesystem_class(scheme)
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    """Return ``(kind, rest)`` for a storage URL, or raise StorageError for unsupported schemes."""
-    if not url or not url.strip():
-        raise StorageError("storage url is empty; give a local path or a URL such as s3://bucket/prefix")
-    url = url.strip()
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", url)
-    if match is None:
-        return "local", url
-    scheme, rest = match.group(1).lower(), match.group(2)
-    if scheme == "file":
-        return "local", rest
-    if scheme in ("s3", "s3a"):
-        return "s3", rest
-    if scheme == "memory":
-        return "memory", rest
-    if scheme in _OPTIONAL_SCHEMES and _optional_backend_available(scheme):
-        return scheme, rest
-    hint = ""
-    if scheme in _OPTIONAL_SCHEMES:
-        hint = f" ({scheme}:// needs the '{_OPTIONAL_SCHEMES[scheme]}' package)"
-    raise StorageError(
-        f"unsupported storage scheme '{scheme}://' in {url!r}{hint}; supported: {', '.join(_supported_schemes())}"
-    )
 
 
 class Storage:
@@ -147,7 +77,7 @@ class Storage:
         self.config = config
         #: A check before a run: few, quiet retries and a short connect timeout (see :meth:`fail_fast`).
         self.quick = fail_fast
-        self.kind, rest = _split_url(config.url)
+        self.kind, rest = split_url(config.url)
         self._endpoint = config.resolved_endpoint_url() if self.kind == "s3" else None
         self.fs: fsspec.AbstractFileSystem
         if self.kind == "local":
@@ -391,7 +321,7 @@ class Storage:
             raise StorageError(f"cannot write to the storage root {self.url} itself; give a file name")
         path = self._path(rel)
         if self.kind == "local":
-            self._call("writing", rel, lambda: _write_local_atomic(path, bytes(data)))
+            self._call("writing", rel, lambda: write_local_atomic(path, bytes(data)))
         else:
             self._call("writing", rel, lambda: self.fs.pipe_file(path, bytes(data)))
 
@@ -527,50 +457,3 @@ class Storage:
     def pyarrow_path(self, rel: str) -> str:
         """Path of ``rel`` inside the filesystem returned by :meth:`pyarrow_filesystem`."""
         return self._path(rel)
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _durable_temp(path: str, data: bytes) -> str:
-    """Write ``data`` to a fresh, fsynced temp file next to ``path``; returns its name."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        try:
-            f = open(tmp, "wb")  # noqa: SIM115 - closed by the with below
-        except FileNotFoundError:  # another process's write probe removed the empty directory just now
-            os.makedirs(directory, exist_ok=True)
-            f = open(tmp, "wb")  # noqa: SIM115
-        with f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _write_local_atomic(path: str, data: bytes) -> None:
-    """Write a temp file next to ``path``, then rename it over ``path`` (atomic on POSIX)."""
-    tmp = _durable_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _create_local_exclusive(path: str, data: bytes) -> bool:
-    """Create ``path`` with ``data`` only if it does not exist (atomic, via a hard link)."""
-    tmp = _durable_temp(path, data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    return True

@@ -27,7 +27,7 @@ from pipeline.cli import app as cli
 from pipeline.cli.app import app
 from pipeline.cli.explain import explain
 from pipeline.errors import InputError
-from pipeline.storage.shards import Manifest
+from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 from tests.pipeline.run_helpers import TINY, assert_one_line_error, cli_args, snapshot

@@ -38,7 +38,7 @@ from pipeline.cli.app import app
 from pipeline.config import load_run_config
 from pipeline.context import KILL_AT_ENV
 from pipeline.run.job import run_pipeline
-from pipeline.storage.shards import Manifest, validate_dataset
+from pipeline.storage.manifest import Manifest, validate_dataset
 from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 from tests.pipeline.run_helpers import (

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import load_run_config
 from pipeline.report.render import build_report
 from pipeline.run.job import run_pipeline
-from pipeline.storage.shards import Manifest, read_all, validate_dataset
+from pipeline.storage.manifest import Manifest, read_all, validate_dataset
 from pipeline.storage.store import Storage
 
 pytestmark = pytest.mark.timeout(300)

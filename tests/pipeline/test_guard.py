@@ -29,7 +29,7 @@ from intraq_core.student import load_student
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
 from pipeline.run.job import run_pipeline
-from pipeline.stages.train import load_probe
+from pipeline.stages.holdout import load_probe
 from tests.pipeline.run_helpers import TINY, read_json
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,7 +54,7 @@ def test_destructive_distillation_keeps_the_starting_student(tmp_path: Path) -> 
     assert training["selected_epoch"] is None and training["kept_final"] is False
     assert "KL" in training["selection_rule"]
     # The terminal's summary says what was kept and the scores that decided it.
-    from pipeline.cli.app import summary_lines
+    from pipeline.cli.summary import summary_lines
 
     guard = [line for line in summary_lines(metrics) if line.startswith("guard:")]
     kl = training["evaluations"][0]["kl"]

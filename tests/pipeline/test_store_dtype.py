@@ -12,7 +12,8 @@ from pipeline.config import RunConfig, load_run_config
 from pipeline.context import RunContext, dataset_storage
 from pipeline.errors import GenerationError
 from pipeline.stages.generate import generate_local, store_dtype
-from pipeline.storage.shards import Manifest, read_all, read_shard, validate_dataset
+from pipeline.storage.manifest import Manifest, read_all, validate_dataset
+from pipeline.storage.shards import read_shard
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import logs
-from pipeline.cli.app import summary_lines
-from pipeline.storage.store import StorageConfig
+from pipeline.cli.summary import summary_lines
+from pipeline.storage.location import StorageConfig
 
 
 @pytest.fixture()

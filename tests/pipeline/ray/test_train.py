@@ -34,22 +34,22 @@ from intraq_core.distill import Distiller
 from intraq_core.student import build_student, load_student
 from pipeline.config import RunConfig, load_run_config
 from pipeline.context import RunContext, dataset_storage
-from pipeline.ray.train import FAIL_ONCE_ENV, plan_training, read_images, train_ray, train_run_name
+from pipeline.ray.train import train_ray, train_run_name
+from pipeline.ray.train_plan import plan_training, read_images
+from pipeline.ray.train_worker import FAIL_ONCE_ENV
+from pipeline.stages.calibration import calibration_batches, calibration_positions
 from pipeline.stages.generate import generate_local
+from pipeline.stages.holdout import holdout_mask
 from pipeline.stages.train import (
     CALIBRATED_PATH,
     STUDENT_PATH,
     TRAIN_HISTORY_PATH,
     TrainOutcome,
-    calibration_batches,
-    calibration_positions,
-    holdout_mask,
     load_dataset,
-    parse_train_state,
     train_local,
-    train_state_bytes,
 )
-from pipeline.storage.shards import Manifest
+from pipeline.stages.train_state import parse_train_state, train_state_bytes
+from pipeline.storage.manifest import Manifest
 
 EPOCHS = 2
 TEST_IMAGES = 500

@@ -36,7 +36,7 @@ from pipeline.ray.tune import (
     trial_config,
     trial_resources,
 )
-from pipeline.storage.shards import Manifest, read_all
+from pipeline.storage.manifest import Manifest, read_all
 from pipeline.storage.store import Storage
 
 TRIALS = 4

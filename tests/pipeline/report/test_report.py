@@ -24,7 +24,8 @@ from pipeline.config import load_run_config
 from pipeline.report.data import diversity
 from pipeline.report.render import build_report
 from pipeline.run.job import run_pipeline
-from pipeline.storage.shards import Manifest, read_shard
+from pipeline.storage.manifest import Manifest
+from pipeline.storage.shards import read_shard
 from pipeline.storage.store import Storage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

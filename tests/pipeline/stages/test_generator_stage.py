@@ -18,7 +18,8 @@ from pipeline.config import RunConfig, load_run_config
 from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage
 from pipeline.stages.generate import generate_local
 from pipeline.stages.generator_training import GENERATOR_STATE, GeneratorStateError, load_generator_state
-from pipeline.storage.shards import Manifest, read_shard, validate_dataset
+from pipeline.storage.manifest import Manifest, validate_dataset
+from pipeline.storage.shards import read_shard
 
 
 def tiny(url: Path | str, *extra: str) -> RunConfig:

@@ -1,4 +1,4 @@
-"""The local executor's resumable distillation loop and its per-epoch checkpoint (``pipeline.stages.train``).
+"""The local executor's resumable distillation loop and its per-epoch checkpoint (``pipeline.stages.train_state``).
 
 The end-to-end kill-and-resume of a whole run is in ``test_faults.py``; here, on a random
 teacher and 16x16 noise (this is about state, not quality): the loop is ``intraq_core``'s
@@ -22,7 +22,7 @@ from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
-from pipeline.stages.train import TRAIN_STATE_PATH, load_train_state, train_state_bytes
+from pipeline.stages.train_state import TRAIN_STATE_PATH, load_train_state, train_state_bytes
 from pipeline.storage.store import Storage
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,7 +99,7 @@ def test_only_this_trainings_checkpoint_is_used(setup: tuple, tmp_path: Path, ca
     )
     state = load_train_state(ctx, identity)
     assert state is not None and state["epoch"] == CFG.epochs - 1
-    with caplog.at_level(logging.WARNING, logger="pipeline.stages.train"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.train_state"):
         assert load_train_state(ctx, {**identity, "dataset": "d2"}) is None  # another dataset
         assert "dataset differ" in caplog.text
         (tmp_path / TRAIN_STATE_PATH).write_bytes(b"not a checkpoint")
@@ -108,7 +108,7 @@ def test_only_this_trainings_checkpoint_is_used(setup: tuple, tmp_path: Path, ca
 
 
 def test_checkpoint_writer_writes_in_the_background_and_reports_failures(tmp_path: Path) -> None:
-    from pipeline.stages.train import CheckpointWriter
+    from pipeline.stages.train_state import CheckpointWriter
 
     storage = Storage.from_url(str(tmp_path))
     with CheckpointWriter(storage) as writer:

@@ -17,21 +17,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage.shards import (
+from pipeline.storage.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
-    ShardError,
-    ShardInfo,
     pyarrow_dataset_source,
     read_all,
-    read_shard,
-    shard_path,
     shard_paths,
     validate_dataset,
-    validate_shard,
-    write_shard,
 )
+from pipeline.storage.shards import ShardError, ShardInfo, read_shard, shard_path, validate_shard, write_shard
 from pipeline.storage.store import Storage
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from pipeline.errors import LockedError, StorageError
 from pipeline.storage.failures import redact
+from pipeline.storage.location import StorageConfig
 from pipeline.storage.lock import acquire_lock
-from pipeline.storage.store import Storage, StorageConfig
+from pipeline.storage.store import Storage
 from tests.pipeline.conftest import FAKE_SECRET, S3Server
 
 pytestmark = pytest.mark.timeout(60)
