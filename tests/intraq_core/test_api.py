@@ -156,7 +156,7 @@ def test_packed_groups_give_the_unpacked_images(tmp_path: Path) -> None:
     from pipeline.config import load_run_config
     from pipeline.context import RunContext
     from pipeline.stages.generate import generate_local
-    from pipeline.storage.shards import read_all
+    from pipeline.storage.manifest import read_all
 
     sets = [
         "model.weights=cifar10-resnet20",
