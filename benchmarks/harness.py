@@ -162,6 +162,35 @@ def parse_bits(items: list[str]) -> list[tuple[int, int]]:
     return out
 
 
+def write_real_dataset(
+    ctx: RunContext, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, *, store_dtype: str = "float32"
+) -> None:
+    """Real images (normalized, ``[N, C, H, W]``) written as a one-shard dataset of ``ctx`` in the
+    shard format, the teacher's features included like a generated one, so the train stage runs on
+    them unchanged (the real-data rows here, ``benchmarks/real_split.py``)."""
+    teacher = ctx.teacher()
+    with torch.no_grad(), FeatureTap(teacher) as tap:
+        teacher(images)
+        features = tap.features.numpy()
+    meta = {
+        "round": 0,
+        "config_hash": ctx.cfg.dataset_hash(),
+        "teacher_sha256": ctx.teacher_sha256,
+        "mean": list(ctx.model_cfg.mean or ()),
+        "std": list(ctx.model_cfg.std or ()),
+        "num_classes": ctx.num_classes,
+        "seed": 0,
+        "method": "real",
+    }
+    storage = dataset_storage(ctx)
+    manifest = new_manifest(ctx, 1)
+    info = write_shard(
+        storage, 0, images.numpy(), labels.numpy(), indices, indices, meta, features=features, store_dtype=store_dtype
+    )
+    manifest.add_shard(info, round=0)
+    manifest.save(storage)
+
+
 @dataclass
 class Bench:
     """Runs cells of a study and writes one JSON result per cell."""
@@ -267,24 +296,7 @@ class Bench:
             return loc
         x, y = self.test
         idx = self.split.train
-        teacher = ctx.teacher()
-        with torch.no_grad(), FeatureTap(teacher) as tap:
-            teacher(x[idx])
-            feats = tap.features.numpy()
-        meta = {
-            "round": 0,
-            "config_hash": cfg.dataset_hash(),
-            "teacher_sha256": ctx.teacher_sha256,
-            "mean": list(ctx.model_cfg.mean or ()),
-            "std": list(ctx.model_cfg.std or ()),
-            "num_classes": ctx.num_classes,
-            "seed": 0,
-            "method": "real",
-        }
-        manifest = new_manifest(ctx, 1)
-        info = write_shard(storage, 0, x[idx].numpy(), y[idx].numpy(), idx, idx, meta, features=feats)
-        manifest.add_shard(info, round=0)
-        manifest.save(storage)
+        write_real_dataset(ctx, x[idx], y[idx], idx)
         return loc
 
     def _save(self, path: Path, result: dict[str, Any]) -> None:

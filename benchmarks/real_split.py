@@ -20,14 +20,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from benchmarks.harness import write_real_dataset
 from intraq_core.data import load_test_set
 from intraq_core.evaluate import top1
-from intraq_core.models.introspect import FeatureTap
 from intraq_core.student import load_student
 from pipeline.config import load_run_config
-from pipeline.context import RunContext, dataset_storage
-from pipeline.stages.generate import new_manifest
-from pipeline.storage.shards import write_shard
+from pipeline.context import RunContext
 
 
 def _test_images(ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,27 +40,7 @@ def write(config: str, out: str) -> None:
     ctx = RunContext.create(cfg)
     x, y = _test_images(ctx)
     even = np.arange(0, len(y), 2)
-    teacher = ctx.teacher()
-    with torch.no_grad(), FeatureTap(teacher) as tap:
-        teacher(x[even])
-        features = tap.features.numpy()
-    meta = {
-        "round": 0,
-        "config_hash": cfg.dataset_hash(),
-        "teacher_sha256": ctx.teacher_sha256,
-        "mean": list(ctx.model_cfg.mean or ()),
-        "std": list(ctx.model_cfg.std or ()),
-        "num_classes": ctx.num_classes,
-        "seed": 0,
-        "method": "real",
-    }
-    storage = dataset_storage(ctx)
-    manifest = new_manifest(ctx, 1)
-    info = write_shard(
-        storage, 0, x[even].numpy(), y[even].numpy(), even, even, meta, features=features, store_dtype="float16"
-    )
-    manifest.add_shard(info, round=0)
-    manifest.save(storage)
+    write_real_dataset(ctx, x[even], y[even], even, store_dtype="float16")
     print(f"wrote {len(even)} real images (the even half) to {out}")
 
 
