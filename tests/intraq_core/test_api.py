@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -124,7 +125,9 @@ def test_leaf_modules_import_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_synthesize_gives_the_pipelines_images(tmp_path: Path) -> None:
+def _pipeline_dataset(tmp_path: Path, *extra: str) -> tuple[Any, Any, Any, np.ndarray, np.ndarray]:
+    """The local executor's dataset of a tiny CIFAR-10 ResNet-20 config (seed 3) plus ``extra``:
+    ``(cfg, ctx, stats, images, labels)``."""
     from pipeline.config import load_run_config
     from pipeline.context import RunContext
     from pipeline.stages.generate import generate_local
@@ -132,54 +135,42 @@ def test_synthesize_gives_the_pipelines_images(tmp_path: Path) -> None:
 
     sets = [
         "model.weights=cifar10-resnet20",
-        "generate.num_images=12",
         "generate.batch_size=4",
         "generate.iterations=2",
-        "generate.shards_per_round=1",  # three rounds: rounds 1 and 2 use MDC centres of earlier ones
         "seed=3",
         "device=cpu",
         f"storage.url={tmp_path / 'run'}",
+        *extra,
     ]
     cfg = load_run_config(None, sets)
     ctx = RunContext.create(cfg)
-    manifest, _ = generate_local(ctx, progress=False)
+    manifest, stats = generate_local(ctx, progress=False)
     images, labels = read_all(ctx.storage.child("data"), manifest)
+    return cfg, ctx, stats, np.asarray(images), np.asarray(labels)
+
+
+def test_synthesize_gives_the_pipelines_images(tmp_path: Path) -> None:
+    # three rounds of one shard: rounds 1 and 2 use MDC centres of earlier ones
+    cfg, ctx, _, images, labels = _pipeline_dataset(tmp_path, "generate.num_images=12", "generate.shards_per_round=1")
     data = iq.synthesize(ctx.teacher(), iq.input_spec(cfg.model), cfg.generate, seed=3)
-    torch.testing.assert_close(data.images, torch.as_tensor(np.asarray(images)))
-    assert data.labels.tolist() == np.asarray(labels).tolist()
+    torch.testing.assert_close(data.images, torch.as_tensor(images))
+    assert data.labels.tolist() == labels.tolist()
 
 
 def test_packed_groups_give_the_unpacked_images(tmp_path: Path) -> None:
     """generate.groups_per_pass=2, in the pipeline's local executor and in iq.synthesize, gives the
     images of one batch per pass (shards of 4, 4 | 4, 2: round 0 is one pack, round 1 two packs of
     unequal sizes, with MDC centres from round 0). Tolerance: float32 reduction order only."""
-    from pipeline.config import load_run_config
-    from pipeline.context import RunContext
-    from pipeline.stages.generate import generate_local
-    from pipeline.storage.manifest import read_all
-
-    sets = [
-        "model.weights=cifar10-resnet20",
-        "generate.num_images=14",
-        "generate.batch_size=4",
-        "generate.iterations=2",
-        "generate.shards_per_round=2",
-        "generate.groups_per_pass=2",
-        "seed=3",
-        "device=cpu",
-        f"storage.url={tmp_path / 'run'}",
-    ]
-    cfg = load_run_config(None, sets)
-    ctx = RunContext.create(cfg)
-    manifest, stats = generate_local(ctx, progress=False)
+    cfg, ctx, stats, images, labels = _pipeline_dataset(
+        tmp_path, "generate.num_images=14", "generate.shards_per_round=2", "generate.groups_per_pass=2"
+    )
     assert stats.shards_done == 4 and stats.image_iterations == 14 * 2
-    images, labels = read_all(ctx.storage.child("data"), manifest)
     spec = iq.input_spec(cfg.model)
     one = iq.synthesize(ctx.teacher(), spec, cfg.generate.model_copy(update={"groups_per_pass": 1}), seed=3)
     two = iq.synthesize(ctx.teacher(), spec, cfg.generate, seed=3)
-    torch.testing.assert_close(torch.as_tensor(np.asarray(images)), one.images, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(images), one.images, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(two.images, one.images, rtol=1e-5, atol=1e-5)
-    assert np.asarray(labels).tolist() == one.labels.tolist() == two.labels.tolist()
+    assert labels.tolist() == one.labels.tolist() == two.labels.tolist()
 
 
 class _NoBN(nn.Module):
