@@ -70,6 +70,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     last; a plain ``pytest`` keeps the collection order. (In an xdist worker ``dist`` reads "no"
     and ``loadgroup`` says how the session distributes.)"""
     if getattr(config.option, "loadgroup", False) or config.getvalue("dist") == "loadgroup":
-        ray_items = [item for item in items if _uses_ray(item)]
-        chosen = set(map(id, ray_items))
-        items[:] = ray_items + [item for item in items if id(item) not in chosen]
+        items.sort(key=lambda item: not _uses_ray(item))  # stable: each part keeps its order
