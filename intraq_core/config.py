@@ -166,7 +166,10 @@ class ReconstructConfig(StageConfig):
     the full-precision teacher's on the same synthetic images. ``drop_prob`` is QDrop's
     probability of keeping an activation element unquantized during this optimization
     (0 disables QDrop, BRECQ-style). ``num_images`` synthetic training images are used
-    (all when None).
+    (all when None). ``bias_lr`` > 0 also trains the unit's biases (its BatchNorm shifts and
+    conv/linear biases) with that learning rate: the mean shift that rounding and clipping leave in
+    each channel is absorbed where an integer kernel keeps it anyway (bias correction, learned);
+    0 leaves every float parameter untouched.
     """
 
     iterations: int = Field(default=1000, ge=1)
@@ -180,6 +183,7 @@ class ReconstructConfig(StageConfig):
     beta_end: float = Field(default=2.0, gt=0.0)
     warmup: float = Field(default=0.2, ge=0.0, lt=1.0)
     drop_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    bias_lr: float = Field(default=0.0, ge=0.0)
 
 
 class QuantConfig(StageConfig):

@@ -131,6 +131,56 @@ def test_reconstruction_lowers_unit_error_and_hardens_weights():
         assert bool(((layer.weight - original).abs() <= scale * 1.0001)[inside].all()), name
 
 
+class Offset(nn.Module):
+    """1x1 conv → BN → ReLU → 1x1 conv: the second layer's input is a quantized activation (the
+    first unit has no bias, so only the head's can move)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 1, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(1, affine=False)
+        self.c2 = nn.Conv2d(1, 2, 1)
+        with torch.no_grad():
+            self.c1.weight.fill_(1.0)
+            self.c2.weight.copy_(torch.tensor([1.0, -2.0]).view(2, 1, 1, 1))
+            self.c2.bias.zero_()
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.b1(self.c1(x))))
+
+
+def test_bias_lr_learns_the_bias_correction_of_a_constant_quantization_offset():
+    """Every input is 0.3; the head's input quantizer (2 bits, range [0, 1]: grid 0, 1/3, 2/3, 1)
+    turns it into 1/3, so the head's output is off by (1/3 - 0.3)·w = +1/30 and -1/15 in its two
+    channels — a mean shift that rounding cannot remove (both weights sit on their grids) and a
+    learned bias can. ``bias_lr`` 0 (the default) leaves every bias and the offset as they were."""
+    import copy
+
+    torch.manual_seed(0)
+    student = _student(Offset().eval(), bits=2)
+    images = torch.full((32, 1, 4, 4), 0.3)
+    calibrate_ranges(student, [images])
+    (head_input,) = [q for n, q in student.named_modules() if n.startswith("act_quant.")]
+    with torch.no_grad():
+        head_input.scale.fill_(1 / 3)
+        head_input.zero_point.zero_()
+    cfg = ReconstructConfig(iterations=300, batch_size=8, num_images=None, drop_prob=0.0, learn_act_scale=False)
+    biases = {n: p.detach().clone() for n, p in student.named_parameters() if n.endswith("bias")}
+    plain, learned = copy.deepcopy(student), copy.deepcopy(student)
+    reconstruct(plain, images, cfg, seed=3)
+    reconstruct(learned, images, cfg.model_copy(update={"bias_lr": 1e-3}), seed=3)
+    for name, before in biases.items():
+        torch.testing.assert_close(plain.get_parameter(name), before, rtol=0, atol=0)
+    offset = torch.tensor([1 / 30, -1 / 15])
+    with torch.no_grad():
+        fp = Offset().eval()(images[:1])[0, :, 0, 0]
+        torch.testing.assert_close(plain(images[:1])[0, :, 0, 0] - fp, offset, rtol=0, atol=1e-5)
+        # Learned: the head's bias absorbs the offset (to well under a tenth of it).
+        torch.testing.assert_close(learned(images[:1])[0, :, 0, 0], fp, rtol=0, atol=3e-3)
+        torch.testing.assert_close(learned.c2.bias, -offset, rtol=0, atol=3e-3)
+    assert [p.requires_grad for p in learned.parameters()] == [p.requires_grad for p in student.parameters()]
+
+
 def test_reconstruct_refuses_uncalibrated_or_stateless_models():
     model = create_model(ModelConfig(arch="cifar_resnet20")).eval()
     student = _student(model)
