@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from intraq_core.config import EvalConfig, ModelConfig, QuantConfig
-from intraq_core.quant.api import act_quantizers, weight_quantized_layers
+from intraq_core.quant.layers import act_quantizers, weight_quantized_layers
 from intraq_core.quant.quantizer import WeightFakeQuant
 
 log = logging.getLogger(__name__)

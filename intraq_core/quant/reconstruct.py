@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from intraq_core.config import ReconstructConfig
-from intraq_core.quant.api import QUANT_LAYER_TYPES, act_quantizers
+from intraq_core.quant.layers import QUANT_LAYER_TYPES, act_quantizers
 from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
 
 __all__ = ["ReconstructReport", "Unit", "graph_units", "reconstruct", "unit_module"]

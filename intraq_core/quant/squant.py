@@ -68,6 +68,7 @@ from torch import Tensor, fx, nn
 
 from intraq_core.config import QuantConfig
 from intraq_core.models.introspect import bn_layers
+from intraq_core.quant.layers import weight_quantized_layers
 from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
 
 __all__ = [
@@ -443,8 +444,6 @@ def squant_(
         True
     """
     import time
-
-    from intraq_core.quant.api import weight_quantized_layers
 
     t0 = time.perf_counter()
     report = SQuantReport()

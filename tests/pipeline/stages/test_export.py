@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from intraq_core.config import EvalConfig, ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
 from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode
-from intraq_core.quant.api import weight_quantized_layers
+from intraq_core.quant.layers import weight_quantized_layers
 from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.cli.app import app
 from pipeline.stages.export import (
