@@ -44,7 +44,7 @@ Example::
     >>> m["weight_layers"]["quantized"], m["activations"]["quantized"]
     (3, 2)
     >>> [row["input"] for row in m["layer_inputs"]]
-    ['image (float: quant.quantize_input=false)', 'act_quant.2 (4-bit, signed)', 'act_quant.3 (4-bit, signed)']
+    ['image (float: quant.quantize_input=false)', 'act_quant._2 (4-bit, signed)', 'act_quant._3 (4-bit, signed)']
 """
 
 from __future__ import annotations
