@@ -58,6 +58,7 @@ from torch import fx, nn
 from intraq_core.config import QuantConfig
 from intraq_core.errors import QuantizationError
 from intraq_core.models.introspect import activation_site
+from intraq_core.quant.act_quantizer import ActFakeQuant
 from intraq_core.quant.layers import QUANT_CLASSES, float_layers, quant_base, weight_quantizer
 from intraq_core.quant.placement import (
     ACT_QUANT_PREFIX,
@@ -70,7 +71,7 @@ from intraq_core.quant.placement import (
     producer_of,
     trace_model,
 )
-from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
+from intraq_core.quant.quantizer import WeightFakeQuant
 from intraq_core.quant.summary import MAP_KEY
 
 __all__ = ["QuantizationWarning", "quantize"]

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from intraq_core.quant.act_quantizer import ACT_MODES
 from intraq_core.quant.layers import act_quantizers
-from intraq_core.quant.quantizer import ACT_MODES
 
 __all__ = ["calibrate_ranges", "set_act_mode"]
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from intraq_core.config import QuantConfig
-from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
+from intraq_core.quant.act_quantizer import ActFakeQuant
+from intraq_core.quant.quantizer import WeightFakeQuant
 
 __all__ = [
     "QUANT_CLASSES",

@@ -18,8 +18,8 @@ from torch import fx, nn
 
 from intraq_core.errors import QuantizationError
 from intraq_core.models.introspect import activation_site
+from intraq_core.quant.act_quantizer import ActFakeQuant
 from intraq_core.quant.layers import quant_base
-from intraq_core.quant.quantizer import ActFakeQuant
 
 __all__ = [
     "ACT_QUANT_PREFIX",
