@@ -528,7 +528,9 @@ def export(
         format: ``onnx``, ``torchscript`` or ``torch-export``.
         quant_config: recorded in the ONNX metadata when given.
     """
-    from intraq_core.deploy import FORMATS, ExportError, export_bytes, onnx_metadata
+    from intraq_core.deploy import FORMATS, export_bytes
+    from intraq_core.deploy_onnx import onnx_metadata
+    from intraq_core.errors import ExportError
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
