@@ -66,7 +66,7 @@ class QuantConfig(StageConfig):
     images, see :class:`ReconstructConfig`) or ``squant`` (SQuant, ICLR 2022: rounding
     directions flipped to minimize the kernel- and channel-wise summed error, activation ranges
     from the BN statistics, no image at all; ``intraq_core.quant.squant``, ``squant_*`` keys);
-    see ``intraq_core.api.CALIBRATION_METHODS``. ``weight_range``/``act_range`` choose the range
+    see ``intraq_core.quant.methods.CALIBRATION_METHODS``. ``weight_range``/``act_range`` choose the range
     rule (``minmax``, or ``lp``: the range minimizing the Lp error, ``lp_norm`` = p), and
     ``learn_weight_scale``/``learn_act_scale`` make the step sizes trainable (LSQ) during
     distillation and reconstruction.

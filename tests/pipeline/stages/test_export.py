@@ -232,8 +232,8 @@ def test_export_command_writes_and_verifies(tmp_path: Path, student: nn.Module, 
 
 def _options_student(model_cfg: ModelConfig, option: str) -> nn.Module:
     """The real teacher at W4A4 with one of the accuracy options, its quantizers set as a run sets them."""
-    from intraq_core.api import CalibrationInputs, run_calibration
     from intraq_core.config import ReconstructConfig
+    from intraq_core.quant.methods import CalibrationInputs, run_calibration
 
     configs = {
         "lp-ranges": QuantConfig(weight_range="lp", act_range="lp"),
