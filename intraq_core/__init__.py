@@ -48,7 +48,7 @@ _EXPORTS: dict[str, str] = {
     "input_spec": "intraq_core.api",
     "synthesize": "intraq_core.api",
     "quantize": "intraq_core.quant.api",
-    "act_quantizers": "intraq_core.quant.api",
+    "act_quantizers": "intraq_core.quant.layers",
     "calibrate": "intraq_core.api",
     "distill_student": "intraq_core.api",
     "accuracy": "intraq_core.api",

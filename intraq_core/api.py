@@ -36,22 +36,16 @@ from torch import Tensor, nn
 from intraq_core.config import DistillConfig, EvalConfig, ModelConfig, QuantConfig, SynthConfig
 from intraq_core.models.imported import declared_spec, head_classes
 from intraq_core.models.registry import resolve_model_config
-from intraq_core.quant import calibrate_ranges
-from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
-from intraq_core.student import set_step_size_training
+from intraq_core.quant.methods import CalibrationInputs, calibration_positions, run_calibration
 
 __all__ = [
-    "CALIBRATION_METHODS",
-    "CalibrationInputs",
     "InputSpec",
     "SyntheticData",
     "accuracy",
     "calibrate",
-    "calibration_positions",
     "distill_student",
     "export",
     "input_spec",
-    "run_calibration",
     "synthesize",
 ]
 
@@ -254,97 +248,6 @@ def synthesize(
     return SyntheticData(torch.cat(images), torch.cat(labels), spec)
 
 
-def calibration_positions(num_images: int, num_batches: int, batch_size: int, seed: int) -> list[Tensor]:
-    """Which images each calibration batch uses: seeded, without repeats until all are used.
-
-    The pipeline calibrates on exactly these images too (executors that stream the data read
-    only them).
-    """
-    gen = torch.Generator().manual_seed(derive_seed(seed, PURPOSE_CALIBRATION))
-    order = torch.randperm(num_images, generator=gen)
-    size = min(batch_size, num_images)
-    out = []
-    for b in range(num_batches):
-        idx = order[(b * size) % num_images :][:size]
-        if idx.numel() < size:
-            idx = torch.cat([idx, order[: size - idx.numel()]])
-        out.append(idx)
-    return out
-
-
-@dataclass
-class CalibrationInputs:
-    """What a calibration step may use: the range-calibration batches, the teacher, the synthetic
-    training images (block reconstruction fits units on them), a seed and a progress callback."""
-
-    batches: list[Tensor]
-    teacher: nn.Module | None = None
-    images: Tensor | None = None
-    seed: int = 0
-    progress: Callable[[int, int, str], None] | None = None
-    image_shape: tuple[int, int, int] | None = None
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-
-def _minmax(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
-    """Each activation's range from the batches (EMA of min/max, or the Lp search when
-    ``act_range: lp``), then frozen (:func:`intraq_core.quant.calibrate_ranges`)."""
-    calibrate_ranges(student, inputs.batches)
-    return {}
-
-
-def _reconstruct(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
-    """Ranges as ``minmax``, then block reconstruction on the synthetic images
-    (:func:`intraq_core.quant.reconstruct.reconstruct`; the batches when no images are given)."""
-    from intraq_core.quant.reconstruct import reconstruct
-
-    calibrate_ranges(student, inputs.batches)
-    images = inputs.images if inputs.images is not None else torch.cat(inputs.batches)
-    device = next(student.parameters()).device
-    report = reconstruct(student, images, config.reconstruct, seed=inputs.seed, device=device, progress=inputs.progress)
-    return {"reconstruct": report.summary()}
-
-
-def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
-    """SQuant: flip the weights' rounding (kernel- and channel-wise summed error) and set the
-    activation ranges from the BN statistics; no image is used (:func:`intraq_core.quant.squant_`)."""
-    import logging
-
-    from intraq_core.quant import squant_
-
-    shape = inputs.image_shape
-    if shape is None:
-        shape = tuple(inputs.batches[0].shape[1:]) if inputs.batches else (3, 32, 32)  # type: ignore[assignment]
-    report = squant_(
-        student,
-        config,
-        image_shape=shape,
-        normalization=inputs.normalization,
-        seed=derive_seed(inputs.seed, PURPOSE_CALIBRATION),
-    )
-    summary = report.summary()
-    logging.getLogger(__name__).info(
-        "SQuant: %d of %d weights flipped from nearest rounding (max |kernel error| %.3f, max |channel error| %.3f "
-        "steps), %d activation ranges from BN statistics, %.2f s",
-        summary["flipped"],
-        summary["weights"],
-        summary["max_kernel_error"],
-        summary["max_channel_error"],
-        summary["activation_quantizers"],
-        summary["seconds"],
-    )
-    return {"squant": summary}
-
-
-#: ``QuantConfig.method`` → the step that sets the student's quantization parameters:
-#: ``step(student, config, inputs) -> report`` (a dict for the run's metrics).
-CALIBRATION_METHODS: dict[str, Callable[[nn.Module, QuantConfig, CalibrationInputs], dict[str, Any]]] = {
-    "minmax": _minmax,
-    "reconstruct": _reconstruct,
-    "squant": _squant,
-}
-
-
 def calibrate(
     student: nn.Module,
     data: SyntheticData | Tensor | Sequence[Tensor],
@@ -392,20 +295,6 @@ def calibrate(
         batches = list(data)
     run_calibration(student, cfg, CalibrationInputs(batches, teacher, images, seed, progress))
     return student
-
-
-def run_calibration(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
-    """Run the calibration step of ``config.method`` on ``inputs``; returns its report.
-
-    The one place both :func:`calibrate` and the pipeline's training stage go through. Afterwards
-    the LSQ step sizes are trainable exactly when the config learns them in distillation.
-    """
-    step = CALIBRATION_METHODS.get(config.method)
-    if step is None:
-        raise ValueError(f"unknown quant.method {config.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
-    report = step(student, config, inputs)
-    set_step_size_training(student, config)
-    return report
 
 
 def distill_student(
@@ -528,7 +417,9 @@ def export(
         format: ``onnx``, ``torchscript`` or ``torch-export``.
         quant_config: recorded in the ONNX metadata when given.
     """
-    from intraq_core.deploy import FORMATS, ExportError, export_bytes, onnx_metadata
+    from intraq_core.deploy import FORMATS, export_bytes
+    from intraq_core.deploy_onnx import onnx_metadata
+    from intraq_core.errors import ExportError
 
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from intraq_core.config import IMAGENET_MEAN, IMAGENET_STD
-from intraq_core.errors import AssetError
+from intraq_core.errors import AssetError, CheckpointError
 
 __all__ = [
     "ASSETS",
@@ -147,11 +147,11 @@ def state_dict_sha256(state: Mapping[str, Any]) -> str:
 
 
 def _state_dict_hash(path: Path) -> str | None:
-    import torch
+    from intraq_core.models.checkpoint import safe_load
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # any unreadable file simply fails verification
+        state = safe_load(path)
+    except CheckpointError:  # any unreadable file simply fails verification
         return None
     return state_dict_sha256(state) if isinstance(state, dict) else None
 
@@ -301,10 +301,12 @@ def _fetch_retinaface_mobilenet(asset: Asset, dest: Path) -> None:
     """
     import torch
 
+    from intraq_core.models.checkpoint import safe_load
+
     raw = dest.with_suffix(".download")
     try:
         _download_url(asset.url, raw)
-        payload = torch.load(raw, map_location="cpu", weights_only=True)
+        payload = safe_load(raw, what=asset.url)
     finally:
         raw.unlink(missing_ok=True)
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None

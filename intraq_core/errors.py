@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DatasetError",
     "DivergenceError",
+    "ExportError",
     "ModelError",
     "QuantizationError",
     "UnknownModelError",
@@ -137,6 +138,10 @@ def format_validation_error(
 
 class AssetError(ValueError):
     """An asset name or path could not be resolved to a verified local file."""
+
+
+class ExportError(ValueError):
+    """The model cannot be exported, or the exported model does not reproduce it."""
 
 
 class DatasetError(ValueError):

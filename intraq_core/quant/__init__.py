@@ -1,28 +1,12 @@
 """Fake quantization of CNN classifiers: quantizer primitives, the ``quantize`` verb and SQuant."""
 
-from intraq_core.quant.api import (
-    QuantConv1d,
-    QuantConv2d,
-    QuantizationWarning,
-    QuantLinear,
-    act_quantizers,
-    calibrate_ranges,
-    format_quant_map,
-    quant_map,
-    quant_summary,
-    quantize,
-    set_act_mode,
-    weight_quantized_layers,
-)
-from intraq_core.quant.quantizer import (
-    ACT_MODES,
-    ActFakeQuant,
-    ActMode,
-    WeightFakeQuant,
-    affine_qparams,
-    symmetric_qparams,
-)
+from intraq_core.quant.act_quantizer import ACT_MODES, ActFakeQuant, ActMode
+from intraq_core.quant.api import QuantizationWarning, quantize
+from intraq_core.quant.calibration import calibrate_ranges, set_act_mode
+from intraq_core.quant.layers import QuantConv1d, QuantConv2d, QuantLinear, act_quantizers, weight_quantized_layers
+from intraq_core.quant.quantizer import WeightFakeQuant, affine_qparams, symmetric_qparams
 from intraq_core.quant.squant import SQuantReport, squant_
+from intraq_core.quant.summary import format_quant_map, quant_map, quant_summary
 
 __all__ = [
     "ACT_MODES",

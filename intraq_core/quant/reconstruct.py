@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from intraq_core.config import ReconstructConfig
-from intraq_core.quant.api import QUANT_LAYER_TYPES, act_quantizers
-from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
+from intraq_core.quant.act_quantizer import ActFakeQuant
+from intraq_core.quant.layers import QUANT_LAYER_TYPES, act_quantizers
+from intraq_core.quant.quantizer import WeightFakeQuant
 
 __all__ = ["ReconstructReport", "Unit", "graph_units", "reconstruct", "unit_module"]
 

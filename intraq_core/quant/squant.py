@@ -68,7 +68,9 @@ from torch import Tensor, fx, nn
 
 from intraq_core.config import QuantConfig
 from intraq_core.models.introspect import bn_layers
-from intraq_core.quant.quantizer import ActFakeQuant, WeightFakeQuant
+from intraq_core.quant.act_quantizer import ActFakeQuant
+from intraq_core.quant.layers import weight_quantized_layers
+from intraq_core.quant.quantizer import WeightFakeQuant
 
 __all__ = [
     "SQUANT_SIGMA",
@@ -443,8 +445,6 @@ def squant_(
         True
     """
     import time
-
-    from intraq_core.quant.api import weight_quantized_layers
 
     t0 = time.perf_counter()
     report = SQuantReport()

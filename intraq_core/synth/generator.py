@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from intraq_core.config import SynthConfig
 from intraq_core.models.introspect import FeatureTap
 from intraq_core.synth import losses
-from intraq_core.synth.engine import SynthResult, _BNStats
+from intraq_core.synth.bn_stats import BNStats
+from intraq_core.synth.engine import SynthResult
 
 __all__ = [
     "GENERATOR_FORMAT",
@@ -160,7 +161,7 @@ class GeneratorTrainer:
         self.image_shape = tuple(int(v) for v in image_shape)
         self.weights = cfg.weights()
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False).to(self.device)
-        self.bn = _BNStats(self.teacher)
+        self.bn = BNStats(self.teacher)
         self.generator = build_generator(cfg, num_classes, image_shape, seed).to(self.device).train()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr, betas=(0.5, 0.999))
         self.rng = torch.Generator().manual_seed(int(seed) ^ 0x5EED)

@@ -218,7 +218,8 @@ def tune_command(
     """Search tune.space with Ray Tune (ASHA + Optuna) on a data-free objective; print the best config."""
     cfg = load_config(config, set_, storage, cluster, arch=arch, weights=weights)
     from pipeline.cli.logs import RunLog
-    from pipeline.ray.tune import BEST_PATH, check_tune, tune_search, write_best_config
+    from pipeline.ray.tune import BEST_PATH, tune_search, write_best_config
+    from pipeline.ray.tune_space import check_tune
 
     check_tune(cfg)  # before the log file and Ray: one line, nothing written
 

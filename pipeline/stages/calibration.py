@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from intraq_core.api import CalibrationInputs, run_calibration
-from intraq_core.api import calibration_positions as calibration_positions_of
 from intraq_core.distill import reestimate_bn
 from intraq_core.quant import act_quantizers, calibrate_ranges
+from intraq_core.quant.methods import CalibrationInputs, run_calibration
+from intraq_core.quant.methods import calibration_positions as calibration_positions_of
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 from intraq_core.student import build_student
 from pipeline.context import RunContext
@@ -65,7 +65,7 @@ def calibrate_student(
 
     With ``distill.bn: reestimate`` the BN statistics are re-estimated on the batches first (the
     ranges calibrated before and after); then the quantization parameters are set by
-    ``quant.method`` (:func:`intraq_core.api.run_calibration`). ``squant`` needs no batches: it
+    ``quant.method`` (:func:`intraq_core.quant.methods.run_calibration`). ``squant`` needs no batches: it
     rounds the weights and sets the activation ranges from the BN statistics.
     """
     device = ctx.device if device is None else device

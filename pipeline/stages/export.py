@@ -16,22 +16,19 @@ from intraq_core.deploy import (
     EXPORT_DIR,
     FORMATS,
     MIN_AGREEMENT,
-    ExportError,
-    QDQSite,
     compare_logits,
     example_input,
     export_bytes,
-    export_onnx,
     export_program,
     export_torchscript,
     load_verification_images,
-    lower_fake_quant,
-    onnx_metadata,
-    onnx_qdq_sites,
     reference_logits,
     run_exported,
     verify_export,
 )
+from intraq_core.deploy_onnx import export_onnx, lower_fake_quant, onnx_metadata, onnx_qdq_sites
+from intraq_core.deploy_qdq import QDQSite
+from intraq_core.errors import ExportError
 
 __all__ = [
     "DEFAULT_NAMES",

@@ -7,8 +7,8 @@ the shards, in the dataset's storage::
     data/generator/state.pt    generator + Adam state, RNG state, iteration, loss history
 
 written atomically every ``generate.generator_checkpoint_every`` iterations and at the end
-(tensors and plain types only: loaded with ``torch.load(weights_only=True)``). A run that is
-killed resumes from the last checkpoint and ends with the same generator as an uninterrupted one
+(tensors and plain types only: read weights-only by :func:`intraq_core.models.checkpoint.safe_load`).
+A run that is killed resumes from the last checkpoint and ends with the same generator as an uninterrupted one
 (the RNG state is part of the checkpoint); a finished state is reused as is, so shards
 regenerated later (``--resume``, ``--repair``) are identical. The checkpoint records the dataset
 hash; a checkpoint of another config is an error, an unreadable one is retrained from scratch
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from intraq_core.errors import CheckpointError, first_line
+from intraq_core.models.checkpoint import safe_load
 from intraq_core.seeding import derive_seed
 from intraq_core.synth.generator import GENERATOR_FORMAT, GeneratorSampler, GeneratorTrainer
 from pipeline.context import RunContext, kill_point
@@ -66,9 +68,9 @@ def load_generator_state(ctx: RunContext, storage: Storage) -> dict[str, Any] | 
         return None
     where = storage.join(GENERATOR_STATE)
     try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged file
-        log.warning("ignoring unreadable generator checkpoint %s (%s): training again", where, str(exc)[:200])
+        state = safe_load(raw, what=where)
+    except CheckpointError as exc:
+        log.warning("ignoring unreadable generator checkpoint %s (%s): training again", where, first_line(exc))
         return None
     if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
         log.warning("ignoring %s: not a generator checkpoint; training again", where)

@@ -6,7 +6,12 @@ S3-compatible endpoint). The class adds what plain fsspec lacks for a pipeline:
 
 * atomic writes (a reader never sees a partially written object),
 * one retry policy for transient errors (ours, with botocore's own retries switched off so an
-  unreachable endpoint fails in seconds instead of minutes),
+  unreachable endpoint fails in seconds instead of minutes). Not botocore's standard mode: its
+  backoff (jittered, growing from 1 s towards 20 s) cannot be set from ``retry_backoff_s`` (its six
+  attempts at a closed loopback port took 12-21 s; a run's checks must fail within 5 s), and it
+  retries neither local or other fsspec backends nor a GetObject body that breaks while being read
+  (that happens after botocore has returned the response). ``StorageConfig.retries`` is the number
+  of retries on both paths: this loop's, and pyarrow's ``AwsStandardS3RetryStrategy``,
 * one-line :class:`StorageError` messages for wrong schemes, credentials and endpoints, with
   secrets removed (:func:`redact`),
 * the run lock's (:mod:`pipeline.storage.lock`) operations, with local files written durably

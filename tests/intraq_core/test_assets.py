@@ -233,3 +233,26 @@ def test_more_shared_teachers_resolve_and_verify(name: str, filename: str, arch:
     assert sha256_file(path) == assets.ASSETS[name].sha256
     meta = assets.ASSETS[name].metadata
     assert meta["arch"] == arch and meta["shortcut"] == shortcut and assets.ASSETS[name].url.startswith("https://")
+
+
+def test_a_resaved_weights_file_is_verified_by_its_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other file bytes, same tensors: accepted by ``state_dict_sha256``; a file torch cannot read: refused."""
+    import torch
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2])}
+    _register(
+        monkeypatch,
+        Asset(
+            name="test-weights",
+            filename="w.pt",
+            sha256="0" * 64,
+            url="file:///nowhere",
+            state_dict_sha256=assets.state_dict_sha256(state),
+        ),
+    )
+    monkeypatch.setenv("INTRAQ_DATA_DIR", str(tmp_path))
+    torch.save(state, tmp_path / "w.pt")
+    assert resolve_asset("test-weights") == tmp_path / "w.pt"
+    (tmp_path / "w.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(AssetError, match="sha256 mismatch for asset 'test-weights'"):
+        resolve_asset("test-weights")

@@ -16,11 +16,11 @@ from intraq_core.distill import (
     DivergenceError,
     distill,
     epoch_batches,
-    kd_loss,
     lr_factor,
     reestimate_bn,
     steps_per_epoch,
 )
+from intraq_core.distill_losses import kd_loss
 
 
 def test_kd_loss_hand_case() -> None:

@@ -19,8 +19,17 @@ from torch import nn
 from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.errors import QuantizationError
 from intraq_core.models import create_model, resolve_model_config
-from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
-from intraq_core.quant.api import QuantConv2d, QuantizationWarning, format_quant_map, quant_map
+from intraq_core.quant import (
+    QuantConv2d,
+    QuantizationWarning,
+    act_quantizers,
+    calibrate_ranges,
+    format_quant_map,
+    quant_map,
+    quantize,
+    set_act_mode,
+    weight_quantized_layers,
+)
 
 
 class AnyActs(nn.Module):

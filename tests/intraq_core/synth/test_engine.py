@@ -104,7 +104,7 @@ def test_clip_pixels_keeps_images_in_the_valid_range(teacher: torch.nn.Module) -
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channel_stats_match_var_mean(channels_last: bool) -> None:
-    from intraq_core.synth.engine import channel_stats
+    from intraq_core.synth.bn_stats import channel_stats
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = (torch.randn(32, 8, 6, 6) * 3 + 2).contiguous(memory_format=fmt).requires_grad_(True)

@@ -1,4 +1,4 @@
-"""The Ray Tune search (``pipeline.ray.tune``, ``intraq-pipeline tune``).
+"""The Ray Tune search (``pipeline.ray.tune``, ``tune_space``, ``tune_trial``; ``intraq-pipeline tune``).
 
 Unit tests of the search space, the searcher, the probe set, the trials' resources and the
 objective's guards run without Ray. One end-to-end search runs through the CLI on the session's
@@ -26,16 +26,9 @@ from intraq_core.student import load_student
 from pipeline.cli.app import app
 from pipeline.config import ConfigError, load_run_config
 from pipeline.context import RunContext
-from pipeline.ray.tune import (
-    BEST_PATH,
-    RESULTS_PATH,
-    check_objective,
-    probe_config,
-    search_algorithm,
-    search_space,
-    trial_config,
-    trial_resources,
-)
+from pipeline.ray.tune import BEST_PATH, RESULTS_PATH, search_algorithm, trial_resources
+from pipeline.ray.tune_space import check_objective, search_space, trial_config
+from pipeline.ray.tune_trial import probe_config
 from pipeline.storage.manifest import Manifest, read_all
 from pipeline.storage.store import Storage
 

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from intraq_core.config import EvalConfig, ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
 from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode
-from intraq_core.quant.api import weight_quantized_layers
+from intraq_core.quant.layers import weight_quantized_layers
 from intraq_core.student import build_student, student_checkpoint_bytes
 from pipeline.cli.app import app
 from pipeline.stages.export import (
@@ -232,8 +232,8 @@ def test_export_command_writes_and_verifies(tmp_path: Path, student: nn.Module, 
 
 def _options_student(model_cfg: ModelConfig, option: str) -> nn.Module:
     """The real teacher at W4A4 with one of the accuracy options, its quantizers set as a run sets them."""
-    from intraq_core.api import CalibrationInputs, run_calibration
     from intraq_core.config import ReconstructConfig
+    from intraq_core.quant.methods import CalibrationInputs, run_calibration
 
     configs = {
         "lp-ranges": QuantConfig(weight_range="lp", act_range="lp"),
