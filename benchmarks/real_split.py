@@ -9,20 +9,29 @@ images choose nothing here: the result is an upper bound for the data, never a r
     python -m benchmarks.real_split write -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml -o real-even
     intraq-pipeline train -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml --dataset real-even -o w4a4-real
     python -m benchmarks.real_split eval -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml w4a4-real/student.pt
+
+``ptq`` runs only the config's quantization step (ranges, then block reconstruction for ``quant.method:
+reconstruct``) on the even half and scores the odd half, with ``--set`` overrides: a quick way to
+compare quantization recipes without synthesis or distillation::
+
+    python -m benchmarks.real_split ptq -c configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml --set quant.a_bits=8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+import intraq_core as iq
 from benchmarks.harness import write_real_dataset
 from intraq_core.data import load_test_set
 from intraq_core.evaluate import top1
+from intraq_core.quant.methods import CalibrationInputs, calibration_positions, run_calibration
 from intraq_core.student import load_student
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
@@ -60,6 +69,32 @@ def evaluate(config: str, students: list[str]) -> None:
         print(json.dumps({"student": path, **scores}), flush=True)
 
 
+def ptq(config: str, overrides: list[str], batch_size: int = 64) -> dict:
+    """The config's quantization step (no synthesis, no distillation) on the even half; top-1 on the odd half.
+
+    Range calibration reads ``quant.calibration_batches`` seeded batches of ``batch_size`` even-half
+    images; reconstruction fits on the first ``quant.reconstruct.num_images`` of them.
+    """
+    cfg = load_run_config(config, overrides)
+    ctx = RunContext.create(cfg)
+    x, y = _test_images(ctx)
+    even, odd = x[0::2], (x[1::2], y[1::2])
+    teacher = iq.create_model(ctx.model_cfg).eval()
+    start = time.perf_counter()
+    student = iq.quantize(teacher, cfg.quant)
+    idx = calibration_positions(even.shape[0], cfg.quant.calibration_batches, batch_size, cfg.seed)
+    report = run_calibration(student, cfg.quant, CalibrationInputs([even[i] for i in idx], teacher, even, cfg.seed))
+    seconds = time.perf_counter() - start
+    batches = ((odd[0][i : i + 100], odd[1][i : i + 100]) for i in range(0, len(odd[1]), 100))
+    units = report.get("reconstruct", {}).get("units", [])
+    return {
+        "set": overrides,
+        "odd_top1": top1(student.eval(), batches)["top1"],
+        "seconds": round(seconds, 1),
+        "units": [(u["unit"], round(u["mse_before"], 4), round(u["mse_after"], 4)) for u in units],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -69,10 +104,15 @@ def main() -> None:
     e = sub.add_parser("eval", help="students on both halves")
     e.add_argument("-c", "--config", required=True)
     e.add_argument("students", nargs="+")
+    q = sub.add_parser("ptq", help="the quantization step alone on the even half, scored on the odd half")
+    q.add_argument("-c", "--config", required=True)
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.command == "write":
         write(args.config, args.out)
+    elif args.command == "ptq":
+        print(json.dumps(ptq(args.config, args.overrides)), flush=True)
     else:
         evaluate(args.config, args.students)
 
