@@ -10,7 +10,8 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   images and writes ``student_calibrated.pt``, which the workers read. It builds the outcome from
   the last epoch's report of rank 0 (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
 * **Workers** (:mod:`pipeline.ray.train_worker`): each runs :class:`~pipeline.stages.train.Training`
-  on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory, or streamed).
+  on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory by the worker
+  itself, or streamed by Ray Data).
 * **Checkpoints** every ``distill.checkpoint_every`` epochs and at the last, in the format of the
   local executor (one ``train_state.pt`` per Ray Train checkpoint), uploaded asynchronously
   (``CheckpointUploadMode.ASYNC``) while training continues. A restarted worker group
@@ -36,7 +37,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
-from pipeline.ray.train_data import DATA_TASK_CPUS, ray_datasets, split_config
+from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
 from pipeline.ray.train_plan import plan_training, read_images
 from pipeline.ray.train_worker import FAIL_ONCE_ENV, train_loop
 from pipeline.ray.user_code import with_user_code
@@ -86,7 +87,7 @@ def worker_config(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
 
 
 def _check_capacity(cfg: RunConfig, workers: int, cpus: float) -> None:
-    """Fail fast instead of hanging when Train workers would leave no CPU for Ray Data tasks."""
+    """Fail fast instead of hanging when streaming Train workers would leave no CPU for Ray Data tasks."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
@@ -209,8 +210,9 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         raise RuntimeError("train_ray needs a running Ray (pipeline.ray.session.start_ray)")
     workers, cpus = cfg.ray.train_workers, cfg.ray.cpus_per_train_worker
     use_gpu = resolve_use_gpu(cfg)
-    _check_capacity(cfg, workers, cpus)
     plan = plan_training(ctx, manifest)
+    if plan.data == "stream":  # only streaming runs Ray Data tasks (memory shares are read by the workers)
+        _check_capacity(cfg, workers, cpus)
 
     t0 = time.perf_counter()
     positions = [p.numpy() for p in calibration_positions(plan.num_train, ctx)]
@@ -229,13 +231,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         "run_config": worker_config(cfg, ctx.storage),
         "storage": ctx.storage.config.model_copy(update={"url": ctx.storage.url}).model_dump(mode="json"),
         "identity": train_identity(ctx, manifest, plan.num_train),
-        "image_shape": list(manifest.image_shape),
-        "rows": int(plan.order.size),
-        "num_train": plan.num_train,
-        "num_holdout": int(plan.holdout_indices.size),
-        "holdout": plan.holdout_indices,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "data": plan.data,
+        **data_config(plan, manifest),
         "cpus_per_worker": cpus,
         "teacher_sha256": ctx.teacher_sha256,
         "fail_once": _fail_once_hook(),

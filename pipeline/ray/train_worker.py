@@ -25,7 +25,7 @@ from intraq_core.quant import set_act_mode
 from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, limit_threads, state_dict_sha256
+from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
 from pipeline.ray.train_data import WorkerData
 from pipeline.stages.train import CALIBRATED_PATH, Training, write_outputs
 from pipeline.stages.train_state import TRAIN_STATE_PATH, parse_train_state
@@ -80,7 +80,8 @@ def train_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = rt.get_device()
-    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world)  # the read starts now
+    # The read starts now, in the background.
+    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, dataset_storage(ctx))
     teacher = ctx.teacher()
     if state_dict_sha256(teacher) != config["teacher_sha256"]:
         raise RuntimeError(

@@ -185,6 +185,38 @@ def test_driver_picks_the_local_calibration_images(dataset_url: str, tmp_path: P
     assert torch.equal(read_images(storage, manifest, plan, plan.holdout_indices[::-1].copy()), images[hold].flip(0))
 
 
+@pytest.mark.timeout(120)
+def test_workers_read_their_share_themselves(dataset_url: str, tmp_path: Path) -> None:
+    """In memory mode each worker reads its rows straight from the shards (no Ray Data pipeline):
+    one worker holds exactly the local executor's training and held-out images and labels, in its
+    order; two workers hold contiguous halves of them, which together are the same images."""
+    from pipeline.ray.train_data import WorkerData, data_config, ray_datasets
+
+    cfg = train_config(str(tmp_path / "run"), dataset_url)
+    ctx = RunContext.create(cfg)
+    storage = dataset_storage(ctx)
+    manifest = Manifest.load(storage)
+    images, labels, indices = load_dataset(ctx, manifest)
+    hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
+    assert int((~hold).sum()) == 89  # of 128: the held-out split is by a hash of the index
+
+    def shares(workers: int) -> list[WorkerData]:
+        wcfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"train_workers": workers})})
+        plan = plan_training(RunContext.create(wcfg), manifest)
+        assert plan.data == "memory" and ray_datasets(storage, manifest, plan, cfg.seed) is None
+        config = {**data_config(plan, manifest), "run_config": wcfg.to_dict()}
+        return [WorkerData(config, r, workers, torch.device("cpu"), 8, storage).wait() for r in range(workers)]
+
+    (one,) = shares(1)
+    assert torch.equal(one.train_x, images[~hold]) and torch.equal(one.train_y, labels[~hold])
+    assert one.hold_x is not None and torch.equal(one.hold_x, images[hold])
+    two = shares(2)
+    assert [w.train_x.shape[0] for w in two] == [45, 44]
+    assert torch.equal(torch.cat([w.train_x for w in two]), images[~hold])
+    assert torch.equal(torch.cat([w.train_y for w in two]), labels[~hold])
+    assert torch.equal(torch.cat([w.hold_x for w in two if w.hold_x is not None]), images[hold])
+
+
 def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -> None:
     """The one checkpoint format: loads with weights_only=True, continues training bit for bit,
     carries executor bookkeeping, and is refused for another training."""
@@ -220,8 +252,14 @@ def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_too_many_train_cpus_fail_fast(ray_cluster: Any, dataset_url: str, tmp_path: Path) -> None:
-    """Workers that would leave no CPU to Ray Data's readers are refused before anything starts."""
-    cfg = train_config(str(tmp_path / "run"), dataset_url, "ray.train_workers=4", "ray.cpus_per_train_worker=1")
+    """Streaming workers that would leave no CPU to Ray Data's readers are refused before anything starts."""
+    cfg = train_config(
+        str(tmp_path / "run"),
+        dataset_url,
+        "ray.train_workers=4",
+        "ray.cpus_per_train_worker=1",
+        "ray.train_data=stream",
+    )
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="training would hang"):
         train_ray(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
