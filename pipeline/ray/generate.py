@@ -15,8 +15,9 @@ labels and features for the same config and seed, whatever the number of actors)
   result, since centres only change between rounds.
 * Generator methods (``gdfq``, ``qimera``) first train their generator in one actor
   (:func:`pipeline.ray.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
-* Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
-  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
+* Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) receives the teacher the
+  driver built (:mod:`pipeline.ray.teacher`, through the object store) and builds one
+  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) on it once,
   optimizes the shards it is given (a pack of ``generate.groups_per_pass`` shards of a round per
   call, one pass for the pack), writes each one itself (atomic Parquet write,
   :func:`pipeline.stages.generate.synthesize_shards`) and returns its
@@ -60,6 +61,7 @@ from pipeline.errors import GenerationError
 from pipeline.ray import metrics
 from pipeline.ray.generator_training import train_generator_ray
 from pipeline.ray.resources import PoolSpec, pool_spec
+from pipeline.ray.teacher import received_teacher, share_teacher
 from pipeline.ray.user_code import with_user_code
 from pipeline.stages.generate import (
     GenerationStats,
@@ -87,10 +89,11 @@ STALL_WARNING_S = 120.0
 class GeneratorActor:
     """One Synthesizer in one Ray actor; optimizes and writes the shards it is given."""
 
-    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None) -> None:
+    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None, teacher: bytes | None = None) -> None:
+        """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
         torch.set_num_threads(max(1, int(cpus)))
         self.name = name
-        self.ctx = RunContext.create(cfg)
+        self.ctx = RunContext.create(cfg, received_teacher(teacher))
         self.storage = dataset_storage(self.ctx)
         self.board = board
         self.fault_marker = os.environ.get(FAULT_ENV) or None
@@ -154,10 +157,11 @@ def _actor_config(ctx: RunContext) -> RunConfig:
 class _Pool:
     """The generator actors of one generation: created on demand, replaced when they die."""
 
-    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any) -> None:
+    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any, teacher: Any = None) -> None:
         self.cfg = cfg
         self.spec = spec
         self.board = board
+        self.teacher = teacher  # the object reference of the driver's teacher, or None
         self.created = 0
         self.actors: list[Any] = []
         self.idle: deque[Any] = deque()
@@ -187,7 +191,9 @@ class _Pool:
         deadline = time.monotonic() + 10.0
         while True:
             try:
-                actor = _RemoteGenerator.options(**options).remote(self.cfg, name, self.spec.num_cpus, self.board)
+                actor = _RemoteGenerator.options(**options).remote(
+                    self.cfg, name, self.spec.num_cpus, self.board, self.teacher
+                )
                 break
             except ValueError:  # the name of an actor killed a moment ago is not released yet
                 if time.monotonic() > deadline:
@@ -249,10 +255,11 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             storage.url,
             len(ray.nodes()),
         )
+    teacher = share_teacher(ctx)
     if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
-        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress)
+        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress, teacher=teacher)
     board = metrics.progress_board_actor() if progress else None
-    pool = _Pool(_actor_config(ctx), spec, board)
+    pool = _Pool(_actor_config(ctx), spec, board, teacher)
     bar = tqdm(total=len(todo), desc="generate", unit="shard", disable=not progress)
     driver = _Driver(ctx, storage, manifest, stats, pool, bar)
     log.info(

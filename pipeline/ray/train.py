@@ -7,7 +7,8 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   shards' ``index`` columns (:mod:`pipeline.ray.train_plan`: the local executor's held-out split),
   reads only the calibration images (and the block reconstruction images with ``quant.method:
   reconstruct``), sets the student's quantization parameters on exactly the local executor's
-  images and writes ``student_calibrated.pt``, which the workers read. It builds the outcome from
+  images and writes ``student_calibrated.pt``, which the workers read. The teacher it builds goes
+  to the workers through the object store (:mod:`pipeline.ray.teacher`). It builds the outcome from
   the last epoch's report of rank 0 (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
 * **Workers** (:mod:`pipeline.ray.train_worker`): each runs :class:`~pipeline.stages.train.Training`
   on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory by the worker
@@ -37,6 +38,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
+from pipeline.ray.teacher import share_teacher
 from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
 from pipeline.ray.train_plan import plan_training, read_images
 from pipeline.ray.train_worker import FAIL_ONCE_ENV, train_loop
@@ -222,8 +224,10 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
     needed_x = read_images(data, manifest, plan, plan.train_indices[needed])
     batches = [needed_x[torch.from_numpy(np.searchsorted(needed, p))] for p in positions]
     images = needed_x[torch.from_numpy(np.searchsorted(needed, rec_positions))] if rec is not None else None
-    student = calibrate_student(ctx, ctx.teacher(), batches, images, device=ctx.driver_device)
-    del needed_x, batches, images
+    teacher = ctx.teacher()
+    teacher_ref = share_teacher(ctx, teacher)  # pickled now, before calibration uses the teacher
+    student = calibrate_student(ctx, teacher, batches, images, device=ctx.driver_device)
+    del needed_x, batches, images, teacher
     write_calibrated(ctx, student)
     t1 = time.perf_counter()
 
@@ -233,6 +237,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         "identity": train_identity(ctx, manifest, plan.num_train),
         **data_config(plan, manifest),
         "cpus_per_worker": cpus,
+        "teacher": teacher_ref,
         "teacher_sha256": ctx.teacher_sha256,
         "fail_once": _fail_once_hook(),
     }
