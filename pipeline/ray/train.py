@@ -7,8 +7,10 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   shards' ``index`` columns (:mod:`pipeline.ray.train_plan`: the local executor's held-out split),
   reads only the calibration images (and the block reconstruction images with ``quant.method:
   reconstruct``), sets the student's quantization parameters on exactly the local executor's
-  images and writes ``student_calibrated.pt``, which the workers read. The teacher it builds goes
-  to the workers through the object store (:mod:`pipeline.ray.teacher`). It builds the outcome from
+  images and writes ``student_calibrated.pt``, which the workers read. It calibrates in a thread
+  while ``fit()`` starts the worker group (the workers wait for that file, see
+  :func:`~pipeline.ray.train_worker.wait_for_calibrated`), so neither waits for the other. The
+  teacher it builds goes to the workers through the object store (:mod:`pipeline.ray.teacher`). It builds the outcome from
   the last epoch's report of rank 0 (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
 * **Workers** (:mod:`pipeline.ray.train_worker`): each runs :class:`~pipeline.stages.train.Training`
   on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory by the worker
@@ -30,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +41,14 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
+from pipeline.errors import one_line
 from pipeline.ray.teacher import share_teacher
 from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
 from pipeline.ray.train_plan import plan_training, read_images
-from pipeline.ray.train_worker import FAIL_ONCE_ENV, train_loop
+from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, FAIL_ONCE_ENV, train_loop
 from pipeline.ray.user_code import with_user_code
 from pipeline.stages.calibration import calibrate_student, calibration_positions, reconstruction_positions
-from pipeline.stages.train import TrainOutcome, write_calibrated
+from pipeline.stages.train import CALIBRATED_PATH, TrainOutcome, write_calibrated
 from pipeline.stages.train_state import train_identity
 from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
@@ -174,6 +178,45 @@ class _Progress:
                 self.queue.shutdown()
 
 
+class _Calibration:
+    """The driver's calibration of the student (``calibrate(teacher)``, then ``student_calibrated.pt``), run in a
+    thread so that the Train worker group starts meanwhile; the workers wait for the file
+    (:func:`~pipeline.ray.train_worker.wait_for_calibrated`), or for :data:`CALIBRATION_FAILED_PATH`
+    when it fails."""
+
+    def __init__(
+        self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
+    ) -> None:
+        self.error: BaseException | None = None
+        self._started = time.perf_counter()
+        self._ended = self._started
+        args = (ctx, calibrate, teacher)
+        self._thread = threading.Thread(target=self._run, args=args, name="intraq-calibrate", daemon=True)
+        self._thread.start()
+
+    def _run(
+        self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
+    ) -> None:
+        try:
+            write_calibrated(ctx, calibrate(teacher))
+        except BaseException as exc:  # re-raised in the driver's thread
+            self.error = exc
+            try:
+                reason = one_line(f"{type(exc).__name__}: {exc}")
+                ctx.storage.write_bytes_atomic(CALIBRATION_FAILED_PATH, reason.encode())
+            except Exception:
+                log.exception("could not tell the Train workers that the calibration failed")
+        finally:
+            self._ended = time.perf_counter()
+
+    def wait(self) -> tuple[float, float]:
+        """Join; raises what the calibration raised; its seconds and its end (a ``perf_counter`` time)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self._ended - self._started, self._ended
+
+
 def _make_report_callback(queue: Any) -> Any:
     """A ``ray.train.UserCallback`` that forwards rank 0's per-epoch metrics to ``queue``."""
     from ray.train import UserCallback
@@ -216,20 +259,24 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
     if plan.data == "stream":  # only streaming runs Ray Data tasks (memory shares are read by the workers)
         _check_capacity(cfg, workers, cpus)
 
-    t0 = time.perf_counter()
-    positions = [p.numpy() for p in calibration_positions(plan.num_train, ctx)]
-    rec = reconstruction_positions(plan.num_train, ctx)
-    rec_positions = rec.numpy() if rec is not None else np.zeros(0, dtype=np.int64)
-    needed = np.unique(np.concatenate([*positions, rec_positions]))
-    needed_x = read_images(data, manifest, plan, plan.train_indices[needed])
-    batches = [needed_x[torch.from_numpy(np.searchsorted(needed, p))] for p in positions]
-    images = needed_x[torch.from_numpy(np.searchsorted(needed, rec_positions))] if rec is not None else None
+    for stale in (CALIBRATED_PATH, CALIBRATION_FAILED_PATH):  # an earlier attempt's: the workers wait for ours
+        if ctx.storage.exists(stale):
+            ctx.storage.delete(stale)
     teacher = ctx.teacher()
     teacher_ref = share_teacher(ctx, teacher)  # pickled now, before calibration uses the teacher
-    student = calibrate_student(ctx, teacher, batches, images, device=ctx.driver_device)
-    del needed_x, batches, images, teacher
-    write_calibrated(ctx, student)
-    t1 = time.perf_counter()
+
+    def calibrate(teacher: torch.nn.Module) -> torch.nn.Module:
+        positions = [p.numpy() for p in calibration_positions(plan.num_train, ctx)]
+        rec = reconstruction_positions(plan.num_train, ctx)
+        rec_positions = rec.numpy() if rec is not None else np.zeros(0, dtype=np.int64)
+        needed = np.unique(np.concatenate([*positions, rec_positions]))
+        needed_x = read_images(data, manifest, plan, plan.train_indices[needed])
+        batches = [needed_x[torch.from_numpy(np.searchsorted(needed, p))] for p in positions]
+        images = needed_x[torch.from_numpy(np.searchsorted(needed, rec_positions))] if rec is not None else None
+        return calibrate_student(ctx, teacher, batches, images, device=ctx.driver_device)
+
+    calibration = _Calibration(ctx, calibrate, teacher)  # in a thread, while fit() below starts the worker group
+    del teacher  # the thread holds it until it is done
 
     loop_config: dict[str, Any] = {
         "run_config": worker_config(cfg, ctx.storage),
@@ -266,9 +313,15 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         datasets=ray_datasets(data, manifest, plan, cfg.seed),
         dataset_config=split_config(),
     )
-    with bar:
-        result = trainer.fit()
+    try:
+        with bar:
+            result = trainer.fit()
+    except Exception:
+        if calibration.error is not None:  # the workers stopped because the calibration failed: say why
+            raise calibration.error from None
+        raise
     t2 = time.perf_counter()
+    seconds_calibrate, t1 = calibration.wait()
     report = (result.metrics or {}).get("summary")
     if report is None:
         raise RuntimeError(f"Ray Train run {result.path} finished without reporting its last epoch")
@@ -277,7 +330,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         report,
         num_train=plan.num_train,
         num_holdout=int(plan.holdout_indices.size),
-        seconds_calibrate=t1 - t0,
+        seconds_calibrate=seconds_calibrate,
         seconds_distill=t2 - t1,
         started=t_start,
         train_workers=workers,

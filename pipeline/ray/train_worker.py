@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ from pipeline.storage.store import Storage
 #: (the marker file records that it did), after the checkpoints reported so far are committed.
 #: Read on the driver, passed in ``train_loop_config``.
 FAIL_ONCE_ENV = "INTRAQ_TEST_FAIL_ONCE"
+#: What the driver writes instead of ``student_calibrated.pt`` when its calibration fails: the
+#: workers, started while it calibrated, stop waiting (:func:`wait_for_calibrated`).
+CALIBRATION_FAILED_PATH = "student_calibrated.failed"
+#: Seconds between two looks for the calibrated student: from the first, doubling up to the last.
+CALIBRATED_POLL_S = (0.05, 1.0)
 #: Seed purpose of the augmentation stream of ranks > 0 (rank 0 uses the run's seed, so one worker
 #: trains exactly like the local executor).
 PURPOSE_RANK = 101
@@ -89,6 +95,24 @@ def worker_teacher(ctx: RunContext, config: dict[str, Any], rank: int) -> torch.
     return teacher
 
 
+def wait_for_calibrated(storage: Storage) -> bytes:
+    """``student_calibrated.pt`` once the driver has written it: the workers start while it calibrates.
+
+    The driver removes the file of an earlier attempt before the workers start, and writes it
+    atomically, so it is the fresh one once it exists; :data:`CALIBRATION_FAILED_PATH` says the
+    calibration failed (raised here, so the workers stop).
+    """
+    delay, longest = CALIBRATED_POLL_S
+    while True:
+        if storage.exists(CALIBRATED_PATH):
+            return storage.read_bytes(CALIBRATED_PATH)
+        if storage.exists(CALIBRATION_FAILED_PATH):
+            reason = storage.read_bytes(CALIBRATION_FAILED_PATH).decode(errors="replace")
+            raise RuntimeError(f"the driver's calibration failed: {reason}")
+        time.sleep(delay)
+        delay = min(2 * delay, longest)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Per-worker: load the calibrated student (or resume), read the data, run the one training driver."""
     import ray.train
@@ -106,7 +130,7 @@ def train_loop(config: dict[str, Any]) -> None:
     data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, dataset_storage(ctx))
     teacher = worker_teacher(ctx, config, rank).to(device)
     student = build_student(teacher, cfg.quant)
-    calibrated = safe_load(storage.read_bytes(CALIBRATED_PATH), what=storage.join(CALIBRATED_PATH))
+    calibrated = safe_load(wait_for_calibrated(storage), what=storage.join(CALIBRATED_PATH))
     student.load_state_dict(calibrated["state_dict"])
     set_act_mode(student, "frozen")
     student = student.to(device).eval()

@@ -314,3 +314,86 @@ def test_two_workers_train_the_one_worker_recipe(n_invariance: dict[str, Any], r
     assert moved > 0.05, f"training barely moved the student ({moved:.4f}): the comparison would be empty"
     assert differ < 0.01 * moved, (float(differ), float(moved))
     assert (two_logits.argmax(1) == one_logits.argmax(1)).float().mean() >= 0.99
+
+
+def test_workers_wait_for_the_calibrated_student_or_its_failure(tmp_path: Path) -> None:
+    """A worker reads student_calibrated.pt once the driver has written it, and stops on the failure note."""
+    import threading
+
+    from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, wait_for_calibrated
+    from pipeline.storage.store import Storage
+
+    storage = Storage.from_url(str(tmp_path))
+    later = threading.Timer(0.3, storage.write_bytes_atomic, (CALIBRATED_PATH, b"student"))
+    later.start()
+    assert wait_for_calibrated(storage) == b"student"
+    storage.delete(CALIBRATED_PATH)
+    storage.write_bytes_atomic(CALIBRATION_FAILED_PATH, b"ValueError: boom")
+    with pytest.raises(RuntimeError, match="the driver's calibration failed: ValueError: boom"):
+        wait_for_calibrated(storage)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_the_worker_group_starts_while_the_driver_calibrates(
+    ray_cluster: Any, dataset_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fit()`` is called before the calibration ends (a stand-in trainer that waits for the file like a
+    worker); a stale calibrated student is not taken for the new one; a failed calibration stops the
+    workers and is the error the driver raises."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray.train.torch
+
+    import pipeline.ray.train as ray_train
+    from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, wait_for_calibrated
+
+    fit_called = threading.Event()
+    read: list[bytes] = []
+    real_calibrate = ray_train.calibrate_student
+    fail: list[Exception] = []
+
+    def calibrate(*args: Any, **kwargs: Any) -> Any:
+        assert fit_called.wait(timeout=60), "the driver calibrated before starting the worker group"
+        if fail:
+            raise fail[0]
+        return real_calibrate(*args, **kwargs)
+
+    class Trainer:
+        def __init__(self, _: Any, *, train_loop_config: dict[str, Any], **__: Any) -> None:
+            self.config = train_loop_config
+
+        def fit(self) -> Any:
+            fit_called.set()
+            read.append(wait_for_calibrated(ctx.storage))  # what every worker does first
+            report = {
+                "history": [],
+                "agreement_calibrated": None,
+                "agreement_final": None,
+                "selection": None,
+                "steps_per_epoch": 3,
+                "optimizer_steps": 6,
+                "loop_start_unix": None,
+                "epoch_seconds": [],
+                "device": "cpu",
+            }
+            return SimpleNamespace(metrics={"summary": report}, path="stand-in")
+
+    monkeypatch.setattr(ray_train, "calibrate_student", calibrate)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    cfg = train_config(str(tmp_path / "run"), dataset_url)
+    ctx = RunContext.create(cfg)
+    ctx.storage.write_bytes_atomic(CALIBRATED_PATH, b"an earlier attempt's")
+    manifest = Manifest.load(dataset_storage(ctx))
+    outcome = train_ray(ctx, manifest, progress=False)
+    assert outcome.optimizer_steps == 6
+    assert read == [(tmp_path / "run" / CALIBRATED_PATH).read_bytes()] != [b"an earlier attempt's"]
+    load_student(tmp_path / "run" / CALIBRATED_PATH)  # a student checkpoint
+
+    fit_called.clear()
+    fail.append(ValueError("calibration went wrong"))
+    with pytest.raises(ValueError, match="calibration went wrong"):
+        train_ray(RunContext.create(cfg), manifest, progress=False)
+    assert b"ValueError: calibration went wrong" in ctx.storage.read_bytes(CALIBRATION_FAILED_PATH)
+    assert not ctx.storage.exists(CALIBRATED_PATH)
