@@ -10,8 +10,9 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   images and writes ``student_calibrated.pt``, which the workers read. It calibrates in a thread
   while ``fit()`` starts the worker group (the workers wait for that file, see
   :func:`~pipeline.ray.train_worker.wait_for_calibrated`), so neither waits for the other. The
-  teacher it builds goes to the workers through the object store (:mod:`pipeline.ray.teacher`). It builds the outcome from
-  the last epoch's report of rank 0 (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
+  teacher it builds goes to the workers through the object store (:mod:`pipeline.ray.teacher`). It
+  builds the outcome from the last epoch's report of rank 0
+  (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
 * **Workers** (:mod:`pipeline.ray.train_worker`): each runs :class:`~pipeline.stages.train.Training`
   on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory by the worker
   itself, or streamed by Ray Data).
