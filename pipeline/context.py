@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -55,19 +56,41 @@ def state_dict_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class BuiltTeacher:
+    """The run's teacher as one process built it, with what another process would otherwise derive
+    again from the config and the weights file: the resolved model config and the weights' checksum.
+
+    The Ray executors build it once on the driver and hand it to every actor and Train worker
+    through the object store (one copy per node), so those neither rebuild the teacher nor check
+    its weights again, and their nodes need no weights file (:meth:`RunContext.built_teacher`).
+    """
+
+    model: nn.Module
+    model_cfg: ModelConfig
+    sha256: str
+
+
 @dataclass
 class RunContext:
-    """A run config with its model config resolved and its storage opened."""
+    """A run config with its model config resolved and its storage opened.
+
+    ``given_teacher``: the teacher another process built (:class:`BuiltTeacher`); :meth:`teacher`
+    then copies it, and :attr:`model_cfg` and :attr:`teacher_sha256` are its own.
+    """
 
     cfg: RunConfig
     storage: Storage
+    given_teacher: BuiltTeacher | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, cfg: RunConfig) -> RunContext:
-        return cls(cfg, Storage.from_config(cfg.storage))
+    def create(cls, cfg: RunConfig, teacher: BuiltTeacher | None = None) -> RunContext:
+        return cls(cfg, Storage.from_config(cfg.storage), teacher)
 
     @cached_property
     def model_cfg(self) -> ModelConfig:
+        if self.given_teacher is not None:
+            return self.given_teacher.model_cfg
         return resolve_model_config(self.cfg.model)
 
     @property
@@ -105,12 +128,24 @@ class RunContext:
 
     def teacher(self) -> nn.Module:
         """A fresh frozen copy of the full-precision teacher, in eval mode, on CPU."""
+        if self.given_teacher is not None:
+            return copy.deepcopy(self.given_teacher.model)
         model = create_model(self.model_cfg)
         return model.eval().requires_grad_(False)
 
     @cached_property
     def teacher_sha256(self) -> str:
+        if self.given_teacher is not None:
+            return self.given_teacher.sha256
         return state_dict_sha256(self.teacher())
+
+    def built_teacher(self, model: nn.Module | None = None) -> BuiltTeacher:
+        """The teacher to hand to other processes: ``model`` (a :meth:`teacher` of this run; default
+        a fresh one) with the resolved config and its checksum (computed at most once per context)."""
+        model = model if model is not None else self.teacher()
+        if "teacher_sha256" not in self.__dict__:
+            self.__dict__["teacher_sha256"] = state_dict_sha256(model)
+        return BuiltTeacher(model, self.model_cfg, self.teacher_sha256)
 
 
 DATA_DIR = "data"

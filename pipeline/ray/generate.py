@@ -15,16 +15,21 @@ labels and features for the same config and seed, whatever the number of actors)
   result, since centres only change between rounds.
 * Generator methods (``gdfq``, ``qimera``) first train their generator in one actor
   (:func:`pipeline.ray.generator_training.train_generator_ray`, checkpointed and resumed on actor death).
-* Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) builds one
-  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) once,
+* Each :class:`GeneratorActor` (dashboard name ``intraq-generator-<i>``) receives the teacher the
+  driver built (:mod:`pipeline.ray.teacher`, through the object store) and builds one
+  :class:`~intraq_core.synth.engine.Synthesizer` (or the trained generator's sampler) on it once,
   optimizes the shards it is given (a pack of ``generate.groups_per_pass`` shards of a round per
   call, one pass for the pack), writes each one itself (atomic Parquet write,
-  :func:`pipeline.stages.generate.synthesize_shards`) and returns its
-  :class:`~pipeline.stages.generate.ShardOutcome`. The driver adds every finished shard to the manifest
+  :func:`pipeline.stages.generate.write_shards`) and returns its
+  :class:`~pipeline.stages.generate.ShardOutcome`. The driver keeps two packs of a round on each
+  actor when it has them (:data:`PACKS_IN_FLIGHT`; every actor gets one before any gets two): the
+  actor optimizes the next while it writes the last, so neither storage nor the round trip to the
+  driver stalls its loop. The driver adds every finished shard to the manifest
   and saves it atomically at once, so a crash loses at most the in-flight shards, and
   a re-run skips listed shards.
 * An actor that dies mid-shard (``RayActorError``: killed, OOM, node lost) is replaced by a
-  fresh actor and its shard re-dispatched, at most ``ray.max_failures`` times per shard. A
+  fresh actor and its packs re-dispatched; the one it was optimizing counts a failure, at most
+  ``ray.max_failures`` per shard. A
   shard is only listed after its file is complete, so no partial shard is ever visible.
 * Pool size: ``ray.generation_actors``, else as many actors as the cluster fits (one per
   ``ray.gpus_per_actor`` GPUs on GPU clusters, else one per ``ray.cpus_per_actor`` CPUs), and
@@ -45,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -60,14 +66,16 @@ from pipeline.errors import GenerationError
 from pipeline.ray import metrics
 from pipeline.ray.generator_training import train_generator_ray
 from pipeline.ray.resources import PoolSpec, pool_spec
+from pipeline.ray.teacher import received_teacher, share_teacher
 from pipeline.ray.user_code import with_user_code
 from pipeline.stages.generate import (
     GenerationStats,
     ShardOutcome,
     centres_before_round,
     make_synthesizer,
+    optimize_shards,
     pending_work,
-    synthesize_shards,
+    write_shards,
 )
 from pipeline.stages.plan import ShardTask, packs, rounds
 from pipeline.storage.manifest import Manifest
@@ -80,21 +88,30 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "INTRAQ_TEST_ACTOR_EXIT_ONCE"
 ACTOR_NAME = "intraq-generator-{}"
 POLL_S = 0.5
+#: Packs the driver keeps on each actor at once: the next one optimizes while the last is written.
+PACKS_IN_FLIGHT = 2
 REPORT_FRACTION = 10  # actors report progress every 1/REPORT_FRACTION of a shard's iterations
 STALL_WARNING_S = 120.0
 
 
 class GeneratorActor:
-    """One Synthesizer in one Ray actor; optimizes and writes the shards it is given."""
+    """One Synthesizer in one Ray actor; optimizes and writes the shards it is given.
 
-    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None) -> None:
+    A threaded actor (:data:`PACKS_IN_FLIGHT` calls at once): the packs optimize one at a time
+    (a lock), and a pack is written outside the lock, so storage never stalls the optimization of
+    the next pack the driver has already sent. A call returns once its shards are written.
+    """
+
+    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None, teacher: bytes | None = None) -> None:
+        """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
         torch.set_num_threads(max(1, int(cpus)))
         self.name = name
-        self.ctx = RunContext.create(cfg)
+        self.ctx = RunContext.create(cfg, received_teacher(teacher))
         self.storage = dataset_storage(self.ctx)
         self.board = board
         self.fault_marker = os.environ.get(FAULT_ENV) or None
         self.synth = make_synthesizer(self.ctx, self.storage)
+        self.optimizing = threading.Lock()
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
@@ -116,7 +133,9 @@ class GeneratorActor:
 
         g = self.ctx.cfg.generate
         progress = report if g.optimizes and not g.uses_generator else None
-        outcomes = synthesize_shards(self.synth, self.ctx, self.storage, pack, centres_state, progress=progress)
+        with self.optimizing:
+            results = optimize_shards(self.synth, pack, centres_state, progress=progress)
+        outcomes = write_shards(self.ctx, self.storage, pack, results)
         seconds = sum(o.seconds for o in outcomes)
         if seconds > 0:
             rate = sum(o.image_iterations for o in outcomes) / seconds
@@ -154,13 +173,15 @@ def _actor_config(ctx: RunContext) -> RunConfig:
 class _Pool:
     """The generator actors of one generation: created on demand, replaced when they die."""
 
-    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any) -> None:
+    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any, teacher: Any = None) -> None:
         self.cfg = cfg
         self.spec = spec
         self.board = board
+        self.teacher = teacher  # the object reference of the driver's teacher, or None
         self.created = 0
         self.actors: list[Any] = []
-        self.idle: deque[Any] = deque()
+        #: Packs in flight on each actor.
+        self.load: dict[Any, int] = {}
         fault = os.environ.get(FAULT_ENV)
         # The user's model module (if any) travels with each actor too: a Ray started elsewhere lacks it.
         env = {"env_vars": {FAULT_ENV: fault}} if fault else None
@@ -179,6 +200,7 @@ class _Pool:
             "num_gpus": self.spec.num_gpus,
             "max_restarts": 0,
             "max_task_retries": 0,
+            "max_concurrency": PACKS_IN_FLIGHT,
             # One actor per node before two on one: actors are independent and compute-bound.
             "scheduling_strategy": "SPREAD",
         }
@@ -187,21 +209,32 @@ class _Pool:
         deadline = time.monotonic() + 10.0
         while True:
             try:
-                actor = _RemoteGenerator.options(**options).remote(self.cfg, name, self.spec.num_cpus, self.board)
+                actor = _RemoteGenerator.options(**options).remote(
+                    self.cfg, name, self.spec.num_cpus, self.board, self.teacher
+                )
                 break
             except ValueError:  # the name of an actor killed a moment ago is not released yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
         self.actors.append(actor)
-        self.idle.append(actor)
+        self.load[actor] = 0
         return actor
+
+    def next_actor(self) -> Any | None:
+        """The actor with the fewest packs in flight (the first such), None when all have :data:`PACKS_IN_FLIGHT`.
+
+        So every actor gets a pack before any gets a second one.
+        """
+        actor = min(self.actors, key=lambda a: self.load[a], default=None)
+        return actor if actor is not None and self.load[actor] < PACKS_IN_FLIGHT else None
 
     def replace(self, dead: Any) -> None:
         """Drop a dead actor and start a fresh one in its place."""
         with contextlib.suppress(Exception):
             ray.kill(dead, no_restart=True)
         self.actors = [a for a in self.actors if a is not dead]
+        self.load.pop(dead, None)
         self._add()
 
     def shutdown(self) -> None:
@@ -209,7 +242,7 @@ class _Pool:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
         self.actors.clear()
-        self.idle.clear()
+        self.load.clear()
 
 
 def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, GenerationStats]:
@@ -249,10 +282,11 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             storage.url,
             len(ray.nodes()),
         )
+    teacher = share_teacher(ctx)
     if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
-        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress)
+        train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress, teacher=teacher)
     board = metrics.progress_board_actor() if progress else None
-    pool = _Pool(_actor_config(ctx), spec, board)
+    pool = _Pool(_actor_config(ctx), spec, board, teacher)
     bar = tqdm(total=len(todo), desc="generate", unit="shard", disable=not progress)
     driver = _Driver(ctx, storage, manifest, stats, pool, bar)
     log.info(
@@ -283,7 +317,7 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
 
 
 class _Driver:
-    """Dispatches one round's shards to idle actors and records each finished shard at once."""
+    """Dispatches one round's packs to the actors and records each finished shard at once."""
 
     def __init__(
         self,
@@ -307,29 +341,36 @@ class _Driver:
         self.last_loss: float | None = None
 
     def run_round(self, pending: list[ShardTask], state_ref: Any) -> None:
+        """Run one round's packs, up to :data:`PACKS_IN_FLIGHT` on each actor at once."""
         queue = deque(packs(pending, self.ctx.cfg.generate.groups_per_pass))
-        inflight: dict[Any, tuple[Any, list[ShardTask]]] = {}
+        inflight: dict[Any, tuple[Any, list[ShardTask]]] = {}  # in the order of dispatch
         last_finish = time.monotonic()
         warned = False
         while queue or inflight:
-            while queue and self.pool.idle:
-                actor = self.pool.idle.popleft()
+            while queue and (actor := self.pool.next_actor()) is not None:
                 pack = queue.popleft()
                 inflight[actor.run.remote(pack, state_ref)] = (actor, pack)
+                self.pool.load[actor] += 1
             if not inflight:  # unreachable while the pool has actors; never spin silently
                 raise GenerationError("no generator actor available to run the remaining shards")
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
             for ref in ready:
-                actor, pack = inflight.pop(ref)
+                if ref not in inflight:  # a pack of an actor that died, already re-queued
+                    continue
+                actor, pack = inflight[ref]
                 try:
                     outcomes: list[ShardOutcome] = ray.get(ref)
                 except RayActorError as exc:
-                    self._actor_died(actor, pack, exc)
-                    queue.appendleft(pack)
+                    # All its packs died with it. The first sent is the one it was optimizing (they
+                    # optimize in order): it counts the failure. All go back to the queue, in order.
+                    lost = [inflight.pop(r)[1] for r in [r for r, (a, _) in inflight.items() if a == actor]]
+                    self._actor_died(actor, lost[0], exc)
+                    queue.extendleft(reversed(lost))
                     continue
+                del inflight[ref]
+                self.pool.load[actor] -= 1
                 for task, outcome in zip(pack, outcomes, strict=True):
                     self._record(task, outcome)
-                self.pool.idle.append(actor)
                 last_finish = time.monotonic()
             if not warned and time.monotonic() - last_finish > STALL_WARNING_S:
                 warned = True

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage
+from pipeline.ray.teacher import received_teacher
 from pipeline.stages.generator_training import load_generator_state, train_generator
 from pipeline.storage.store import Storage
 
@@ -34,9 +35,10 @@ POLL_S = 0.5
 class GeneratorTrainingActor:
     """Trains the run's generator in a Ray actor, checkpointing to the dataset storage."""
 
-    def __init__(self, cfg: RunConfig, cpus: float, board: Any = None) -> None:
+    def __init__(self, cfg: RunConfig, cpus: float, board: Any = None, teacher: bytes | None = None) -> None:
+        """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
         torch.set_num_threads(max(1, int(cpus)))
-        self.ctx = RunContext.create(cfg)
+        self.ctx = RunContext.create(cfg, received_teacher(teacher))
         self.storage = dataset_storage(self.ctx)
         self.board = board
 
@@ -54,11 +56,14 @@ class GeneratorTrainingActor:
         return int(state["iteration"])
 
 
-def train_generator_ray(ctx: RunContext, storage: Storage, actor_cfg: RunConfig, *, progress: bool = True) -> None:
+def train_generator_ray(
+    ctx: RunContext, storage: Storage, actor_cfg: RunConfig, *, progress: bool = True, teacher: Any = None
+) -> None:
     """Train the generator in an actor (replaced on death, resuming from its checkpoint).
 
-    ``actor_cfg`` is the run config as actors need it (absolute storage paths). Skips everything
-    when the finished checkpoint is already there. Runs inside the caller's Ray session.
+    ``actor_cfg`` is the run config as actors need it (absolute storage paths); ``teacher`` the
+    object reference of the driver's teacher (:func:`pipeline.ray.teacher.share_teacher`), or None.
+    Skips everything when the finished checkpoint is already there. Runs inside the caller's Ray session.
     """
     import ray
     from ray.exceptions import RayActorError
@@ -88,7 +93,7 @@ def train_generator_ray(ctx: RunContext, storage: Storage, actor_cfg: RunConfig,
     failures = 0
     try:
         while True:
-            actor = _start(remote, options, actor_cfg, spec.num_cpus, board)
+            actor = _start(remote, options, actor_cfg, spec.num_cpus, board, teacher)
             ref = actor.run.remote()
             try:
                 while True:
@@ -127,11 +132,11 @@ def train_generator_ray(ctx: RunContext, storage: Storage, actor_cfg: RunConfig,
                 ray.kill(board)
 
 
-def _start(remote: Any, options: dict[str, Any], cfg: RunConfig, cpus: float, board: Any) -> Any:
+def _start(remote: Any, options: dict[str, Any], cfg: RunConfig, cpus: float, board: Any, teacher: Any) -> Any:
     deadline = time.monotonic() + 10.0
     while True:
         try:
-            return remote.options(**options).remote(cfg, cpus, board)
+            return remote.options(**options).remote(cfg, cpus, board, teacher)
         except ValueError:  # the name of an actor killed a moment ago is not released yet
             if time.monotonic() > deadline:
                 raise

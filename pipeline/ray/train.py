@@ -7,10 +7,15 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   shards' ``index`` columns (:mod:`pipeline.ray.train_plan`: the local executor's held-out split),
   reads only the calibration images (and the block reconstruction images with ``quant.method:
   reconstruct``), sets the student's quantization parameters on exactly the local executor's
-  images and writes ``student_calibrated.pt``, which the workers read. It builds the outcome from
-  the last epoch's report of rank 0 (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
+  images and writes ``student_calibrated.pt``, which the workers read. It calibrates in a thread
+  while ``fit()`` starts the worker group (the workers wait for that file, see
+  :func:`~pipeline.ray.train_worker.wait_for_calibrated`), so neither waits for the other. The
+  teacher it builds goes to the workers through the object store (:mod:`pipeline.ray.teacher`). It
+  builds the outcome from the last epoch's report of rank 0
+  (:meth:`~pipeline.stages.train.TrainOutcome.from_report`).
 * **Workers** (:mod:`pipeline.ray.train_worker`): each runs :class:`~pipeline.stages.train.Training`
-  on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory, or streamed).
+  on its share of the data (:mod:`pipeline.ray.train_data`: read once into memory by the worker
+  itself, or streamed by Ray Data).
 * **Checkpoints** every ``distill.checkpoint_every`` epochs and at the last, in the format of the
   local executor (one ``train_state.pt`` per Ray Train checkpoint), uploaded asynchronously
   (``CheckpointUploadMode.ASYNC``) while training continues. A restarted worker group
@@ -28,6 +33,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +42,14 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
-from pipeline.ray.train_data import DATA_TASK_CPUS, ray_datasets, split_config
+from pipeline.errors import one_line
+from pipeline.ray.teacher import share_teacher
+from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
 from pipeline.ray.train_plan import plan_training, read_images
-from pipeline.ray.train_worker import FAIL_ONCE_ENV, train_loop
+from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, FAIL_ONCE_ENV, train_loop
 from pipeline.ray.user_code import with_user_code
 from pipeline.stages.calibration import calibrate_student, calibration_positions, reconstruction_positions
-from pipeline.stages.train import TrainOutcome, write_calibrated
+from pipeline.stages.train import CALIBRATED_PATH, TrainOutcome, write_calibrated
 from pipeline.stages.train_state import train_identity
 from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
@@ -86,7 +94,7 @@ def worker_config(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
 
 
 def _check_capacity(cfg: RunConfig, workers: int, cpus: float) -> None:
-    """Fail fast instead of hanging when Train workers would leave no CPU for Ray Data tasks."""
+    """Fail fast instead of hanging when streaming Train workers would leave no CPU for Ray Data tasks."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
@@ -171,6 +179,45 @@ class _Progress:
                 self.queue.shutdown()
 
 
+class _Calibration:
+    """The driver's calibration of the student (``calibrate(teacher)``, then ``student_calibrated.pt``), run in a
+    thread so that the Train worker group starts meanwhile; the workers wait for the file
+    (:func:`~pipeline.ray.train_worker.wait_for_calibrated`), or for :data:`CALIBRATION_FAILED_PATH`
+    when it fails."""
+
+    def __init__(
+        self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
+    ) -> None:
+        self.error: BaseException | None = None
+        self._started = time.perf_counter()
+        self._ended = self._started
+        args = (ctx, calibrate, teacher)
+        self._thread = threading.Thread(target=self._run, args=args, name="intraq-calibrate", daemon=True)
+        self._thread.start()
+
+    def _run(
+        self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
+    ) -> None:
+        try:
+            write_calibrated(ctx, calibrate(teacher))
+        except BaseException as exc:  # re-raised in the driver's thread
+            self.error = exc
+            try:
+                reason = one_line(f"{type(exc).__name__}: {exc}")
+                ctx.storage.write_bytes_atomic(CALIBRATION_FAILED_PATH, reason.encode())
+            except Exception:
+                log.exception("could not tell the Train workers that the calibration failed")
+        finally:
+            self._ended = time.perf_counter()
+
+    def wait(self) -> tuple[float, float]:
+        """Join; raises what the calibration raised; its seconds and its end (a ``perf_counter`` time)."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self._ended - self._started, self._ended
+
+
 def _make_report_callback(queue: Any) -> Any:
     """A ``ray.train.UserCallback`` that forwards rank 0's per-epoch metrics to ``queue``."""
     from ray.train import UserCallback
@@ -209,34 +256,36 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         raise RuntimeError("train_ray needs a running Ray (pipeline.ray.session.start_ray)")
     workers, cpus = cfg.ray.train_workers, cfg.ray.cpus_per_train_worker
     use_gpu = resolve_use_gpu(cfg)
-    _check_capacity(cfg, workers, cpus)
     plan = plan_training(ctx, manifest)
+    if plan.data == "stream":  # only streaming runs Ray Data tasks (memory shares are read by the workers)
+        _check_capacity(cfg, workers, cpus)
 
-    t0 = time.perf_counter()
-    positions = [p.numpy() for p in calibration_positions(plan.num_train, ctx)]
-    rec = reconstruction_positions(plan.num_train, ctx)
-    rec_positions = rec.numpy() if rec is not None else np.zeros(0, dtype=np.int64)
-    needed = np.unique(np.concatenate([*positions, rec_positions]))
-    needed_x = read_images(data, manifest, plan, plan.train_indices[needed])
-    batches = [needed_x[torch.from_numpy(np.searchsorted(needed, p))] for p in positions]
-    images = needed_x[torch.from_numpy(np.searchsorted(needed, rec_positions))] if rec is not None else None
-    student = calibrate_student(ctx, ctx.teacher(), batches, images, device=ctx.driver_device)
-    del needed_x, batches, images
-    write_calibrated(ctx, student)
-    t1 = time.perf_counter()
+    for stale in (CALIBRATED_PATH, CALIBRATION_FAILED_PATH):  # an earlier attempt's: the workers wait for ours
+        if ctx.storage.exists(stale):
+            ctx.storage.delete(stale)
+    teacher = ctx.teacher()
+    teacher_ref = share_teacher(ctx, teacher)  # pickled now, before calibration uses the teacher
+
+    def calibrate(teacher: torch.nn.Module) -> torch.nn.Module:
+        positions = [p.numpy() for p in calibration_positions(plan.num_train, ctx)]
+        rec = reconstruction_positions(plan.num_train, ctx)
+        rec_positions = rec.numpy() if rec is not None else np.zeros(0, dtype=np.int64)
+        needed = np.unique(np.concatenate([*positions, rec_positions]))
+        needed_x = read_images(data, manifest, plan, plan.train_indices[needed])
+        batches = [needed_x[torch.from_numpy(np.searchsorted(needed, p))] for p in positions]
+        images = needed_x[torch.from_numpy(np.searchsorted(needed, rec_positions))] if rec is not None else None
+        return calibrate_student(ctx, teacher, batches, images, device=ctx.driver_device)
+
+    calibration = _Calibration(ctx, calibrate, teacher)  # in a thread, while fit() below starts the worker group
+    del teacher  # the thread holds it until it is done
 
     loop_config: dict[str, Any] = {
         "run_config": worker_config(cfg, ctx.storage),
         "storage": ctx.storage.config.model_copy(update={"url": ctx.storage.url}).model_dump(mode="json"),
         "identity": train_identity(ctx, manifest, plan.num_train),
-        "image_shape": list(manifest.image_shape),
-        "rows": int(plan.order.size),
-        "num_train": plan.num_train,
-        "num_holdout": int(plan.holdout_indices.size),
-        "holdout": plan.holdout_indices,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "data": plan.data,
+        **data_config(plan, manifest),
         "cpus_per_worker": cpus,
+        "teacher": teacher_ref,
         "teacher_sha256": ctx.teacher_sha256,
         "fail_once": _fail_once_hook(),
     }
@@ -265,9 +314,15 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         datasets=ray_datasets(data, manifest, plan, cfg.seed),
         dataset_config=split_config(),
     )
-    with bar:
-        result = trainer.fit()
+    try:
+        with bar:
+            result = trainer.fit()
+    except Exception:
+        if calibration.error is not None:  # the workers stopped because the calibration failed: say why
+            raise calibration.error from None
+        raise
     t2 = time.perf_counter()
+    seconds_calibrate, t1 = calibration.wait()
     report = (result.metrics or {}).get("summary")
     if report is None:
         raise RuntimeError(f"Ray Train run {result.path} finished without reporting its last epoch")
@@ -276,7 +331,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         report,
         num_train=plan.num_train,
         num_holdout=int(plan.holdout_indices.size),
-        seconds_calibrate=t1 - t0,
+        seconds_calibrate=seconds_calibrate,
         seconds_distill=t2 - t1,
         started=t_start,
         train_workers=workers,

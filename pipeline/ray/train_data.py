@@ -1,13 +1,17 @@
-"""The training data on Ray: the Ray Datasets the Train workers split, and each worker's share of them.
+"""The training data on Ray: each Train worker's share of the shards, in memory or streamed by Ray Data.
 
 **Read once** when a worker's share fits in memory (``ray.train_data: auto`` decides with
-``ray.train_memory_gb``; ``memory`` forces it): each worker streams its equal split of the shards once
-at start (``iter_torch_batches`` with prefetch; pinned memory, or the GPU itself when the share fits
-there) into a resident tensor, separates its held-out rows, and runs every epoch from memory, shuffled
-per epoch exactly like the local executor; with one worker its batches are the local executor's.
-Otherwise (``stream``) every epoch is one pass over the worker's split of the training rows from
-storage (randomized block order, prefetch, a local shuffle buffer), and the held-out rows are
-streamed at each evaluation.
+``ray.train_memory_gb``; ``memory`` forces it): the driver's plan names the rows of each worker
+(:meth:`~pipeline.ray.train_plan.TrainPlan.worker_share`: an equal, contiguous part of the training
+and of the held-out rows), and each worker reads them itself at start, straight from the shards'
+row groups (:func:`~pipeline.ray.train_plan.read_by_index`, in a background thread while it builds
+its student) into a resident tensor (pinned memory, or the GPU itself when the share fits there),
+then runs every epoch from memory, shuffled per epoch exactly like the local executor; with one
+worker its images and batches are the local executor's. No Ray Data pipeline is started for it
+(a split coordinator actor and read tasks cost seconds of start-up for a single read).
+Otherwise (``stream``) Ray Data splits the shards between the workers: every epoch is one pass over
+the worker's split of the training rows from storage (randomized block order, prefetch, a local
+shuffle buffer), and the held-out rows are streamed at each evaluation.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 
 from intraq_core.distill import EpochBatches
 from intraq_core.seeding import derive_seed
-from pipeline.ray.train_plan import TrainPlan
-from pipeline.storage.manifest import Manifest, pyarrow_dataset_source
+from pipeline.ray.train_plan import TrainPlan, read_by_index
+from pipeline.storage.manifest import Manifest, pyarrow_dataset_source, shard_paths
 from pipeline.storage.store import Storage
 
 #: CPUs of each Ray Data read/filter task (fractional, beside the Train workers).
@@ -38,8 +42,30 @@ PURPOSE_SHUFFLE = 102
 _DTYPES = {"image": torch.float32, "label": torch.int64, "index": torch.int64}
 
 
-def ray_datasets(data: Storage, manifest: Manifest, plan: TrainPlan, seed: int) -> dict[str, Any]:
-    """The Ray Datasets the workers split: everything (``memory``), or training and held-out rows."""
+def data_config(plan: TrainPlan, manifest: Manifest) -> dict[str, Any]:
+    """What a worker's :class:`WorkerData` needs of the plan (part of ``train_loop_config``).
+
+    In ``memory`` mode: the shards, their ``index`` columns and every worker's rows
+    (:meth:`~pipeline.ray.train_plan.TrainPlan.worker_share`), so each worker reads its own share.
+    """
+    out: dict[str, Any] = {
+        "data": plan.data,
+        "image_shape": list(manifest.image_shape),
+        "num_train": plan.num_train,
+        "num_holdout": int(plan.holdout_indices.size),
+        "steps_per_epoch": plan.steps_per_epoch,
+    }
+    if plan.data == "memory":
+        out["shards"] = shard_paths(manifest)
+        out["per_shard"] = plan.per_shard
+        out["shares"] = [plan.worker_share(rank) for rank in range(plan.workers)]
+    return out
+
+
+def ray_datasets(data: Storage, manifest: Manifest, plan: TrainPlan, seed: int) -> dict[str, Any] | None:
+    """The Ray Datasets the workers split when streaming (training and held-out rows); None in ``memory`` mode."""
+    if plan.data == "memory":
+        return None
     import ray.data
     from ray.data.expressions import col
 
@@ -52,8 +78,6 @@ def ray_datasets(data: Storage, manifest: Manifest, plan: TrainPlan, seed: int) 
         filesystem=fs,
         num_cpus=DATA_TASK_CPUS,
     ).select_columns(["image", "label", "index"])
-    if plan.data == "memory":
-        return {"all": ds}
     held = [int(i) for i in plan.holdout_indices]
     train = ds.filter(expr=col("index").not_in(held), num_cpus=DATA_TASK_CPUS) if held else ds
     out = {"train": train.randomize_block_order(seed=seed % 2**32)}
@@ -99,9 +123,16 @@ class WorkerData:
     worker's other start-up work (teacher, student); :meth:`wait` joins it.
     """
 
-    def __init__(self, config: dict[str, Any], rank: int, world: int, device: torch.device, batch: int) -> None:
-        import ray.train
-
+    def __init__(
+        self,
+        config: dict[str, Any],
+        rank: int,
+        world: int,
+        device: torch.device,
+        batch: int,
+        data: Storage,
+    ) -> None:
+        """``data``: where the shards are (the run's dataset storage); ``batch``: this worker's images per step."""
         self.mode = config["data"]
         self.shape = tuple(int(v) for v in config["image_shape"])
         self.batch, self.steps = batch, int(config["steps_per_epoch"])
@@ -111,18 +142,21 @@ class WorkerData:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self.mode == "memory":
-            shard = ray.train.get_dataset_shard("all")
-            holdout, capacity = np.asarray(config["holdout"]), int(config["rows"]) // world
+            train_rows, hold_rows = config["shares"][rank]
 
             def load() -> None:
                 try:
-                    self.train_x, self.train_y, self.hold_x = self._read_once(shard, holdout, capacity)
+                    self.train_x, self.train_y, self.hold_x = self._read_once(
+                        data, config["shards"], config["per_shard"], train_rows, hold_rows
+                    )
                 except BaseException as exc:  # re-raised by wait(), in the training thread
                     self._error = exc
 
             self._thread = threading.Thread(target=load, name="intraq-read-once", daemon=True)
             self._thread.start()
         else:
+            import ray.train
+
             # An equal split of fewer rows than a batch still gives its one (partial) batch.
             self.drop_last = int(config["num_train"]) // world >= batch
             self.train_it = ray.train.get_dataset_shard("train")
@@ -138,55 +172,25 @@ class WorkerData:
         return self
 
     def _read_once(
-        self, it: Any, holdout: np.ndarray, capacity: int
+        self,
+        storage: Storage,
+        paths: list[str],
+        per_shard: list[np.ndarray],
+        train_rows: np.ndarray,
+        hold_rows: np.ndarray,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Stream the split once into memory; split off its held-out rows; order by image index."""
-        nbytes = max(capacity, 1) * 4 * math.prod(self.shape)
-        on_gpu = self.device.type == "cuda" and nbytes <= GPU_RESIDENT_FRACTION * torch.cuda.mem_get_info()[0]
-        where = self.device if on_gpu else torch.device("cpu")
-        pin = self.device.type == "cuda" and not on_gpu
-        x = torch.empty((capacity, *self.shape), dtype=torch.float32, device=where, pin_memory=pin)
-        y = torch.empty(capacity, dtype=torch.int64)
-        index = np.empty(capacity, dtype=np.int64)
-        hold_x: list[torch.Tensor] = []
-        hold_i: list[np.ndarray] = []
-        n = 0
-        for batch in it.iter_torch_batches(
-            batch_size=max(self.batch, 256),
-            prefetch_batches=PREFETCH_BATCHES,
-            dtypes=_DTYPES,
-            device=where,
-            pin_memory=pin,
-        ):
-            images = batch["image"].reshape(-1, *self.shape)
-            idx = batch["index"].cpu().numpy()
-            held = np.isin(idx, holdout)
-            keep = torch.from_numpy(~held)
-            if held.any():
-                hold_x.append(images[torch.from_numpy(held).to(images.device)].cpu())
-                hold_i.append(idx[held])
-            k = int(keep.sum())
-            if n + k > capacity:  # more rows than an equal split should give: grow
-                extra = n + k - capacity
-                x = torch.cat([x, torch.empty((extra, *self.shape), dtype=x.dtype, device=x.device)])
-                y = torch.cat([y, torch.empty(extra, dtype=y.dtype)])
-                index = np.concatenate([index, np.empty(extra, dtype=np.int64)])
-                capacity = n + k
-            x[n : n + k] = images[keep.to(images.device)]
-            y[n : n + k] = batch["label"].cpu()[keep]
-            index[n : n + k] = idx[~held]
-            n += k
-        x, y, index = x[:n], y[:n], index[:n]
-        if n > 1 and not (np.diff(index) > 0).all():
-            order = torch.from_numpy(np.argsort(index, kind="stable"))
-            x, y = x[order.to(x.device)], y[order]
-        held_x = None
-        if hold_x:
-            held_idx = np.concatenate(hold_i)
-            held_x = torch.cat(hold_x)[torch.from_numpy(np.argsort(held_idx, kind="stable"))]
-        if n == 0:
+        """Read this worker's training and held-out rows once (in index order) and place them."""
+        if train_rows.size == 0:
             raise RuntimeError("this Train worker's share of the data holds no training image")
-        return x, y, held_x
+        x, y = read_by_index(storage, paths, per_shard, self.shape, np.concatenate([train_rows, hold_rows]))
+        n = train_rows.size
+        nbytes = n * 4 * math.prod(self.shape)
+        on_gpu = self.device.type == "cuda" and nbytes <= GPU_RESIDENT_FRACTION * torch.cuda.mem_get_info()[0]
+        train_x, held_x = x[:n], (x[n:] if hold_rows.size else None)
+        if self.device.type == "cuda":
+            train_x = train_x.to(self.device) if on_gpu else train_x.pin_memory()
+            held_x = held_x.clone() if held_x is not None else None  # frees the CPU copy of the training images
+        return train_x, y[:n], held_x
 
     def batches(self) -> Any:
         """``batches(epoch)`` for :func:`intraq_core.distill.train_epochs`."""

@@ -2,14 +2,17 @@
 
 Before any worker starts, the driver reads only the ``index`` column of every shard: the held-out
 split (:func:`pipeline.stages.holdout.split_mask`, so the same images as the local executor), the
-steps per epoch, and whether each worker's share fits in memory (``ray.train_data``). It then reads
-just the images it calibrates on (:func:`read_images`: only the row groups holding them).
+steps per epoch, whether each worker's share fits in memory (``ray.train_data``), and, when it
+does, which rows each worker holds (:meth:`TrainPlan.worker_share`). It then reads just the images
+it calibrates on (:func:`read_images`); a worker reads its share the same way (:func:`read_by_index`:
+only the row groups holding the rows).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage
 from pipeline.stages.holdout import split_mask
 from pipeline.storage.manifest import Manifest, pyarrow_dataset_source, shard_paths
-from pipeline.storage.shards import read_rows
+from pipeline.storage.shards import read_examples
 from pipeline.storage.store import Storage
 
 
@@ -46,6 +49,19 @@ class TrainPlan:
         if mode == "auto":
             mode = "memory" if self.share_bytes <= cfg.ray.train_memory_gb * 2**30 else "stream"
         self.data = mode
+
+    def worker_share(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global indices of the training and held-out rows worker ``rank`` holds in memory.
+
+        An equal part (up to one row) of the training rows and one of the held-out rows, each a
+        contiguous run of image indices in ascending order, so a worker reads about 1/N of the row
+        groups, the split is the same in every run, and one worker holds exactly the local
+        executor's training and held-out images in its order.
+        """
+        return (
+            np.array_split(self.train_indices, self.workers)[rank],
+            np.array_split(self.holdout_indices, self.workers)[rank],
+        )
 
     def check(self, cfg: RunConfig, where: str) -> None:
         """One-line errors for plans that cannot run (before any worker starts)."""
@@ -76,24 +92,40 @@ def plan_training(ctx: RunContext, manifest: Manifest) -> TrainPlan:
 
 
 def read_images(data: Storage, manifest: Manifest, plan: TrainPlan, wanted: np.ndarray) -> torch.Tensor:
-    """Images of the given global indices, in that order, picked out of the shards.
+    """Images of the given global indices, in that order, picked out of the shards (:func:`read_by_index`).
 
-    Only the row groups holding them are read (:func:`pipeline.storage.shards.read_rows`), the shards in
-    parallel threads (object-storage latency), so the driver reads the calibration images and
-    not the dataset.
+    So the driver reads the calibration images and not the dataset.
     """
-    shape = list(manifest.image_shape)
+    return read_by_index(data, shard_paths(manifest), plan.per_shard, manifest.image_shape, wanted)[0]
+
+
+def read_by_index(
+    data: Storage, paths: list[str], per_shard: list[np.ndarray], image_shape: Iterable[int], wanted: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of the given global indices, in that order, out of the shards ``paths``
+    (``per_shard``: each shard's ``index`` column).
+
+    Only the row groups holding them are read (:func:`pipeline.storage.shards.read_examples`), the
+    shards in parallel threads (object-storage latency).
+    """
+    shape = [int(v) for v in image_shape]
     out = np.empty((len(wanted), *shape), dtype=np.float32)
+    labels = np.empty(len(wanted), dtype=np.int64)
+    found = np.zeros(len(wanted), dtype=bool)
     jobs = []
-    for path, shard_indices in zip(shard_paths(manifest), plan.per_shard, strict=True):
+    for path, shard_indices in zip(paths, per_shard, strict=True):
         sorter = np.argsort(shard_indices)
         pos = np.clip(np.searchsorted(shard_indices, wanted, sorter=sorter), 0, len(shard_indices) - 1)
         rows = sorter[pos]
         where = np.flatnonzero(shard_indices[rows] == wanted)
         if where.size:
             jobs.append((path, rows[where], where))
+            found[where] = True
+    if not found.all():
+        missing = np.asarray(wanted)[~found][:5].tolist()
+        raise ValueError(f"{data.url}: no shard holds image indices {missing}")
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(jobs)))) as pool:
-        futures = [(where, pool.submit(read_rows, data, path, rows, shape)) for path, rows, where in jobs]
+        futures = [(where, pool.submit(read_examples, data, path, rows, shape)) for path, rows, where in jobs]
         for where, future in futures:
-            out[where] = future.result()
-    return torch.from_numpy(out)
+            out[where], labels[where] = future.result()
+    return torch.from_numpy(out), torch.from_numpy(labels)

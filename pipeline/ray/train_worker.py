@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from intraq_core.quant import set_act_mode
 from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, limit_threads, state_dict_sha256
+from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
+from pipeline.ray.teacher import received_teacher
 from pipeline.ray.train_data import WorkerData
 from pipeline.stages.train import CALIBRATED_PATH, Training, write_outputs
 from pipeline.stages.train_state import TRAIN_STATE_PATH, parse_train_state
@@ -36,6 +38,11 @@ from pipeline.storage.store import Storage
 #: (the marker file records that it did), after the checkpoints reported so far are committed.
 #: Read on the driver, passed in ``train_loop_config``.
 FAIL_ONCE_ENV = "INTRAQ_TEST_FAIL_ONCE"
+#: What the driver writes instead of ``student_calibrated.pt`` when its calibration fails: the
+#: workers, started while it calibrated, stop waiting (:func:`wait_for_calibrated`).
+CALIBRATION_FAILED_PATH = "student_calibrated.failed"
+#: Seconds between two looks for the calibrated student: from the first, doubling up to the last.
+CALIBRATED_POLL_S = (0.05, 1.0)
 #: Seed purpose of the augmentation stream of ranks > 0 (rank 0 uses the run's seed, so one worker
 #: trains exactly like the local executor).
 PURPOSE_RANK = 101
@@ -66,6 +73,46 @@ def _record_metrics(cfg: RunConfig, rank: int, loss: float, samples_per_s: float
     DISTILL_SAMPLES_PER_S.set(samples_per_s, run=cfg.name, worker=str(rank))
 
 
+def worker_context(config: dict[str, Any]) -> RunContext:
+    """A worker's run context, holding the teacher the driver shared (:mod:`pipeline.ray.teacher`) when it could."""
+    import ray
+
+    cfg = RunConfig.model_validate(config["run_config"])
+    storage = Storage.from_config(StorageConfig.model_validate(config["storage"]))
+    shared = config["teacher"]
+    return RunContext(cfg, storage, received_teacher(ray.get(shared)) if shared is not None else None)
+
+
+def worker_teacher(ctx: RunContext, config: dict[str, Any], rank: int) -> torch.nn.Module:
+    """A worker's copy of the teacher: the driver's, as received (not rebuilt, not checked again), or,
+    when the driver could not share it, one built here from the config and checked against the driver's checksum."""
+    teacher = ctx.teacher()
+    if ctx.given_teacher is None and state_dict_sha256(teacher) != config["teacher_sha256"]:
+        raise RuntimeError(
+            f"Train worker {rank} resolved a different teacher than the driver (sha256 "
+            f"{config['teacher_sha256'][:12]}): check model.weights on every node"
+        )
+    return teacher
+
+
+def wait_for_calibrated(storage: Storage) -> bytes:
+    """``student_calibrated.pt`` once the driver has written it: the workers start while it calibrates.
+
+    The driver removes the file of an earlier attempt before the workers start, and writes it
+    atomically, so it is the fresh one once it exists; :data:`CALIBRATION_FAILED_PATH` says the
+    calibration failed (raised here, so the workers stop).
+    """
+    delay, longest = CALIBRATED_POLL_S
+    while True:
+        if storage.exists(CALIBRATED_PATH):
+            return storage.read_bytes(CALIBRATED_PATH)
+        if storage.exists(CALIBRATION_FAILED_PATH):
+            reason = storage.read_bytes(CALIBRATION_FAILED_PATH).decode(errors="replace")
+            raise RuntimeError(f"the driver's calibration failed: {reason}")
+        time.sleep(delay)
+        delay = min(2 * delay, longest)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Per-worker: load the calibrated student (or resume), read the data, run the one training driver."""
     import ray.train
@@ -73,23 +120,17 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train import CheckpointUploadMode
     from ray.train.v2.api.report_config import CheckpointConsistencyMode
 
-    cfg = RunConfig.model_validate(config["run_config"])
-    storage = Storage.from_config(StorageConfig.model_validate(config["storage"]))
-    ctx = RunContext(cfg, storage)
+    ctx = worker_context(config)
+    cfg, storage = ctx.cfg, ctx.storage
     limit_threads(max(1, math.floor(config["cpus_per_worker"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = rt.get_device()
-    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world)  # the read starts now
-    teacher = ctx.teacher()
-    if state_dict_sha256(teacher) != config["teacher_sha256"]:
-        raise RuntimeError(
-            f"Train worker {rank} resolved a different teacher than the driver (sha256 "
-            f"{config['teacher_sha256'][:12]}): check model.weights on every node"
-        )
-    teacher = teacher.to(device)
+    # The read starts now, in the background.
+    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, dataset_storage(ctx))
+    teacher = worker_teacher(ctx, config, rank).to(device)
     student = build_student(teacher, cfg.quant)
-    calibrated = safe_load(storage.read_bytes(CALIBRATED_PATH), what=storage.join(CALIBRATED_PATH))
+    calibrated = safe_load(wait_for_calibrated(storage), what=storage.join(CALIBRATED_PATH))
     student.load_state_dict(calibrated["state_dict"])
     set_act_mode(student, "frozen")
     student = student.to(device).eval()

@@ -123,8 +123,22 @@ def synthesize_shards(
 ) -> list[ShardOutcome]:
     """Optimize a pack of shards of one round in one pass (one shard, usually) and write each one.
 
-    The unit of work of every executor; a pack of several (``generate.groups_per_pass``) runs
-    through :meth:`Synthesizer.synthesize_groups`, each shard with its own loss.
+    The unit of work of every executor (:func:`optimize_shards`, then :func:`write_shards`; a Ray
+    actor calls the two apart, so it writes a pack while it optimizes the next).
+    """
+    return write_shards(ctx, storage, tasks, optimize_shards(synth, tasks, centres_state, progress))
+
+
+def optimize_shards(
+    synth: Synthesizer | GeneratorSampler,
+    tasks: list[ShardTask],
+    centres_state: dict[str, np.ndarray] | None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> list[SynthResult]:
+    """The images of a pack of shards of one round, optimized in one pass against the round's centres.
+
+    A pack of several (``generate.groups_per_pass``) runs through :meth:`Synthesizer.synthesize_groups`,
+    each shard with its own loss.
     """
     centres = None
     if centres_state is not None:
@@ -136,11 +150,16 @@ def synthesize_shards(
         for t in tasks
     ]
     if len(groups) == 1:
-        results = [synth.synthesize(*groups[0], centres, progress=progress)]
-    elif isinstance(synth, Synthesizer):
-        results = synth.synthesize_groups(groups, centres, progress=progress)
-    else:
-        raise GenerationError("packed shards need the pixel optimizer (generate.groups_per_pass=1 for generators)")
+        return [synth.synthesize(*groups[0], centres, progress=progress)]
+    if isinstance(synth, Synthesizer):
+        return synth.synthesize_groups(groups, centres, progress=progress)
+    raise GenerationError("packed shards need the pixel optimizer (generate.groups_per_pass=1 for generators)")
+
+
+def write_shards(
+    ctx: RunContext, storage: Storage, tasks: list[ShardTask], results: list[SynthResult]
+) -> list[ShardOutcome]:
+    """Write the shards of a pack (:func:`optimize_shards`); their outcomes, in the pack's order."""
     return [_write(ctx, storage, task, result) for task, result in zip(tasks, results, strict=True)]
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "ShardData",
     "ShardError",
     "ShardInfo",
+    "read_examples",
     "read_rows",
     "read_shard",
     "row_bytes",
@@ -453,13 +454,23 @@ def validate_shard(storage: Storage, info: _ShardRecord, expected: dict[str, Any
 def read_rows(storage: Storage, path: str, rows: np.ndarray, image_shape: Iterable[int]) -> np.ndarray:
     """Images at positions ``rows`` of a shard (``[len(rows), C, H, W]`` float32, in that order).
 
-    Reads only the ``image`` column of the row groups that hold those rows (random access on
-    object storage), so picking a few images out of a large shard does not read the shard.
+    Reads only the row groups that hold those rows (random access on object storage), so picking
+    a few images out of a large shard does not read the shard (:func:`read_examples`).
+    """
+    return read_examples(storage, path, rows, image_shape)[0]
+
+
+def read_examples(
+    storage: Storage, path: str, rows: np.ndarray, image_shape: Iterable[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (``[len(rows), C, H, W]`` float32) and labels (int64) at positions ``rows`` of a shard, in that order.
+
+    Reads only the ``image`` and ``label`` columns of the row groups that hold those rows.
     """
     rows = np.asarray(rows, dtype=np.int64)
     shape = tuple(int(v) for v in image_shape)
     if rows.size == 0:
-        return np.zeros((0, *shape), dtype=np.float32)
+        return np.zeros((0, *shape), dtype=np.float32), np.zeros(0, dtype=np.int64)
     with storage.open(path) as f:
         pf = pq.ParquetFile(f)
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
@@ -468,9 +479,10 @@ def read_rows(storage: Storage, path: str, rows: np.ndarray, image_shape: Iterab
             raise ShardError(f"{storage.join(path)}: rows outside [0, {starts[-1]})", None, path)
         group_of = np.searchsorted(starts, rows, side="right") - 1
         groups = np.unique(group_of)
-        table = pf.read_row_groups([int(g) for g in groups], columns=["image"])
+        table = pf.read_row_groups([int(g) for g in groups], columns=["image", "label"])
     # Position of each wanted row inside the concatenation of the groups read.
     offset_in_read = np.cumsum([0, *[sizes[g] for g in groups]])[np.searchsorted(groups, group_of)]
     local = offset_in_read + rows - starts[group_of]
     picked = table.take(pa.array(local))
-    return _fixed_list_to_numpy(picked, "image").reshape(len(rows), *shape)
+    images = _fixed_list_to_numpy(picked, "image").reshape(len(rows), *shape)
+    return images, picked.column("label").to_numpy().astype(np.int64, copy=False)

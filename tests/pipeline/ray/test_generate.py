@@ -292,3 +292,58 @@ def test_pool_spec(
 
     spec = pool_spec(tiny_config("/tmp/unused", *overrides), max_shards, resources)
     assert (spec.size, spec.num_cpus, spec.num_gpus) == want
+
+
+def test_an_actor_optimizes_the_next_pack_while_it_writes_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two packs on one actor (as the driver sends them): the second optimizes while the first is
+    written (the write of shard 0 waits for it), and every shard is the one a lone call writes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pipeline.ray.generate as generate_module
+    from pipeline.ray.generate import GeneratorActor
+    from pipeline.stages.plan import make_plan
+
+    cfg = tiny_config(str(tmp_path / "run"))
+    tasks = make_plan(cfg, 10)[:2]  # shards 0 and 1, both of round 0
+    torch.set_num_threads(1)
+    alone = GeneratorActor(tiny_config(str(tmp_path / "alone")), "alone", 1.0)
+    want = [alone.run([task], None)[0].info.sha256 for task in tasks]
+
+    optimizing = {0: threading.Event(), 1: threading.Event()}
+    real_optimize, real_write = generate_module.optimize_shards, generate_module.write_shards
+
+    def optimize(synth: Any, pack: list[Any], *args: Any, **kwargs: Any) -> Any:
+        optimizing[pack[0].index].set()
+        return real_optimize(synth, pack, *args, **kwargs)
+
+    def write(ctx: Any, storage: Any, pack: list[Any], results: Any) -> Any:
+        if pack[0].index == 0:
+            assert optimizing[1].wait(timeout=20), "shard 1 did not optimize while shard 0 was written"
+        return real_write(ctx, storage, pack, results)
+
+    monkeypatch.setattr(generate_module, "optimize_shards", optimize)
+    monkeypatch.setattr(generate_module, "write_shards", write)
+    actor = GeneratorActor(cfg, "intraq-generator-0", 1.0)
+    with ThreadPoolExecutor(2) as threads:  # what max_concurrency=PACKS_IN_FLIGHT gives the actor
+        first = threads.submit(actor.run, [tasks[0]], None)
+        assert optimizing[0].wait(timeout=20)
+        second = threads.submit(actor.run, [tasks[1]], None)
+        got = [first.result(timeout=60)[0].info.sha256, second.result(timeout=60)[0].info.sha256]
+    assert got == want
+
+
+def test_every_actor_gets_a_pack_before_any_gets_two() -> None:
+    from pipeline.ray.generate import PACKS_IN_FLIGHT, _Pool
+
+    pool = _Pool.__new__(_Pool)  # the dispatch rule alone, without actors
+    pool.actors, pool.load = ["a", "b"], {"a": 0, "b": 0}
+    order = []
+    while (actor := pool.next_actor()) is not None:
+        order.append(actor)
+        pool.load[actor] += 1
+    assert PACKS_IN_FLIGHT == 2 and order == ["a", "b", "a", "b"]
+    pool.load["b"] -= 1  # b finished one: it takes the next
+    assert pool.next_actor() == "b"

@@ -185,6 +185,38 @@ def test_driver_picks_the_local_calibration_images(dataset_url: str, tmp_path: P
     assert torch.equal(read_images(storage, manifest, plan, plan.holdout_indices[::-1].copy()), images[hold].flip(0))
 
 
+@pytest.mark.timeout(120)
+def test_workers_read_their_share_themselves(dataset_url: str, tmp_path: Path) -> None:
+    """In memory mode each worker reads its rows straight from the shards (no Ray Data pipeline):
+    one worker holds exactly the local executor's training and held-out images and labels, in its
+    order; two workers hold contiguous halves of them, which together are the same images."""
+    from pipeline.ray.train_data import WorkerData, data_config, ray_datasets
+
+    cfg = train_config(str(tmp_path / "run"), dataset_url)
+    ctx = RunContext.create(cfg)
+    storage = dataset_storage(ctx)
+    manifest = Manifest.load(storage)
+    images, labels, indices = load_dataset(ctx, manifest)
+    hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
+    assert int((~hold).sum()) == 89  # of 128: the held-out split is by a hash of the index
+
+    def shares(workers: int) -> list[WorkerData]:
+        wcfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"train_workers": workers})})
+        plan = plan_training(RunContext.create(wcfg), manifest)
+        assert plan.data == "memory" and ray_datasets(storage, manifest, plan, cfg.seed) is None
+        config = {**data_config(plan, manifest), "run_config": wcfg.to_dict()}
+        return [WorkerData(config, r, workers, torch.device("cpu"), 8, storage).wait() for r in range(workers)]
+
+    (one,) = shares(1)
+    assert torch.equal(one.train_x, images[~hold]) and torch.equal(one.train_y, labels[~hold])
+    assert one.hold_x is not None and torch.equal(one.hold_x, images[hold])
+    two = shares(2)
+    assert [w.train_x.shape[0] for w in two] == [45, 44]
+    assert torch.equal(torch.cat([w.train_x for w in two]), images[~hold])
+    assert torch.equal(torch.cat([w.train_y for w in two]), labels[~hold])
+    assert torch.equal(torch.cat([w.hold_x for w in two if w.hold_x is not None]), images[hold])
+
+
 def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -> None:
     """The one checkpoint format: loads with weights_only=True, continues training bit for bit,
     carries executor bookkeeping, and is refused for another training."""
@@ -220,8 +252,14 @@ def test_checkpoint_format_is_weights_only_and_resumes_exactly(tmp_path: Path) -
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_too_many_train_cpus_fail_fast(ray_cluster: Any, dataset_url: str, tmp_path: Path) -> None:
-    """Workers that would leave no CPU to Ray Data's readers are refused before anything starts."""
-    cfg = train_config(str(tmp_path / "run"), dataset_url, "ray.train_workers=4", "ray.cpus_per_train_worker=1")
+    """Streaming workers that would leave no CPU to Ray Data's readers are refused before anything starts."""
+    cfg = train_config(
+        str(tmp_path / "run"),
+        dataset_url,
+        "ray.train_workers=4",
+        "ray.cpus_per_train_worker=1",
+        "ray.train_data=stream",
+    )
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="training would hang"):
         train_ray(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
@@ -276,3 +314,86 @@ def test_two_workers_train_the_one_worker_recipe(n_invariance: dict[str, Any], r
     assert moved > 0.05, f"training barely moved the student ({moved:.4f}): the comparison would be empty"
     assert differ < 0.01 * moved, (float(differ), float(moved))
     assert (two_logits.argmax(1) == one_logits.argmax(1)).float().mean() >= 0.99
+
+
+def test_workers_wait_for_the_calibrated_student_or_its_failure(tmp_path: Path) -> None:
+    """A worker reads student_calibrated.pt once the driver has written it, and stops on the failure note."""
+    import threading
+
+    from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, wait_for_calibrated
+    from pipeline.storage.store import Storage
+
+    storage = Storage.from_url(str(tmp_path))
+    later = threading.Timer(0.3, storage.write_bytes_atomic, (CALIBRATED_PATH, b"student"))
+    later.start()
+    assert wait_for_calibrated(storage) == b"student"
+    storage.delete(CALIBRATED_PATH)
+    storage.write_bytes_atomic(CALIBRATION_FAILED_PATH, b"ValueError: boom")
+    with pytest.raises(RuntimeError, match="the driver's calibration failed: ValueError: boom"):
+        wait_for_calibrated(storage)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_the_worker_group_starts_while_the_driver_calibrates(
+    ray_cluster: Any, dataset_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fit()`` is called before the calibration ends (a stand-in trainer that waits for the file like a
+    worker); a stale calibrated student is not taken for the new one; a failed calibration stops the
+    workers and is the error the driver raises."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray.train.torch
+
+    import pipeline.ray.train as ray_train
+    from pipeline.ray.train_worker import CALIBRATION_FAILED_PATH, wait_for_calibrated
+
+    fit_called = threading.Event()
+    read: list[bytes] = []
+    real_calibrate = ray_train.calibrate_student
+    fail: list[Exception] = []
+
+    def calibrate(*args: Any, **kwargs: Any) -> Any:
+        assert fit_called.wait(timeout=60), "the driver calibrated before starting the worker group"
+        if fail:
+            raise fail[0]
+        return real_calibrate(*args, **kwargs)
+
+    class Trainer:
+        def __init__(self, _: Any, *, train_loop_config: dict[str, Any], **__: Any) -> None:
+            self.config = train_loop_config
+
+        def fit(self) -> Any:
+            fit_called.set()
+            read.append(wait_for_calibrated(ctx.storage))  # what every worker does first
+            report = {
+                "history": [],
+                "agreement_calibrated": None,
+                "agreement_final": None,
+                "selection": None,
+                "steps_per_epoch": 3,
+                "optimizer_steps": 6,
+                "loop_start_unix": None,
+                "epoch_seconds": [],
+                "device": "cpu",
+            }
+            return SimpleNamespace(metrics={"summary": report}, path="stand-in")
+
+    monkeypatch.setattr(ray_train, "calibrate_student", calibrate)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Trainer)
+    cfg = train_config(str(tmp_path / "run"), dataset_url)
+    ctx = RunContext.create(cfg)
+    ctx.storage.write_bytes_atomic(CALIBRATED_PATH, b"an earlier attempt's")
+    manifest = Manifest.load(dataset_storage(ctx))
+    outcome = train_ray(ctx, manifest, progress=False)
+    assert outcome.optimizer_steps == 6
+    assert read == [(tmp_path / "run" / CALIBRATED_PATH).read_bytes()] != [b"an earlier attempt's"]
+    load_student(tmp_path / "run" / CALIBRATED_PATH)  # a student checkpoint
+
+    fit_called.clear()
+    fail.append(ValueError("calibration went wrong"))
+    with pytest.raises(ValueError, match="calibration went wrong"):
+        train_ray(RunContext.create(cfg), manifest, progress=False)
+    assert b"ValueError: calibration went wrong" in ctx.storage.read_bytes(CALIBRATION_FAILED_PATH)
+    assert not ctx.storage.exists(CALIBRATED_PATH)
