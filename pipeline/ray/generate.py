@@ -102,7 +102,7 @@ class GeneratorActor:
     the next pack the driver has already sent. A call returns once its shards are written.
     """
 
-    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None, teacher: bytes | None = None) -> None:
+    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None, teacher: Any = None) -> None:
         """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
         torch.set_num_threads(max(1, int(cpus)))
         self.name = name

@@ -35,7 +35,7 @@ POLL_S = 0.5
 class GeneratorTrainingActor:
     """Trains the run's generator in a Ray actor, checkpointing to the dataset storage."""
 
-    def __init__(self, cfg: RunConfig, cpus: float, board: Any = None, teacher: bytes | None = None) -> None:
+    def __init__(self, cfg: RunConfig, cpus: float, board: Any = None, teacher: Any = None) -> None:
         """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
         torch.set_num_threads(max(1, int(cpus)))
         self.ctx = RunContext.create(cfg, received_teacher(teacher))

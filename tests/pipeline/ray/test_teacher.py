@@ -56,7 +56,7 @@ def test_a_generation_actor_uses_the_drivers_teacher(tmp_path: Path, monkeypatch
     driver = RunContext.create(cfg)
     built = driver.built_teacher()
     assert built.sha256 == state_dict_sha256(driver.teacher())
-    payload = cloudpickle.dumps(built)  # what the actor is handed (share_teacher puts it in the object store)
+    payload = cloudpickle.loads(cloudpickle.dumps(built))  # what Ray hands the actor (a copy through the store)
     forbid_rebuilding(monkeypatch)
     actor = GeneratorActor(cfg, "intraq-generator-0", 1.0, None, payload)
     task = make_plan(cfg, driver.num_classes)[0]
