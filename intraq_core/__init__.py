@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "register_model": "intraq_core.models.registry",
     "resolve_model_config": "intraq_core.models.registry",
     "load_weights": "intraq_core.models.checkpoint",
-    "safe_load": "intraq_core.models.checkpoint",
+    "safe_load": "intraq_core.torchfile",
     "check_model": "intraq_core.preflight",
     # the steps
     "InputSpec": "intraq_core.api",

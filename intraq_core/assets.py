@@ -147,7 +147,7 @@ def state_dict_sha256(state: Mapping[str, Any]) -> str:
 
 
 def _state_dict_hash(path: Path) -> str | None:
-    from intraq_core.models.checkpoint import safe_load
+    from intraq_core.torchfile import safe_load
 
     try:
         state = safe_load(path)
@@ -301,7 +301,7 @@ def _fetch_retinaface_mobilenet(asset: Asset, dest: Path) -> None:
     """
     import torch
 
-    from intraq_core.models.checkpoint import safe_load
+    from intraq_core.torchfile import safe_load
 
     raw = dest.with_suffix(".download")
     try:

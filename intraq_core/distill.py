@@ -37,6 +37,7 @@ from intraq_core.distill_losses import (
     lowpass_filter,
 )
 from intraq_core.errors import DivergenceError
+from intraq_core.quant import is_step_size
 from intraq_core.seeding import PURPOSE_DISTILL, derive_seed
 from intraq_core.selection import Selection, Selector
 
@@ -50,11 +51,6 @@ def lr_factor(cfg: DistillConfig, step: int, steps_per_epoch: int) -> float:
         epoch = step // max(steps_per_epoch, 1)
         return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
     return 1.0
-
-
-def is_step_size(name: str) -> bool:
-    """Whether a parameter name is a quantizer step size (LSQ), which gets no weight decay."""
-    return name.endswith(".scale") and ("weight_quant" in name or "act_quant" in name)
 
 
 def build_optimizer(student: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:

@@ -16,13 +16,12 @@ from typing import Any
 import torch.nn as nn
 
 from intraq_core.config import ModelConfig, QuantConfig
-from intraq_core.distill import is_step_size
 from intraq_core.errors import CheckpointError
 from intraq_core.models import create_model
 from intraq_core.models.checkpoint import checkpoint_bytes, read_model_checkpoint, write_checkpoint
-from intraq_core.quant import quantize, set_act_mode
+from intraq_core.quant import quantize, set_act_mode, set_step_size_training
 
-__all__ = ["build_student", "load_student", "save_student", "set_step_size_training", "student_checkpoint_bytes"]
+__all__ = ["build_student", "load_student", "save_student", "student_checkpoint_bytes"]
 
 
 def build_student(teacher: nn.Module, quant_cfg: QuantConfig) -> nn.Module:
@@ -34,14 +33,6 @@ def build_student(teacher: nn.Module, quant_cfg: QuantConfig) -> nn.Module:
     student = quantize(teacher, quant_cfg).requires_grad_(True)
     set_step_size_training(student, quant_cfg)
     return student
-
-
-def set_step_size_training(student: nn.Module, quant_cfg: QuantConfig) -> None:
-    """Mark the LSQ step sizes trainable per ``learn_weight_scale`` / ``learn_act_scale``."""
-    for name, p in student.named_parameters():
-        if is_step_size(name):
-            learn = quant_cfg.learn_weight_scale if "weight_quant" in name else quant_cfg.learn_act_scale
-            p.requires_grad_(learn)
 
 
 def student_checkpoint_bytes(

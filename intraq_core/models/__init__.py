@@ -11,7 +11,6 @@ from intraq_core.models.checkpoint import (
     load_state_dict_file,
     load_weights,
     read_model_checkpoint,
-    safe_load,
     write_checkpoint,
 )
 from intraq_core.models.cifar_resnet import (
@@ -82,7 +81,6 @@ __all__ = [
     "read_model_checkpoint",
     "register_model",
     "resolve_model_config",
-    "safe_load",
     "save_model_checkpoint",
     "torchvision_model_names",
     "write_checkpoint",

@@ -2,7 +2,7 @@
 
 from intraq_core.quant.act_quantizer import ACT_MODES, ActFakeQuant, ActMode
 from intraq_core.quant.api import QuantizationWarning, quantize
-from intraq_core.quant.calibration import calibrate_ranges, set_act_mode
+from intraq_core.quant.calibration import calibrate_ranges, is_step_size, set_act_mode, set_step_size_training
 from intraq_core.quant.layers import QuantConv1d, QuantConv2d, QuantLinear, act_quantizers, weight_quantized_layers
 from intraq_core.quant.quantizer import WeightFakeQuant, affine_qparams, symmetric_qparams
 from intraq_core.quant.squant import SQuantReport, squant_
@@ -22,10 +22,12 @@ __all__ = [
     "affine_qparams",
     "calibrate_ranges",
     "format_quant_map",
+    "is_step_size",
     "quant_map",
     "quant_summary",
     "quantize",
     "set_act_mode",
+    "set_step_size_training",
     "squant_",
     "symmetric_qparams",
     "weight_quantized_layers",

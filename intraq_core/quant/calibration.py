@@ -1,5 +1,6 @@
 """Activation ranges of a fake-quant student: the quantizers' mode (:func:`set_act_mode`) and calibration on
-batches of images (:func:`calibrate_ranges`). ``intraq_core.calibrate`` runs a whole ``QuantConfig.method``."""
+batches of images (:func:`calibrate_ranges`); which LSQ step sizes train (:func:`set_step_size_training`).
+``intraq_core.calibrate`` runs a whole ``QuantConfig.method``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from intraq_core.config import QuantConfig
 from intraq_core.quant.act_quantizer import ACT_MODES
 from intraq_core.quant.layers import act_quantizers
 
-__all__ = ["calibrate_ranges", "set_act_mode"]
+__all__ = ["calibrate_ranges", "is_step_size", "set_act_mode", "set_step_size_training"]
 
 
 def set_act_mode(model: nn.Module, mode: str) -> None:
@@ -68,3 +70,16 @@ def calibrate_ranges(model: nn.Module, batches: Iterable[Any], *, freeze: bool =
     if freeze:
         set_act_mode(model, "frozen")
     return count
+
+
+def is_step_size(name: str) -> bool:
+    """Whether a parameter name is a quantizer step size (LSQ), which gets no weight decay."""
+    return name.endswith(".scale") and ("weight_quant" in name or "act_quant" in name)
+
+
+def set_step_size_training(student: nn.Module, quant_cfg: QuantConfig) -> None:
+    """Mark the LSQ step sizes trainable per ``learn_weight_scale`` / ``learn_act_scale``."""
+    for name, p in student.named_parameters():
+        if is_step_size(name):
+            learn = quant_cfg.learn_weight_scale if "weight_quant" in name else quant_cfg.learn_act_scale
+            p.requires_grad_(learn)

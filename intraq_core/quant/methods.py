@@ -16,9 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from intraq_core.config import QuantConfig
-from intraq_core.quant.calibration import calibrate_ranges
+from intraq_core.quant.calibration import calibrate_ranges, set_step_size_training
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
-from intraq_core.student import set_step_size_training
 
 __all__ = ["CALIBRATION_METHODS", "CalibrationInputs", "calibration_positions", "run_calibration"]
 

@@ -79,5 +79,5 @@ def explain(exc: BaseException) -> str | None:
     cannot_reach_ray = isinstance(root, ConnectionError) and "ray" in str(root).lower()
     if not (isinstance(root, _EXPLAINED_TYPES) or cannot_reach_ray):
         return explain_storage_failure(root)  # None: not a storage failure either
-    # A refused checkpoint says what it needs itself (intraq_core.models.checkpoint.safe_load).
+    # A refused checkpoint says what it needs itself (intraq_core.torchfile.safe_load).
     return redact(" ".join(first_line(root).split()))

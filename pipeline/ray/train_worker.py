@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from intraq_core.distill import Distiller
-from intraq_core.models.checkpoint import safe_load
 from intraq_core.quant import set_act_mode
 from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student
+from intraq_core.torchfile import safe_load
 from pipeline.config import RunConfig
 from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
 from pipeline.ray.teacher import received_teacher

@@ -7,7 +7,7 @@ the shards, in the dataset's storage::
     data/generator/state.pt    generator + Adam state, RNG state, iteration, loss history
 
 written atomically every ``generate.generator_checkpoint_every`` iterations and at the end
-(tensors and plain types only: read weights-only by :func:`intraq_core.models.checkpoint.safe_load`).
+(tensors and plain types only: read weights-only by :func:`intraq_core.torchfile.safe_load`).
 A run that is killed resumes from the last checkpoint and ends with the same generator as an uninterrupted one
 (the RNG state is part of the checkpoint); a finished state is reused as is, so shards
 regenerated later (``--resume``, ``--repair``) are identical. The checkpoint records the dataset
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from intraq_core.errors import CheckpointError, first_line
-from intraq_core.models.checkpoint import safe_load
 from intraq_core.seeding import derive_seed
 from intraq_core.synth.generator import GENERATOR_FORMAT, GeneratorSampler, GeneratorTrainer
+from intraq_core.torchfile import safe_load
 from pipeline.context import RunContext, kill_point
 from pipeline.storage.store import Storage
 

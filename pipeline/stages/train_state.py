@@ -21,8 +21,8 @@ import torch
 
 from intraq_core.distill import Distiller
 from intraq_core.errors import CheckpointError, first_line
-from intraq_core.models.checkpoint import safe_load
 from intraq_core.selection import Selector
+from intraq_core.torchfile import safe_load
 from pipeline.context import RunContext
 from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
