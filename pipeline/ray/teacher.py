@@ -32,15 +32,17 @@ def share_teacher(ctx: RunContext, model: nn.Module | None = None) -> Any | None
     one), serialized now (later changes to the module are not shared); None when it cannot be
     serialized (every process then builds its own)."""
     import ray
+    from ray import cloudpickle
 
     built = ctx.built_teacher(model)
-    try:
-        return ray.put(built)
+    try:  # serialized once here to learn whether it can be, before (and without) touching Ray
+        cloudpickle.dumps(built)
     except Exception as exc:  # what a module may raise when pickled is open-ended
         log.warning(
             "the teacher cannot be pickled (%s): every Ray actor and Train worker builds its own", one_line(exc)
         )
         return None
+    return ray.put(built)
 
 
 def received_teacher(built: Any) -> BuiltTeacher | None:
