@@ -247,8 +247,17 @@ def test_dashboard_url_gets_a_scheme() -> None:
 
 
 _CONNECT_SCRIPT = """
+import os
+import time
+
 import ray
 from pipeline.ray.cluster import connect
+
+
+def workers_started() -> int:
+    log = os.path.join(connection.context.address_info["session_dir"], "logs", "raylet.out")
+    with open(log) as f:
+        return f.read().count("Started worker process")
 
 connection = connect(None, num_cpus=2, dashboard=False)
 try:
@@ -258,6 +267,8 @@ try:
     assert connection.address.startswith("127.0.0.1:"), connection.address
     assert ray.cluster_resources()["CPU"] == 2
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    time.sleep(2.0)  # Ray's default prestarts num_cpus idle workers right after the driver connects
+    assert workers_started() == 0, f"{workers_started()} worker processes started before any work"
 
     @ray.remote(num_cpus=1)
     def square(x: int) -> int:
