@@ -7,7 +7,9 @@ per step: the global batch, steps per epoch and learning-rate schedule do not de
 held-out scores (on the held-out images of each worker's split) are summed over the workers
 (:class:`Collective`), so every worker keeps the same best student. Checkpoints travel as Ray Train
 checkpoints (one ``train_state.pt`` each, written by rank 0, uploaded asynchronously); a restarted
-worker group resumes from ``ray.train.get_checkpoint()``. Rank 0 writes the final student and history.
+worker group resumes from ``ray.train.get_checkpoint()``. Rank 0 writes the final student and history,
+and, when the driver shows progress, keeps the epoch bar (``ray.experimental.tqdm_ray``: drawn on the
+driver's terminal) with the loss, the teacher agreement and the images per second of all workers.
 """
 
 from __future__ import annotations
@@ -174,11 +176,21 @@ def train_loop(config: dict[str, Any]) -> None:
             (Path(folder) / TRAIN_STATE_PATH).write_bytes(raw)
         pending.append(ray.train.Checkpoint.from_directory(folder))
 
+    bar = None
+    if rank == 0 and config.get("progress"):
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(desc="distill (ray)", total=cfg.distill.epochs, unit="epoch", flush_interval_s=0)
+
     def on_epoch(epoch: int, _: Distiller, rows: list[dict[str, Any]]) -> None:
         seconds = training.clock.last_epoch_s
         row = rows[-1]
         rate = data.batch * data.steps / max(seconds, 1e-9)
         _record_metrics(cfg, rank, row["loss"], rate)
+        if bar is not None:
+            bar.n = epoch + 1
+            agree = row.get("agreement", float("nan"))
+            bar.set_description(f"distill (ray) loss {row['loss']:.3f} agree {agree:.3f} img/s {rate * world:.0f}")
         metrics: dict[str, Any] = {**row, "samples_per_s": rate * world, "seconds": seconds}
         if epoch == cfg.distill.epochs - 1:  # the selector has chosen by now
             metrics["summary"] = training.report(rows)
@@ -186,12 +198,16 @@ def train_loop(config: dict[str, Any]) -> None:
         mode = CheckpointUploadMode.ASYNC if ckpt is not None else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=mode)
 
-    rows = training.run(
-        data.batches(),
-        before_epoch=before_epoch,
-        checkpoint=checkpoint,
-        on_epoch=on_epoch,
-        tags={"attempt": attempt, "workers": world},
-    )
+    try:
+        rows = training.run(
+            data.batches(),
+            before_epoch=before_epoch,
+            checkpoint=checkpoint,
+            on_epoch=on_epoch,
+            tags={"attempt": attempt, "workers": world},
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if rank == 0:
         write_outputs(ctx, training.distiller.module, rows)

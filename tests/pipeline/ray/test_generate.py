@@ -26,6 +26,7 @@ from pipeline.errors import GenerationError
 from pipeline.stages.generate import generate_local
 from pipeline.storage.manifest import Manifest, validate_dataset
 from pipeline.storage.shards import read_shard
+from tests.pipeline.ray_fixtures import TerminalBars, terminal_bars
 
 pytestmark = pytest.mark.ray
 
@@ -102,7 +103,21 @@ def test_two_actors_give_the_local_dataset(
     from pipeline.ray.generate import generate_ray
 
     cfg = tiny_config(str(tmp_path / "run"), "ray.generation_actors=2")
-    manifest, stats = generate_ray(RunContext.create(cfg), progress=True)
+
+    def actors_done(bars: TerminalBars) -> bool:
+        states = bars.named("intraq-generator-")
+        return len(states) == 2 and all(s["closed"] for s in states)
+
+    with terminal_bars() as bars:
+        manifest, stats = generate_ray(RunContext.create(cfg), progress=True)
+        bars.wait(actors_done)
+    # The terminal: the driver's bar of shards, and each actor's own bar of its shards' iterations
+    # (4 shards x 5 iterations between the two), every bar closed full.
+    (shards,) = bars.named("generate")
+    assert (shards["x"], shards["total"], shards["closed"]) == (NUM_SHARDS, NUM_SHARDS, True)
+    actors = bars.named("intraq-generator-")
+    assert len(actors) == 2 and all(s["closed"] and s["x"] == s["total"] > 0 for s in actors), actors
+    assert sum(s["total"] for s in actors) == NUM_SHARDS * 5
     assert stats.shards_done == NUM_SHARDS
     assert stats.image_iterations == 32 * 5
     assert [s.round for s in manifest.shards] == [0, 0, 1, 1]

@@ -11,7 +11,8 @@ cost each), on the session's two-node cluster:
   and ``global_batch_size``, and the same student up to float summation order. Through
   ``train_stage`` with ``max_failures=0``: the first fit fails at the start of epoch 1, and
   ``train_stage(resume=True)`` continues from the epoch-0 checkpoint it left (the resumed fit does
-  not restart from scratch). Compared with the local executor on the same config.
+  not restart from scratch). Compared with the local executor on the same config. The resumed fit
+  shows progress: one epoch bar (rank 0's ``tqdm_ray`` bar) reaches the driver, full and closed.
 
 The 1-worker run equal to the local executor bit for bit (every loss, lr, step and held-out
 agreement, and the student) is checked on the whole CLI path in ``test_concurrency.py``, with
@@ -50,6 +51,7 @@ from pipeline.stages.train import (
 )
 from pipeline.stages.train_state import parse_train_state, train_state_bytes
 from pipeline.storage.manifest import Manifest
+from tests.pipeline.ray_fixtures import terminal_bars
 
 EPOCHS = 2
 TEST_IMAGES = 500
@@ -151,7 +153,9 @@ def n_invariance(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.Te
     finally:
         mp.undo()
     kept = [p for p in (Path(url) / "ray_train" / train_run_name(cfg)).glob("checkpoint_*") if p.is_dir()]
-    metrics = train_stage(cfg, resume=True, progress=False)
+    with terminal_bars() as bars:  # the resumed fit shows its epoch bar (rank 0's) on the driver's terminal
+        metrics = train_stage(cfg, resume=True, progress=True)
+        bars.wait(lambda b: any(s["closed"] for s in b.named("distill (ray)")))
     history = json.loads((Path(url) / TRAIN_HISTORY_PATH).read_text())
     local_cfg, one = _local(dataset_url, tmp_path_factory.mktemp("one-process"), *FULL_BATCH)
     return {
@@ -163,6 +167,7 @@ def n_invariance(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.Te
         "kept": kept,
         "one": one,
         "local_url": Path(local_cfg.storage.url),
+        "epoch_bars": bars.named("distill (ray)"),
     }
 
 
@@ -291,6 +296,9 @@ def test_two_workers_train_the_one_worker_recipe(n_invariance: dict[str, Any], r
     assert [row["epoch"] for row in history] == list(range(EPOCHS))
     assert [row["attempt"] for row in history] == [1, 2], "the resumed fit restarted from scratch"
     assert all(row["workers"] == 2 for row in history)
+    # One epoch bar (rank 0's, not one per worker) reached the driver, closed at the last epoch.
+    (bar,) = n_invariance["epoch_bars"]
+    assert (bar["x"], bar["total"], bar["closed"]) == (EPOCHS, EPOCHS, True)
     assert metrics["executor"] == "ray" and metrics["test_images"] == TEST_IMAGES
     assert metrics["training"]["data"] == "memory"
 

@@ -20,6 +20,7 @@ from pipeline.stages.generate import generate_local
 from pipeline.stages.generator_training import GENERATOR_STATE, GeneratorStateError, load_generator_state
 from pipeline.storage.manifest import Manifest, validate_dataset
 from pipeline.storage.shards import read_shard
+from tests.pipeline.ray_fixtures import terminal_bars
 
 
 def tiny(url: Path | str, *extra: str) -> RunConfig:
@@ -139,9 +140,13 @@ def test_ray_trains_in_an_actor_that_resumes_after_being_killed(
 
     cfg = tiny(tmp_path / "run", "executor=ray", "ray.generation_actors=1")
     monkeypatch.setenv(KILL_AT_ENV, "generator:4")  # forwarded to the training actor, which SIGKILLs itself
-    with caplog.at_level(logging.WARNING, logger="pipeline.stages.generator_training"):
-        generate_ray(RunContext.create(cfg), progress=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.generator_training"), terminal_bars() as bars:
+        generate_ray(RunContext.create(cfg), progress=True)
+        bars.wait(lambda b: any(s["closed"] for s in b.named("train generator")))
     assert "generator training actor died" in caplog.text  # it was killed, and replaced
+    # The replacement actor's bar reached the driver's terminal and closed at the last of 6 iterations.
+    (bar,) = [s for s in bars.named("train generator") if s["closed"]]
+    assert (bar["x"], bar["total"]) == (6, 6)
     got, want = state_of(cfg), state_of(reference)
     assert got["iteration"] == 6 and got["history"] == want["history"]
     for key, value in want["generator"].items():
