@@ -66,7 +66,7 @@ from ray.exceptions import RayActorError
 from ray.experimental import tqdm_ray
 
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import GenerationError
 from pipeline.ray import metrics
 from pipeline.ray.generator_training import train_generator_ray
@@ -120,7 +120,7 @@ class GeneratorActor:
         torch.set_num_threads(max(1, int(cpus)))
         self.name = name
         self.ctx = RunContext.create(cfg, received_teacher(teacher))
-        self.storage = dataset_storage(self.ctx)
+        self.storage = self.ctx.dataset_storage
         g = self.ctx.cfg.generate
         self.stepwise = g.optimizes and not g.uses_generator  # only the pixel optimizer reports its iterations
         self.bar = None
@@ -285,7 +285,7 @@ def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, G
 
 
 def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     if storage.kind == "memory":
         raise GenerationError(
             f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "

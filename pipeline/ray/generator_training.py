@@ -19,7 +19,7 @@ import torch
 from ray.experimental import tqdm_ray
 
 from pipeline.config import RunConfig
-from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage
+from pipeline.context import KILL_AT_ENV, RunContext
 from pipeline.ray.teacher import received_teacher
 from pipeline.stages.generator_training import load_generator_state, train_generator
 from pipeline.storage.store import Storage
@@ -40,7 +40,7 @@ class GeneratorTrainingActor:
         ``progress``: keep a bar of the training on the driver's terminal."""
         torch.set_num_threads(max(1, int(cpus)))
         self.ctx = RunContext.create(cfg, received_teacher(teacher))
-        self.storage = dataset_storage(self.ctx)
+        self.storage = self.ctx.dataset_storage
         self.progress = progress
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import one_line
 from pipeline.ray.teacher import share_teacher
 from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
@@ -170,7 +170,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
 
     t_start = time.time()
     cfg = ctx.cfg
-    data = dataset_storage(ctx)
+    data = ctx.dataset_storage
     if "memory" in (ctx.storage.kind, data.kind):
         raise ValueError(
             "memory:// storage lives in one process; the ray executor needs a local path, file:// or s3://"

@@ -28,7 +28,7 @@ from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student
 from intraq_core.torchfile import safe_load
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
+from pipeline.context import RunContext, limit_threads, state_dict_sha256
 from pipeline.ray.teacher import received_teacher
 from pipeline.ray.train_data import WorkerData
 from pipeline.stages.train import CALIBRATED_PATH, Training, write_outputs
@@ -129,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = rt.get_device()
     # The read starts now, in the background.
-    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, dataset_storage(ctx))
+    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, ctx.dataset_storage)
     teacher = worker_teacher(ctx, config, rank).to(device)
     student = build_student(teacher, cfg.quant)
     calibrated = safe_load(wait_for_calibrated(storage), what=storage.join(CALIBRATED_PATH))

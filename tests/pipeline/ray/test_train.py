@@ -34,7 +34,7 @@ import torch
 from intraq_core.distill import Distiller
 from intraq_core.student import build_student, load_student
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.ray.train import train_ray, train_run_name
 from pipeline.ray.train_plan import plan_training, read_images
 from pipeline.ray.train_worker import FAIL_ONCE_ENV
@@ -129,7 +129,7 @@ def _local(dataset_url: str, base: Path, *extra: str) -> tuple[RunConfig, TrainO
     url = str(base / "run")
     cfg = train_config(url, dataset_url, "executor=local", *extra)
     ctx = RunContext.create(cfg)
-    return cfg, train_local(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
+    return cfg, train_local(ctx, Manifest.load(ctx.dataset_storage), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_driver_picks_the_local_calibration_images(dataset_url: str, tmp_path: P
     """The Ray driver calibrates on exactly the local executor's batches, reading only those rows."""
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = Manifest.load(storage)
     images, _, indices = load_dataset(ctx, manifest)
     plan = plan_training(ctx, manifest)
@@ -199,7 +199,7 @@ def test_workers_read_their_share_themselves(dataset_url: str, tmp_path: Path) -
 
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = Manifest.load(storage)
     images, labels, indices = load_dataset(ctx, manifest)
     hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
@@ -267,7 +267,7 @@ def test_too_many_train_cpus_fail_fast(ray_cluster: Any, dataset_url: str, tmp_p
     )
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="training would hang"):
-        train_ray(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
+        train_ray(ctx, Manifest.load(ctx.dataset_storage), progress=False)
     assert not (tmp_path / "run" / CALIBRATED_PATH).exists()
 
 
@@ -276,8 +276,8 @@ def test_streaming_refuses_epochs_longer_than_a_pass(dataset_url: str, tmp_path:
     cfg = train_config(str(tmp_path / "run"), dataset_url, "ray.train_data=stream", "distill.iterations_per_epoch=50")
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="an epoch is one pass over the data"):
-        plan_training(ctx, Manifest.load(dataset_storage(ctx)))
-    manifest = Manifest.load(dataset_storage(ctx))
+        plan_training(ctx, Manifest.load(ctx.dataset_storage))
+    manifest = Manifest.load(ctx.dataset_storage)
     small = train_config(str(tmp_path / "run"), dataset_url, "ray.train_memory_gb=0.0001")
     assert plan_training(RunContext.create(small), manifest).data == "stream"  # auto: does not fit
     assert plan_training(RunContext.create(train_config(str(tmp_path), dataset_url)), manifest).data == "memory"
@@ -393,7 +393,7 @@ def test_the_worker_group_starts_while_the_driver_calibrates(
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
     ctx.storage.write_bytes_atomic(CALIBRATED_PATH, b"an earlier attempt's")
-    manifest = Manifest.load(dataset_storage(ctx))
+    manifest = Manifest.load(ctx.dataset_storage)
     outcome = train_ray(ctx, manifest, progress=False)
     assert outcome.optimizer_steps == 6
     assert read == [(tmp_path / "run" / CALIBRATED_PATH).read_bytes()] != [b"an earlier attempt's"]
