@@ -36,7 +36,7 @@ from intraq_core.quant import calibrate_ranges
 from intraq_core.student import build_student, load_student
 from intraq_core.synth import losses
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.stages.generate import generate_local, new_manifest
 from pipeline.stages.train import CALIBRATED_PATH, STUDENT_PATH, train_local
 from pipeline.storage.manifest import Manifest
@@ -182,7 +182,7 @@ def write_real_dataset(
         "seed": 0,
         "method": "real",
     }
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = new_manifest(ctx, 1)
     info = write_shard(
         storage, 0, images.numpy(), labels.numpy(), indices, indices, meta, features=features, store_dtype=store_dtype
@@ -291,7 +291,7 @@ class Bench:
     def _real_dataset(self, cfg: RunConfig, loc: Path) -> Path:
         """The real 'training' images written as one dataset in the shard format."""
         ctx = RunContext.create(cfg)
-        storage = dataset_storage(ctx)
+        storage = ctx.dataset_storage
         if Manifest.exists(storage) and Manifest.load(storage).is_complete():
             return loc
         x, y = self.test
@@ -372,7 +372,7 @@ class Bench:
             row = Row("probe", "data-free probe set", settings=PROBE_SETTINGS)
             loc, _ = self.dataset(row, PROBE_SEED)
             cfg = self.config(row, PROBE_SEED, [f"storage.url={loc}"])
-            storage = dataset_storage(RunContext.create(cfg))
+            storage = RunContext.create(cfg).dataset_storage
             images = [read_shard(storage, e.path).images for e in Manifest.load(storage).shards]
             self._cache["probe"] = torch.from_numpy(np.concatenate(images))
         return self._cache["probe"]
@@ -388,7 +388,7 @@ class Bench:
         chosen = max(usable, key=lambda k: (usable[k]["probe_agreement"], usable[k]["holdout_agreement"]))
         best = candidates[chosen]
         data_ctx = RunContext.create(self.config(row, seed, [f"storage.url={data}"]))
-        stats = dataset_statistics(data_ctx, Manifest.load(dataset_storage(data_ctx)), self.test, self.split)
+        stats = dataset_statistics(data_ctx, Manifest.load(data_ctx.dataset_storage), self.test, self.split)
         summary = {
             k: {
                 "probe_agreement": v["probe_agreement"],
@@ -428,7 +428,7 @@ class Bench:
         extra = [f"storage.url={loc}", f"dataset={data}", f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]
         cfg = self.config(row, seed, [*extra, *(RECIPES[recipe] if settings is None else settings)])
         ctx = RunContext.create(cfg)
-        manifest = Manifest.load(dataset_storage(ctx))
+        manifest = Manifest.load(ctx.dataset_storage)
         try:
             outcome = train_local(ctx, manifest, progress=False)
         except DivergenceError as exc:
@@ -491,7 +491,7 @@ def dataset_statistics(
     ctx: RunContext, manifest: Manifest, test: tuple[torch.Tensor, torch.Tensor], split: Split
 ) -> dict[str, Any]:
     """Diversity of synthetic features vs real held-out test images, and what MDC's hinge did."""
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     feats, labels, mdc = [], [], []
     for entry in manifest.shards:
         shard = read_shard(storage, entry.path)

@@ -165,7 +165,6 @@ def make_dataset(args: argparse.Namespace, root: Path) -> Path:
 
 def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Path) -> dict[str, Any]:
     """One training stage: steady-state samples/s after the first epoch, and start-up seconds."""
-    from pipeline.context import dataset_storage
     from pipeline.storage.manifest import Manifest
 
     extra = {
@@ -175,7 +174,7 @@ def train_variant(args: argparse.Namespace, variant: str, url: Path, dataset: Pa
     }[variant]
     cfg = load_run_config(None, [*distill_budget(args), *extra, f"storage.url={url}", f"dataset={dataset}"])
     ctx = RunContext.create(cfg)
-    manifest = Manifest.load(dataset_storage(ctx))
+    manifest = Manifest.load(ctx.dataset_storage)
     before = load()
     t0 = time.perf_counter()
     if variant == "local":

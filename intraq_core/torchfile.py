@@ -3,12 +3,15 @@
 ``torch.load(..., weights_only=True)``, because unpickling arbitrary objects can execute code and
 a state_dict never needs it. A refused file raises :class:`~intraq_core.errors.CheckpointError`
 naming the refused global; an unreadable one says what it is (empty, text, truncated zip, ...).
+:func:`load_resume_state` reads a resume point that can be redone (a training checkpoint, a
+generator's state): a dict tagged with its format, or None with a warning.
 A leaf module: it imports torch and :mod:`intraq_core.errors`, nothing else of the project.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import zipfile
@@ -17,9 +20,11 @@ from typing import IO, Any
 
 import torch
 
-from intraq_core.errors import CheckpointError
+from intraq_core.errors import CheckpointError, first_line
 
-__all__ = ["Source", "describe_unreadable", "safe_load"]
+__all__ = ["Source", "describe_unreadable", "load_resume_state", "safe_load"]
+
+log = logging.getLogger(__name__)
 
 Source = str | os.PathLike[str] | bytes | IO[bytes]
 
@@ -188,3 +193,21 @@ def safe_load(source: Source, *, mmap: bool = False, what: str | None = None) ->
     if start is not None:
         target.seek(start)
     raise CheckpointError(f"could not read {name} as a torch checkpoint: {describe_unreadable(target, detail)}")
+
+
+def load_resume_state(source: Source, tag: str, *, what: str, kind: str) -> dict[str, Any] | None:
+    """The dict a resume point holds when its ``"format"`` is ``tag``, else None with a warning.
+
+    For files a run may ignore and redo (a training checkpoint, a generator's state): an unreadable
+    file (:func:`safe_load` fails) or one of another format is not an error but a warning naming
+    ``what`` (where the file is) and ``kind`` (what it should have been), and the caller starts over.
+    """
+    try:
+        state = safe_load(source, what=what)
+    except CheckpointError as exc:
+        log.warning("ignoring unreadable %s %s: %s", kind, what, first_line(exc))
+        return None
+    if not isinstance(state, dict) or state.get("format") != tag:
+        log.warning("ignoring %s: not a %s (format %r)", what, kind, tag)
+        return None
+    return state

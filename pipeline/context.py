@@ -71,6 +71,10 @@ class BuiltTeacher:
     sha256: str
 
 
+#: The folder of a run location that holds its synthetic dataset.
+DATA_DIR = "data"
+
+
 @dataclass
 class RunContext:
     """A run config with its model config resolved and its storage opened.
@@ -139,6 +143,15 @@ class RunContext:
             return self.given_teacher.sha256
         return state_dict_sha256(self.teacher())
 
+    @cached_property
+    def dataset_storage(self) -> Storage:
+        """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``; opened once
+        per context (one filesystem client for every stage of the run)."""
+        if self.cfg.dataset is not None:
+            other = self.cfg.storage.model_copy(update={"url": self.cfg.dataset})
+            return Storage.from_config(other).child(DATA_DIR)
+        return self.storage.child(DATA_DIR)
+
     def built_teacher(self, model: nn.Module | None = None) -> BuiltTeacher:
         """The teacher to hand to other processes: ``model`` (a :meth:`teacher` of this run; default
         a fresh one) with the resolved config and its checksum (computed at most once per context)."""
@@ -146,14 +159,3 @@ class RunContext:
         if "teacher_sha256" not in self.__dict__:
             self.__dict__["teacher_sha256"] = state_dict_sha256(model)
         return BuiltTeacher(model, self.model_cfg, self.teacher_sha256)
-
-
-DATA_DIR = "data"
-
-
-def dataset_storage(ctx: RunContext) -> Storage:
-    """Where the run's synthetic dataset lives: ``<run>/data``, or ``<cfg.dataset>/data``."""
-    if ctx.cfg.dataset is not None:
-        other = ctx.cfg.storage.model_copy(update={"url": ctx.cfg.dataset})
-        return Storage.from_config(other).child(DATA_DIR)
-    return ctx.storage.child(DATA_DIR)

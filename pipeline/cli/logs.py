@@ -15,7 +15,10 @@ refused command leaves the location untouched.
 Worker output reaches the driver through Ray's log streaming (``log_to_driver``);
 :func:`route_worker_output` replaces Ray's printer of that stream with one that writes to the log
 file. That printer is a private part of Ray (``global_worker_stdstream_dispatcher``): if it
-moves, worker output simply stays on the terminal as before. The raylet's warnings to the driver
+moves, worker output simply stays on the terminal as before. The progress bars of actors and Train
+workers (``ray.experimental.tqdm_ray``) travel in the same stream, one line of bar state each:
+those lines never go to the log file, and the replacement draws them on the terminal as Ray's
+printer would (with ``--verbose``, Ray's printer, still in place, draws them). The raylet's warnings to the driver
 (too many worker processes started, ...) come through Ray's error listener instead and are routed
 the same way.
 """
@@ -23,6 +26,7 @@ the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -142,18 +146,37 @@ def _worker_lines(data: dict[str, Any]) -> Iterator[str]:
         yield prefix + str(line)
 
 
+def _draw_bar(line: str) -> None:
+    """Draw one bar state sent by a worker's ``tqdm_ray`` bar on this terminal, as Ray's printer does."""
+    from ray.experimental import tqdm_ray
+
+    try:
+        tqdm_ray.instance().process_state_update(json.loads(line))
+    except Exception as exc:  # a bar must never break the command
+        logging.getLogger(__name__).debug("progress bar state not drawn: %s", exc)
+
+
 def route_worker_output(*, verbose: bool) -> bool:
-    """Send the output of Ray's workers to the log (and, unless ``verbose``, not to the terminal).
+    """Send the output of Ray's workers to the log (and, unless ``verbose``, not to the terminal);
+    their progress bars to the terminal, never to the log.
 
     Returns whether Ray's stream could be intercepted (see the module docstring).
     """
     try:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
     except ImportError:  # pragma: no cover - Ray moved its private printer
         return False
     log = logging.getLogger(WORKER_LOGGER)
 
     def handle(data: dict[str, Any]) -> None:
+        lines = data.get("lines", [])
+        bars = [line for line in lines if RAY_TQDM_MAGIC in line]
+        if bars:
+            data = {**data, "lines": [line for line in lines if RAY_TQDM_MAGIC not in line]}
+            if not verbose:  # Ray's printer, which draws them otherwise, is gone
+                for line in bars:
+                    _draw_bar(line)
         for line in _worker_lines(data):
             log.info("%s", line)
 

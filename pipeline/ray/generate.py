@@ -35,9 +35,13 @@ labels and features for the same config and seed, whatever the number of actors)
   ``ray.gpus_per_actor`` GPUs on GPU clusters, else one per ``ray.cpus_per_actor`` CPUs), and
   never more than the shards of a round, spread over the nodes. CPU actors bound torch to
   their CPUs.
-* Progress: the driver shows a tqdm bar over shards (fractional while shards run, with
-  image·iterations/s and the latest loss); actors report every ~10% of a shard's iterations to
-  a zero-CPU :class:`pipeline.ray.metrics.ProgressBoard` (fire-and-forget), and record Ray metrics
+* Progress (``progress=True``): Ray's distributed tqdm (``ray.experimental.tqdm_ray``) draws every
+  bar on the driver's terminal. Each actor keeps one bar of its own (``intraq-generator-<i>``:
+  the shard·iterations of the packs it was given, the shards it is on and their latest loss),
+  moved every ~10% of a pack's iterations; its state travels with the actor's output to the driver.
+  The driver's own bar counts finished shards, with image·iterations/s and the latest final loss.
+  It is a ``tqdm_ray`` bar too (drawn directly, no output in between), so that one manager places
+  all of them on the terminal without two bars on one line. The actors also record Ray metrics
   (:mod:`pipeline.ray.metrics`).
 
 Test hook: when ``INTRAQ_TEST_ACTOR_EXIT_ONCE`` names a file that does not exist, the first
@@ -59,9 +63,10 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError
+from ray.experimental import tqdm_ray
 
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import GenerationError
 from pipeline.ray import metrics
 from pipeline.ray.generator_training import train_generator_ray
@@ -90,8 +95,15 @@ ACTOR_NAME = "intraq-generator-{}"
 POLL_S = 0.5
 #: Packs the driver keeps on each actor at once: the next one optimizes while the last is written.
 PACKS_IN_FLIGHT = 2
-REPORT_FRACTION = 10  # actors report progress every 1/REPORT_FRACTION of a shard's iterations
+REPORT_FRACTION = 10  # actors move their bar every 1/REPORT_FRACTION of a shard's iterations
 STALL_WARNING_S = 120.0
+#: Seconds the pool waits for its actors to close their bars before it kills them.
+CLOSE_TIMEOUT_S = 5.0
+
+
+def _shards(pack: list[ShardTask]) -> str:
+    """``shard 3`` or ``shards 3-4``: the shards of a pack, for messages and bars."""
+    return f"shard {pack[0].index}" if len(pack) == 1 else f"shards {pack[0].index}-{pack[-1].index}"
 
 
 class GeneratorActor:
@@ -102,13 +114,18 @@ class GeneratorActor:
     the next pack the driver has already sent. A call returns once its shards are written.
     """
 
-    def __init__(self, cfg: RunConfig, name: str, cpus: float, board: Any = None, teacher: Any = None) -> None:
-        """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here."""
+    def __init__(self, cfg: RunConfig, name: str, cpus: float, progress: bool = False, teacher: Any = None) -> None:
+        """``teacher``: the driver's (:func:`pipeline.ray.teacher.share_teacher`), else it is built here;
+        ``progress``: keep a bar of this actor's iterations on the driver's terminal."""
         torch.set_num_threads(max(1, int(cpus)))
         self.name = name
         self.ctx = RunContext.create(cfg, received_teacher(teacher))
-        self.storage = dataset_storage(self.ctx)
-        self.board = board
+        self.storage = self.ctx.dataset_storage
+        g = self.ctx.cfg.generate
+        self.stepwise = g.optimizes and not g.uses_generator  # only the pixel optimizer reports its iterations
+        self.bar = None
+        if progress and self.stepwise:
+            self.bar = tqdm_ray.tqdm(desc=name, total=0, unit="it", flush_interval_s=0)
         self.fault_marker = os.environ.get(FAULT_ENV) or None
         self.synth = make_synthesizer(self.ctx, self.storage)
         self.optimizing = threading.Lock()
@@ -119,7 +136,9 @@ class GeneratorActor:
     def run(self, pack: list[ShardTask], centres_state: dict[str, Any] | None) -> list[ShardOutcome]:
         """Optimize and write the shards of ``pack`` (one pass) against the round's centre snapshot."""
         run_name = self.ctx.cfg.name
-        step = max(1, self.ctx.cfg.generate.iterations // REPORT_FRACTION)
+        g = self.ctx.cfg.generate
+        step = max(1, g.iterations // REPORT_FRACTION)
+        done = 0  # this actor's shard·iterations before this pack (its bar's position)
 
         def report(it: int, total: int, losses: dict[str, float]) -> None:
             if self.fault_marker is not None and it >= max(1, total // 2):
@@ -127,13 +146,15 @@ class GeneratorActor:
             if it % step == 0 or it == total:
                 loss = float(losses.get("total", float("nan")))
                 metrics.GENERATION_LOSS.set(loss, run=run_name, term="total")
-                if self.board is not None:
-                    for task in pack:
-                        self.board.report.remote(task.index, it, total, loss)
+                if self.bar is not None:
+                    self.bar.n = done + it * len(pack)
+                    self.bar.set_description(f"{self.name} {_shards(pack)} loss {loss:.4f}")  # sends the state
 
-        g = self.ctx.cfg.generate
-        progress = report if g.optimizes and not g.uses_generator else None
+        progress = report if self.stepwise else None
         with self.optimizing:
+            if self.bar is not None:
+                done = self.bar.total
+                self.bar.total = done + g.iterations * len(pack)
             results = optimize_shards(self.synth, pack, centres_state, progress=progress)
         outcomes = write_shards(self.ctx, self.storage, pack, results)
         seconds = sum(o.seconds for o in outcomes)
@@ -144,6 +165,11 @@ class GeneratorActor:
             for term, value in outcome.final.items():
                 metrics.GENERATION_LOSS.set(value, run=run_name, term=term)
         return outcomes
+
+    def close_progress(self) -> None:
+        """Close this actor's bar (the pool calls it before it kills the actor)."""
+        if self.bar is not None:
+            self.bar.close()
 
     def _maybe_fail(self) -> None:
         """Test hook: exit this process once (the first actor to claim the marker file)."""
@@ -173,10 +199,10 @@ def _actor_config(ctx: RunContext) -> RunConfig:
 class _Pool:
     """The generator actors of one generation: created on demand, replaced when they die."""
 
-    def __init__(self, cfg: RunConfig, spec: PoolSpec, board: Any, teacher: Any = None) -> None:
+    def __init__(self, cfg: RunConfig, spec: PoolSpec, progress: bool, teacher: Any = None) -> None:
         self.cfg = cfg
         self.spec = spec
-        self.board = board
+        self.progress = progress
         self.teacher = teacher  # the object reference of the driver's teacher, or None
         self.created = 0
         self.actors: list[Any] = []
@@ -210,7 +236,7 @@ class _Pool:
         while True:
             try:
                 actor = _RemoteGenerator.options(**options).remote(
-                    self.cfg, name, self.spec.num_cpus, self.board, self.teacher
+                    self.cfg, name, self.spec.num_cpus, self.progress, self.teacher
                 )
                 break
             except ValueError:  # the name of an actor killed a moment ago is not released yet
@@ -238,6 +264,10 @@ class _Pool:
         self._add()
 
     def shutdown(self) -> None:
+        if self.progress:  # their bars' last state goes out with their output before they are killed
+            with contextlib.suppress(Exception):
+                closing = [actor.close_progress.remote() for actor in self.actors]
+                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
@@ -255,9 +285,7 @@ def generate_ray(ctx: RunContext, *, progress: bool = True) -> tuple[Manifest, G
 
 
 def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationStats]:
-    from tqdm.auto import tqdm
-
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     if storage.kind == "memory":
         raise GenerationError(
             f"{storage.url}: memory:// storage is private to one process; the ray executor needs a "
@@ -285,9 +313,11 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
     teacher = share_teacher(ctx)
     if ctx.cfg.generate.uses_generator:  # gdfq / qimera: train the generator first, in an actor
         train_generator_ray(ctx, storage, _actor_config(ctx), progress=progress, teacher=teacher)
-    board = metrics.progress_board_actor() if progress else None
-    pool = _Pool(_actor_config(ctx), spec, board, teacher)
-    bar = tqdm(total=len(todo), desc="generate", unit="shard", disable=not progress)
+    pool = _Pool(_actor_config(ctx), spec, progress, teacher)
+    bar = None
+    if progress:
+        bar = tqdm_ray.tqdm(total=len(todo), desc="generate", unit="shard", flush_interval_s=0)
+        bar.refresh()  # shown from the start, not from the first finished shard
     driver = _Driver(ctx, storage, manifest, stats, pool, bar)
     log.info(
         "generating %d shards with %d actors (%s CPU, %s GPU each)",
@@ -308,11 +338,9 @@ def _generate(ctx: RunContext, *, progress: bool) -> tuple[Manifest, GenerationS
             state_ref = ray.put(centres.state() if centres is not None else None)
             driver.run_round(pending, state_ref)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         pool.shutdown()
-        if board is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(board)
     return manifest, stats
 
 
@@ -338,7 +366,6 @@ class _Driver:
         # The centre store's input: features and labels of every finished shard, by index.
         self.features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.started = time.perf_counter()
-        self.last_loss: float | None = None
 
     def run_round(self, pending: list[ShardTask], state_ref: Any) -> None:
         """Run one round's packs, up to :data:`PACKS_IN_FLIGHT` on each actor at once."""
@@ -380,7 +407,6 @@ class _Driver:
                     self.pool.spec.num_cpus,
                     self.pool.spec.num_gpus,
                 )
-            self._show_progress([t for _, pack in inflight.values() for t in pack])
 
     def _actor_died(self, actor: Any, pack: list[ShardTask], exc: BaseException) -> None:
         if getattr(exc, "actor_init_failed", False):  # its __init__ raised: retrying cannot help
@@ -392,7 +418,7 @@ class _Driver:
         n = self.failures.get(task.index, 0) + 1
         self.failures[task.index] = n
         reason = " ".join(str(exc).split())[:300]
-        shards = f"shard {task.index}" if len(pack) == 1 else f"shards {task.index}-{pack[-1].index}"
+        shards = _shards(pack)
         if n > self.ctx.cfg.ray.max_failures:
             raise GenerationError(
                 f"{shards}: its generator actor died {n} times (ray.max_failures="
@@ -407,29 +433,8 @@ class _Driver:
         self.stats.add(outcome)
         self.features[task.index] = (outcome.features, outcome.labels)
         metrics.SHARDS_DONE.inc(run=self.ctx.cfg.name)
-        if "total" in outcome.final:
-            self.last_loss = outcome.final["total"]
-        if self.pool.board is not None:
-            self.pool.board.forget.remote(task.index)
-
-    def _show_progress(self, running: list[ShardTask]) -> None:
-        if self.bar.disable:
-            return
-        fraction = 0.0
-        partial = 0
-        if self.pool.board is not None and running:
-            with contextlib.suppress(Exception):
-                board = ray.get(self.pool.board.snapshot.remote(), timeout=5)
-                for task in running:
-                    it, total, loss = board.get(task.index, (0, 1, float("nan")))
-                    fraction += it / max(total, 1)
-                    partial += it * task.size
-                    if loss == loss:
-                        self.last_loss = loss
-        self.bar.n = round(min(self.stats.shards_done + fraction, self.bar.total), 2)
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        postfix = {"img·it/s": f"{(self.stats.image_iterations + partial) / elapsed:.0f}"}
-        if self.last_loss is not None:
-            postfix["loss"] = f"{self.last_loss:.4f}"
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.refresh()
+        if self.bar is not None:
+            rate = self.stats.image_iterations / max(time.perf_counter() - self.started, 1e-9)
+            loss = f" loss {outcome.final['total']:.4f}" if "total" in outcome.final else ""
+            self.bar.update(1)
+            self.bar.set_description(f"generate {rate:.0f} img·it/s{loss}")

@@ -1,4 +1,4 @@
-"""Custom Ray metrics of the pipeline, and a tiny progress board for generation actors.
+"""Custom Ray metrics of the pipeline (the Ray dashboard's series; progress bars are ``tqdm_ray``'s).
 
 Metrics are recorded with ``ray.util.metrics`` from the driver and from actors/workers; outside
 a Ray process (the local executor, unit tests without Ray, a Ray Client driver) every call is a
@@ -23,10 +23,6 @@ metric                                      kind    tags        recorded by
 =========================================== ======= =========== ==========================
 
 Tag values not given are recorded as ``""`` (Ray requires every declared tag key).
-
-:class:`ProgressBoard` is an optional zero-CPU actor that generation actors report to every
-~10% of a shard's iterations (fire-and-forget); the driver polls it to move its progress bar.
-It lives here, not in :mod:`pipeline.ray.generate`, so its worker never imports torch.
 """
 
 from __future__ import annotations
@@ -42,8 +38,6 @@ __all__ = [
     "GENERATION_LOSS",
     "SHARDS_DONE",
     "Metric",
-    "ProgressBoard",
-    "progress_board_actor",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,26 +133,3 @@ DISTILL_LOSS = Metric("gauge", "intraq_distill_loss", "Distillation training los
 DISTILL_SAMPLES_PER_S = Metric(
     "gauge", "intraq_distill_samples_per_s", "Distillation training throughput", ("run", "worker")
 )
-
-
-class ProgressBoard:
-    """Latest (iteration, total, loss) per in-flight shard, reported by generation actors."""
-
-    def __init__(self) -> None:
-        self._shards: dict[int, tuple[int, int, float]] = {}
-
-    def report(self, shard: int, iteration: int, total: int, loss: float) -> None:
-        self._shards[shard] = (iteration, total, loss)
-
-    def forget(self, shard: int) -> None:
-        self._shards.pop(shard, None)
-
-    def snapshot(self) -> dict[int, tuple[int, int, float]]:
-        return dict(self._shards)
-
-
-def progress_board_actor() -> Any:
-    """A new :class:`ProgressBoard` actor taking no CPU (so it never blocks a pool)."""
-    import ray
-
-    return ray.remote(num_cpus=0)(ProgressBoard).remote()

@@ -22,9 +22,10 @@ Same outputs as :func:`pipeline.stages.train.train_local` (``student_calibrated.
   (``FailureConfig(max_failures)``) and a ``--resume``d run (same ``RunConfig(name,
   storage_path)`` under ``<run>/ray_train``) continue after the last checkpoint.
 
-Progress: a driver-side tqdm bar of epochs, fed by a ``UserCallback`` (it runs in the Train
-controller) through a zero-CPU ``ray.util.queue.Queue``. Workers record the
-``intraq_distill_loss`` and ``intraq_distill_samples_per_s`` gauges (:mod:`pipeline.ray.metrics`).
+Progress: rank 0 keeps a ``ray.experimental.tqdm_ray`` bar of epochs (with the loss, the
+teacher agreement and the images per second of all workers), drawn on the driver's terminal
+(:func:`pipeline.ray.train_worker.train_loop`). Workers record the ``intraq_distill_loss`` and
+``intraq_distill_samples_per_s`` gauges (:mod:`pipeline.ray.metrics`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import one_line
 from pipeline.ray.teacher import share_teacher
 from pipeline.ray.train_data import DATA_TASK_CPUS, data_config, ray_datasets, split_config
@@ -119,66 +120,6 @@ def _fail_once_hook() -> tuple[int, str] | None:
     return int(epoch), marker
 
 
-class _Progress:
-    """Driver-side epoch bar fed by a Train ``UserCallback`` through a zero-CPU queue actor."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.queue: Any = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.total = total
-
-    def callback(self) -> list[Any]:
-        if not self.enabled:
-            return []
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        return [_make_report_callback(self.queue)]
-
-    def __enter__(self) -> _Progress:
-        if self.queue is not None:
-            self._thread = threading.Thread(target=self._poll, name="intraq-train-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        from ray.util.queue import Empty
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total, desc="distill (ray)", unit="epoch")
-        try:
-            while True:
-                try:
-                    row = self.queue.get(timeout=0.5)
-                except Empty:
-                    if self._stop.is_set():
-                        return
-                    continue
-                except Exception:  # the queue actor is gone
-                    return
-                bar.n = min(int(row.get("epoch", 0)) + 1, self.total)
-                bar.set_postfix(
-                    loss=f"{row.get('loss', float('nan')):.3f}",
-                    agree=f"{row.get('agreement', float('nan')):.3f}",
-                    img_s=f"{row.get('samples_per_s', 0):.0f}",
-                )
-                bar.refresh()
-        finally:
-            bar.close()
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self.queue is not None:
-            import contextlib
-
-            with contextlib.suppress(Exception):
-                self.queue.shutdown()
-
-
 class _Calibration:
     """The driver's calibration of the student (``calibrate(teacher)``, then ``student_calibrated.pt``), run in a
     thread so that the Train worker group starts meanwhile; the workers wait for the file
@@ -218,24 +159,6 @@ class _Calibration:
         return self._ended - self._started, self._ended
 
 
-def _make_report_callback(queue: Any) -> Any:
-    """A ``ray.train.UserCallback`` that forwards rank 0's per-epoch metrics to ``queue``."""
-    from ray.train import UserCallback
-
-    class ReportToQueue(UserCallback):
-        def __init__(self, q: Any) -> None:
-            self.q = q
-
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics:
-                try:  # fire and forget: never block the controller's event loop on the driver
-                    self.q.actor.put_nowait.remote(dict(metrics[0]))
-                except Exception:  # progress must never fail training
-                    log.debug("progress queue unavailable")
-
-    return ReportToQueue(queue)
-
-
 def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> TrainOutcome:
     """Calibrate on the driver, distil with a Ray ``TorchTrainer``; writes the students and history.
 
@@ -247,7 +170,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
 
     t_start = time.time()
     cfg = ctx.cfg
-    data = dataset_storage(ctx)
+    data = ctx.dataset_storage
     if "memory" in (ctx.storage.kind, data.kind):
         raise ValueError(
             "memory:// storage lives in one process; the ray executor needs a local path, file:// or s3://"
@@ -288,9 +211,9 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         "teacher": teacher_ref,
         "teacher_sha256": ctx.teacher_sha256,
         "fail_once": _fail_once_hook(),
+        "progress": progress,
     }
     fs, _ = ctx.storage.pyarrow_filesystem()
-    bar = _Progress(cfg.distill.epochs, progress)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -307,7 +230,6 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=bar.callback(),
             logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env=with_user_code(None, cfg.model, upload=True) or {},
         ),
@@ -315,8 +237,7 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         dataset_config=split_config(),
     )
     try:
-        with bar:
-            result = trainer.fit()
+        result = trainer.fit()
     except Exception:
         if calibration.error is not None:  # the workers stopped because the calibration failed: say why
             raise calibration.error from None

@@ -20,7 +20,7 @@ import torch
 
 from intraq_core.distill import steps_per_epoch
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.stages.holdout import split_mask
 from pipeline.storage.manifest import Manifest, pyarrow_dataset_source, shard_paths
 from pipeline.storage.shards import read_examples
@@ -83,7 +83,7 @@ class TrainPlan:
 
 def plan_training(ctx: RunContext, manifest: Manifest) -> TrainPlan:
     """The :class:`TrainPlan` of ``manifest`` (reads only the ``index`` column of each shard)."""
-    data = dataset_storage(ctx)
+    data = ctx.dataset_storage
     fs, paths = pyarrow_dataset_source(data, manifest)
     per_shard = [pq.read_table(p, columns=["index"], filesystem=fs).column("index").to_numpy() for p in paths]
     plan = TrainPlan(ctx.cfg, manifest, per_shard)

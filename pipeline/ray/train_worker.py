@@ -7,7 +7,9 @@ per step: the global batch, steps per epoch and learning-rate schedule do not de
 held-out scores (on the held-out images of each worker's split) are summed over the workers
 (:class:`Collective`), so every worker keeps the same best student. Checkpoints travel as Ray Train
 checkpoints (one ``train_state.pt`` each, written by rank 0, uploaded asynchronously); a restarted
-worker group resumes from ``ray.train.get_checkpoint()``. Rank 0 writes the final student and history.
+worker group resumes from ``ray.train.get_checkpoint()``. Rank 0 writes the final student and history,
+and, when the driver shows progress, keeps the epoch bar (``ray.experimental.tqdm_ray``: drawn on the
+driver's terminal) with the loss, the teacher agreement and the images per second of all workers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from intraq_core.seeding import derive_seed
 from intraq_core.student import build_student
 from intraq_core.torchfile import safe_load
 from pipeline.config import RunConfig
-from pipeline.context import RunContext, dataset_storage, limit_threads, state_dict_sha256
+from pipeline.context import RunContext, limit_threads, state_dict_sha256
 from pipeline.ray.teacher import received_teacher
 from pipeline.ray.train_data import WorkerData
 from pipeline.stages.train import CALIBRATED_PATH, Training, write_outputs
@@ -127,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = rt.get_device()
     # The read starts now, in the background.
-    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, dataset_storage(ctx))
+    data = WorkerData(config, rank, world, device, cfg.distill.batch_size // world, ctx.dataset_storage)
     teacher = worker_teacher(ctx, config, rank).to(device)
     student = build_student(teacher, cfg.quant)
     calibrated = safe_load(wait_for_calibrated(storage), what=storage.join(CALIBRATED_PATH))
@@ -174,11 +176,21 @@ def train_loop(config: dict[str, Any]) -> None:
             (Path(folder) / TRAIN_STATE_PATH).write_bytes(raw)
         pending.append(ray.train.Checkpoint.from_directory(folder))
 
+    bar = None
+    if rank == 0 and config.get("progress"):
+        from ray.experimental import tqdm_ray
+
+        bar = tqdm_ray.tqdm(desc="distill (ray)", total=cfg.distill.epochs, unit="epoch", flush_interval_s=0)
+
     def on_epoch(epoch: int, _: Distiller, rows: list[dict[str, Any]]) -> None:
         seconds = training.clock.last_epoch_s
         row = rows[-1]
         rate = data.batch * data.steps / max(seconds, 1e-9)
         _record_metrics(cfg, rank, row["loss"], rate)
+        if bar is not None:
+            bar.n = epoch + 1
+            agree = row.get("agreement", float("nan"))
+            bar.set_description(f"distill (ray) loss {row['loss']:.3f} agree {agree:.3f} img/s {rate * world:.0f}")
         metrics: dict[str, Any] = {**row, "samples_per_s": rate * world, "seconds": seconds}
         if epoch == cfg.distill.epochs - 1:  # the selector has chosen by now
             metrics["summary"] = training.report(rows)
@@ -186,12 +198,16 @@ def train_loop(config: dict[str, Any]) -> None:
         mode = CheckpointUploadMode.ASYNC if ckpt is not None else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_mode=mode)
 
-    rows = training.run(
-        data.batches(),
-        before_epoch=before_epoch,
-        checkpoint=checkpoint,
-        on_epoch=on_epoch,
-        tags={"attempt": attempt, "workers": world},
-    )
+    try:
+        rows = training.run(
+            data.batches(),
+            before_epoch=before_epoch,
+            checkpoint=checkpoint,
+            on_epoch=on_epoch,
+            tags={"attempt": attempt, "workers": world},
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if rank == 0:
         write_outputs(ctx, training.distiller.module, rows)

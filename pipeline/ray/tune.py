@@ -10,6 +10,13 @@ The best trial is the one with the highest final objective among trials that ran
 (ASHA-stopped trials only count when none finished). Its settings applied to the base config give
 the best config, written as YAML (``<run>/tune/best.yaml``) that ``intraq-pipeline run --config``
 accepts; ``<run>/tune/results.json`` holds the table of all trials.
+
+Progress: a driver-side tqdm bar of finished trials with the best objective so far and the
+errors (:class:`_TrialBar`, a Tune ``Callback``). It is not a ``tqdm_ray`` bar in the trials
+because what it shows exists only on the driver: how many of ``tune.num_samples`` trials ended
+(completed, stopped by ASHA or failed — a trial stopped by ASHA is ended by the Tune controller,
+never by code of its own) and the best objective over all of them; a trial knows only its own
+reports. Nothing crosses a process either: Tune calls the callback in the driver's process.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def load_run(url: str, label: str | None = None) -> RunData:
     import yaml
 
     from pipeline.config import RunConfig
-    from pipeline.context import RunContext, dataset_storage
+    from pipeline.context import RunContext
     from pipeline.storage.manifest import Manifest
     from pipeline.storage.shards import read_shard
 
@@ -90,7 +90,7 @@ def load_run(url: str, label: str | None = None) -> RunData:
     cfg = RunConfig.model_validate(yaml.safe_load(raw))
     if not cfg.needs_synthetic_data():
         return _run_without_images(storage, cfg, label)
-    data = dataset_storage(RunContext(cfg, storage))
+    data = RunContext(cfg, storage).dataset_storage
     try:
         manifest = Manifest.load(data)
     except FileNotFoundError:

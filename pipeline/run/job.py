@@ -36,18 +36,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
-from intraq_core.quant import quant_map
-from intraq_core.student import load_student
 from pipeline.config import RUN_CONFIG_PATH, RunConfig
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import InputError, RunExistsError, StorageError
 from pipeline.report.methods import generation_budget, run_method
 from pipeline.run.checks import check_device, check_flags, check_inputs, check_location, check_probe
-from pipeline.run.dataset import build_dataset, drop_bad_shards, generation_context, source_config
+from pipeline.run.dataset import build_dataset, source_config, validate_or_repair
 from pipeline.run.executor import Executor, executor_for
-from pipeline.stages.evaluate import evaluate_model
+from pipeline.stages.evaluate import evaluate_run
 from pipeline.stages.generate import GenerationStats
 from pipeline.stages.train import (
     CALIBRATED_PATH,
@@ -183,11 +179,11 @@ def _open_training(run: Run) -> None:
     own = ctx.cfg.dataset is None
     if run.repair and not own:
         raise InputError(
-            f"--repair regenerates this run's own dataset, but the dataset at {dataset_storage(ctx).url} "
+            f"--repair regenerates this run's own dataset, but the dataset at {ctx.dataset_storage.url} "
             f"belongs to another run location: repair it there (intraq-pipeline generate --repair -o {cfg.dataset})"
         )
     check_inputs(ctx, generate=False, evaluate=True)
-    data = dataset_storage(ctx)
+    data = ctx.dataset_storage
     if not Manifest.exists(data):
         raise FileNotFoundError(
             f"no synthetic dataset at {data.url} (manifest.json missing): run `intraq-pipeline generate` "
@@ -270,7 +266,7 @@ def _train_stages(run: Run, *, progress: bool) -> dict[str, Any]:
     """``train``: validate (and repair) the dataset, train, evaluate, write metrics.json."""
     ctx, storage, lock = run.ctx, run.ctx.storage, run.lock
     assert run.manifest is not None and run.source_cfg is not None and lock is not None
-    manifest, data = run.manifest, dataset_storage(ctx)
+    manifest, data = run.manifest, ctx.dataset_storage
     own = ctx.cfg.dataset is None
     if own:
         trained = [p for p in TRAIN_OUTPUTS if storage.exists(p)]
@@ -282,12 +278,15 @@ def _train_stages(run: Run, *, progress: bool) -> dict[str, Any]:
     else:
         check_location(ctx, resume=run.continues, overwrite=run.overwrite, probe=False)
     # Validate (and repair) before anything at the location is written.
-    repaired = drop_bad_shards(ctx, data, manifest, repair=run.repair)
-    gen_stats = None
-    if repaired:
-        gen_ctx = generation_context(ctx, [run.source_cfg, ctx.cfg], manifest)
-        manifest, gen_stats = run.executor.generate(gen_ctx, progress=progress)
-        drop_bad_shards(ctx, data, manifest, repair=False, after_repair=True)
+    manifest, gen_stats, repaired = validate_or_repair(
+        ctx,
+        data,
+        manifest,
+        repair=run.repair,
+        progress=progress,
+        executor=run.executor,
+        sources=[run.source_cfg, ctx.cfg],
+    )
     if own:
         if run.overwrite:
             for rel in trained:
@@ -335,7 +334,7 @@ def _train_and_evaluate(
     )
     run.lock.check()
     t0 = time.perf_counter()
-    evaluation = evaluate_stage(run.ctx, progress=progress)
+    evaluation = evaluate_run(run.ctx, progress=progress)
     seconds["evaluate"] = time.perf_counter() - t0
     metrics = run_metrics(run, manifest, outcome, evaluation, seconds, gen_stats, repaired)
     run.lock.check()
@@ -378,7 +377,7 @@ def run_metrics(
         "optimizer_steps": outcome.optimizer_steps,
         "config_hash": ctx.cfg.config_hash(),
         "dataset_hash": manifest.config_hash if manifest is not None else None,
-        "dataset": dataset_storage(ctx).url if manifest is not None else None,
+        "dataset": ctx.dataset_storage.url if manifest is not None else None,
         "training": outcome.summary(),
         "seconds": seconds,
         "dataset_shards": len(manifest.shards) if manifest is not None else 0,
@@ -388,25 +387,3 @@ def run_metrics(
     if repaired:
         metrics["repaired_shards"] = repaired
     return metrics
-
-
-def evaluate_stage(ctx: RunContext, *, progress: bool) -> dict[str, Any]:
-    """FP teacher, calibrated (PTQ on synthetic data) and final student on the real test set."""
-    device = ctx.driver_device
-    fp = evaluate_model(ctx.teacher(), ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
-    calibrated, _, _, _ = load_student(ctx.storage.read_bytes(CALIBRATED_PATH))
-    ptq = evaluate_model(calibrated, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
-    final, _, _, _ = load_student(ctx.storage.read_bytes(STUDENT_PATH))
-    same = all(
-        torch.equal(a, b) for a, b in zip(final.state_dict().values(), calibrated.state_dict().values(), strict=True)
-    )
-    # Without distillation, or when the guard kept the start, the final student is the calibrated one.
-    quant = ptq if same else evaluate_model(final, ctx.model_cfg, ctx.cfg.eval, device=device, progress=progress)
-    return {
-        "fp_top1": fp["top1"],
-        "ptq_top1": ptq["top1"],
-        "quant_top1": quant["top1"],
-        "test_images": quant["n"],
-        "test_set": ctx.cfg.eval.data,
-        "quantization": {"protocol": ctx.cfg.quant.protocol, **quant_map(final)},
-    }

@@ -28,7 +28,7 @@ import torch
 from intraq_core.synth.centres import ClassCentres
 from intraq_core.synth.engine import Synthesizer, SynthResult
 from intraq_core.synth.generator import GeneratorSampler
-from pipeline.context import RunContext, dataset_storage, kill_point
+from pipeline.context import RunContext, kill_point
 from pipeline.errors import GenerationError
 from pipeline.stages.generator_training import make_sampler, train_generator
 from pipeline.stages.plan import ShardTask, make_plan, packs, rounds
@@ -321,7 +321,7 @@ def generate_local(
     """
     from tqdm.auto import tqdm
 
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     tasks, manifest, todo = pending_work(ctx, storage)
     stats = GenerationStats()
     if not todo:

@@ -7,7 +7,7 @@ the shards, in the dataset's storage::
     data/generator/state.pt    generator + Adam state, RNG state, iteration, loss history
 
 written atomically every ``generate.generator_checkpoint_every`` iterations and at the end
-(tensors and plain types only: read weights-only by :func:`intraq_core.torchfile.safe_load`).
+(tensors and plain types only: read weights-only by :func:`intraq_core.torchfile.load_resume_state`).
 A run that is killed resumes from the last checkpoint and ends with the same generator as an uninterrupted one
 (the RNG state is part of the checkpoint); a finished state is reused as is, so shards
 regenerated later (``--resume``, ``--repair``) are identical. The checkpoint records the dataset
@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from intraq_core.errors import CheckpointError, first_line
 from intraq_core.seeding import derive_seed
 from intraq_core.synth.generator import GENERATOR_FORMAT, GeneratorSampler, GeneratorTrainer
-from intraq_core.torchfile import safe_load
+from intraq_core.torchfile import load_resume_state
 from pipeline.context import RunContext, kill_point
 from pipeline.storage.store import Storage
 
@@ -67,13 +66,8 @@ def load_generator_state(ctx: RunContext, storage: Storage) -> dict[str, Any] | 
     except FileNotFoundError:
         return None
     where = storage.join(GENERATOR_STATE)
-    try:
-        state = safe_load(raw, what=where)
-    except CheckpointError as exc:
-        log.warning("ignoring unreadable generator checkpoint %s (%s): training again", where, first_line(exc))
-        return None
-    if not isinstance(state, dict) or state.get("format") != GENERATOR_FORMAT:
-        log.warning("ignoring %s: not a generator checkpoint; training again", where)
+    state = load_resume_state(raw, GENERATOR_FORMAT, what=where, kind="generator checkpoint")
+    if state is None:
         return None
     if state.get("config_hash") != ctx.cfg.dataset_hash():
         raise GeneratorStateError(
@@ -87,7 +81,7 @@ def train_generator(ctx: RunContext, storage: Storage, *, progress: bool = False
     """Train (or finish training) the run's generator; returns the finished checkpoint.
 
     ``report(iteration, total, loss)`` is called every ~2% of the iterations (the Ray actor
-    forwards it to the driver's progress bar); ``progress`` shows a local tqdm bar instead.
+    moves its ``tqdm_ray`` bar with it); ``progress`` shows a local tqdm bar instead.
     """
     from tqdm.auto import tqdm
 

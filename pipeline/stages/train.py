@@ -47,7 +47,7 @@ from intraq_core.distill import Distiller, EpochBatches, steps_per_epoch, train_
 from intraq_core.selection import Selection
 from intraq_core.student import student_checkpoint_bytes
 from pipeline.config import RunConfig
-from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage, kill_point
+from pipeline.context import KILL_AT_ENV, RunContext, kill_point
 from pipeline.errors import InputError
 from pipeline.stages.calibration import calibrate_student, prepare_student
 from pipeline.stages.holdout import make_selector, selection_outcome, split_mask, training_images
@@ -183,7 +183,7 @@ def check_batch(cfg: RunConfig, num_images: int, *, source: str) -> None:
 
 def load_dataset(ctx: RunContext, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """All shards of the manifest in memory, in global image-index order: (images, labels, indices)."""
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     images, labels, indices = [], [], []
     for entry in manifest.shards:
         shard = read_shard(storage, entry.path)

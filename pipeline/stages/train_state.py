@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from intraq_core.distill import Distiller
-from intraq_core.errors import CheckpointError, first_line
 from intraq_core.selection import Selector
-from intraq_core.torchfile import safe_load
+from intraq_core.torchfile import load_resume_state
 from pipeline.context import RunContext
 from pipeline.storage.manifest import Manifest
 from pipeline.storage.store import Storage
@@ -81,13 +80,8 @@ def parse_train_state(raw: bytes, identity: dict[str, Any] | None, where: str) -
     with a warning naming ``where`` (training then starts from the calibrated student).
     ``identity`` None accepts any training's checkpoint.
     """
-    try:
-        state = safe_load(raw, what=where)
-    except CheckpointError as exc:
-        log.warning("ignoring unreadable training checkpoint %s: %s", where, first_line(exc))
-        return None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
-        log.warning("ignoring %s: not an intraq training checkpoint", where)
+    state = load_resume_state(raw, TRAIN_STATE_FORMAT, what=where, kind="training checkpoint")
+    if state is None:
         return None
     differs = [k for k, v in (identity or {}).items() if state.get(k) != v]
     if differs:

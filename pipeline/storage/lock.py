@@ -23,7 +23,6 @@ from pipeline.errors import LockedError, one_line
 from pipeline.storage.failures import (
     redact,
 )
-from pipeline.storage.local_files import create_local_exclusive
 from pipeline.storage.store import Storage
 
 __all__ = ["LOCK_TTL_S", "Lock", "acquire_lock", "lock_owner", "read_lock_record", "run_lock"]
@@ -121,7 +120,7 @@ def acquire_lock(storage: Storage, name: str = "LOCK", *, owner: str, ttl_s: flo
     """
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
-    rel = storage._rel(name)
+    rel = name
     existing = read_lock_record(storage, rel)
     if existing is not None:
         live, why = _lock_is_live(existing)
@@ -141,8 +140,7 @@ def acquire_lock(storage: Storage, name: str = "LOCK", *, owner: str, ttl_s: flo
         "token": uuid.uuid4().hex,
     }
     if existing is None and storage.kind == "local":
-        created = storage._call("locking", rel, lambda: create_local_exclusive(storage._path(rel), _lock_bytes(record)))
-        if not created:
+        if not storage.create_exclusive(rel, _lock_bytes(record)):
             current = read_lock_record(storage, rel)
             raise LockedError(_locked_message(storage, rel, current or {}))
     else:

@@ -14,8 +14,9 @@ S3-compatible endpoint). The class adds what plain fsspec lacks for a pipeline:
   of retries on both paths: this loop's, and pyarrow's ``AwsStandardS3RetryStrategy``,
 * one-line :class:`StorageError` messages for wrong schemes, credentials and endpoints, with
   secrets removed (:func:`redact`),
-* the run lock's (:mod:`pipeline.storage.lock`) operations, with local files written durably
-  (:mod:`pipeline.storage.local_files`).
+* the run lock's (:mod:`pipeline.storage.lock`) operations, the lock using only the public ones
+  (exclusive creation of a local file: :meth:`Storage.create_exclusive`), with local files written
+  durably (:mod:`pipeline.storage.local_files`).
 
 Where a run lives is a :class:`~pipeline.storage.location.StorageConfig`.
 
@@ -50,7 +51,7 @@ from pipeline.storage.failures import (
     _is_transient,
     redact,
 )
-from pipeline.storage.local_files import write_local_atomic
+from pipeline.storage.local_files import create_local_exclusive, write_local_atomic
 from pipeline.storage.location import StorageConfig, split_url
 
 __all__ = ["Storage"]
@@ -329,6 +330,14 @@ class Storage:
             self._call("writing", rel, lambda: write_local_atomic(path, bytes(data)))
         else:
             self._call("writing", rel, lambda: self.fs.pipe_file(path, bytes(data)))
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a local file only if it does not exist yet (atomically: the run lock's primitive);
+        whether it was created. Object stores have no such operation (no compare-and-swap)."""
+        if self.kind != "local":
+            raise StorageError(f"{self.join(rel)}: exclusive creation needs local storage, not {self.kind}://")
+        path = self._path(rel)
+        return self._call("locking", rel, lambda: create_local_exclusive(path, bytes(data)))
 
     def read_json(self, rel: str) -> Any:
         """Parse a JSON object; StorageError if it is not valid JSON."""

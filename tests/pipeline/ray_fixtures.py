@@ -9,6 +9,8 @@ through :func:`pipeline.ray.session.start_ray` with ``ray.address``. 4 logical C
 2 Train workers plus Ray Data read tasks fit ("Deadlock 1" of docs/ray-on-a-small-box.md).
 Starting it costs ~8-10 s and ~1.7 GB, once per session.
 
+``terminal_bars()`` records the progress bars a command's driver would draw (see :class:`TerminalBars`).
+
 It yields ``{"address", "dashboard_url", "local", "nodes"}`` (``nodes``: the node id of each
 of ``"head"`` and ``"worker"``) and shuts the cluster down at the end of the session. Stages
 called inside tests reuse this Ray, and their own ``start_ray``/``stop_ray`` pairs nest, so
@@ -25,8 +27,11 @@ Use it by naming the fixture; ``tests/pipeline/conftest.py`` imports it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -92,3 +97,54 @@ def ray_cluster(_s3_session: Any, tmp_path_factory: pytest.TempPathFactory) -> I
                 ray.shutdown()
     finally:
         cluster.shutdown()
+
+
+class TerminalBars:
+    """What the driver's ``tqdm_ray`` manager is given to draw, recorded instead of drawn: the last
+    state of every bar, by its id (the driver's own bars and those sent by actors and Train workers)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def process_state_update(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.states[state["uuid"]] = dict(state)
+
+    def hide_bars(self) -> None:
+        pass
+
+    def unhide_bars(self) -> None:
+        pass
+
+    def named(self, prefix: str) -> list[dict[str, Any]]:
+        """The last state of every bar whose description starts with ``prefix``."""
+        with self._lock:
+            return [s for s in self.states.values() if s["desc"].startswith(prefix)]
+
+    def wait(self, done: Callable[[TerminalBars], bool], timeout: float = 30.0) -> None:
+        """Until ``done(self)``: the workers' bar states reach the driver with their output, a moment later."""
+        deadline = time.monotonic() + timeout
+        while not done(self) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def terminal_bars() -> Iterator[TerminalBars]:
+    """The driver set up as the CLI sets it up (workers' output routed, :mod:`pipeline.cli.logs`),
+    with ``tqdm_ray``'s manager replaced by a :class:`TerminalBars`."""
+    from ray.experimental import tqdm_ray
+
+    from pipeline.cli.logs import route_worker_output, stop_routing_worker_output
+
+    bars = TerminalBars()
+    manager = tqdm_ray.instance
+    tqdm_ray.instance = lambda: bars
+    try:
+        assert route_worker_output(verbose=False)
+        try:
+            yield bars
+        finally:
+            stop_routing_worker_output()
+    finally:
+        tqdm_ray.instance = manager

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import GenerationError
 from pipeline.stages.generate import generate_local, store_dtype
 from pipeline.storage.manifest import Manifest, read_all, validate_dataset
@@ -37,7 +37,7 @@ def tiny(url: Path, *extra: str) -> RunConfig:
 def generate(cfg: RunConfig) -> tuple[Manifest, np.ndarray, np.ndarray]:
     ctx = RunContext.create(cfg)
     manifest, _ = generate_local(ctx, progress=False)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     assert validate_dataset(storage, manifest) == []
     return manifest, *read_all(storage, manifest)
 
@@ -62,7 +62,7 @@ def test_float16_dataset_is_the_float32_one_rounded_and_is_never_mixed(tmp_path:
     assert x16.dtype == np.float32
     np.testing.assert_array_equal(y16, y32)
     np.testing.assert_array_equal(x16, x32.astype(np.float16).astype(np.float32))
-    storage = dataset_storage(RunContext.create(cfg16))
+    storage = RunContext.create(cfg16).dataset_storage
     assert read_shard(storage, m16.shards[0].path).meta["store_dtype"] == "float16"
     # Continuing the float32 dataset with float16 storage (same dataset hash) is refused.
     with pytest.raises(GenerationError, match="stored in float32, this run stores float16"):

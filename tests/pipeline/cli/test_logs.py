@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,30 +93,63 @@ def test_worker_lines_are_prefixed_and_autoscaler_status_dropped() -> None:
     assert list(logs._worker_lines(status)) == []
 
 
-def test_raylet_warnings_go_to_the_log_not_the_terminal(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+@pytest.fixture()
+def worker_log(tmp_path: Path) -> Iterator[Path]:
+    """The file that the workers' logger (``ray.workers``, at INFO) writes to; routing undone afterwards."""
+    log = logging.getLogger(logs.WORKER_LOGGER)
+    path = tmp_path / "run.log"
+    handler = logging.FileHandler(path)
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        logs.stop_routing_worker_output()
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(level)
+
+
+def test_raylet_warnings_go_to_the_log_not_the_terminal(capsys: pytest.CaptureFixture[str], worker_log: Path) -> None:
     """The raylet's message to the driver (as Ray's error listener sends it) lands in the log
     file, not on the terminal, while the output is routed; afterwards Ray prints it again."""
     from ray._private import worker
 
     message = {"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet", "is_err": False}
-    log = logging.getLogger(logs.WORKER_LOGGER)
-    handler = logging.FileHandler(tmp_path / "run.log")
-    log.addHandler(handler)
-    level = log.level
-    log.setLevel(logging.INFO)
-    try:
-        assert logs.route_worker_output(verbose=False)
-        worker.print_to_stdstream(message, ignore_prefix=False)  # the listener's call, looked up at call time
+    assert logs.route_worker_output(verbose=False)
+    worker.print_to_stdstream(message, ignore_prefix=False)  # the listener's call, looked up at call time
+    logs.stop_routing_worker_output()
+    assert capsys.readouterr().out == ""
+    assert "(pid=raylet) WARNING: 8 PYTHON worker processes" in worker_log.read_text()
+    worker.print_to_stdstream(message, ignore_prefix=False)
+    assert "8 PYTHON worker processes" in capsys.readouterr().out
+
+
+def test_workers_bars_are_drawn_on_the_terminal_and_kept_out_of_the_log(
+    monkeypatch: pytest.MonkeyPatch, worker_log: Path
+) -> None:
+    """A worker's ``tqdm_ray`` bar state (one line of its output) goes to the driver's bar manager,
+    not into the log file; its other lines go to the log. With ``--verbose`` Ray's own printer
+    draws the bars, so the routed output only keeps them out of the log."""
+    import json
+
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    from ray.experimental import tqdm_ray
+
+    drawn: list[dict] = []
+    monkeypatch.setattr(tqdm_ray, "instance", lambda: type("Manager", (), {"process_state_update": drawn.append})())
+    state = {"__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 3, "total": 10, "desc": "intraq-generator-0", "uuid": "u"}
+    batch = {"pid": 42, "actor_name": "GeneratorActor", "lines": ["shard 2 written", json.dumps(state)]}
+    for verbose, want in ((False, [state]), (True, [])):
+        drawn.clear()
+        assert logs.route_worker_output(verbose=verbose)
+        dict(dispatcher.handlers)[logs._HANDLER_NAME](batch)  # what Ray's log stream hands the printer
         logs.stop_routing_worker_output()
-        handler.flush()
-        assert capsys.readouterr().out == ""
-        assert "(pid=raylet) WARNING: 8 PYTHON worker processes" in (tmp_path / "run.log").read_text()
-        worker.print_to_stdstream(message, ignore_prefix=False)
-        assert "8 PYTHON worker processes" in capsys.readouterr().out
-    finally:
-        logs.stop_routing_worker_output()
-        log.removeHandler(handler)
-        log.setLevel(level)
+        assert drawn == want, verbose
+    kept = worker_log.read_text()
+    assert kept.count("(GeneratorActor pid=42) shard 2 written") == 2
+    assert tqdm_ray.RAY_TQDM_MAGIC not in kept
 
 
 def _metrics(ptq: float, final: float, before: float | None, after: float | None) -> dict:

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.errors import GenerationError
 from pipeline.stages.generate import generate_local
 from pipeline.storage.manifest import Manifest, validate_dataset
 from pipeline.storage.shards import read_shard
+from tests.pipeline.ray_fixtures import TerminalBars, terminal_bars
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +53,7 @@ def tiny_config(url: str, *extra: str) -> RunConfig:
 
 def dataset_arrays(cfg: RunConfig) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Shard index → (images, labels, features), read through the manifest."""
-    storage = dataset_storage(RunContext.create(cfg))
+    storage = RunContext.create(cfg).dataset_storage
     manifest = Manifest.load(storage)
     assert manifest.complete and len(manifest.shards) == NUM_SHARDS
     assert validate_dataset(storage, manifest) == []
@@ -102,7 +103,21 @@ def test_two_actors_give_the_local_dataset(
     from pipeline.ray.generate import generate_ray
 
     cfg = tiny_config(str(tmp_path / "run"), "ray.generation_actors=2")
-    manifest, stats = generate_ray(RunContext.create(cfg), progress=True)
+
+    def actors_done(bars: TerminalBars) -> bool:
+        states = bars.named("intraq-generator-")
+        return len(states) == 2 and all(s["closed"] for s in states)
+
+    with terminal_bars() as bars:
+        manifest, stats = generate_ray(RunContext.create(cfg), progress=True)
+        bars.wait(actors_done)
+    # The terminal: the driver's bar of shards, and each actor's own bar of its shards' iterations
+    # (4 shards x 5 iterations between the two), every bar closed full.
+    (shards,) = bars.named("generate")
+    assert (shards["x"], shards["total"], shards["closed"]) == (NUM_SHARDS, NUM_SHARDS, True)
+    actors = bars.named("intraq-generator-")
+    assert len(actors) == 2 and all(s["closed"] and s["x"] == s["total"] > 0 for s in actors), actors
+    assert sum(s["total"] for s in actors) == NUM_SHARDS * 5
     assert stats.shards_done == NUM_SHARDS
     assert stats.image_iterations == 32 * 5
     assert [s.round for s in manifest.shards] == [0, 0, 1, 1]
@@ -142,7 +157,7 @@ def test_resume_finishes_the_rest_and_rerun_does_no_work(
     shutil.copytree(local_run, tmp_path / "run")
     cfg = tiny_config(str(tmp_path / "run"), "ray.generation_actors=2")
     ctx = RunContext.create(cfg)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = Manifest.load(storage)
     manifest.shards = [s for s in manifest.shards if s.index != 3]
     manifest.save(storage)
@@ -226,7 +241,7 @@ def test_too_many_actor_deaths_fail_without_listing_the_shard(
     cfg = tiny_config(str(tmp_path / "run"), "ray.generation_actors=1", "ray.max_failures=0")
     with pytest.raises(GenerationError, match=r"shard 0: its generator actor died 1 times"):
         generate_ray(RunContext.create(cfg), progress=False)
-    storage = dataset_storage(RunContext.create(cfg))
+    storage = RunContext.create(cfg).dataset_storage
     assert not Manifest.exists(storage) or Manifest.load(storage).shards == []
     # The driver killed its actors on the way out (ray.kill is asynchronous: allow a moment).
     import ray

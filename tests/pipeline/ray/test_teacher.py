@@ -17,7 +17,7 @@ from ray import cloudpickle
 import pipeline.context as context_module
 import pipeline.ray.train_worker as train_worker
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage, state_dict_sha256
+from pipeline.context import RunContext, state_dict_sha256
 from pipeline.ray.teacher import received_teacher, share_teacher
 from pipeline.stages.plan import make_plan
 from pipeline.storage.shards import read_shard
@@ -62,7 +62,7 @@ def test_a_generation_actor_uses_the_drivers_teacher(tmp_path: Path, monkeypatch
     task = make_plan(cfg, driver.num_classes)[0]
     torch.set_num_threads(1)
     (outcome,) = actor.run([task], None)
-    shard = read_shard(dataset_storage(driver), outcome.info.path)
+    shard = read_shard(driver.dataset_storage, outcome.info.path)
     assert shard.meta["teacher_sha256"] == built.sha256
     copy = actor.ctx.teacher()
     assert copy is not built.model and not copy.training

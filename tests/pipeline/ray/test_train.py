@@ -11,7 +11,8 @@ cost each), on the session's two-node cluster:
   and ``global_batch_size``, and the same student up to float summation order. Through
   ``train_stage`` with ``max_failures=0``: the first fit fails at the start of epoch 1, and
   ``train_stage(resume=True)`` continues from the epoch-0 checkpoint it left (the resumed fit does
-  not restart from scratch). Compared with the local executor on the same config.
+  not restart from scratch). Compared with the local executor on the same config. The resumed fit
+  shows progress: one epoch bar (rank 0's ``tqdm_ray`` bar) reaches the driver, full and closed.
 
 The 1-worker run equal to the local executor bit for bit (every loss, lr, step and held-out
 agreement, and the student) is checked on the whole CLI path in ``test_concurrency.py``, with
@@ -33,7 +34,7 @@ import torch
 from intraq_core.distill import Distiller
 from intraq_core.student import build_student, load_student
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import RunContext, dataset_storage
+from pipeline.context import RunContext
 from pipeline.ray.train import train_ray, train_run_name
 from pipeline.ray.train_plan import plan_training, read_images
 from pipeline.ray.train_worker import FAIL_ONCE_ENV
@@ -50,6 +51,7 @@ from pipeline.stages.train import (
 )
 from pipeline.stages.train_state import parse_train_state, train_state_bytes
 from pipeline.storage.manifest import Manifest
+from tests.pipeline.ray_fixtures import terminal_bars
 
 EPOCHS = 2
 TEST_IMAGES = 500
@@ -127,7 +129,7 @@ def _local(dataset_url: str, base: Path, *extra: str) -> tuple[RunConfig, TrainO
     url = str(base / "run")
     cfg = train_config(url, dataset_url, "executor=local", *extra)
     ctx = RunContext.create(cfg)
-    return cfg, train_local(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
+    return cfg, train_local(ctx, Manifest.load(ctx.dataset_storage), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,9 @@ def n_invariance(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.Te
     finally:
         mp.undo()
     kept = [p for p in (Path(url) / "ray_train" / train_run_name(cfg)).glob("checkpoint_*") if p.is_dir()]
-    metrics = train_stage(cfg, resume=True, progress=False)
+    with terminal_bars() as bars:  # the resumed fit shows its epoch bar (rank 0's) on the driver's terminal
+        metrics = train_stage(cfg, resume=True, progress=True)
+        bars.wait(lambda b: any(s["closed"] for s in b.named("distill (ray)")))
     history = json.loads((Path(url) / TRAIN_HISTORY_PATH).read_text())
     local_cfg, one = _local(dataset_url, tmp_path_factory.mktemp("one-process"), *FULL_BATCH)
     return {
@@ -163,6 +167,7 @@ def n_invariance(ray_cluster: Any, dataset_url: str, tmp_path_factory: pytest.Te
         "kept": kept,
         "one": one,
         "local_url": Path(local_cfg.storage.url),
+        "epoch_bars": bars.named("distill (ray)"),
     }
 
 
@@ -171,7 +176,7 @@ def test_driver_picks_the_local_calibration_images(dataset_url: str, tmp_path: P
     """The Ray driver calibrates on exactly the local executor's batches, reading only those rows."""
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = Manifest.load(storage)
     images, _, indices = load_dataset(ctx, manifest)
     plan = plan_training(ctx, manifest)
@@ -194,7 +199,7 @@ def test_workers_read_their_share_themselves(dataset_url: str, tmp_path: Path) -
 
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
-    storage = dataset_storage(ctx)
+    storage = ctx.dataset_storage
     manifest = Manifest.load(storage)
     images, labels, indices = load_dataset(ctx, manifest)
     hold = holdout_mask(indices, cfg.seed, cfg.distill.holdout_fraction)
@@ -262,7 +267,7 @@ def test_too_many_train_cpus_fail_fast(ray_cluster: Any, dataset_url: str, tmp_p
     )
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="training would hang"):
-        train_ray(ctx, Manifest.load(dataset_storage(ctx)), progress=False)
+        train_ray(ctx, Manifest.load(ctx.dataset_storage), progress=False)
     assert not (tmp_path / "run" / CALIBRATED_PATH).exists()
 
 
@@ -271,8 +276,8 @@ def test_streaming_refuses_epochs_longer_than_a_pass(dataset_url: str, tmp_path:
     cfg = train_config(str(tmp_path / "run"), dataset_url, "ray.train_data=stream", "distill.iterations_per_epoch=50")
     ctx = RunContext.create(cfg)
     with pytest.raises(ValueError, match="an epoch is one pass over the data"):
-        plan_training(ctx, Manifest.load(dataset_storage(ctx)))
-    manifest = Manifest.load(dataset_storage(ctx))
+        plan_training(ctx, Manifest.load(ctx.dataset_storage))
+    manifest = Manifest.load(ctx.dataset_storage)
     small = train_config(str(tmp_path / "run"), dataset_url, "ray.train_memory_gb=0.0001")
     assert plan_training(RunContext.create(small), manifest).data == "stream"  # auto: does not fit
     assert plan_training(RunContext.create(train_config(str(tmp_path), dataset_url)), manifest).data == "memory"
@@ -291,6 +296,9 @@ def test_two_workers_train_the_one_worker_recipe(n_invariance: dict[str, Any], r
     assert [row["epoch"] for row in history] == list(range(EPOCHS))
     assert [row["attempt"] for row in history] == [1, 2], "the resumed fit restarted from scratch"
     assert all(row["workers"] == 2 for row in history)
+    # One epoch bar (rank 0's, not one per worker) reached the driver, closed at the last epoch.
+    (bar,) = n_invariance["epoch_bars"]
+    assert (bar["x"], bar["total"], bar["closed"]) == (EPOCHS, EPOCHS, True)
     assert metrics["executor"] == "ray" and metrics["test_images"] == TEST_IMAGES
     assert metrics["training"]["data"] == "memory"
 
@@ -385,7 +393,7 @@ def test_the_worker_group_starts_while_the_driver_calibrates(
     cfg = train_config(str(tmp_path / "run"), dataset_url)
     ctx = RunContext.create(cfg)
     ctx.storage.write_bytes_atomic(CALIBRATED_PATH, b"an earlier attempt's")
-    manifest = Manifest.load(dataset_storage(ctx))
+    manifest = Manifest.load(ctx.dataset_storage)
     outcome = train_ray(ctx, manifest, progress=False)
     assert outcome.optimizer_steps == 6
     assert read == [(tmp_path / "run" / CALIBRATED_PATH).read_bytes()] != [b"an earlier attempt's"]

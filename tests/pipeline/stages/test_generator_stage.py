@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from pipeline.config import RunConfig, load_run_config
-from pipeline.context import KILL_AT_ENV, RunContext, dataset_storage
+from pipeline.context import KILL_AT_ENV, RunContext
 from pipeline.stages.generate import generate_local
 from pipeline.stages.generator_training import GENERATOR_STATE, GeneratorStateError, load_generator_state
 from pipeline.storage.manifest import Manifest, validate_dataset
 from pipeline.storage.shards import read_shard
+from tests.pipeline.ray_fixtures import terminal_bars
 
 
 def tiny(url: Path | str, *extra: str) -> RunConfig:
@@ -43,12 +44,12 @@ def tiny(url: Path | str, *extra: str) -> RunConfig:
 
 
 def state_of(cfg: RunConfig) -> dict:
-    raw = dataset_storage(RunContext.create(cfg)).read_bytes(GENERATOR_STATE)
+    raw = RunContext.create(cfg).dataset_storage.read_bytes(GENERATOR_STATE)
     return torch.load(io.BytesIO(raw), weights_only=True)
 
 
 def shards_of(cfg: RunConfig) -> dict[int, tuple[bytes, bytes, bytes]]:
-    storage = dataset_storage(RunContext.create(cfg))
+    storage = RunContext.create(cfg).dataset_storage
     manifest = Manifest.load(storage)
     assert manifest.is_complete() and validate_dataset(storage, manifest) == []
     out = {}
@@ -77,7 +78,7 @@ def test_generation_writes_the_generator_checkpoint_and_its_history(reference: R
     state = state_of(reference)
     assert state["done"] and state["iteration"] == 6
     assert state["config_hash"] == reference.dataset_hash()
-    storage = dataset_storage(RunContext.create(reference))
+    storage = RunContext.create(reference).dataset_storage
     meta = read_shard(storage, Manifest.load(storage).shards[0].path).meta
     # The shards record the generator's training curve as their loss history.
     assert meta["loss_history"]["iteration"] == [0, 5]
@@ -103,7 +104,7 @@ def test_a_killed_local_run_resumes_generator_training_from_its_checkpoint(
     with pytest.raises(RuntimeError, match="killed"):
         generate_local(RunContext.create(cfg), progress=False)
     assert state_of(cfg)["iteration"] == 4 and not state_of(cfg)["done"]
-    assert not Manifest.exists(dataset_storage(RunContext.create(cfg)))  # no shard before the generator
+    assert not Manifest.exists(RunContext.create(cfg).dataset_storage)  # no shard before the generator
     monkeypatch.undo()
     generate_local(RunContext.create(cfg), progress=False)
     want, got = state_of(reference), state_of(cfg)
@@ -116,8 +117,8 @@ def test_a_killed_local_run_resumes_generator_training_from_its_checkpoint(
 def test_a_foreign_or_damaged_checkpoint(reference: RunConfig, tmp_path: Path) -> None:
     other = tiny(tmp_path / "run", "generate.generator_iterations=7")
     ctx = RunContext.create(other)
-    storage = dataset_storage(ctx)
-    theirs = dataset_storage(RunContext.create(reference)).read_bytes(GENERATOR_STATE)
+    storage = ctx.dataset_storage
+    theirs = RunContext.create(reference).dataset_storage.read_bytes(GENERATOR_STATE)
     storage.write_bytes_atomic(GENERATOR_STATE, theirs)
     with pytest.raises(GeneratorStateError, match="another config"):
         load_generator_state(ctx, storage)
@@ -139,9 +140,13 @@ def test_ray_trains_in_an_actor_that_resumes_after_being_killed(
 
     cfg = tiny(tmp_path / "run", "executor=ray", "ray.generation_actors=1")
     monkeypatch.setenv(KILL_AT_ENV, "generator:4")  # forwarded to the training actor, which SIGKILLs itself
-    with caplog.at_level(logging.WARNING, logger="pipeline.stages.generator_training"):
-        generate_ray(RunContext.create(cfg), progress=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.generator_training"), terminal_bars() as bars:
+        generate_ray(RunContext.create(cfg), progress=True)
+        bars.wait(lambda b: any(s["closed"] for s in b.named("train generator")))
     assert "generator training actor died" in caplog.text  # it was killed, and replaced
+    # The replacement actor's bar reached the driver's terminal and closed at the last of 6 iterations.
+    (bar,) = [s for s in bars.named("train generator") if s["closed"]]
+    assert (bar["x"], bar["total"]) == (6, 6)
     got, want = state_of(cfg), state_of(reference)
     assert got["iteration"] == 6 and got["history"] == want["history"]
     for key, value in want["generator"].items():
