@@ -22,7 +22,11 @@ class ReconstructConfig(StageConfig):
     (all when None). ``bias_lr`` > 0 also trains the unit's biases (its BatchNorm shifts and
     conv/linear biases) with that learning rate: the mean shift that rounding and clipping leave in
     each channel is absorbed where an integer kernel keeps it anyway (bias correction, learned);
-    0 leaves every float parameter untouched.
+    0 leaves every float parameter untouched. ``unit_layers`` > 1 merges consecutive units until
+    each holds at least that many weight layers: a network without residual blocks is otherwise
+    reconstructed layer by layer, each layer's error judged where it is made rather than where the
+    next layer has amplified (or ignored) it (MobileNet: 2 puts each pointwise conv with the
+    depthwise conv that reads it).
     """
 
     iterations: int = Field(default=1000, ge=1)
@@ -37,6 +41,7 @@ class ReconstructConfig(StageConfig):
     warmup: float = Field(default=0.2, ge=0.0, lt=1.0)
     drop_prob: float = Field(default=0.5, ge=0.0, le=1.0)
     bias_lr: float = Field(default=0.0, ge=0.0)
+    unit_layers: int = Field(default=1, ge=1)
 
 
 class QuantConfig(StageConfig):

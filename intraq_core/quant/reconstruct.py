@@ -39,7 +39,7 @@ from intraq_core.quant.act_quantizer import ActFakeQuant
 from intraq_core.quant.layers import QUANT_LAYER_TYPES, act_quantizers
 from intraq_core.quant.quantizer import WeightFakeQuant
 
-__all__ = ["ReconstructReport", "Unit", "graph_units", "reconstruct", "unit_module"]
+__all__ = ["ReconstructReport", "Unit", "graph_units", "merge_units", "reconstruct", "unit_module"]
 
 
 @dataclass
@@ -131,6 +131,27 @@ def graph_units(gm: fx.GraphModule) -> list[Unit]:
         units[-1].nodes += pending
         units[-1].output = segments[-1][2]
     return units
+
+
+def merge_units(units: list[Unit], min_layers: int) -> list[Unit]:
+    """Consecutive ``units`` merged, from the first on, until each holds ``min_layers`` weight layers.
+
+    The units of :func:`graph_units` follow each other (each one's input is the previous one's
+    output), so a merged unit is again a chain with one input and one output; a last remainder
+    with fewer layers stays a unit of its own.
+    """
+    if min_layers <= 1:
+        return units
+    merged: list[Unit] = []
+    for unit in units:
+        last = merged[-1] if merged else None
+        if last is not None and len(last.weight_layers) < min_layers:
+            last.nodes = [*last.nodes, *unit.nodes]
+            last.output = unit.output
+            last.weight_layers = [*last.weight_layers, *unit.weight_layers]
+        else:
+            merged.append(Unit(unit.name, list(unit.nodes), unit.input, unit.output, list(unit.weight_layers)))
+    return merged
 
 
 def unit_module(gm: fx.GraphModule, unit: Unit) -> fx.GraphModule:
@@ -238,7 +259,7 @@ def reconstruct(
     x_fp = images[:n].detach().cpu().float()
     x_q = x_fp
     gen = torch.Generator().manual_seed(seed)
-    units = graph_units(model)
+    units = merge_units(graph_units(model), cfg.unit_layers)
     report = ReconstructReport()
     eval_batch = max(cfg.batch_size, 256)
     params = [p for p in model.parameters()]

@@ -9,7 +9,7 @@ from torch import nn
 from intraq_core.config import ModelConfig, QuantConfig, ReconstructConfig
 from intraq_core.models import create_model
 from intraq_core.quant import calibrate_ranges, quantize, weight_quantized_layers
-from intraq_core.quant.reconstruct import graph_units, reconstruct, unit_module
+from intraq_core.quant.reconstruct import graph_units, merge_units, reconstruct, unit_module
 
 
 class Plain(nn.Module):
@@ -60,6 +60,27 @@ def test_plain_network_units_are_layers():
     torch.manual_seed(0)
     units = graph_units(_student(Plain()))
     assert [u.weight_layers for u in units] == [["c1"], ["c2"], ["fc"]]
+
+
+def test_merged_units_hold_consecutive_layers_and_compute_the_same_chain():
+    torch.manual_seed(0)
+    student = _student(Plain())
+    units = graph_units(student)
+    assert [u.weight_layers for u in merge_units(units, 2)] == [["c1", "c2"], ["fc"]]
+    assert [u.weight_layers for u in merge_units(units, 3)] == [["c1", "c2", "fc"]]
+    assert merge_units(units, 1) is units
+    # The merged unit is one chain: its module computes what the two units compute one after the other.
+    x = torch.randn(4, 3, 8, 8)
+    calibrate_ranges(student, [x])
+    first, _ = merge_units(units, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unit_module(student, first)(x), unit_module(student, units[1])(unit_module(student, units[0])(x))
+        )
+    # graph_units is untouched by merging (a merge builds new units).
+    assert [u.weight_layers for u in units] == [["c1"], ["c2"], ["fc"]]
+    report = reconstruct(student, x, ReconstructConfig(iterations=2, batch_size=4, unit_layers=2))
+    assert [(u["unit"], u["layers"]) for u in report.units] == [("c1", 2), ("fc", 1)]
 
 
 class Signal(nn.Module):
