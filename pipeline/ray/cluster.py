@@ -379,9 +379,9 @@ def _connect_local(*, num_cpus: int | None, dashboard: bool, runtime_env: dict[s
             dashboard_host=LOCAL_NODE_IP,
             runtime_env=runtime_env,
             _node_ip_address=LOCAL_NODE_IP,
-            # Ray prestarts num_cpus idle Python workers for the first driver; ours never run work
-            # (the job's runtime_env differs, so actors and tasks start their own): on a 2-CPU
-            # laptop they are two idle processes, their start-up CPU and memory spent for nothing.
+            # Ray prestarts num_cpus idle Python workers for the first driver; in `make smoke` they
+            # never ran any work (the actors and Train workers started their own): on a 2-CPU
+            # laptop, two idle processes whose start-up CPU and memory are spent for nothing.
             _system_config={"prestart_worker_first_driver": False},
         )
     # A new local Ray sets RAY_AUTH_MODE=token itself when it was unset.
