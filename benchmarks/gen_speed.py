@@ -1,7 +1,7 @@
 """Generation speed: the project's Synthesizer vs a reference-faithful loop, side by side, at 32² and 224².
 
 Cases (``--cases``): ``resnet20-32`` (the shared CIFAR-10 ResNet-20, 32x32, 10 classes),
-``mobilenetv1-224`` (the shared ImageNet MobileNetV1 x0.25, 224x224, 1000 classes) and
+``mobilenetv1-224`` (the shared ImageNet MobileNetV1 x0.25, 224x224, 1000 classes, batch 64) and
 ``resnet18-224`` (torchvision ``resnet18`` with random weights, 224x224). In each case both loops
 optimize the same batch (same teacher, labels, initial noise, IntraQ loss terms with MDC centres
 active, LOR p = 0.5, Adam + plateau schedule, iterations and torch threads) in one process,
@@ -11,7 +11,10 @@ reproduces the upstream IntraQ generation loop's costs: the teacher's weights re
 passes (mean, then a permuted contiguous copy for the variance), contiguous (NCHW) memory format.
 Ours is timed from the ``synthesize`` call to the end of its last iteration (initial noise and
 set-up included, the final feature pass of the finished images not), the reference over its
-iterations only.
+iterations only. Ours runs with the pipeline's C allocator setting (``--allocator``, default
+``reuse``: :func:`intraq_core.memory.reuse_freed_memory`), the reference with glibc's defaults
+(large tensors mmapped afresh, as in any process that does not set it); the setting is switched
+before each loop's turn.
 
 Reported per case: image·iterations/s of each loop (per repeat, median, spread), the speed-up
 (ratio of medians), and the arithmetic rate achieved: FLOPs of one image's forward + pixel-gradient
@@ -47,6 +50,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from intraq_core.config import ModelConfig, SynthConfig
+from intraq_core.memory import reuse_freed_memory
 from intraq_core.models import bn_layers, create_model
 from intraq_core.models.introspect import FeatureTap
 from intraq_core.synth import losses
@@ -71,7 +75,7 @@ CASES: dict[str, Case] = {
         lambda: create_model(ModelConfig(arch="cifar_resnet20", weights="cifar10-resnet20")), 32, 10, 256, 20
     ),
     "mobilenetv1-224": Case(
-        lambda: create_model(ModelConfig(arch="mobilenet_v1_025", weights="imagenet-mobilenetv1-025")), 224, 1000, 32, 4
+        lambda: create_model(ModelConfig(arch="mobilenet_v1_025", weights="imagenet-mobilenetv1-025")), 224, 1000, 64, 3
     ),
     "resnet18-224": Case(
         lambda: _seeded(lambda: create_model(ModelConfig(arch="torchvision:resnet18"))), 224, 1000, 8, 3
@@ -212,16 +216,20 @@ def run_case(name: str, case: Case, args: argparse.Namespace, device: torch.devi
     store.update(synth.features(initial_noise(seeds + 999, shape)), labels)
     centres = store.snapshot(device)
     load = [round(os.getloadavg()[0], 2)]
+    reuse_freed_memory(args.allocator == "reuse")
     synth.synthesize(labels, seeds, 7, centres)  # warm-up (and compile, if enabled)
+    reuse_freed_memory(False)
     reference_loop(case.model(), cfg, labels, seeds, 7, centres, device, case.size)
     ours, ref, peaks = [], [], []
     work = batch * iterations
     for r in range(args.repeats):
         peaks.append(matmul_gflops())
         stamps: list[float] = []
+        reuse_freed_memory(args.allocator == "reuse")
         start = time.perf_counter()
         synth.synthesize(labels, seeds, 100 + r, centres, progress=lambda *_, s=stamps: s.append(time.perf_counter()))
         ours.append(work / (stamps[-1] - start))
+        reuse_freed_memory(False)
         ref.append(work / reference_loop(case.model(), cfg, labels, seeds, 100 + r, centres, device, case.size))
         print(f"{name} repeat {r}: ours {ours[-1]:.1f} img-it/s, reference {ref[-1]:.1f} img-it/s", flush=True)
     load.append(round(os.getloadavg()[0], 2))
@@ -273,13 +281,19 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--batch-32", type=int, default=None, help="batch at 32x32 (default 256)")
     ap.add_argument("--iterations-32", type=int, default=None, help="iterations at 32x32 (default 20)")
-    ap.add_argument("--batch-224", type=int, default=None, help="batch at 224x224 (default 32 MobileNet, 8 ResNet-18)")
-    ap.add_argument("--iterations-224", type=int, default=None, help="iterations at 224x224 (default 4 / 3)")
+    ap.add_argument("--batch-224", type=int, default=None, help="batch at 224x224 (default 64 MobileNet, 8 ResNet-18)")
+    ap.add_argument("--iterations-224", type=int, default=None, help="iterations at 224x224 (default 3)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "bf16"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--allocator",
+        default="reuse",
+        choices=["reuse", "system"],
+        help="C allocator while ours runs (the pipeline's cpu_allocator; the reference always runs with glibc's defaults)",
+    )
     ap.add_argument("--out", default="benchmarks/results/gen_speed")
     args = ap.parse_args()
 
@@ -301,6 +315,8 @@ def main() -> None:
         "repeats": args.repeats,
         "amp": args.amp,
         "compile": args.compile,
+        "allocator_ours": args.allocator,
+        "allocator_reference": "system (glibc steady state: mmap above 32 MiB, see intraq_core.memory)",
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode: forward + pixel-gradient backward",
         "peak_measured_by": "best of one timed 2048x2048 fp32 matmul (x3) per repeat, same threads",
         "cases": rows,
@@ -310,7 +326,7 @@ def main() -> None:
     print(markdown(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = f"{args.device}-{args.amp}{'-compile' if args.compile else ''}"
+    suffix = f"{args.device}-{args.amp}{'-compile' if args.compile else ''}{'-system' if args.allocator == 'system' else ''}"
     Path(f"{out}-{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 

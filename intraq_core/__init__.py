@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "load_weights": "intraq_core.models.checkpoint",
     "safe_load": "intraq_core.torchfile",
     "check_model": "intraq_core.preflight",
+    "reuse_freed_memory": "intraq_core.memory",
     # the steps
     "InputSpec": "intraq_core.api",
     "SyntheticData": "intraq_core.api",

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from intraq_core.config import ModelConfig
+from intraq_core.memory import reuse_freed_memory
 from intraq_core.models import create_model, resolve_model_config
 from pipeline.config import RunConfig
 from pipeline.storage.store import Storage
@@ -86,6 +87,12 @@ class RunContext:
     cfg: RunConfig
     storage: Storage
     given_teacher: BuiltTeacher | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Every process that works on a run (the driver, an actor, a Train worker, a trial) opens
+        # it here first: its CPU allocator is set before the work starts.
+        if self.cfg.cpu_allocator == "reuse":
+            reuse_freed_memory()
 
     @classmethod
     def create(cls, cfg: RunConfig, teacher: BuiltTeacher | None = None) -> RunContext:

@@ -1,4 +1,5 @@
-"""What a stage needs from its run config (``pipeline.context``): here, which device the driver uses.
+"""What a stage needs from its run config (``pipeline.context``): which device the driver uses, and
+the C allocator setting every process that opens the run applies.
 
 ``device: cuda`` on the Ray executor means the actors and Train workers use GPUs; the driver
 (e.g. a CPU-only head node) does its own small work on the CPU instead of failing.
@@ -40,3 +41,18 @@ def test_a_driver_without_a_gpu_runs_a_cuda_job_on_the_cpu(monkeypatch: pytest.M
     local = RunContext.create(load_run_config(None, ["device=cuda", "executor=local"]))
     with pytest.raises(ValueError, match="no CUDA GPU"):  # the local executor is the model work
         _ = local.driver_device
+
+
+def test_every_process_that_opens_a_run_sets_its_allocator_unless_the_config_says_system(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr("pipeline.context.reuse_freed_memory", lambda enabled=True: calls.append(enabled) or True)
+    reuse = load_run_config(None, [f"storage.url={tmp_path / 'a'}"])
+    assert reuse.cpu_allocator == "reuse"  # the default
+    RunContext.create(reuse)  # the driver, a generation actor, a trial
+    RunContext(reuse, RunContext.create(reuse).storage)  # a Train worker builds its context from parts
+    assert calls == [True, True, True]
+    calls.clear()
+    RunContext.create(load_run_config(None, ["cpu_allocator=system", f"storage.url={tmp_path / 'b'}"]))
+    assert calls == []
