@@ -292,7 +292,7 @@ def main() -> None:
         "--allocator",
         default="reuse",
         choices=["reuse", "system"],
-        help="C allocator while ours runs (the pipeline's cpu_allocator; the reference always runs with glibc's defaults)",
+        help="C allocator while ours runs (the pipeline's cpu_allocator); the reference runs with glibc's defaults",
     )
     ap.add_argument("--out", default="benchmarks/results/gen_speed")
     args = ap.parse_args()
@@ -326,7 +326,8 @@ def main() -> None:
     print(markdown(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = f"{args.device}-{args.amp}{'-compile' if args.compile else ''}{'-system' if args.allocator == 'system' else ''}"
+    suffix = f"{args.device}-{args.amp}{'-compile' if args.compile else ''}"
+    suffix += "-system" if args.allocator == "system" else ""
     Path(f"{out}-{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
