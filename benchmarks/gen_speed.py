@@ -4,17 +4,17 @@ Cases (``--cases``): ``resnet20-32`` (the shared CIFAR-10 ResNet-20, 32x32, 10 c
 ``mobilenetv1-224`` (the shared ImageNet MobileNetV1 x0.25, 224x224, 1000 classes, batch 64) and
 ``resnet18-224`` (torchvision ``resnet18`` with random weights, 224x224). In each case both loops
 optimize the same batch (same teacher, labels, initial noise, IntraQ loss terms with MDC centres
-active, LOR p = 0.5, Adam + plateau schedule, iterations and torch threads) in one process,
-alternating repetitions so machine load affects both alike. The reference-faithful loop
+active, LOR p = 0.5, Adam + plateau schedule, iterations and torch threads), alternating
+repetitions so machine load affects both alike; ours in this process, the reference in a spawned
+process of its own, as upstream's would be. The reference-faithful loop
 reproduces the upstream IntraQ generation loop's costs: the teacher's weights require gradients
 (autograd also computes weight gradients), LOR is a per-image Python loop, BN statistics take two
 passes (mean, then a permuted contiguous copy for the variance), contiguous (NCHW) memory format.
 Ours is timed from the ``synthesize`` call to the end of its last iteration (initial noise and
 set-up included, the final feature pass of the finished images not), the reference over its
 iterations only. Ours runs with the pipeline's C allocator setting (``--allocator``, default
-``reuse``: :func:`intraq_core.memory.reuse_freed_memory`), the reference with glibc's defaults
-(large tensors mmapped afresh, as in any process that does not set it); the setting is switched
-before each loop's turn.
+``reuse``: :func:`intraq_core.memory.reuse_freed_memory`), the reference with the C library's
+defaults (its own process never sets it).
 
 Reported per case: image·iterations/s of each loop (per repeat, median, spread), the speed-up
 (ratio of medians), and the arithmetic rate achieved: FLOPs of one image's forward + pixel-gradient
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,41 @@ def reference_loop(
     return seconds
 
 
+def _reference_server(conn: Connection, name: str, threads: int, device: str) -> None:
+    """The reference loop's own process: times :func:`reference_loop` for each request on ``conn``.
+
+    A process of its own, as upstream's would be: the C library's defaults (never the pipeline's
+    allocator setting, whose freed blocks would otherwise serve the reference's tensors too).
+    """
+    torch.set_num_threads(threads)
+    case = CASES[name]
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        cfg, labels, seeds, batch_seed, centres = request
+        dev = torch.device(device)
+        conn.send(reference_loop(case.model(), cfg, labels, seeds, batch_seed, centres, dev, case.size))
+
+
+class ReferenceProcess:
+    """A spawned process running :func:`reference_loop` on request (see :func:`_reference_server`)."""
+
+    def __init__(self, name: str, threads: int, device: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_reference_server, args=(child, name, threads, device), daemon=True)
+        self.proc.start()
+
+    def seconds(self, *request: Any) -> float:
+        self.conn.send(request)
+        return float(self.conn.recv())
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(timeout=60)
+
+
 def flops_per_image_iteration(teacher: nn.Module, size: int) -> float:
     """FLOPs of one image's forward + pixel-gradient backward through the frozen teacher."""
     net = teacher.eval().requires_grad_(False)
@@ -216,23 +253,21 @@ def run_case(name: str, case: Case, args: argparse.Namespace, device: torch.devi
     store.update(synth.features(initial_noise(seeds + 999, shape)), labels)
     centres = store.snapshot(device)
     load = [round(os.getloadavg()[0], 2)]
-    reuse_freed_memory(args.allocator == "reuse")
     synth.synthesize(labels, seeds, 7, centres)  # warm-up (and compile, if enabled)
-    reuse_freed_memory(False)
-    reference_loop(case.model(), cfg, labels, seeds, 7, centres, device, case.size)
+    reference = ReferenceProcess(name, args.threads, str(device))
+    reference.seconds(cfg, labels, seeds, 7, centres)  # warm-up
     ours, ref, peaks = [], [], []
     work = batch * iterations
     for r in range(args.repeats):
         peaks.append(matmul_gflops())
         stamps: list[float] = []
-        reuse_freed_memory(args.allocator == "reuse")
         start = time.perf_counter()
         synth.synthesize(labels, seeds, 100 + r, centres, progress=lambda *_, s=stamps: s.append(time.perf_counter()))
         ours.append(work / (stamps[-1] - start))
-        reuse_freed_memory(False)
-        ref.append(work / reference_loop(case.model(), cfg, labels, seeds, 100 + r, centres, device, case.size))
+        ref.append(work / reference.seconds(cfg, labels, seeds, 100 + r, centres))
         print(f"{name} repeat {r}: ours {ours[-1]:.1f} img-it/s, reference {ref[-1]:.1f} img-it/s", flush=True)
     load.append(round(os.getloadavg()[0], 2))
+    reference.close()
     synth.close()
     peak = max(peaks)
     mo, mr = statistics.median(ours), statistics.median(ref)
@@ -298,6 +333,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.allocator == "reuse":  # this process runs ours; the reference has its own
+        reuse_freed_memory()
     device = torch.device(args.device)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -316,7 +353,7 @@ def main() -> None:
         "amp": args.amp,
         "compile": args.compile,
         "allocator_ours": args.allocator,
-        "allocator_reference": "system (glibc steady state: mmap above 32 MiB, see intraq_core.memory)",
+        "allocator_reference": "the C library's defaults (its own process)",
         "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode: forward + pixel-gradient backward",
         "peak_measured_by": "best of one timed 2048x2048 fp32 matmul (x3) per repeat, same threads",
         "cases": rows,

@@ -32,15 +32,10 @@ __all__ = ["reuse_freed_memory"]
 
 # mallopt(3) parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _NEVER_TRIM = 1 << 30  # bytes of free memory at the heap's top before glibc returns it (1 GiB: never, in practice)
-# glibc's own steady state, which ``enabled=False`` restores explicitly: requests above 32 MiB
-# (the most its dynamic threshold reaches) mmapped, the heap trimmed above twice that.
-_GLIBC_MMAP_THRESHOLD = 32 << 20
-_GLIBC_MMAP_MAX = 65536
 
 
 @functools.cache
@@ -54,24 +49,14 @@ def _mallopt() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return fn
 
 
-def reuse_freed_memory(enabled: bool = True) -> bool:
-    """Make glibc's malloc keep freed large blocks for reuse (``enabled``), process-wide.
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed large blocks for reuse, process-wide, from now on.
 
-    ``enabled=False`` sets glibc's steady-state defaults back explicitly (large requests mmapped
-    above 32 MiB, the heap trimmed above 64 MiB): the behaviour a process that never called this
-    function reaches after its first large tensors (benchmarks use it to time a loop as upstream
-    code runs). Returns whether the C library took the settings (False: not glibc, nothing done).
-    Call it before the work starts: threads that already own an arena keep theirs.
+    Returns whether the C library took the settings (False: not glibc, nothing done). Call it
+    before the work starts: threads that already own an arena keep theirs. Idempotent.
     """
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    if enabled:
-        settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)]
-    else:
-        settings = [
-            (_M_MMAP_MAX, _GLIBC_MMAP_MAX),
-            (_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD),
-            (_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD),
-        ]
+    settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)]
     return all(mallopt(param, value) == 1 for param, value in settings)

@@ -47,7 +47,7 @@ def test_every_process_that_opens_a_run_sets_its_allocator_unless_the_config_say
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[bool] = []
-    monkeypatch.setattr("pipeline.context.reuse_freed_memory", lambda enabled=True: calls.append(enabled) or True)
+    monkeypatch.setattr("pipeline.context.reuse_freed_memory", lambda: calls.append(True) or True)
     reuse = load_run_config(None, [f"storage.url={tmp_path / 'a'}"])
     assert reuse.cpu_allocator == "reuse"  # the default
     RunContext.create(reuse)  # the driver, a generation actor, a trial
