@@ -85,6 +85,29 @@ def check_teacher(teacher: nn.Module, cfg: SynthConfig) -> None:
         )
 
 
+def check_compiler(cfg: SynthConfig, device: torch.device) -> None:
+    """ValueError (one line) when ``generate.compile`` on a CPU finds no C++ compiler.
+
+    Inductor builds its CPU kernels with the system's C++ compiler when the loop first runs:
+    without one, the run would fail minutes later inside the compiler. Checked where the
+    synthesizer is built (the actor's own machine for the Ray executor).
+    """
+    if not cfg.compile or device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile report it
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:
+        raise ValueError(
+            "generate.compile=true on a CPU needs a C++ compiler (torch.compile's Inductor builds its kernels "
+            f"with it) and none was found ({type(exc).__name__}): install g++ or clang, or set CXX, or set "
+            "generate.compile=false"
+        ) from None
+
+
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """N(0, 1) images, each drawn from its own seed (independent of batching)."""
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
@@ -135,6 +158,7 @@ class Synthesizer:
         if self.weights["adi"] > 0:
             self.student = self._make_adi_student(teacher)
         self._forward = self.teacher
+        check_compiler(cfg, self.device)
         if cfg.compile:
             self._forward = torch.compile(self.teacher)
 

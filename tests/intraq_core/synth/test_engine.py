@@ -117,3 +117,18 @@ def test_channel_stats_match_var_mean(channels_last: bool) -> None:
     torch.testing.assert_close(v, v2)
     torch.testing.assert_close(m, m2)
     torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_when_the_synthesizer_is_built(
+    teacher: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._inductor.cpp_builder as builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler() -> str:
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(builder, "get_cpp_compiler", no_compiler)
+    with pytest.raises(ValueError, match=r"generate.compile=true on a CPU needs a C\+\+ compiler .*InvalidCxxCompiler"):
+        _synth(teacher, compile=True)
+    _synth(teacher, compile=False)  # eager needs none
