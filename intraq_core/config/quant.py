@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -66,8 +66,8 @@ class QuantConfig(StageConfig):
     top-1 on the shared MobileNetV1). Networks without depthwise convolutions (ResNets) are
     unaffected. Optional extras: separate bits for the first/last layer
     (the 8-bit first/last protocol of Genie/QDrop), for the activations that feed the last
-    layer (``last_input_bits``; SQuant's protocol uses 8), quantizing the network input and the
-    residual additions.
+    layer (``last_input_bits``; SQuant's protocol uses 8), for named activation tensors
+    (``act_bits``), quantizing the network input and the residual additions.
 
     ``method`` says how the quantized model is set up before any distillation: ``minmax``
     (the reference: ``calibration_batches`` synthetic batches, the EMA of each activation's
@@ -89,6 +89,9 @@ class QuantConfig(StageConfig):
     first_layer_bits: int | None = Field(default=None, ge=2, le=8)
     last_layer_bits: int | None = Field(default=None, ge=2, le=8)
     last_input_bits: int | None = Field(default=None, ge=2, le=8)
+    # Bits of named activation quantizers (``act_quant.<node>``, the names show-quant and the run's
+    # sensitivity ranking print), over a_bits and last_input_bits: e.g. a bottleneck tensor at 8.
+    act_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=dict)
     quantize_input: bool = False
     input_bits: int = Field(default=8, ge=2, le=8)
     quantize_residual: bool = False
@@ -133,7 +136,7 @@ class QuantConfig(StageConfig):
             if self.act_placement == "weight_inputs"
             else ("activations after activation functions")
         )
-        if first is None and last is None and self.last_input_bits is None:
+        if first is None and last is None and self.last_input_bits is None and not self.act_bits:
             return f"all layers W{self.w_bits}A{self.a_bits} ({placement})"
         parts = [f"W{self.w_bits}A{self.a_bits}"]
         if first is not None:
@@ -142,4 +145,5 @@ class QuantConfig(StageConfig):
             parts.append(f"last layer {last}-bit weights")
         if self.last_input_bits is not None:
             parts.append(f"last layer input {self.last_input_bits}-bit")
+        parts += [f"{name} {bits}-bit" for name, bits in sorted(self.act_bits.items())]
         return ", ".join(parts) + f" ({placement})"

@@ -90,7 +90,8 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     ``act_quant.<node>.{ema_min,ema_max,num_updates,mode_code}``. If the model has a single
     weight layer, ``first_layer_bits`` wins over ``last_layer_bits``. ``last_input_bits`` sets
     the bits of the activation quantizers whose output reaches the last layer without another
-    weight layer in between (its input, e.g. the pooled features of the classifier).
+    weight layer in between (its input, e.g. the pooled features of the classifier); ``act_bits``
+    sets named activation quantizers' bits over both (an unknown name is an error).
     ``config.method`` does not change the structure built here: SQuant is applied afterwards by
     :func:`intraq_core.quant.squant_`. Layers left float are named in a
     :class:`QuantizationWarning`; :func:`quant_map` describes the result.
@@ -172,6 +173,13 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             f"quant.a_bits={config.a_bits} but no activation of {type(model).__name__} can be quantized: {reason} "
             "(set quant.quantize_input=true to quantize the image at quant.input_bits)"
         )
+    site_names = {f"{ACT_QUANT_PREFIX}.{node.name}" for node in sites}
+    unknown = sorted(set(config.act_bits) - site_names)
+    if unknown:
+        raise QuantizationError(
+            f"quant.act_bits names {', '.join(unknown)}, which {type(model).__name__} does not have; its activation "
+            f"quantizers: {', '.join(sorted(site_names))}"
+        )
     feeders: set[fx.Node] = set()
     if config.last_input_bits is not None:
         feeders = last_layer_feeders(gm, layer_names, lambda n: n in sites)
@@ -201,6 +209,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 input_quant = f"{ACT_QUANT_PREFIX}.{node.name}"
         elif node in sites:
             bits = config.last_input_bits if node in feeders else config.a_bits
+            bits = config.act_bits.get(f"{ACT_QUANT_PREFIX}.{node.name}", bits)
             quant = new_act(bits, sites[node], per_channel.get(node))  # type: ignore[arg-type]
             insert_act_quant(gm, container, node, quant)
             quant_of[node] = f"{ACT_QUANT_PREFIX}.{node.name}"

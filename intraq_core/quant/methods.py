@@ -17,6 +17,12 @@ from torch import Tensor, nn
 
 from intraq_core.config import QuantConfig
 from intraq_core.quant.calibration import calibrate_ranges, set_step_size_training
+from intraq_core.quant.sensitivity import (
+    SENSITIVITY_IMAGES,
+    SENSITIVITY_KEY,
+    activation_sensitivity,
+    format_sensitivity,
+)
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 
 __all__ = ["CALIBRATION_METHODS", "CalibrationInputs", "calibration_positions", "run_calibration"]
@@ -117,11 +123,34 @@ def run_calibration(student: nn.Module, config: QuantConfig, inputs: Calibration
     """Run the calibration step of ``config.method`` on ``inputs``; returns its report.
 
     The one place both :func:`calibrate` and the pipeline's training stage go through. Afterwards
-    the LSQ step sizes are trainable exactly when the config learns them in distillation.
+    the LSQ step sizes are trainable exactly when the config learns them in distillation. With the
+    teacher given, what each activation tensor costs alone at its calibrated range is measured on the
+    first calibration batch, logged and returned as ``sensitivity`` (most costly first; recorded on
+    the student too: :func:`intraq_core.quant.sensitivity.recorded_sensitivity`).
     """
     step = CALIBRATION_METHODS.get(config.method)
     if step is None:
         raise ValueError(f"unknown quant.method {config.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     report = step(student, config, inputs)
     set_step_size_training(student, config)
+    if inputs.teacher is not None and inputs.batches:
+        report["sensitivity"] = _rank_tensors(student, inputs.teacher, inputs.batches[0][:SENSITIVITY_IMAGES])
     return report
+
+
+def _rank_tensors(student: nn.Module, teacher: nn.Module, images: Tensor) -> list[dict[str, Any]]:
+    """What each calibrated activation tensor costs alone (:mod:`intraq_core.quant.sensitivity`),
+    logged and recorded on the student for the run's metrics."""
+    import logging
+
+    rows = activation_sensitivity(teacher, student, images)
+    meta = getattr(student, "meta", None)
+    if isinstance(meta, dict):
+        meta[SENSITIVITY_KEY] = rows
+    if rows:
+        logging.getLogger(__name__).info(
+            "activation tensors alone (weights float, %d calibration images), most costly: %s",
+            images.shape[0],
+            format_sensitivity(rows),
+        )
+    return rows

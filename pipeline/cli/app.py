@@ -446,14 +446,15 @@ def show_quant(
     from intraq_core.quant import format_quant_map, quant_map, quantize
 
     cfg = load_config(config, set_, None, None, arch=arch, weights=weights)
-    teacher = create_model(resolve_model_config(cfg.model)).eval()
+    model_cfg = resolve_model_config(cfg.model)
+    teacher = create_model(model_cfg).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the map lists the float layers itself
         qmap = {"protocol": cfg.quant.protocol, **quant_map(quantize(teacher, cfg.quant))}
     if as_json:
         typer.echo(json.dumps(qmap, indent=1))
     else:
-        typer.echo(f"{cfg.model.arch}: {qmap['protocol']}")
+        typer.echo(f"{model_cfg.arch}: {qmap['protocol']}")  # the arch the weights named, not the default
         typer.echo(format_quant_map(qmap))
 
 

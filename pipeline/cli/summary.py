@@ -15,9 +15,13 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
     ptq, final = float(metrics["ptq_top1"]), float(metrics["quant_top1"])
     head = f"FP top-1 {metrics['fp_top1']:.2f}% | {metrics['method']} W{metrics['w_bits']}A{metrics['a_bits']}: "
     from intraq_core.quant import format_quant_map
+    from intraq_core.quant.sensitivity import format_sensitivity
 
     qmap = metrics.get("quantization")
     mapped = [f"quantized: {format_quant_map(qmap, layers=False)}"] if qmap else []
+    ranked = (metrics.get("training") or {}).get("activation_sensitivity")
+    if ranked:  # where the bits hurt: each activation tensor alone, on synthetic images
+        mapped.append(f"most costly activation tensors alone: {format_sensitivity(ranked)}")
     if metrics.get("epochs") == 0:
         return [head + f"{final:.2f}% (no distillation)", *mapped]
     lines = [head + f"calibrated {ptq:.2f}% → distilled {final:.2f}%", *mapped]

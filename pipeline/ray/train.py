@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from intraq_core.quant.sensitivity import recorded_sensitivity
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.errors import one_line
@@ -130,6 +131,7 @@ class _Calibration:
         self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
     ) -> None:
         self.error: BaseException | None = None
+        self.sensitivity: list[dict[str, Any]] | None = None
         self._started = time.perf_counter()
         self._ended = self._started
         args = (ctx, calibrate, teacher)
@@ -140,7 +142,9 @@ class _Calibration:
         self, ctx: RunContext, calibrate: Callable[[torch.nn.Module], torch.nn.Module], teacher: torch.nn.Module
     ) -> None:
         try:
-            write_calibrated(ctx, calibrate(teacher))
+            student = calibrate(teacher)
+            self.sensitivity = recorded_sensitivity(student)
+            write_calibrated(ctx, student)
         except BaseException as exc:  # re-raised in the driver's thread
             self.error = exc
             try:
@@ -257,4 +261,5 @@ def train_ray(ctx: RunContext, manifest: Manifest, *, progress: bool = True) -> 
         started=t_start,
         train_workers=workers,
         data=plan.data,
+        sensitivity=calibration.sensitivity,
     )

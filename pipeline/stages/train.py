@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from intraq_core.distill import Distiller, EpochBatches, steps_per_epoch, train_epochs
+from intraq_core.quant.sensitivity import recorded_sensitivity
 from intraq_core.selection import Selection
 from intraq_core.student import student_checkpoint_bytes
 from pipeline.config import RunConfig
@@ -97,6 +98,9 @@ class TrainOutcome:
     device: str = "cpu"
     #: What the data-free selector saw and kept (:meth:`intraq_core.selection.Selection.summary`).
     selection: dict[str, Any] | None = None
+    #: What each activation tensor costs alone after calibration, most costly first
+    #: (:mod:`intraq_core.quant.sensitivity`; None when the calibration measured none).
+    sensitivity: list[dict[str, Any]] | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -111,6 +115,8 @@ class TrainOutcome:
             "optimizer_steps": self.optimizer_steps,
             "data": self.data,
         }
+        if self.sensitivity is not None:
+            out["activation_sensitivity"] = self.sensitivity
         if self.selection is not None:
             out["selected_epoch"] = self.selection["selected_epoch"]
             out["selection_rule"] = self.selection["selection_rule"]
@@ -131,9 +137,11 @@ class TrainOutcome:
         started: float,
         train_workers: int = 1,
         data: str = "memory",
+        sensitivity: list[dict[str, Any]] | None = None,
     ) -> TrainOutcome:
         """The outcome of a training call from its :meth:`Training.report`; ``started`` is the
-        stage's start (a Unix time). Logs what the selector kept when it is not the final student
+        stage's start (a Unix time); ``sensitivity``: what the calibrated student recorded. Logs what
+        the selector kept when it is not the final student
         (the run's summary line says it on the terminal)."""
         selection = report["selection"]
         if selection is not None and not selection["kept_final"]:
@@ -156,6 +164,7 @@ class TrainOutcome:
             data=data,
             device=str(report["device"]),
             selection=selection,
+            sensitivity=sensitivity,
         )
 
 
@@ -387,6 +396,7 @@ def train_local(
 
     t0 = time.perf_counter()
     student = prepare_student(ctx, teacher, train_x)
+    sensitivity = recorded_sensitivity(student)
     write_calibrated(ctx, student)
     t1 = time.perf_counter()
     num_train = int(train_x.shape[0])
@@ -427,4 +437,5 @@ def train_local(
         seconds_calibrate=t1 - t0,
         seconds_distill=t2 - t1,
         started=started,
+        sensitivity=sensitivity,
     )

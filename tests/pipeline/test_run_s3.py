@@ -83,6 +83,9 @@ def test_run_on_two_nodes_and_s3(
     calibrated = load_student(fs.cat(f"{root}/student_calibrated.pt"))[0].state_dict()
     assert any(not torch.equal(v, calibrated[k]) for k, v in trained.items()), "the workers did not train"
     assert metrics["training"]["holdout_agreement_calibrated"] == reference["training"]["holdout_agreement_calibrated"]
+    # The driver calibrated on the local executor's batches: the same ranking of the activation tensors.
+    ranked = metrics["training"]["activation_sensitivity"]
+    assert ranked and ranked == reference["training"]["activation_sensitivity"]
     history = json.loads(fs.cat(f"{root}/train_history.json"))
     assert history and all(row["workers"] == 2 for row in history)
     assert fs.ls(f"{root}/ray_train"), "Ray Train's checkpoints live on S3"

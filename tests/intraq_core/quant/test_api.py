@@ -18,6 +18,7 @@ from intraq_core.quant import (
     QuantLinear,
     act_quantizers,
     calibrate_ranges,
+    quant_map,
     quant_summary,
     quantize,
     set_act_mode,
@@ -168,6 +169,15 @@ def test_last_input_bits_set_the_quantizers_that_feed_the_last_layer():
     head_on_add = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     q = quantize(head_on_add, cfg(last_input_bits=8))
     assert [m.bits for m in act_quantizers(q).values()] == [8]
+
+
+def test_act_bits_set_named_quantizers_over_a_bits_and_last_input_bits_and_refuse_unknown_names():
+    q = quantize(ResNetish(), cfg(a_bits=4, last_input_bits=8, act_bits={"act_quant.relu1": 6, "act_quant.relu3": 3}))
+    bits = {name: m.bits for name, m in act_quantizers(q).items()}
+    assert bits == {"act_quant.relu1": 6, "act_quant.relu2": 4, "act_quant.relu3": 3}
+    assert quant_map(q)["activations"]["bits"] == {"3": 1, "4": 1, "6": 1}
+    with pytest.raises(QuantizationError, match=r"quant.act_bits names act_quant.relu9, which ResNetish does not have"):
+        quantize(ResNetish(), cfg(act_bits={"act_quant.relu9": 8}))
 
 
 def test_input_and_residual_options():

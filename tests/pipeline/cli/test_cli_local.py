@@ -90,6 +90,11 @@ def test_smoke_run_local_executor(tmp_path: Path) -> None:
     assert metrics["fp_top1"] > 90.0  # the real teacher on the first 1,000 test images
     assert metrics["num_images"] == 64 and metrics["w_bits"] == 4
     assert set(metrics["seconds"]) >= {"generate", "distill", "evaluate"}
+    # Every calibrated activation tensor ranked by what it costs alone, most costly first.
+    ranked = metrics["training"]["activation_sensitivity"]
+    assert len(ranked) == metrics["quantization"]["activations"]["quantized"]
+    assert [r["kl"] for r in ranked] == sorted((r["kl"] for r in ranked), reverse=True) and ranked[0]["kl"] > 0
+    assert {r["bits"] for r in ranked} == {4}
     # Same config and seed → same metrics.
     again = runner.invoke(app, ["run", "-c", "smoke", "-q", "--set", "executor=local", "-o", str(tmp_path / "r2")])
     assert again.exit_code == 0, again.output
@@ -192,6 +197,26 @@ def test_show_quant_prints_the_map_without_running_anything(tmp_path: Path, data
     assert "  linear (W4): input act_quant.layer3_2_relu2 (8-bit, unsigned)" in lines
     as_json = runner.invoke(app, ["show-quant", "--weights", "cifar10-resnet20", "--json"])
     assert json.loads(as_json.output)["activations"]["quantized"] == 19
+
+
+def test_show_quant_names_the_weights_architecture_and_keeps_a_named_tensor_at_its_own_bits() -> None:
+    stem = "act_quant.stage1_0_2"  # MobileNetV1's 8-channel stem output, read by the first depthwise conv
+    res = runner.invoke(
+        app, ["show-quant", "--weights", "imagenet-mobilenetv1-025", "--set", f"quant.act_bits={{{stem}: 8}}"]
+    )
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == f"mobilenet_v1_025: W4A4, {stem} 8-bit (activations at weight-layer inputs)"
+    assert "activations: 27 tensor(s) quantized (26 at 4-bit, 1 at 8-bit;" in lines[1]
+    assert f"  stage1.1.0 (W4): input {stem} (8-bit, signed, per channel ×8)" in lines
+    typo = runner.invoke(
+        app, ["show-quant", "--weights", "imagenet-mobilenetv1-025", "--set", "quant.act_bits={stem: 8}"]
+    )
+    assert typo.exit_code == 2 and len(typo.output.strip().splitlines()) == 1, typo.output
+    assert (
+        f"quant.act_bits names stem, which MobileNetV1 does not have; its activation quantizers: {stem}, "
+        in typo.output
+    )
 
 
 def test_activation_bits_with_nothing_to_quantize_are_one_line_exit_2(tmp_path: Path) -> None:

@@ -184,3 +184,20 @@ def test_summary_says_when_distillation_made_it_worse_and_what_the_signal_said()
     assert "did not: held-out teacher agreement went 40.0% → 60.0%" in missed
     _, none = summary_lines(_metrics(83.1, 80.0, None, None))
     assert "no held-out synthetic images" in none
+
+
+def test_summary_names_the_most_costly_activation_tensors_when_the_run_ranked_them() -> None:
+    metrics = _metrics(83.1, 85.0, 80.0, 90.0)
+    assert not any("activation tensors" in line for line in summary_lines(metrics))
+    metrics["training"]["activation_sensitivity"] = [
+        {"name": "act_quant.stem", "bits": 4, "kl": 0.387, "agreement": 61.0},
+        {"name": "act_quant.pw1", "bits": 4, "kl": 0.249, "agreement": 70.4},
+        {"name": "act_quant.b", "bits": 4, "kl": 0.02, "agreement": 96.0},
+        {"name": "act_quant.c", "bits": 4, "kl": 0.01, "agreement": 98.0},
+    ]
+    (line,) = [line for line in summary_lines(metrics) if "activation tensors" in line]
+    assert line == (
+        "most costly activation tensors alone: act_quant.stem (A4): KL 0.387, agreement 61%; act_quant.pw1 (A4): "
+        "KL 0.249, agreement 70%; act_quant.b (A4): KL 0.020, agreement 96%; median KL 0.135 over 4 tensors "
+        "(the first is 3x the median)"
+    )
