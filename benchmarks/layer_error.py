@@ -24,7 +24,8 @@ from torch import nn
 
 from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
-from intraq_core.quant import act_quantizers, calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
+from intraq_core.quant import calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
+from intraq_core.quant.sensitivity import activation_sensitivity
 from intraq_core.student import load_student
 from pipeline.storage.manifest import Manifest, read_all
 from pipeline.storage.store import Storage
@@ -44,28 +45,6 @@ def layer_errors(teacher: nn.Module, student: nn.Module, images: torch.Tensor) -
     for h in hooks:
         h.remove()
     return {n: float((seen[(0, n)] - seen[(1, n)]).pow(2).mean() / seen[(0, n)].pow(2).mean()) for n in names}
-
-
-def tensor_sensitivity(teacher: nn.Module, student: nn.Module, images: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """``{quantizer: (KL(teacher ‖ student), top-1 agreement %)}`` with only that activation quantizer on.
-
-    Weights stay float and every other activation quantizer is off, so each row is what that one
-    tensor at its bits costs on ``images``. Leaves every quantizer off and the weights float.
-    """
-    for layer in weight_quantized_layers(student).values():
-        layer.weight_quant.enabled = False
-    set_act_mode(student, "off")
-    out: dict[str, tuple[float, float]] = {}
-    with torch.no_grad():
-        target = teacher(images).log_softmax(1)
-        for name, quantizer in act_quantizers(student).items():
-            quantizer.mode = "frozen"
-            pred = student(images).log_softmax(1)
-            quantizer.mode = "off"
-            kl = torch.nn.functional.kl_div(pred, target, log_target=True, reduction="batchmean")
-            agree = (pred.argmax(1) == target.argmax(1)).float().mean() * 100
-            out[name] = (float(kl), float(agree))
-    return out
 
 
 def main() -> None:
@@ -104,11 +83,10 @@ def main() -> None:
     for name in next(iter(rows.values())):
         print(f"| {name} | " + " | ".join(f"{rows[k][name]:.3f}" for k in labels) + " |")
     if not args.student:
-        alone = tensor_sensitivity(teacher, student, scored)
         print(f"\n| activation tensor, A{b} alone | KL from the teacher | top-1 agreement % |")
         print("| --- | ---: | ---: |")
-        for name, (kl, agree) in sorted(alone.items(), key=lambda kv: -kv[1][0]):
-            print(f"| {name} | {kl:.4f} | {agree:.1f} |")
+        for row in activation_sensitivity(teacher, student, scored):  # the ranking every run records
+            print(f"| {row['name']} | {row['kl']:.4f} | {row['agreement']:.1f} |")
 
 
 if __name__ == "__main__":
