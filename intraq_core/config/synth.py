@@ -95,6 +95,10 @@ class SynthConfig(StageConfig):
     # Engineering knobs (do not change the method).
     shards_per_round: int = Field(default=4, ge=1)
     channels_last: bool = True
+    # torch.compile of the teacher's forward/backward: 1.25x (32x32) to 1.4x (224x224) faster
+    # synthesis on a CPU (benchmarks/results/gen_speed.md), the same accuracy within 0.06 points on
+    # the W4A4 CPU config; off by default (a C++ compiler at run time, compile time per process,
+    # float32 rounding that differs from eager).
     compile: bool = False
     amp: Literal["off", "bf16"] = "off"
     # Images per forward/backward pass of an optimization batch (None: the whole batch).
