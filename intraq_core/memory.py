@@ -35,7 +35,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-_NEVER_TRIM = 1 << 30  # bytes of free memory at the heap's top before glibc returns it (1 GiB: never, in practice)
+_NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: glibc never returns the heap's free top to the system (mallopt(3))
 
 
 @functools.cache

@@ -8,6 +8,7 @@ Python API's ``calibrate`` and the pipeline's training stage go through.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from intraq_core.quant.sensitivity import (
 from intraq_core.seeding import PURPOSE_CALIBRATION, derive_seed
 
 __all__ = ["CALIBRATION_METHODS", "CalibrationInputs", "calibration_positions", "run_calibration"]
+
+log = logging.getLogger(__name__)
 
 
 def calibration_positions(num_images: int, num_batches: int, batch_size: int, seed: int) -> list[Tensor]:
@@ -82,8 +85,6 @@ def _reconstruct(student: nn.Module, config: QuantConfig, inputs: CalibrationInp
 def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
     """SQuant: flip the weights' rounding (kernel- and channel-wise summed error) and set the
     activation ranges from the BN statistics; no image is used (:func:`intraq_core.quant.squant_`)."""
-    import logging
-
     from intraq_core.quant import squant_
 
     shape = inputs.image_shape
@@ -97,7 +98,7 @@ def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) 
         seed=derive_seed(inputs.seed, PURPOSE_CALIBRATION),
     )
     summary = report.summary()
-    logging.getLogger(__name__).info(
+    log.info(
         "SQuant: %d of %d weights flipped from nearest rounding (max |kernel error| %.3f, max |channel error| %.3f "
         "steps), %d activation ranges from BN statistics, %.2f s",
         summary["flipped"],
@@ -141,14 +142,12 @@ def run_calibration(student: nn.Module, config: QuantConfig, inputs: Calibration
 def _rank_tensors(student: nn.Module, teacher: nn.Module, images: Tensor) -> list[dict[str, Any]]:
     """What each calibrated activation tensor costs alone (:mod:`intraq_core.quant.sensitivity`),
     logged and recorded on the student for the run's metrics."""
-    import logging
-
     rows = activation_sensitivity(teacher, student, images)
     meta = getattr(student, "meta", None)
     if isinstance(meta, dict):
         meta[SENSITIVITY_KEY] = rows
     if rows:
-        logging.getLogger(__name__).info(
+        log.info(
             "activation tensors alone (weights float, %d calibration images), most costly: %s",
             images.shape[0],
             format_sensitivity(rows),
