@@ -63,11 +63,32 @@ class CalibrationInputs:
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
+def _rank_tensors(student: nn.Module, inputs: CalibrationInputs) -> dict[str, Any]:
+    """``{"sensitivity": rows}``: what each activation tensor costs alone at the ranges just set
+    (:mod:`intraq_core.quant.sensitivity`; before any learned step size, so each row is the
+    tensor's own cost), on the first calibration batch; logged and recorded on the student for the
+    run's metrics. ``{}`` without the teacher or images."""
+    if inputs.teacher is None or not inputs.batches:
+        return {}
+    images = inputs.batches[0][:SENSITIVITY_IMAGES]
+    rows = activation_sensitivity(inputs.teacher, student, images)
+    meta = getattr(student, "meta", None)
+    if isinstance(meta, dict):
+        meta[SENSITIVITY_KEY] = rows
+    if rows:
+        log.info(
+            "activation tensors alone (weights float, %d calibration images), most costly: %s",
+            images.shape[0],
+            format_sensitivity(rows),
+        )
+    return {"sensitivity": rows}
+
+
 def _minmax(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
     """Each activation's range from the batches (EMA of min/max, or the Lp search when
     ``act_range: lp``), then frozen (:func:`intraq_core.quant.calibrate_ranges`)."""
     calibrate_ranges(student, inputs.batches)
-    return {}
+    return _rank_tensors(student, inputs)
 
 
 def _reconstruct(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
@@ -76,10 +97,11 @@ def _reconstruct(student: nn.Module, config: QuantConfig, inputs: CalibrationInp
     from intraq_core.quant.reconstruct import reconstruct
 
     calibrate_ranges(student, inputs.batches)
+    ranked = _rank_tensors(student, inputs)  # before reconstruction co-adapts the step sizes
     images = inputs.images if inputs.images is not None else torch.cat(inputs.batches)
     device = next(student.parameters()).device
     report = reconstruct(student, images, config.reconstruct, seed=inputs.seed, device=device, progress=inputs.progress)
-    return {"reconstruct": report.summary()}
+    return {**ranked, "reconstruct": report.summary()}
 
 
 def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) -> dict[str, Any]:
@@ -108,7 +130,7 @@ def _squant(student: nn.Module, config: QuantConfig, inputs: CalibrationInputs) 
         summary["activation_quantizers"],
         summary["seconds"],
     )
-    return {"squant": summary}
+    return {**_rank_tensors(student, inputs), "squant": summary}
 
 
 #: ``QuantConfig.method`` → the step that sets the student's quantization parameters:
@@ -125,31 +147,14 @@ def run_calibration(student: nn.Module, config: QuantConfig, inputs: Calibration
 
     The one place both :func:`calibrate` and the pipeline's training stage go through. Afterwards
     the LSQ step sizes are trainable exactly when the config learns them in distillation. With the
-    teacher given, what each activation tensor costs alone at its calibrated range is measured on the
-    first calibration batch, logged and returned as ``sensitivity`` (most costly first; recorded on
-    the student too: :func:`intraq_core.quant.sensitivity.recorded_sensitivity`).
+    teacher given, what each activation tensor costs alone at the ranges the step sets (before
+    block reconstruction learns anything) is measured on the first calibration batch, logged and
+    returned as ``sensitivity`` (most costly first; recorded on the student too:
+    :func:`intraq_core.quant.sensitivity.recorded_sensitivity`).
     """
     step = CALIBRATION_METHODS.get(config.method)
     if step is None:
         raise ValueError(f"unknown quant.method {config.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     report = step(student, config, inputs)
     set_step_size_training(student, config)
-    if inputs.teacher is not None and inputs.batches:
-        report["sensitivity"] = _rank_tensors(student, inputs.teacher, inputs.batches[0][:SENSITIVITY_IMAGES])
     return report
-
-
-def _rank_tensors(student: nn.Module, teacher: nn.Module, images: Tensor) -> list[dict[str, Any]]:
-    """What each calibrated activation tensor costs alone (:mod:`intraq_core.quant.sensitivity`),
-    logged and recorded on the student for the run's metrics."""
-    rows = activation_sensitivity(teacher, student, images)
-    meta = getattr(student, "meta", None)
-    if isinstance(meta, dict):
-        meta[SENSITIVITY_KEY] = rows
-    if rows:
-        log.info(
-            "activation tensors alone (weights float, %d calibration images), most costly: %s",
-            images.shape[0],
-            format_sensitivity(rows),
-        )
-    return rows

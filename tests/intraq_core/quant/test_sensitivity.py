@@ -107,3 +107,26 @@ def test_calibration_with_the_teacher_records_the_ranking_and_says_it_in_one_lin
 def test_docstring_example_runs() -> None:
     result = doctest.testmod(sensitivity, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_with_block_reconstruction_the_ranking_is_taken_at_the_calibrated_ranges_before_it_learns() -> None:
+    """Reconstruction learns step sizes that compensate for the other quantizers: scored after it, every tensor
+    alone looks costly (each row would measure the mismatch, not the tensor)."""
+    teacher = _teacher()
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    cfg = QuantConfig(
+        method="reconstruct",
+        w_bits=4,
+        a_bits=4,
+        weight_range="lp",
+        act_range="lp",
+        reconstruct={"iterations": 40, "batch_size": 8, "act_lr": 1e-2},
+    )
+    student = quantize(teacher, cfg)
+    report = run_calibration(student, cfg, CalibrationInputs([images], teacher, images, seed=0))
+    fresh = quantize(teacher, cfg)
+    calibrate_ranges(fresh, [images])
+    assert report["sensitivity"] == activation_sensitivity(teacher, fresh, images)
+    # ... and reconstruction did move the step sizes the ranking would otherwise have used.
+    after = activation_sensitivity(teacher, student, images)
+    assert [r["kl"] for r in after] != [r["kl"] for r in report["sensitivity"]]
