@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 
 import torch
@@ -22,8 +23,11 @@ from intraq_core.quant.sensitivity import activation_sensitivity, format_sensiti
 
 
 def _teacher() -> nn.Module:
-    """Two conv blocks; the first one's output has one channel 1000x the others, so a 2-bit grid
-    over its range sets the three informative channels to zero (the others stay benign)."""
+    """Two conv blocks; the second one's output has one channel 1000x the others, so a 4-bit grid
+    over its range sets the informative channels to zero (the first block's output stays benign).
+
+    The outlier is in the last quantized tensor: ranges are calibrated with the quantizers upstream
+    on, so an outlier upstream would spoil every range after it as well."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False),
@@ -90,11 +94,7 @@ def test_calibration_with_the_teacher_records_the_ranking_and_says_it_in_one_lin
     student = quantize(teacher, QuantConfig(w_bits=4, a_bits=4))
     images = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     report = run_calibration(student, QuantConfig(w_bits=4, a_bits=4), CalibrationInputs([images], teacher))
-    assert (
-        report["sensitivity"]
-        == recorded_sensitivity(student)
-        == recorded_sensitivity(__import__("copy").deepcopy(student))
-    )
+    assert report["sensitivity"] == recorded_sensitivity(student) == recorded_sensitivity(copy.deepcopy(student))
     line = format_sensitivity(report["sensitivity"], top=1)
     assert line.startswith("act_quant._5 (A4): KL ")
     assert f"over {len(act_quantizers(student))} tensors" in line
