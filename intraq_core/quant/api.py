@@ -173,12 +173,12 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             f"quant.a_bits={config.a_bits} but no activation of {type(model).__name__} can be quantized: {reason} "
             "(set quant.quantize_input=true to quantize the image at quant.input_bits)"
         )
-    site_names = {f"{ACT_QUANT_PREFIX}.{node.name}" for node in sites}
-    unknown = sorted(set(config.act_bits) - site_names)
+    quant_names = {node: f"{ACT_QUANT_PREFIX}.{node.name}" for node in sites}  # each site's quantizer
+    unknown = sorted(set(config.act_bits) - set(quant_names.values()))
     if unknown:
         raise QuantizationError(
             f"quant.act_bits names {', '.join(unknown)}, which {type(model).__name__} does not have; its activation "
-            f"quantizers: {', '.join(sorted(site_names))}"
+            f"quantizers: {', '.join(sorted(quant_names.values()))}"
         )
     feeders: set[fx.Node] = set()
     if config.last_input_bits is not None:
@@ -200,7 +200,6 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             channels=channels,
         )
 
-    quant_of: dict[fx.Node, str] = {}  # producer node -> its quantizer's qualified name
     input_quant: str | None = None
     for node in list(graph.nodes):
         if node.op == "placeholder":
@@ -209,10 +208,9 @@ def quantize(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 input_quant = f"{ACT_QUANT_PREFIX}.{node.name}"
         elif node in sites:
             bits = config.last_input_bits if node in feeders else config.a_bits
-            bits = config.act_bits.get(f"{ACT_QUANT_PREFIX}.{node.name}", bits)
+            bits = config.act_bits.get(quant_names[node], bits)
             quant = new_act(bits, sites[node], per_channel.get(node))  # type: ignore[arg-type]
             insert_act_quant(gm, container, node, quant)
-            quant_of[node] = f"{ACT_QUANT_PREFIX}.{node.name}"
 
     # The map: what each weight layer reads, and what stayed float.
     layer_inputs = []
