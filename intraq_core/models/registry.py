@@ -4,7 +4,9 @@
 
 * a registered name: ``cifar_resnet{20,32,44,56,110}``, ``mobilenet_v1_025`` (MobileNetV1 x0.25
   with LeakyReLU, weights ``imagenet-mobilenetv1-025``), ``torchvision:<name>`` for every
-  torchvision classifier, or anything added with :func:`register_model`;
+  torchvision classifier (torchvision is imported when one is asked for or listed, not before:
+  it costs every process ~1-2 s of start-up, each Ray actor and Train worker included), or
+  anything added with :func:`register_model`;
 * ``timm:<name>`` for any timm model (optional extra, see :mod:`intraq_core.models.timm_models`);
 * ``package.module:callable``: a user's function or class returning an ``nn.Module``, called with
   ``model.kwargs`` (see :mod:`intraq_core.models.imported`);
@@ -159,7 +161,7 @@ def register_model(
 
 def list_models() -> list[str]:
     """All registered architecture names, sorted (``timm:<name>`` and import paths also work)."""
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *(f"{TORCHVISION_PREFIX}{name}" for name in torchvision_model_names())})
 
 
 def _build_timm(name: str, cfg: ModelConfig) -> nn.Module:
@@ -176,6 +178,15 @@ def get_model_spec(name: str) -> ModelSpec:
     spec = _REGISTRY.get(name)
     if spec is not None:
         return spec
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX) :] in torchvision_model_names():
+        model = name[len(TORCHVISION_PREFIX) :]
+        return ModelSpec(
+            name,
+            partial(_build_torchvision, model),
+            torchvision_defaults(model),
+            weights_metadata=partial(torchvision_weights_metadata, model),
+            weights_prefix=TORCHVISION_PREFIX,
+        )
     if name.startswith(TIMM_PREFIX):
         model = name[len(TIMM_PREFIX) :]
         check_timm_model(model)
@@ -195,7 +206,7 @@ def get_model_spec(name: str) -> ModelSpec:
     names = list_models()
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     prefixed = f"{TORCHVISION_PREFIX}{name}"
-    if prefixed in _REGISTRY and prefixed not in close:
+    if prefixed in names and prefixed not in close:
         close.insert(0, prefixed)
     hint = f"did you mean {', '.join(repr(c) for c in close[:3])}? " if close else ""
     raise UnknownModelError(
@@ -454,13 +465,6 @@ def _register_builtins() -> None:
             from_state_dict=cifar_from_state_dict,
             kwargs=False,
         )(partial(_build_cifar, depth))
-    for name in torchvision_model_names():
-        register_model(
-            f"{TORCHVISION_PREFIX}{name}",
-            defaults=torchvision_defaults(name),
-            weights_metadata=partial(torchvision_weights_metadata, name),
-            weights_prefix=TORCHVISION_PREFIX,
-        )(partial(_build_torchvision, name))
 
 
 _register_builtins()

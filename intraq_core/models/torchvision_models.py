@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights
 
 from intraq_core.config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -33,6 +31,8 @@ _DEFAULT_SIZES = {"inception_v3": 299}
 
 def torchvision_model_names() -> list[str]:
     """Names of torchvision's image classification models (without the prefix)."""
+    import torchvision.models
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -47,6 +47,8 @@ def parse_torchvision_weights(weights: str | None) -> str | None:
 
 
 def _weights_enum(name: str, tag: str) -> Any:
+    from torchvision.models import get_model_weights
+
     try:
         enum = get_model_weights(name)
     except (KeyError, ValueError) as exc:
@@ -91,6 +93,8 @@ def build_torchvision_model(
 ) -> nn.Module:
     """Build ``name`` (``kwargs`` go to its builder, e.g. ``width_mult``); ``weights`` is
     ``torchvision:<TAG>`` (downloads if not cached) or None."""
+    from torchvision.models import get_model
+
     tag = parse_torchvision_weights(weights)
     if tag is None:
         return get_model(name, weights=None, num_classes=num_classes, **(kwargs or {}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,22 @@ def test_list_models() -> None:
     expected = {f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110)}
     expected |= {"torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2"}
     assert expected <= set(names)
+
+
+def test_torchvision_imported_only_for_a_torchvision_model() -> None:
+    """Every Ray actor and Train worker imports the registry with the generation or training module;
+    torchvision (and the torch._dynamo it pulls in) costs each of them ~1-2 s of start-up, so it
+    waits until a ``torchvision:`` model is named. A fresh interpreter, since this one has it."""
+    code = (
+        "import sys\n"
+        "import pipeline.ray.generate, pipeline.ray.train_worker\n"
+        "from intraq_core.models import create_model, get_model_spec\n"
+        "create_model('cifar_resnet20')\n"
+        "assert 'torchvision' not in sys.modules, 'imported without a torchvision model'\n"
+        "assert get_model_spec('torchvision:resnet18').weights_prefix == 'torchvision:'\n"
+        "assert 'torchvision' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_cifar_defaults() -> None:
