@@ -41,7 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from intraq_core.quant.sensitivity import recorded_sensitivity
 from pipeline.config import RunConfig
 from pipeline.context import RunContext
 from pipeline.errors import one_line
@@ -143,8 +142,7 @@ class _Calibration:
     ) -> None:
         try:
             student = calibrate(teacher)
-            self.sensitivity = recorded_sensitivity(student)
-            write_calibrated(ctx, student)
+            self.sensitivity = write_calibrated(ctx, student)
         except BaseException as exc:  # re-raised in the driver's thread
             self.error = exc
             try:

@@ -216,9 +216,9 @@ def quantize_only(ctx: RunContext) -> TrainOutcome:
     t0 = time.perf_counter()
     student = calibrate_student(ctx, teacher, [])
     seconds = time.perf_counter() - t0
-    write_calibrated(ctx, student)
+    sensitivity = write_calibrated(ctx, student)
     write_outputs(ctx, student, [])
-    return TrainOutcome(0, 0, None, None, [], seconds, 0.0)
+    return TrainOutcome(0, 0, None, None, [], seconds, 0.0, sensitivity=sensitivity)
 
 
 def write_outputs(ctx: RunContext, student: torch.nn.Module, history: list[dict[str, Any]]) -> None:
@@ -229,11 +229,16 @@ def write_outputs(ctx: RunContext, student: torch.nn.Module, history: list[dict[
     ctx.storage.write_bytes_atomic(TRAIN_HISTORY_PATH, json.dumps(history, indent=1).encode())
 
 
-def write_calibrated(ctx: RunContext, student: torch.nn.Module) -> None:
-    """``student_calibrated.pt``: the student after range calibration, before distillation."""
+def write_calibrated(ctx: RunContext, student: torch.nn.Module) -> list[dict[str, Any]] | None:
+    """``student_calibrated.pt``: the student after range calibration, before distillation.
+
+    Returns the activation-sensitivity ranking its calibration recorded on it (None when it took
+    none), which the stage's :class:`TrainOutcome` carries into ``metrics.json``.
+    """
     ctx.storage.write_bytes_atomic(
         CALIBRATED_PATH, student_checkpoint_bytes(student, ctx.model_cfg, ctx.cfg.quant, {"stage": "calibrated"})
     )
+    return recorded_sensitivity(student)
 
 
 class EpochClock:
@@ -396,8 +401,7 @@ def train_local(
 
     t0 = time.perf_counter()
     student = prepare_student(ctx, teacher, train_x)
-    sensitivity = recorded_sensitivity(student)
-    write_calibrated(ctx, student)
+    sensitivity = write_calibrated(ctx, student)
     t1 = time.perf_counter()
     num_train = int(train_x.shape[0])
     training = Training(
