@@ -1,8 +1,10 @@
 """A results table built from the ``metrics.json`` of finished runs (never typed by hand).
 
-Each row is one run location (local path or URL the CLI wrote): FP, calibrated (the start of
-distillation: reconstruction PTQ) and kept top-1, the drop from FP, the protocol and the
-quantization map in numbers, and the seconds of each stage. The generation seconds come from the
+Each row is one run location (local path or URL the CLI wrote): its synthetic data (images ×
+iterations, images per class when the dataset's manifest is readable), FP, calibrated (the start
+of distillation: reconstruction PTQ) and kept top-1, the drop from FP, the data-free signal
+(teacher agreement on the held-out synthetic images, at the start and for the kept model), the
+protocol and the quantization map in numbers, and the seconds of each stage. The generation seconds come from the
 dataset's own run (``--dataset-run``), since ``train --dataset`` reuses a dataset generated once.
 
 Example::
@@ -32,11 +34,35 @@ def _map_cell(q: dict[str, Any]) -> str:
     return f"weights {wb} ({len(w['float'])} float); acts {ab} ({a['unsigned']} unsigned{per_channel}); {image}"
 
 
+def _data_cell(m: dict[str, Any]) -> str:
+    """``512 × 120 (0.51/class)``: the run's synthetic images, iterations and images per class."""
+    n, iterations = m.get("num_images"), m.get("gen_iterations")
+    if not n:
+        return "none"
+    cell = f"{n} × {iterations}" if iterations else f"{n} (not optimized)"
+    manifest = Path(str(m.get("dataset", ""))) / "manifest.json"
+    if manifest.is_file():
+        classes = json.loads(manifest.read_text()).get("num_classes")
+        if classes:
+            cell += f" ({n / classes:.2g}/class)"
+    return cell
+
+
+def _agreement_cell(m: dict[str, Any]) -> str:
+    """Teacher agreement on the held-out synthetic images: at the start → for the kept model."""
+    training = m.get("training") or {}
+    start = (training.get("holdout_agreement_calibrated") or {}).get("agreement")
+    kept = (training.get("holdout_agreement_final") or {}).get("agreement")
+    if start is None or kept is None:
+        return "–"
+    return f"{start:.1f} → {kept:.1f} ({training.get('num_holdout_images', '?')} images)"
+
+
 def table(rows: list[tuple[str, dict[str, Any]]], generate_s: float | None) -> str:
     lines = [
-        "| run | protocol | FP | start (reconstructed) | kept | drop from FP | kept epoch | quantization map | "
-        "reconstruct + calibrate s | distill s | evaluate s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |",
+        "| run | data | protocol | FP | start (reconstructed) | kept | drop from FP | kept epoch | "
+        "held-out agreement, start → kept | quantization map | reconstruct + calibrate s | distill s | evaluate s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |",
     ]
     for label, m in rows:
         q = m.get("quantization") or {}
@@ -50,9 +76,9 @@ def table(rows: list[tuple[str, dict[str, Any]]], generate_s: float | None) -> s
             kept = "final"
         s = m["seconds"]
         lines.append(
-            f"| {label} | {q.get('protocol', '?')} | {m['fp_top1']:.2f} | {m['ptq_top1']:.2f} | "
+            f"| {label} | {_data_cell(m)} | {q.get('protocol', '?')} | {m['fp_top1']:.2f} | {m['ptq_top1']:.2f} | "
             f"{m['quant_top1']:.2f} | "
-            f"{m['fp_top1'] - m['quant_top1']:.2f} | {kept} | {_map_cell(q) if q else '?'} | "
+            f"{m['fp_top1'] - m['quant_top1']:.2f} | {kept} | {_agreement_cell(m)} | {_map_cell(q) if q else '?'} | "
             f"{s.get('calibrate', 0):.0f} | {s.get('distill', 0):.0f} | {s.get('evaluate', 0):.0f} |"
         )
     if generate_s is not None:
