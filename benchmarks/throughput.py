@@ -4,7 +4,9 @@
     python -m benchmarks.throughput --stage generate --out DIR     # generation only
     python -m benchmarks.throughput --out DIR                      # both
 
-Writes ``DIR/throughput.json`` and ``DIR/throughput.md``.
+Writes ``DIR/throughput.json`` and ``DIR/throughput.md``. A run of one stage replaces that stage's
+section of an existing ``throughput.json`` and keeps the other's: each section records its own
+date, commit and command.
 
 * **distill**: on ONE synthetic dataset, the local executor (``train_local``: the training loop
   in this process, one torch thread) and Ray Train with 1 and 2 workers (``train_ray``: the same
@@ -40,7 +42,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import machine
+from benchmarks.harness import git_commit, machine
 from intraq_core.synth.engine import Synthesizer
 from pipeline.config import load_run_config
 from pipeline.context import RunContext
@@ -235,7 +237,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         "# Pipeline throughput",
         "",
-        f"Command: `{command}`. Date {result['date']}. Machine: {result['machine']}.",
+        f"Machine: {result['machine']}.",
         "The load column is the machine's 1-minute load average around the runs of that row (the",
         "machine is shared: a load above its core count means other jobs were running).",
         "",
@@ -244,6 +246,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
     if d:
         lines += [
             "## Distillation (one dataset, the same recipe for every variant)",
+            "",
+            _provenance(d, result, command),
             "",
             f"Budget: `{' '.join(d['budget'])}`; median of {d['repeats']} interleaved runs.",
             "",
@@ -269,6 +273,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         lines += [
             "## Generation",
             "",
+            _provenance(g, result, command),
+            "",
             f"Budget: `{' '.join(g['budget'])}`; median of {g['repeats']} interleaved runs.",
             "",
             "| setting | img·it/s (whole stage) | vs bare loop | inside the actors | fixed s | load |",
@@ -290,9 +296,21 @@ def markdown(result: dict[str, Any], command: str) -> str:
             "Whole stage: the wall time of `generate_ray`, actor start-up (process, imports, teacher),",
             "shard writes and dispatch included. Inside the actors: their optimization loops alone.",
             "Fixed s: whole-stage seconds minus the loops' seconds (with 2 actors, per actor).",
+            "One actor against the bare loop, each interleaved pair: "
+            + ", ".join(
+                f"{a['img_it_per_s'] / b['img_it_per_s']:.3f}×"
+                for a, b in zip(g["ray_1_actor"]["runs"], g["bare"]["runs"], strict=True)
+            )
+            + ".",
             "",
         ]
     return "\n".join(lines)
+
+
+def _provenance(section: dict[str, Any], result: dict[str, Any], command: str) -> str:
+    """``Command …, date …, commit …`` of one stage's section (older files kept them at the top level)."""
+    date_ = section.get("date", result.get("date", "?"))
+    return f"Command: `{section.get('command', command)}`. Date {date_}, commit `{section.get('commit', '?')}`."
 
 
 def main() -> None:
@@ -315,24 +333,27 @@ def main() -> None:
 
     out = Path(args.out)
     root = Path(tempfile.mkdtemp(prefix="intraq-throughput-"))
-    result: dict[str, Any] = {"date": date.today().isoformat(), "machine": machine(), "args": vars(args)}
+    command = f"python -m benchmarks.throughput --stage {args.stage} --repeats {args.repeats} --out {args.out}"
+    stamp = {"date": date.today().isoformat(), "commit": git_commit(), "command": command}
+    previous = out / "throughput.json"
+    result: dict[str, Any] = json.loads(previous.read_text()) if previous.is_file() else {}
+    result.update({"machine": machine(), "args": vars(args)})
     # The product's default Ray: the dashboard (and its State API, which Ray Train polls) on.
     start_ray(load_run_config(None, [f"ray.num_cpus={args.ray_cpus}", "ray.dashboard=true"]), None)
     try:
         if args.stage in ("distill", "all"):
-            result["distill"] = bench_distill(args, root)
+            result["distill"] = {**bench_distill(args, root), **stamp}
             for key in ("ratio_ray1_vs_local", "ratio_ray2_vs_ray1"):
                 result[key] = result["distill"][key]
             for v in VARIANTS:
                 result[v] = {k: result["distill"][v][k] for k in ("samples_per_s", "startup_s")}
         if args.stage in ("generate", "all"):
-            result["generate"] = bench_generation(args, root)
+            result["generate"] = {**bench_generation(args, root), **stamp}
             result["ratio_1_actor_vs_bare"] = result["generate"]["ratio_1_actor_vs_bare"]
     finally:
         stop_ray()
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    command = f"python -m benchmarks.throughput --stage {args.stage} --repeats {args.repeats} --out {args.out}"
     md = markdown(result, command)
     (out / "throughput.md").write_text(md + "\n")
     print(md)
