@@ -57,7 +57,7 @@ from intraq_core.models import bn_layers, create_model
 from intraq_core.models.introspect import FeatureTap
 from intraq_core.synth import losses
 from intraq_core.synth.centres import ClassCentres
-from intraq_core.synth.engine import Synthesizer, initial_noise
+from intraq_core.synth.engine import NATIVE_BF16_FLAGS, Synthesizer, initial_noise
 from intraq_core.synth.lor import reference_lor, sample_lor_params
 
 
@@ -226,7 +226,7 @@ def cpu_info(threads: int) -> dict[str, Any]:
     return {
         "cpu_model": model,
         "simd_flags": simd,
-        "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "native_bf16": bool(NATIVE_BF16_FLAGS & flags),
         "mhz": mhz,
         "nominal_peak_gflops": threads * mhz / 1e3 * per_cycle if per_cycle and mhz else None,
         "nominal_peak_basis": f"{threads} cores x {mhz / 1e3:.2f} GHz x {per_cycle} fp32 FLOP/cycle",

@@ -100,6 +100,9 @@ class SynthConfig(StageConfig):
     # the W4A4 CPU config; off by default (a C++ compiler at run time, compile time per process,
     # float32 rounding that differs from eager).
     compile: bool = False
+    # bf16 autocast of the teacher's forward (the BN-statistics loss, its reductions and Adam stay
+    # float32): for GPUs and CPUs with native bf16 dot products; refused on other CPUs, where torch
+    # emulates bf16 ~15x slower than float32 (intraq_core.synth.engine.check_amp).
     amp: Literal["off", "bf16"] = "off"
     # Images per forward/backward pass of an optimization batch (None: the whole batch).
     micro_batch_size: int | None = Field(default=None, ge=1)

@@ -7,7 +7,8 @@ terms). Orchestration (label plans, shards, rounds of MDC centres) lives above i
 Engineering differences from the reference loop, none of which changes the method:
 the teacher's weights do not require gradients (only pixel gradients are computed),
 BN statistics are read in one pass with ``torch.var_mean``, LOR is batched, the batch can
-be channels-last, and bf16 autocast / ``torch.compile`` are available on GPUs.
+be channels-last, and bf16 autocast (on GPUs and on CPUs with native bf16 dot products:
+:func:`check_amp`) and ``torch.compile`` are available.
 
 Micro-batches (``generate.micro_batch_size``) bound the memory of a large batch (256 images
 of 224x224) without changing its loss. The BN-statistics loss couples all images of the batch
@@ -35,6 +36,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -108,6 +110,42 @@ def check_compiler(cfg: SynthConfig, device: torch.device) -> None:
         ) from None
 
 
+#: CPU feature flags of native bf16 dot products: x86 AVX512-BF16 and AMX, Arm BF16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``) from ``cpuinfo``; empty where unreadable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def check_amp(cfg: SynthConfig, device: torch.device, flags: frozenset[str] | None = None) -> None:
+    """ValueError (one line) when ``generate.amp=bf16`` on a CPU without native bf16 dot products.
+
+    Without them torch emulates bf16 through float32 conversions: on a 2-core AVX2 machine a
+    ResNet-20 forward/backward at 32x32 took 8.5 s instead of 0.45-0.62 s (benchmarks/results/
+    gen_speed.md), so the option would make the loop ~15x slower, not faster. ``flags``: the CPU's
+    (default :func:`cpu_flags`, read where the synthesizer is built: the actor's own machine).
+    """
+    if cfg.amp != "bf16" or device.type != "cpu":
+        return
+    have = cpu_flags() if flags is None else flags
+    if NATIVE_BF16_FLAGS & have:
+        return
+    raise ValueError(
+        "generate.amp=bf16 on this CPU would make synthesis ~15x slower, not faster: it has no native bf16 dot "
+        f"products (none of {', '.join(sorted(NATIVE_BF16_FLAGS))} among its flags); set generate.amp=off"
+    )
+
+
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """N(0, 1) images, each drawn from its own seed (independent of batching)."""
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
@@ -159,6 +197,7 @@ class Synthesizer:
             self.student = self._make_adi_student(teacher)
         self._forward = self.teacher
         check_compiler(cfg, self.device)
+        check_amp(cfg, self.device)
         if cfg.compile:
             self._forward = torch.compile(self.teacher)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from intraq_core.config import ModelConfig, SynthConfig
 from intraq_core.models import create_model
+from intraq_core.synth import engine
 from intraq_core.synth.centres import ClassCentres
-from intraq_core.synth.engine import Synthesizer, initial_noise
+from intraq_core.synth.engine import Synthesizer, check_amp, cpu_flags, initial_noise
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,31 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_refused_when_the_synthesizer
     with pytest.raises(ValueError, match=r"generate.compile=true on a CPU needs a C\+\+ compiler .*InvalidCxxCompiler"):
         _synth(teacher, compile=True)
     _synth(teacher, compile=False)  # eager needs none
+
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: EPYC\nflags\t\t: fpu avx avx2 fma\n\nprocessor\t: 1\nflags\t: x\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert cpu_flags(str(x86)) == {"fpu", "avx", "avx2", "fma"}  # the first processor's
+    assert cpu_flags(str(arm)) == {"fp", "asimd", "bf16", "i8mm"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_bf16_autocast_on_a_cpu_without_native_bf16_is_refused_when_the_synthesizer_is_built(
+    teacher: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Emulated bf16 made a 32x32 forward/backward ~15x slower on an AVX2 machine: refused, not run."""
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"generate.amp=bf16 on this CPU .*set generate.amp=off"):
+        check_amp(SynthConfig(amp="bf16"), cpu, frozenset({"avx", "avx2", "fma", "avx512f"}))
+    for native in ("avx512_bf16", "amx_bf16", "bf16"):
+        check_amp(SynthConfig(amp="bf16"), cpu, frozenset({"avx2", native}))
+    check_amp(SynthConfig(amp="bf16"), torch.device("cuda"), frozenset())  # GPUs: not a CPU question
+    check_amp(SynthConfig(amp="off"), cpu, frozenset())
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(ValueError, match=r"no native bf16"):
+        _synth(teacher, amp="bf16")
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert _synth(teacher, amp="bf16").cfg.amp == "bf16"
