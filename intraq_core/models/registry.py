@@ -5,7 +5,8 @@
 * a registered name: ``cifar_resnet{20,32,44,56,110}``, ``mobilenet_v1_025`` (MobileNetV1 x0.25
   with LeakyReLU, weights ``imagenet-mobilenetv1-025``), ``torchvision:<name>`` for every
   torchvision classifier (torchvision is imported when one is asked for or listed, not before:
-  it costs every process ~1-2 s of start-up, each Ray actor and Train worker included), or
+  with the torch._dynamo it pulls in it took ~1.8 s of every process's start-up, ~0.3 s in one that
+  builds a torch optimizer, which imports torch._dynamo anyway), or
   anything added with :func:`register_model`;
 * ``timm:<name>`` for any timm model (optional extra, see :mod:`intraq_core.models.timm_models`);
 * ``package.module:callable``: a user's function or class returning an ``nn.Module``, called with
