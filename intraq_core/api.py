@@ -194,7 +194,7 @@ def synthesize(
     from intraq_core.synth.engine import Synthesizer
     from intraq_core.synth.plan import packs, plan_tasks, rounds
 
-    cfg = config or SynthConfig()
+    cfg = (config or SynthConfig()).for_classes(spec.num_classes)  # min_images_per_class, as the pipeline
     tasks = plan_tasks(
         cfg.num_images,
         spec.num_classes,

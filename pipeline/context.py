@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import signal
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from intraq_core.memory import reuse_freed_memory
 from intraq_core.models import create_model, resolve_model_config
 from pipeline.config import RunConfig
 from pipeline.storage.store import Storage
+
+log = logging.getLogger(__name__)
 
 #: Test hook: ``"<stage>:<n>"`` makes this process SIGKILL itself at that point of a run, to test
 #: recovery from a killed process deterministically: ``generate:<k>`` right after shard k's file
@@ -96,7 +99,30 @@ class RunContext:
 
     @classmethod
     def create(cls, cfg: RunConfig, teacher: BuiltTeacher | None = None) -> RunContext:
-        return cls(cfg, Storage.from_config(cfg.storage), teacher)
+        """The context of ``cfg``, its synthesis plan resolved for the teacher's class count.
+
+        With ``generate.min_images_per_class`` set, a plan with too few images per class grows here
+        (:meth:`~intraq_core.config.SynthConfig.for_classes`, the same image-iterations), so every
+        stage, actor and worker reads the plan from ``ctx.cfg`` and ``run.yaml`` records it; the
+        resolution is idempotent (an actor given the driver's config changes nothing).
+        """
+        ctx = cls(cfg, Storage.from_config(cfg.storage), teacher)
+        g = cfg.generate
+        if g.min_images_per_class > 0:  # only then is the model resolved here
+            plan = g.for_classes(ctx.num_classes)
+            if plan is not g:
+                log.info(
+                    "generate: %d images x %d iterations -> %d x %d for a %d-class teacher "
+                    "(generate.min_images_per_class=%g, the same image-iterations)",
+                    g.num_images,
+                    g.iterations,
+                    plan.num_images,
+                    plan.iterations,
+                    ctx.num_classes,
+                    g.min_images_per_class,
+                )
+                ctx.cfg = cfg.model_copy(update={"generate": plan})
+        return ctx
 
     @cached_property
     def model_cfg(self) -> ModelConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -47,6 +48,11 @@ class SynthConfig(StageConfig):
 
     method: Literal["intraq", "bns_ce", "adi", "gaussian", "custom", "gdfq", "qimera"] = "intraq"
     num_images: int = Field(default=5120, ge=1)
+    # Many-class teachers: the fewest images per class the plan gives (0: off). With K classes and
+    # fewer than min_images_per_class x K images, the plan grows to that many (whole batches) and
+    # the iterations shrink so that images x iterations stays this config's budget
+    # (:meth:`for_classes`; the run resolves it once, when it opens).
+    min_images_per_class: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=256, ge=2)
     iterations: int = Field(default=1000, ge=1)
     lr: float = Field(default=0.5, gt=0.0)
@@ -143,6 +149,27 @@ class SynthConfig(StageConfig):
                     "for throughput, the other splits a batch for memory); set only one"
                 )
         return self
+
+    def for_classes(self, num_classes: int) -> SynthConfig:
+        """This config for a teacher of ``num_classes`` classes: ``min_images_per_class`` applied.
+
+        A plan below the floor grows to ``ceil(min_images_per_class * K)`` images rounded up to whole
+        batches, and its iterations shrink to keep ``num_images * iterations`` (rounded, at least
+        one); a plan at or above it is returned as it is, so applying it twice changes nothing.
+
+        >>> cfg = SynthConfig(num_images=512, batch_size=256, iterations=120, min_images_per_class=1)
+        >>> plan = cfg.for_classes(1000)
+        >>> plan.num_images, plan.iterations
+        (1024, 60)
+        >>> cfg.for_classes(10) is cfg
+        True
+        """
+        floor = math.ceil(self.min_images_per_class * num_classes - 1e-9)
+        if self.num_images >= floor:
+            return self
+        images = math.ceil(floor / self.batch_size) * self.batch_size
+        iterations = max(1, round(self.num_images * self.iterations / images))
+        return self.model_copy(update={"num_images": images, "iterations": iterations})
 
     def shard_dtype(self, image_size: int) -> Literal["float32", "float16"]:
         """The pixel dtype of the shards of ``image_size`` px images (``store_dtype`` resolved)."""

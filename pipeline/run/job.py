@@ -148,6 +148,7 @@ def open_run(
     if dataset is not None:
         cfg = cfg.model_copy(update={"dataset": dataset})
     ctx = RunContext.create(cfg)
+    cfg = ctx.cfg  # the synthesis plan resolved for the teacher's classes (generate.min_images_per_class)
     check_device(cfg, cluster)
     ctx.storage.fail_fast().check_reachable()
     run = Run(ctx, command, executor_for(cfg), resume=resume, overwrite=overwrite, repair=repair)

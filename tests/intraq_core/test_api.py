@@ -157,6 +157,20 @@ def test_synthesize_gives_the_pipelines_images(tmp_path: Path) -> None:
     assert data.labels.tolist() == labels.tolist()
 
 
+def test_synthesize_grows_the_plan_for_the_classes_as_the_pipeline(tmp_path: Path) -> None:
+    """generate.min_images_per_class=1 on the 10-class teacher: 4 images x 2 iterations become 12 x 1
+    (10 rounded up to batches of 4; 8 image-iterations / 12 rounds to 1) in the pipeline's context
+    and in iq.synthesize given the same, unresolved config: the same images."""
+    cfg, ctx, _, images, labels = _pipeline_dataset(
+        tmp_path, "generate.num_images=4", "generate.min_images_per_class=1", "generate.shards_per_round=3"
+    )
+    assert (ctx.cfg.generate.num_images, ctx.cfg.generate.iterations) == (12, 1) and images.shape[0] == 12
+    assert cfg.generate.num_images == 4  # the config as given
+    data = iq.synthesize(ctx.teacher(), iq.input_spec(cfg.model), cfg.generate, seed=3)
+    torch.testing.assert_close(data.images, torch.as_tensor(images))
+    assert data.labels.tolist() == labels.tolist() == [*range(10), 0, 1]
+
+
 def test_packed_groups_give_the_unpacked_images(tmp_path: Path) -> None:
     """generate.groups_per_pass=2, in the pipeline's local executor and in iq.synthesize, gives the
     images of one batch per pass (shards of 4, 4 | 4, 2: round 0 is one pack, round 1 two packs of

@@ -65,3 +65,24 @@ def test_report_of_a_dataset_without_repeated_classes(run: Path) -> None:
     assert row["images"] == 4 and row["classes"] == 4
     assert row["pairwise"] is None and row["to_centre"] is None
     assert "| 4 | 4 | — | — |" in (run / "report" / "report.md").read_text()
+
+
+def test_min_images_per_class_grows_the_plan_to_the_teachers_classes(tmp_path: Path, data_dir: Path) -> None:
+    """4 images x 6 iterations with ``generate.min_images_per_class=1`` on the 10-class teacher: the run
+    opens as 12 images (10 rounded up to whole batches of 4) x 2 iterations, the same 24
+    image-iterations, generates that, and records it in run.yaml and metrics."""
+    from pipeline.run.job import open_run
+
+    url = tmp_path / "run"
+    sets = [*FOUR, "generate.batch_size=4", "generate.iterations=6", "generate.min_images_per_class=1"]
+    cfg = load_run_config("smoke", [*sets, f"storage.url={url}"])
+    run = open_run(cfg, "generate")
+    assert (run.ctx.cfg.generate.num_images, run.ctx.cfg.generate.iterations) == (12, 2)
+    run.execute(progress=False)
+    data = Storage.from_url(str(url / "data"))
+    _, labels = read_all(data, Manifest.load(data))
+    assert sorted(labels.tolist()) == sorted([*range(10), 0, 1])  # every class, balanced
+    recorded = load_run_config(url / "run.yaml")
+    assert (recorded.generate.num_images, recorded.generate.iterations) == (12, 2)
+    again = open_run(recorded, "generate", resume=True)
+    assert again.ctx.cfg.generate == recorded.generate  # resolved once: reopening changes nothing
