@@ -215,6 +215,9 @@ def _gen_identity(cfg: RunConfig) -> dict[str, Any]:
     # the dtype the shards store, and a dataset stored in another dtype than the run's is refused
     # (pipeline.stages.generate.open_manifest), never mixed.
     g.pop("store_dtype", None)
+    # The rule that sized the plan is not either: the plan it resolved to (num_images, iterations) is
+    # (pipeline.context.RunContext.create), and every hash written before the key existed stays the same.
+    g.pop("min_images_per_class", None)
     return g
 
 
