@@ -42,5 +42,22 @@ def test_for_classes_keeps_the_image_iteration_budget(
 
 
 def test_for_classes_rounds_up_to_whole_batches() -> None:
-    plan = SynthConfig(num_images=10, batch_size=64, iterations=100, min_images_per_class=1.0).for_classes(100)
-    assert (plan.num_images, plan.iterations) == (128, 8)  # 100 -> 2 batches of 64; 10 x 100 / 128 = 7.8 -> 8
+    plan = SynthConfig(num_images=10, batch_size=64, iterations=1000, min_images_per_class=1.0).for_classes(100)
+    assert (plan.num_images, plan.iterations) == (128, 78)  # 100 -> 2 batches of 64; 10 x 1000 / 128 = 78.1
+
+
+def test_for_classes_never_trades_iterations_below_the_floor() -> None:
+    """2,048 x 30 lost 6 points to 512 x 120 on the shared ImageNet model: a budget too small for the
+    floor grows only as far as RULE_MIN_ITERATIONS (60) allows, in whole batches."""
+    cfg = SynthConfig(num_images=512, batch_size=256, iterations=120, min_images_per_class=2.0)
+    plan = cfg.for_classes(1000)  # 2,000 -> 2,048 images would get 30 iterations
+    assert (plan.num_images, plan.iterations) == (1024, 60)
+    # 512 x 100: 51,200 / 60 = 853 -> 768 images (3 batches) x 67 iterations.
+    plan = cfg.model_copy(update={"iterations": 100}).for_classes(1000)
+    assert (plan.num_images, plan.iterations) == (768, 67)
+    # No room at all (256 x 60 already at the floor): the plan stays as it is.
+    small = SynthConfig(num_images=256, batch_size=256, iterations=60, min_images_per_class=1.0)
+    assert small.for_classes(1000) is small
+    # A config that already runs fewer iterations than the floor is not capped by it.
+    plan = SynthConfig(num_images=64, batch_size=64, iterations=20, min_images_per_class=1.0).for_classes(1000)
+    assert (plan.num_images, plan.iterations) == (1024, 1)
