@@ -154,8 +154,8 @@ class SynthConfig(StageConfig):
         """This config for a teacher of ``num_classes`` classes: ``min_images_per_class`` applied.
 
         A plan below the floor grows to ``ceil(min_images_per_class * K)`` images rounded up to whole
-        batches, and its iterations shrink to keep ``num_images * iterations`` (rounded). It never
-        grows past :data:`RULE_MIN_ITERATIONS` iterations per image (on the shared ImageNet model 2,048
+        batches, and its iterations shrink to keep ``num_images * iterations`` (rounded), but never below
+        :data:`RULE_MIN_ITERATIONS` per image when the config had at least that many (on the shared ImageNet model 2,048
         images x 30 iterations kept 9.5% top-1 where 512 x 120 and 1,024 x 60 kept 15.6 / 15.0%:
         too few iterations leave the images under-optimized): a budget too small for the floor
         gives as many whole batches as it can at that many iterations. A plan at or above the
