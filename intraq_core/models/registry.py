@@ -174,30 +174,37 @@ def _build_imported(arch: str, cfg: ModelConfig) -> nn.Module:
     return build_imported_model(arch, cfg.kwargs, cfg.num_classes)
 
 
+def _hub_spec(
+    name: str,
+    prefix: str,
+    build: Callable[[str, ModelConfig], nn.Module],
+    defaults: Callable[[str], Mapping[str, Any]],
+    metadata: Callable[[str, str], dict[str, Any]],
+) -> ModelSpec:
+    """The spec of ``<prefix><model>`` from a model hub (torchvision, timm): its builder, defaults and
+    published weights' metadata, each for that model."""
+    model = name[len(prefix) :]
+    return ModelSpec(
+        name,
+        partial(build, model),
+        defaults(model),
+        weights_metadata=partial(metadata, model),
+        weights_prefix=prefix,
+    )
+
+
 def get_model_spec(name: str) -> ModelSpec:
     """The spec of ``name`` (registered, ``timm:``, or an import path); UnknownModelError suggests names."""
     spec = _REGISTRY.get(name)
     if spec is not None:
         return spec
     if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX) :] in torchvision_model_names():
-        model = name[len(TORCHVISION_PREFIX) :]
-        return ModelSpec(
-            name,
-            partial(_build_torchvision, model),
-            torchvision_defaults(model),
-            weights_metadata=partial(torchvision_weights_metadata, model),
-            weights_prefix=TORCHVISION_PREFIX,
+        return _hub_spec(
+            name, TORCHVISION_PREFIX, _build_torchvision, torchvision_defaults, torchvision_weights_metadata
         )
     if name.startswith(TIMM_PREFIX):
-        model = name[len(TIMM_PREFIX) :]
-        check_timm_model(model)
-        return ModelSpec(
-            name,
-            partial(_build_timm, model),
-            timm_defaults(model),
-            weights_metadata=partial(timm_weights_metadata, model),
-            weights_prefix=TIMM_PREFIX,
-        )
+        check_timm_model(name[len(TIMM_PREFIX) :])
+        return _hub_spec(name, TIMM_PREFIX, _build_timm, timm_defaults, timm_weights_metadata)
     if is_import_path(name) and not name.startswith(TORCHVISION_PREFIX):
         return ModelSpec(
             name,
