@@ -67,23 +67,27 @@ def _agreement_cell(m: dict[str, Any]) -> str:
     return f"{start:.1f} → {kept:.1f} ({training.get('num_holdout_images', '?')} images)"
 
 
-def probe_signal(location: str, probe: Path) -> str:
-    """``start → kept`` teacher agreement % (mean KL) of a run's two students on the probe dataset."""
+def probe_images(probe: Path) -> Any:
+    """The probe dataset's images (read once for every row)."""
     import torch
 
+    from pipeline.storage.manifest import Manifest, read_all
+    from pipeline.storage.store import Storage
+
+    data = Storage.from_url(str(probe / "data"))
+    return torch.from_numpy(read_all(data, Manifest.load(data))[0])
+
+
+def probe_signal(location: str, metrics: dict[str, Any], probe: Path, images: Any) -> str:
+    """``start → kept`` teacher agreement % (mean KL) of a run's two students on the probe's ``images``."""
     from intraq_core.student import load_student
     from pipeline.config import RUN_CONFIG_PATH, load_run_config
     from pipeline.context import RunContext
     from pipeline.stages.holdout import make_selector
-    from pipeline.storage.manifest import Manifest, read_all
-    from pipeline.storage.store import Storage
 
     run = Path(location)
-    metrics = _load(location)
     if Path(str(metrics.get("dataset", ""))).resolve() == (probe / "data").resolve():
         raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
-    data = Storage.from_url(str(probe / "data"))
-    images = torch.from_numpy(read_all(data, Manifest.load(data))[0])
     ctx = RunContext.create(load_run_config(run / RUN_CONFIG_PATH))
     teacher = ctx.teacher()  # the run's own weights
     cells = []
@@ -137,11 +141,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     probe = {} if args.probe else None
+    images = probe_images(Path(args.probe)) if args.probe else None
     for item in args.runs:
         label, _, location = item.partition("=")
         rows.append((label, _load(location)))
         if probe is not None:
-            probe[label] = probe_signal(location, Path(args.probe))
+            probe[label] = probe_signal(location, rows[-1][1], Path(args.probe), images)
     generate_s = None
     if args.dataset_run is not None:
         path = Path(args.dataset_run) / "metrics.json"
