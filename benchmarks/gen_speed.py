@@ -57,7 +57,7 @@ from intraq_core.models import bn_layers, create_model
 from intraq_core.models.introspect import FeatureTap
 from intraq_core.synth import losses
 from intraq_core.synth.centres import ClassCentres
-from intraq_core.synth.engine import NATIVE_BF16_FLAGS, Synthesizer, initial_noise
+from intraq_core.synth.engine import NATIVE_BF16_FLAGS, Synthesizer, cpu_flags, initial_noise
 from intraq_core.synth.lor import reference_lor, sample_lor_params
 
 
@@ -208,7 +208,7 @@ def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
 
 def cpu_info(threads: int) -> dict[str, Any]:
     """CPU model, SIMD flags that matter here, clock and the nominal fp32 peak of ``threads`` cores."""
-    model, mhz, flags = platform.processor() or platform.machine(), 0.0, set()
+    model, mhz, flags = platform.processor() or platform.machine(), 0.0, cpu_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -217,8 +217,6 @@ def cpu_info(threads: int) -> dict[str, Any]:
                 model = value.strip()
             elif key == "cpu MHz" and not mhz:
                 mhz = float(value)
-            elif key == "flags" and not flags:
-                flags = set(value.split())
     except OSError:
         pass
     simd = sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
