@@ -205,9 +205,17 @@ class Bench:
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     _cache: dict[str, Any] = field(default_factory=dict)
 
-    def config(self, row: Row, seed: int, extra: list[str] | None = None) -> RunConfig:
-        sets = [*BUDGETS[self.budget], *row.settings, f"seed={seed}", "executor=local"]
-        return load_run_config(None, [*sets, *(extra or [])])
+    def settings(self, row: Row, seed: int, recipe: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The run settings of a row, in order: the budget, the recipe, the row's own (which win over
+        the recipe's for the keys they name: a row that is SQuant-started stays so under every
+        recipe), the seed."""
+        return [*BUDGETS[self.budget], *recipe, *row.settings, f"seed={seed}", "executor=local"]
+
+    def config(
+        self, row: Row, seed: int, extra: list[str] | None = None, recipe: list[str] | tuple[str, ...] = ()
+    ) -> RunConfig:
+        """The run config of :meth:`settings` plus ``extra`` (locations, bits)."""
+        return load_run_config(None, [*self.settings(row, seed, recipe), *(extra or [])])
 
     @property
     def device(self) -> torch.device:
@@ -403,6 +411,12 @@ class Bench:
             **{k: v for k, v in best.items() if k != "ctx"},
             "recipe": chosen,
             "recipe_settings": RECIPES[chosen],
+            # What resolves to the run config (locations aside), in the order applied.
+            "run_settings": [
+                *self.settings(row, seed, RECIPES[chosen]),
+                f"quant.w_bits={bits[0]}",
+                f"quant.a_bits={bits[1]}",
+            ],
             "recipe_candidates": summary,
             "recipe_rule": "max teacher agreement on the shared probe set, then on the row's held-out synthetic split",
             "dataset": stats,
@@ -426,7 +440,7 @@ class Bench:
         folder = name or f"{row.name}-s{seed}"
         loc = self.workdir / self.budget / folder / f"w{bits[0]}a{bits[1]}-{recipe}"
         extra = [f"storage.url={loc}", f"dataset={data}", f"quant.w_bits={bits[0]}", f"quant.a_bits={bits[1]}"]
-        cfg = self.config(row, seed, [*extra, *(RECIPES[recipe] if settings is None else settings)])
+        cfg = self.config(row, seed, extra, RECIPES[recipe] if settings is None else settings)
         ctx = RunContext.create(cfg)
         manifest = Manifest.load(ctx.dataset_storage)
         try:

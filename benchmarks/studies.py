@@ -28,12 +28,18 @@ budget, so they cost nothing extra. Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.ablation import ROWS as ABLATION_ROWS
-from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits, provenance
+from benchmarks.crossprobe import read_signal, signal_path, write_signal
+from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, git_commit, parse_bits, provenance
+from benchmarks.same_runs import link_same_datasets, link_same_runs
 
 ROTATION_DEGREES = 15
 
@@ -54,6 +60,32 @@ LOR_ROWS = {
         ),
     ]
 }
+
+
+def verdict(high: list[float], low: list[float], claim: str, *, strict: bool = True, digits: int = 2) -> str:
+    """One line saying whether ``claim`` holds on the per-seed values of two rows.
+
+    ``strict``: the claim is "high > low" (held when the mean difference exceeds the seed spread,
+    not held when it is below minus the spread); otherwise it is "high does not exceed low"
+    (not held only when high exceeds low by more than the spread). The spread is the larger
+    sample standard deviation of the two rows; with one seed a row has none and the verdict
+    is provisional.
+    """
+    if not high or not low:
+        return f"- {claim}: not run yet."
+    mh, ml = statistics.mean(high), statistics.mean(low)
+    diff = mh - ml
+    n = f"n = {len(high)}, {len(low)}"
+    numbers = f"{mh:.{digits}f} vs {ml:.{digits}f}, difference {diff:+.{digits}f}"
+    if min(len(high), len(low)) < 2:
+        held = diff > 0 if strict else diff <= 0
+        return f"- {claim}: {'held' if held else 'not held'} on one seed, provisional ({numbers}; {n})."
+    spread = max(statistics.stdev(high), statistics.stdev(low))
+    if strict:
+        word = "held" if diff > spread else "not held" if diff < -spread else "not separated"
+    else:
+        word = "not held" if diff > spread else "held"
+    return f"- {claim}: {word} ({numbers}, seed spread {spread:.{digits}f}; {n})."
 
 
 #: Table 3 of the supplementary (ResNet-18 on ImageNet, W4A4: real data 67.89, Qimera 63.84,
@@ -87,14 +119,26 @@ METHOD_ROWS = {
             data_row="intraq",
         ),
         Row("intraq", "IntraQ (BNS+SIL+MDC+LOR)", settings=("generate.method=intraq",)),
+        Row("bns_ce", "BNS+CE (the shipped configs' synthesis)", settings=("generate.method=bns_ce",)),
     ]
 }
+#: How every table introduces the source document's claims.
+CLAIMS_HEADER = (
+    "Claims of the source document (ResNet-18 on ImageNet) at this budget: held / not held / not separated "
+    "(the difference is within the seed-to-seed spread), on the means over seeds:"
+)
 #: The seed's ordering claims of Table 3 (row that should be higher, row that should be lower).
 METHOD_CLAIMS = (
     ("intraq", "qimera", "IntraQ > Qimera"),
     ("intraq", "squant_l8", "IntraQ > SQuant (SQuant with its 8-bit last-layer input)"),
     ("squant_l8", "qimera", "SQuant > Qimera"),
     ("real_distill", "intraq", "real data > IntraQ"),
+    ("intraq", "bns_ce", "IntraQ's synthesis > BNS+CE synthesis (the main paper's ablation)"),
+)
+#: Table 1: "no increase from flip and rotation" over LOR alone (variant, L, claim).
+LOR_CLAIMS = tuple(
+    (name, "lor_L", f"{label} does not beat L", False)
+    for name, label in (("lor_LF", "L+F"), ("lor_LR", "L+R"), ("lor_LRF", "L+R+F"))
 )
 
 
@@ -126,17 +170,16 @@ def methods_table(bench: Bench, command: str) -> str:
             f"{fmt([r['probe_agreement'] for r in rs if r.get('probe_agreement') is not None], 1)} | "
             f"{', '.join(sorted({r.get('recipe', '–') for r in rs}))} | {len(rs)} |"
         )
-    lines += ["", "Claims of the seed (ResNet-18/ImageNet) at this budget, on the means:", ""]
+    lines += ["", CLAIMS_HEADER, ""]
     for high, low, claim in METHOD_CLAIMS:
-        a, b = cells.get((high, "W4A4"), []), cells.get((low, "W4A4"), [])
-        if not a or not b:
-            lines.append(f"- {claim}: not run yet.")
-            continue
-        ma = sum(r["top1_all"] for r in a) / len(a)
-        mb = sum(r["top1_all"] for r in b) / len(b)
-        verdict = "held" if ma > mb else "not held"
-        lines.append(f"- {claim}: {verdict} ({ma:.2f} vs {mb:.2f}, n = {len(a)}, {len(b)}).")
-    lines += ["", provenance(cells)]
+        lines.append(
+            verdict(
+                [r["top1_all"] for r in cells.get((high, "W4A4"), [])],
+                [r["top1_all"] for r in cells.get((low, "W4A4"), [])],
+                claim,
+            )
+        )
+    lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +193,6 @@ def data_rows(budget: str) -> dict[str, Row]:
     n = int(base["generate.num_images"])
     sizes = [max(n // 5, 20), n // 2, n, 2 * n, 4 * n]
     batch = int(base["distill.batch_size"])
-    epochs = int(base["distill.epochs"])
     # Steps of the budget's own size (90% of the images train, the rest is held out).
     steps = max(1, int(0.9 * n) // batch) if int(0.9 * n) >= batch else 1
     rows = {}
@@ -162,7 +204,6 @@ def data_rows(budget: str) -> dict[str, Row]:
                 "generate.method=intraq",
                 f"generate.num_images={size}",
                 f"distill.iterations_per_epoch={steps}",
-                f"distill.epochs={epochs}",
             ),
         )
     return rows
@@ -205,6 +246,7 @@ def split_rows(budget: str) -> dict[str, Row]:
 def split_table(bench: Bench, command: str) -> str:
     """The budget split: data-free signals beside the test set, per method, split and bits."""
     cells = bench.cells()
+    cross = read_signal(bench.results)
     lines = [
         "# One synthesis budget, split between images and iterations",
         "",
@@ -213,10 +255,13 @@ def split_table(bench: Bench, command: str) -> str:
         "",
         "Top-1 (%) of the kept model on the real CIFAR-10 test set (10,000 images), mean ± std over seeds (n), beside "
         "the data-free signals that choose without the test set: agreement with the teacher on the shared probe set "
-        "(BN-statistics-only images no row trains on) and on the row's own held-out synthetic images.",
+        "(BN-statistics-only images no row trains on), on the row's own held-out synthetic images, and the cross "
+        "held-out KL (teacher || student; agreement in brackets) on the pooled held-out images of every row "
+        "(`benchmarks/crossprobe.py`: no row trained on any of them; lower is better).",
         "",
-        "| synthesis | bits | top-1 | before distillation | probe agreement | held-out agreement | n |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| synthesis | bits | top-1 | before distillation | probe agreement | held-out agreement | "
+        "cross held-out KL (agreement) | n |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in bench.rows.items():
         for b in bench.bits:
@@ -225,15 +270,37 @@ def split_table(bench: Bench, command: str) -> str:
                 continue
             agree = [r["holdout_agreement_final"]["agreement"] for r in rs if r.get("holdout_agreement_final")]
             probe = [r["probe_agreement"] for r in rs if r.get("probe_agreement") is not None]
+            kept = [c["kept"] for r in rs if (c := cross.get(f"{name}-W{b[0]}A{b[1]}-s{r['seed']}"))]
+            cross_cell = "–"
+            if kept:
+                cross_cell = f"{fmt([k['kl'] for k in kept], 3)} ({fmt([k['agreement'] for k in kept], 1)})"
             lines.append(
                 f"| {row.label} | W{b[0]}A{b[1]} | {fmt([r['top1_all'] for r in rs])} | "
-                f"{fmt([r['calibrated_top1_all'] for r in rs])} | {fmt(probe, 1)} | {fmt(agree)} | {len(rs)} |"
+                f"{fmt([r['calibrated_top1_all'] for r in rs])} | {fmt(probe, 1)} | {fmt(agree)} | {cross_cell} | "
+                f"{len(rs)} |"
             )
-    lines += ["", provenance(cells)]
+    if cross:
+        pool = json.loads(signal_path(bench.results).read_text())["pool"]
+        seeds = sorted({p["seed"] for p in pool})
+        lines += [
+            "",
+            f"Cross held-out pool: {sum(p['images'] for p in pool)} images, the held-out share of the {len(pool)} "
+            f"datasets of seed(s) {', '.join(map(str, seeds))}; `python -m benchmarks.studies split --cross` "
+            "recomputes it when more seeds are complete.",
+        ]
+    lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
-def simple_table(bench: Bench, title: str, note: str, command: str) -> str:
+def simple_table(
+    bench: Bench,
+    title: str,
+    note: str,
+    command: str,
+    claims: tuple[tuple[str, str, str, bool], ...] = (),
+) -> str:
+    """A W4A4 table of one study with the source document's ``claims`` (high row, low row, text,
+    strict: see :func:`verdict`) judged on it."""
     cells = bench.cells()
     lines = [
         f"# {title}",
@@ -242,7 +309,8 @@ def simple_table(bench: Bench, title: str, note: str, command: str) -> str:
         "",
         note,
         "",
-        "Top-1 (%) of the FINAL W4A4 model on the real CIFAR-10 test set (10,000 images), mean ± std over seeds (n).",
+        "Top-1 (%) of the kept W4A4 model (the final one or the earlier epoch the data-free guard kept; never a "
+        "test-set choice) on the real CIFAR-10 test set (10,000 images), mean ± std over seeds (n).",
         "",
         "| setting | W4A4 top-1 | before distillation | held-out synthetic agreement | recipes chosen | n |",
         "| --- | ---: | ---: | ---: | --- | ---: |",
@@ -257,8 +325,46 @@ def simple_table(bench: Bench, title: str, note: str, command: str) -> str:
             f"{fmt([r['calibrated_top1_all'] for r in rs])} | {fmt(agree)} | "
             f"{', '.join(sorted({r.get('recipe', '–') for r in rs}))} | {len(rs)} |"
         )
-    lines += ["", provenance(cells)]
+    if claims:
+        lines += ["", CLAIMS_HEADER, ""]
+        for high, low, claim, strict in claims:
+            lines.append(
+                verdict(
+                    [r["top1_all"] for r in cells.get((high, "W4A4"), [])],
+                    [r["top1_all"] for r in cells.get((low, "W4A4"), [])],
+                    claim,
+                    strict=strict,
+                )
+            )
+    lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
+
+
+def same_run_notes(cells: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Lines naming the cells that are another study's run (``benchmarks/same_runs.py``)."""
+    same = sorted(
+        f"{r['row']} {r['bits']} seed {r['seed']} = `{r['same_run_as']}`"
+        for rs in cells.values()
+        for r in rs
+        if r.get("same_run_as")
+    )
+    if not same:
+        return []
+    return [
+        "",
+        "Same run as another study's cell (identical resolved run config, commit and machine): "
+        + "; ".join(same)
+        + ".",
+    ]
+
+
+def data_claims(budget: str) -> tuple[tuple[str, str, str, bool], ...]:
+    """Table 2: accuracy rises with the amount of synthetic data (each step, and end to end)."""
+    sizes = [int(name.split("_")[1]) for name in data_rows(budget)]
+    steps = tuple(
+        (f"data_{b}", f"data_{a}", f"{b:,} images > {a:,} images", True) for a, b in itertools.pairwise(sizes)
+    )
+    return (*steps, (f"data_{sizes[-1]}", f"data_{sizes[0]}", f"{sizes[-1]:,} images > {sizes[0]:,} images", True))
 
 
 def real_table(ablation: Bench) -> str:
@@ -284,7 +390,7 @@ def real_table(ablation: Bench) -> str:
                     f"| {ABLATION_ROWS[name].label} | {bits} | {fmt([r['top1_all'] for r in rs])} | "
                     f"{fmt([r['top1_heldout'] for r in rs])} | {len(rs)} |"
                 )
-    lines += ["", provenance(cells)]
+    lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
 
 
@@ -322,6 +428,19 @@ def mdc_adi_table(ablation: Bench) -> str:
                 f"{fmt([d['centre_distance_real'] for d in ds], 3)} | "
                 f"{hinge} | {len(rs)} |"
             )
+    mdc, adi = cells.get(("intraq", "W4A4"), []), cells.get(("intraq_adi", "W4A4"), [])
+    lines += [
+        "",
+        CLAIMS_HEADER,
+        "",
+        verdict([r["top1_all"] for r in mdc], [r["top1_all"] for r in adi], "MDC > ADI (W4A4 top-1; the document: 63.77 vs 54.97)"),
+        verdict(
+            [r["dataset"]["pairwise_distance_synthetic"] for r in mdc],
+            [r["dataset"]["pairwise_distance_synthetic"] for r in adi],
+            "MDC's features scatter more than ADI's (pairwise intra-class distance, synthetic images)",
+            digits=3,
+        ),
+    ]
     missing = [
         label
         for name, label in (("intraq", "MDC"), ("intraq_adi", "ADI"))
@@ -333,14 +452,43 @@ def mdc_adi_table(ablation: Bench) -> str:
             f"Not run yet at this budget: {', '.join(missing)} (see the ablation's notes); the comparison "
             "is incomplete until both rows exist.",
         ]
-    lines += ["", provenance(cells)]
+    lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
+
+
+#: Studies whose cells another study may contain (the run-once links of ``--link``), by name.
+LINKED_STUDIES = ("split", "lor", "data", "methods", "ablation")
+
+
+def study_rows(study: str, budget: str) -> dict[str, Row]:
+    """The rows of a study that runs its own cells (``ablation``: ``benchmarks/ablation.py``'s)."""
+    return {
+        "split": split_rows,
+        "lor": lambda _: LOR_ROWS,
+        "data": data_rows,
+        "methods": lambda _: METHOD_ROWS,
+        "ablation": lambda _: ABLATION_ROWS,
+    }[study](budget)
+
+
+def results_folder(root: Path, study: str, budget: str) -> Path:
+    """Where a study's cells are (one JSON per cell)."""
+    return root / (f"ablation-{budget}" if study == "ablation" else f"study-{study}-{budget}")
+
+
+def link(bench: Bench, root: Path, commit: str) -> None:
+    """Take into ``bench`` every cell and dataset another study already ran at ``commit``
+    (:mod:`benchmarks.same_runs`), so that running it computes only what is new."""
+    sources = {results_folder(root, s, bench.budget): study_rows(s, bench.budget) for s in LINKED_STUDIES}
+    every_row = {name: row for rows in sources.values() for name, row in rows.items()}
+    for line in [*link_same_runs(bench, sources, commit), *link_same_datasets(bench, every_row)]:
+        print(f"same run: {line}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="IntraQ supplementary studies on CIFAR-10 ResNet-20")
-    ap.add_argument("studies", nargs="+", choices=["lor", "data", "real", "mdc_adi", "methods", "split"])
-    ap.add_argument("--rows", nargs="*", default=None, help="methods study: only these rows (default: all)")
+    ap.add_argument("studies", nargs="+", choices=["lor", "data", "real", "mdc_adi", "methods", "split", "ablation"])
+    ap.add_argument("--rows", nargs="*", default=None, help="methods and split studies: only these rows (default: all)")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--workdir", default=str(REPO / "runs" / "benchmarks"))
@@ -349,71 +497,79 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--table", action="store_true", help="only rebuild the tables")
-    ap.add_argument("--bits", nargs="*", default=["W4A4"], help="split study: bit widths (default W4A4)")
+    ap.add_argument("--bits", nargs="*", default=None, help="split and ablation: bit widths (default W4A4)")
+    ap.add_argument(
+        "--cross",
+        action="store_true",
+        help="split study: score the finished cells on the pooled held-out images (benchmarks/crossprobe.py)",
+    )
+    ap.add_argument(
+        "--link",
+        action="store_true",
+        help="only take in the cells and datasets other studies already ran (at --at), then stop; "
+        "every run does this first at this checkout's commit",
+    )
+    ap.add_argument("--at", default=None, help="with --link: the commit the studies run at (default: this checkout's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.results_root)
-    bits = parse_bits(["W4A4"])
+    commit = args.at or git_commit()
+    if "ablation" in args.studies and not args.link:
+        ap.error("ablation runs with python -m benchmarks.ablation; here it is only a --link target")
     for study in args.studies:
-        if study == "methods":
-            results = root / f"study-methods-{args.budget}"
-            bench = Bench(
-                args.budget, METHOD_ROWS, Path(args.workdir), results, args.seeds, bits, args.force, args.recipes
-            )
-            if not args.table:
-                bench.run(args.rows or list(METHOD_ROWS))
-            seeds = " ".join(map(str, args.seeds))
-            text = methods_table(bench, f"python -m benchmarks.studies methods --budget {args.budget} --seeds {seeds}")
-        elif study == "split":
-            rows = split_rows(args.budget)
-            results = root / f"study-split-{args.budget}"
-            bench = Bench(
+        if study in ("real", "mdc_adi"):
+            ablation = Bench(
                 args.budget,
-                rows,
+                ABLATION_ROWS,
                 Path(args.workdir),
-                results,
-                args.seeds,
-                parse_bits(args.bits),
-                args.force,
-                args.recipes,
+                results_folder(root, "ablation", args.budget),
+                [],
+                parse_bits(["W4A4"]),
             )
-            if not args.table:
-                bench.run(args.rows or list(rows))
-            seeds = " ".join(map(str, args.seeds))
-            bits_text = " ".join(args.bits)
-            text = split_table(
-                bench, f"python -m benchmarks.studies split --budget {args.budget} --seeds {seeds} --bits {bits_text}"
-            )
-        elif study in ("lor", "data"):
-            rows = LOR_ROWS if study == "lor" else data_rows(args.budget)
-            results = root / f"study-{study}-{args.budget}"
-            bench = Bench(args.budget, rows, Path(args.workdir), results, args.seeds, bits, args.force, args.recipes)
-            if not args.table:
-                bench.run(list(rows))
-            if study == "lor":
-                title = "LOR with flip and rotation (supplementary Table 1)"
-                note = (
-                    "IntraQ at W4A4 with LOR variants. 'L+F' is what the reference code calls LOR (its "
-                    "RandomResizedCrop is followed by RandomHorizontalFlip); 'L' drops the flip. Rotation angles are "
-                    f"uniform in ±{ROTATION_DEGREES}° (the paper does not state its range)."
-                )
-            else:
-                title = "Amount of synthetic data (supplementary Table 2)"
-                note = (
-                    "IntraQ at W4A4 with five dataset sizes (20x span); every size gets the same number of "
-                    "distillation steps (fixed iterations per epoch), as the reference's 200 iterations per epoch do."
-                )
-            command = (
-                f"python -m benchmarks.studies {study} --budget {args.budget} --seeds {' '.join(map(str, args.seeds))}"
-            )
-            text = simple_table(bench, title, note, command)
-        else:
-            ablation = Bench(args.budget, ABLATION_ROWS, Path(args.workdir), root / f"ablation-{args.budget}", [], bits)
             text = real_table(ablation) if study == "real" else mdc_adi_table(ablation)
-            results = root / f"study-{study}-{args.budget}"
-        results.parent.mkdir(parents=True, exist_ok=True)
-        (results.parent / f"{results.name}.md").write_text(text)
-        print(text)
+            write_table(results_folder(root, study, args.budget), text)
+            continue
+        rows = study_rows(study, args.budget)
+        bits = parse_bits((args.bits or ["W4A4"]) if study in ("split", "ablation") else ["W4A4"])
+        results = results_folder(root, study, args.budget)
+        bench = Bench(args.budget, rows, Path(args.workdir), results, args.seeds, bits, args.force, args.recipes)
+        if args.link or not args.table:
+            link(bench, root, commit)
+        if args.link:
+            continue
+        if not args.table:
+            bench.run(args.rows if args.rows and study in ("methods", "split") else list(rows))
+        if args.cross:
+            write_signal(bench, args.seeds)
+        seeds = " ".join(map(str, args.seeds))
+        command = f"python -m benchmarks.studies {study} --budget {args.budget} --seeds {seeds}"
+        if study == "methods":
+            text = methods_table(bench, command)
+        elif study == "split":
+            text = split_table(bench, f"{command} --bits {' '.join(args.bits or ['W4A4'])}")
+        elif study == "lor":
+            note = (
+                "IntraQ at W4A4 with LOR variants. 'L+F' is what the reference code calls LOR (its "
+                "RandomResizedCrop is followed by RandomHorizontalFlip); 'L' drops the flip. Rotation angles are "
+                f"uniform in ±{ROTATION_DEGREES}° (the paper does not state its range)."
+            )
+            text = simple_table(bench, "LOR with flip and rotation (supplementary Table 1)", note, command, LOR_CLAIMS)
+        else:
+            note = (
+                "IntraQ at W4A4 with five dataset sizes (20x span); every size gets the same number of "
+                "distillation steps (fixed iterations per epoch), as the reference's 200 iterations per epoch do."
+            )
+            text = simple_table(
+                bench, "Amount of synthetic data (supplementary Table 2)", note, command, data_claims(args.budget)
+            )
+        write_table(results, text)
+
+
+def write_table(results: Path, text: str) -> None:
+    """The study's Markdown table beside its cells, and on the terminal."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    (results.parent / f"{results.name}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""Cross held-out signal: every cell of a study scored on the same pool of held-out synthetic images.
+
+Each cell's own held-out images (``distill.holdout_fraction`` of its dataset, never trained on)
+rank its epochs, but they cannot rank cells trained on different datasets: a student scores
+well on images like its own. The shared probe set (``harness.PROBE_SETTINGS``: BN-statistics
+images with LOR) favours the synthesis closest to it — at the CPU budget it prefers IntraQ's
+students to BNS+CE's while the test set prefers BNS+CE's. Here the pool is the union of the
+held-out images of every row of the study, at every seed whose datasets are all complete: no
+cell trained on any of them, and every row's distribution is in it in proportion to its
+held-out share (equal between methods when the rows split one budget alike). Each cell's kept
+and starting (calibrated) student is scored the way the training's selector scores held-out
+images (teacher agreement and mean KL over the images and ``distill.watch_views`` augmented views
+of each, :func:`intraq_core.distill.distillation_selector`), with the same views for every cell.
+The test set is not read.
+
+Computed and written beside the study's cells by ``python -m benchmarks.studies split --cross``
+(then shown in the study's table); e.g. for the budget split of the shipped recipe::
+
+    python -m benchmarks.studies split --cross --table --budget cpu --seeds 0 1 --bits W4A4 W3A3 \\
+        --recipes shipped --results-root benchmarks/results/shipped --workdir runs/benchmarks-shipped
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.harness import RECIPES, Bench, Row
+
+#: Seed of the augmented views (the same views for every cell, whatever its own seed).
+VIEWS_SEED = 4242
+
+
+def _data_location(bench: Bench, row: Row, seed: int) -> Path:
+    return bench.workdir / bench.budget / f"{row.data_row or row.name}-s{seed}"
+
+
+def _complete(bench: Bench, row: Row, seed: int) -> bool:
+    from pipeline.context import RunContext
+    from pipeline.storage.manifest import Manifest
+
+    loc = _data_location(bench, row, seed)
+    if not (loc / "data" / "manifest.json").is_file():
+        return False
+    storage = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"])).dataset_storage
+    return Manifest.load(storage).is_complete()
+
+
+def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """The held-out images of every synthetic row at each seed whose rows' datasets are all
+    complete, one part per dataset (its source: row, seed, count)."""
+    from pipeline.context import RunContext
+    from pipeline.stages.holdout import split_mask
+    from pipeline.stages.train import load_dataset
+    from pipeline.storage.manifest import Manifest
+
+    rows = [r for r in bench.rows.values() if r.kind == "synthetic"]
+    pool: list[tuple[dict[str, Any], torch.Tensor]] = []
+    for seed in seeds:
+        if not all(_complete(bench, r, seed) for r in rows):
+            continue
+        done: set[str] = set()
+        for row in rows:
+            if (row.data_row or row.name) in done:
+                continue
+            done.add(row.data_row or row.name)
+            loc = _data_location(bench, row, seed)
+            ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"]))
+            images, _, indices = load_dataset(ctx, Manifest.load(ctx.dataset_storage))
+            hold = split_mask(np.asarray(indices), seed, ctx.cfg.distill.holdout_fraction)
+            pool.append(({"row": row.name, "seed": seed, "images": int(hold.sum())}, images[torch.from_numpy(hold)]))
+    if not pool:
+        raise SystemExit("no seed has every row's dataset complete: nothing to pool")
+    return pool
+
+
+def pooled(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """Agreement and KL over the whole pool from its parts' (each a mean over its images and views)."""
+    n = sum(p["images"] for p in parts)
+    return {k: sum(p[k] * p["images"] for p in parts) / n for k in ("agreement", "kl")}
+
+
+def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    """Teacher agreement and KL of each finished cell's starting and kept student on every part
+    of ``pool`` and on the whole (``pooled``)."""
+    from intraq_core.distill import distillation_selector
+    from intraq_core.student import load_student
+    from pipeline.context import RunContext
+
+    out: dict[str, dict[str, Any]] = {}
+    teacher = None
+    for path in sorted(bench.results.glob("*.json")):
+        cell = json.loads(path.read_text())
+        row = bench.rows.get(cell["row"])
+        if row is None or row.kind != "synthetic" or "recipe" not in cell:
+            continue
+        w, a = (int(x) for x in cell["bits"][1:].split("A"))
+        recipe = cell["recipe"]
+        run = bench.workdir / bench.budget / f"{row.name}-s{cell['seed']}" / f"w{w}a{a}-{recipe}"
+        if not (run / "student.pt").is_file():
+            print(f"{path.name}: no student at {run}, skipped", flush=True)
+            continue
+        ctx = RunContext.create(bench.config(row, cell["seed"], [f"storage.url={run}"], RECIPES[recipe]))
+        if teacher is None:  # every row of a study distils the same teacher
+            teacher = ctx.teacher().to(bench.device).eval()
+        scores: dict[str, Any] = {}
+        for name, file in (("start", "student_calibrated.pt"), ("kept", "student.pt")):
+            student = load_student(run / file)[0]
+            parts = []
+            for source, images in pool:
+                selector = distillation_selector(teacher, images, ctx.cfg.distill, device=bench.device, seed=VIEWS_SEED)
+                parts.append({**source, **selector.evaluate(student)["holdout"]})
+            scores[name] = {**pooled(parts), "parts": parts}
+        out[path.stem] = {"row": row.name, "bits": cell["bits"], "seed": cell["seed"], **scores}
+        print(f"{path.stem}: kept {scores['kept']['agreement']:.1f}% KL {scores['kept']['kl']:.4f}", flush=True)
+    return out
+
+
+def signal_path(results: Path) -> Path:
+    """Where a study's cross held-out scores are kept (beside its cells, not among them)."""
+    return results.parent / f"{results.name}-crossprobe.json"
+
+
+def write_signal(bench: Bench, seeds: list[int]) -> Path:
+    """Score every finished cell of ``bench`` on the pool of ``seeds`` and write the scores."""
+    torch.set_num_threads(1)
+    pool = pooled_holdout(bench, seeds)
+    sources = [source for source, _ in pool]
+    print(f"pool: {sum(s['images'] for s in sources)} held-out images from {len(sources)} datasets", flush=True)
+    payload = {"pool": sources, "views_seed": VIEWS_SEED, "cells": score_cells(bench, pool)}
+    path = signal_path(bench.results)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def read_signal(results: Path) -> dict[str, dict[str, Any]]:
+    """The cross held-out scores of a study's cells by cell name (empty when not computed)."""
+    path = signal_path(results)
+    return json.loads(path.read_text())["cells"] if path.is_file() else {}
