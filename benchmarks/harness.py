@@ -203,13 +203,16 @@ class Bench:
     bits: list[tuple[int, int]]
     force: bool = False
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    #: The teacher's settings (``model.arch=...``, ``model.weights=...``); empty: the default
+    #: teacher, the shared CIFAR-10 ResNet-20.
+    model: tuple[str, ...] = ()
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, row: Row, seed: int, recipe: list[str] | tuple[str, ...] = ()) -> list[str]:
         """The run settings of a row, in order: the budget, the recipe, the row's own (which win over
         the recipe's for the keys they name: a row that is SQuant-started stays so under every
         recipe), the seed."""
-        return [*BUDGETS[self.budget], *recipe, *row.settings, f"seed={seed}", "executor=local"]
+        return [*BUDGETS[self.budget], *self.model, *recipe, *row.settings, f"seed={seed}", "executor=local"]
 
     def config(
         self, row: Row, seed: int, extra: list[str] | None = None, recipe: list[str] | tuple[str, ...] = ()
@@ -224,7 +227,7 @@ class Bench:
     @property
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         if "test" not in self._cache:
-            cfg = load_run_config(None, BUDGETS[self.budget])
+            cfg = load_run_config(None, [*BUDGETS[self.budget], *self.model])
             ctx = RunContext.create(cfg)
             ts = load_test_set(EvalConfig(data=cfg.eval.data, limit=cfg.eval.limit), ctx.model_cfg)
             xs, ys = zip(*ts.batches(1000), strict=True)
@@ -321,6 +324,7 @@ class Bench:
             "seed": seed,
             "budget": self.budget,
             "budget_settings": BUDGETS[self.budget],
+            "model_settings": list(self.model),
             "row_settings": list(row.settings),
             "machine": machine(),
             "date": date.today().isoformat(),

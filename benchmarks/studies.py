@@ -433,7 +433,11 @@ def mdc_adi_table(ablation: Bench) -> str:
         "",
         CLAIMS_HEADER,
         "",
-        verdict([r["top1_all"] for r in mdc], [r["top1_all"] for r in adi], "MDC > ADI (W4A4 top-1; the document: 63.77 vs 54.97)"),
+        verdict(
+            [r["top1_all"] for r in mdc],
+            [r["top1_all"] for r in adi],
+            "MDC > ADI (W4A4 top-1; the document: 63.77 vs 54.97)",
+        ),
         verdict(
             [r["dataset"]["pairwise_distance_synthetic"] for r in mdc],
             [r["dataset"]["pairwise_distance_synthetic"] for r in adi],
@@ -455,6 +459,14 @@ def mdc_adi_table(ablation: Bench) -> str:
     lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
 
+
+#: Teachers a study can run on: the shared CIFAR-10 ResNet-20 (default) and ResNet-32. Another
+#: teacher's cells, datasets and probe set go to a subfolder of its name under the results root
+#: and the work folder.
+TEACHERS: dict[str, tuple[str, ...]] = {
+    "resnet20": (),
+    "resnet32": ("model.arch=cifar_resnet32", "model.weights=cifar10-resnet32"),
+}
 
 #: Studies whose cells another study may contain (the run-once links of ``--link``), by name.
 LINKED_STUDIES = ("split", "lor", "data", "methods", "ablation")
@@ -510,9 +522,13 @@ def main() -> None:
         "every run does this first at this checkout's commit",
     )
     ap.add_argument("--at", default=None, help="with --link: the commit the studies run at (default: this checkout's)")
+    ap.add_argument("--teacher", choices=list(TEACHERS), default="resnet20", help="the CIFAR-10 teacher")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    root = Path(args.results_root)
+    root, workdir = Path(args.results_root), Path(args.workdir)
+    if args.teacher != "resnet20":
+        root, workdir = root / args.teacher, workdir / args.teacher
+    model = TEACHERS[args.teacher]
     commit = args.at or git_commit()
     if "ablation" in args.studies and not args.link:
         ap.error("ablation runs with python -m benchmarks.ablation; here it is only a --link target")
@@ -521,10 +537,11 @@ def main() -> None:
             ablation = Bench(
                 args.budget,
                 ABLATION_ROWS,
-                Path(args.workdir),
+                workdir,
                 results_folder(root, "ablation", args.budget),
                 [],
                 parse_bits(["W4A4"]),
+                model=model,
             )
             text = real_table(ablation) if study == "real" else mdc_adi_table(ablation)
             write_table(results_folder(root, study, args.budget), text)
@@ -532,7 +549,7 @@ def main() -> None:
         rows = study_rows(study, args.budget)
         bits = parse_bits((args.bits or ["W4A4"]) if study in ("split", "ablation") else ["W4A4"])
         results = results_folder(root, study, args.budget)
-        bench = Bench(args.budget, rows, Path(args.workdir), results, args.seeds, bits, args.force, args.recipes)
+        bench = Bench(args.budget, rows, workdir, results, args.seeds, bits, args.force, args.recipes, model=model)
         if args.link or not args.table:
             link(bench, root, commit)
         if args.link:
@@ -543,6 +560,8 @@ def main() -> None:
             write_signal(bench, args.seeds)
         seeds = " ".join(map(str, args.seeds))
         command = f"python -m benchmarks.studies {study} --budget {args.budget} --seeds {seeds}"
+        if args.teacher != "resnet20":
+            command += f" --teacher {args.teacher}"
         if study == "methods":
             text = methods_table(bench, command)
         elif study == "split":
