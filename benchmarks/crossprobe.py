@@ -50,13 +50,22 @@ def _complete(bench: Bench, row: Row, seed: int) -> bool:
     return Manifest.load(storage).is_complete()
 
 
+def holdout_part(ctx: Any, source: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The held-out images of the dataset of ``ctx`` (its training's ``distill.holdout_fraction`` at
+    its seed), with ``source`` and their count."""
+    from pipeline.stages.holdout import split_mask
+    from pipeline.stages.train import load_dataset
+    from pipeline.storage.manifest import Manifest
+
+    images, _, indices = load_dataset(ctx, Manifest.load(ctx.dataset_storage))
+    hold = split_mask(np.asarray(indices), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
+    return {**source, "images": int(hold.sum())}, images[torch.from_numpy(hold)]
+
+
 def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any], torch.Tensor]]:
     """The held-out images of every synthetic row at each seed whose rows' datasets are all
     complete, one part per dataset (its source: row, seed, count)."""
     from pipeline.context import RunContext
-    from pipeline.stages.holdout import split_mask
-    from pipeline.stages.train import load_dataset
-    from pipeline.storage.manifest import Manifest
 
     rows = [r for r in bench.rows.values() if r.kind == "synthetic"]
     pool: list[tuple[dict[str, Any], torch.Tensor]] = []
@@ -70,24 +79,35 @@ def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any],
             done.add(row.data_row or row.name)
             loc = _data_location(bench, row, seed)
             ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"]))
-            images, _, indices = load_dataset(ctx, Manifest.load(ctx.dataset_storage))
-            hold = split_mask(np.asarray(indices), seed, ctx.cfg.distill.holdout_fraction)
-            pool.append(({"row": row.name, "seed": seed, "images": int(hold.sum())}, images[torch.from_numpy(hold)]))
+            pool.append(holdout_part(ctx, {"row": row.name, "seed": seed}))
     if not pool:
         raise SystemExit("no seed has every row's dataset complete: nothing to pool")
     return pool
 
 
-def pooled(parts: list[dict[str, Any]]) -> dict[str, float]:
-    """Agreement and KL over the whole pool from its parts' (each a mean over its images and views)."""
+def score(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    pool: list[tuple[dict[str, Any], torch.Tensor]],
+    cfg: Any,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Teacher agreement and KL of ``student`` on each part of ``pool`` and on the whole, scored as
+    the selector of a training with ``cfg`` (a ``DistillConfig``) scores held-out images, with
+    the views drawn at :data:`VIEWS_SEED` for every student."""
+    from intraq_core.distill import distillation_selector
+
+    parts = []
+    for source, images in pool:
+        selector = distillation_selector(teacher, images, cfg, device=device, seed=VIEWS_SEED)
+        parts.append({**source, **selector.evaluate(student)["holdout"]})
     n = sum(p["images"] for p in parts)
-    return {k: sum(p[k] * p["images"] for p in parts) / n for k in ("agreement", "kl")}
+    whole = {k: sum(p[k] * p["images"] for p in parts) / n for k in ("agreement", "kl")}
+    return {**whole, "parts": parts}
 
 
 def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -> dict[str, dict[str, Any]]:
-    """Teacher agreement and KL of each finished cell's starting and kept student on every part
-    of ``pool`` and on the whole (``pooled``)."""
-    from intraq_core.distill import distillation_selector
+    """:func:`score` of each finished cell's starting and kept student on ``pool``."""
     from intraq_core.student import load_student
     from pipeline.context import RunContext
 
@@ -107,14 +127,10 @@ def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -
         ctx = RunContext.create(bench.config(row, cell["seed"], [f"storage.url={run}"], RECIPES[recipe]))
         if teacher is None:  # every row of a study distils the same teacher
             teacher = ctx.teacher().to(bench.device).eval()
-        scores: dict[str, Any] = {}
-        for name, file in (("start", "student_calibrated.pt"), ("kept", "student.pt")):
-            student = load_student(run / file)[0]
-            parts = []
-            for source, images in pool:
-                selector = distillation_selector(teacher, images, ctx.cfg.distill, device=bench.device, seed=VIEWS_SEED)
-                parts.append({**source, **selector.evaluate(student)["holdout"]})
-            scores[name] = {**pooled(parts), "parts": parts}
+        scores = {
+            name: score(load_student(run / file)[0], teacher, pool, ctx.cfg.distill, bench.device)
+            for name, file in (("start", "student_calibrated.pt"), ("kept", "student.pt"))
+        }
         out[path.stem] = {"row": row.name, "bits": cell["bits"], "seed": cell["seed"], **scores}
         print(f"{path.stem}: kept {scores['kept']['agreement']:.1f}% KL {scores['kept']['kl']:.4f}", flush=True)
     return out

@@ -10,11 +10,13 @@ dataset's own run (``--dataset-run``), since ``train --dataset`` reuses a datase
 ``--probe DATASET`` adds a data-free signal that compares rows trained on different datasets: each
 row's calibrated start and kept student scored on one synthetic dataset none of the rows trained
 on, the way the run's selector scores its held-out images (teacher agreement and mean KL over the
-images and ``distill.watch_views`` augmented views of each: :func:`pipeline.stages.holdout.make_selector`);
-each row's own held-out images differ from row to row. On plain synthetic images alone the
-reconstructed start already agrees with the teacher almost everywhere (85% on the shared ImageNet
-model, where distillation then lifts test top-1 10 → 16% while plain agreement falls to 52%), so
-plain agreement does not rank these students.
+images and ``distill.watch_views`` augmented views of each, the same views for every row:
+:func:`benchmarks.crossprobe.score`); each row's own held-out images differ from row to row.
+``--cross`` scores every row on the union of all rows' held-out images instead (none trained on
+any of them; a probe made by one synthesis method favours the rows trained on that method's data).
+On plain synthetic images alone the reconstructed start already agrees with the teacher almost
+everywhere (85% on the shared ImageNet model, where distillation then lifts test top-1 10 → 16%
+while plain agreement falls to 52%), so plain agreement does not rank these students.
 
 Example::
 
@@ -67,46 +69,66 @@ def _agreement_cell(m: dict[str, Any]) -> str:
     return f"{start:.1f} → {kept:.1f} ({training.get('num_holdout_images', '?')} images)"
 
 
-def probe_images(probe: Path) -> Any:
-    """The probe dataset's images (read once for every row)."""
+def probe_pool(probe: Path) -> list[tuple[dict[str, Any], Any]]:
+    """The probe dataset's images as a one-part pool (read once for every row)."""
     import torch
 
     from pipeline.storage.manifest import Manifest, read_all
     from pipeline.storage.store import Storage
 
     data = Storage.from_url(str(probe / "data"))
-    return torch.from_numpy(read_all(data, Manifest.load(data))[0])
+    images = torch.from_numpy(read_all(data, Manifest.load(data))[0])
+    return [({"dataset": str(probe), "images": int(images.shape[0])}, images)]
 
 
-def probe_signal(location: str, metrics: dict[str, Any], probe: Path, images: Any) -> str:
-    """``start → kept`` teacher agreement % (mean KL) of a run's two students on the probe's ``images``."""
-    from intraq_core.student import load_student
+def _context(location: str) -> Any:
     from pipeline.config import RUN_CONFIG_PATH, load_run_config
     from pipeline.context import RunContext
-    from pipeline.stages.holdout import make_selector
 
-    run = Path(location)
-    if Path(str(metrics.get("dataset", ""))).resolve() == (probe / "data").resolve():
-        raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
-    ctx = RunContext.create(load_run_config(run / RUN_CONFIG_PATH))
+    return RunContext.create(load_run_config(Path(location) / RUN_CONFIG_PATH))
+
+
+def cross_pool(locations: list[str]) -> list[tuple[dict[str, Any], Any]]:
+    """The held-out images of every row's dataset (each dataset once): no row trained on any."""
+    from benchmarks.crossprobe import holdout_part
+
+    pool, seen = [], set()
+    for location in locations:
+        ctx = _context(location)
+        key = (str(ctx.cfg.dataset or location), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
+        if key not in seen:
+            seen.add(key)
+            pool.append(holdout_part(ctx, {"dataset": key[0]}))
+    return pool
+
+
+def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> str:
+    """``start → kept`` teacher agreement % (mean KL) of a run's two students on ``pool``
+    (:func:`benchmarks.crossprobe.score`: the way its selector scores held-out images)."""
+    from benchmarks.crossprobe import score
+    from intraq_core.student import load_student
+
+    ctx = _context(location)
     teacher = ctx.teacher()  # the run's own weights
     cells = []
     for name in ("student_calibrated.pt", "student.pt"):
-        selector = make_selector(ctx, teacher, images)  # the run's own selector, the probe images as held-out
-        assert selector is not None
-        a = selector.evaluate(load_student(run / name)[0])["holdout"]
+        a = score(load_student(Path(location) / name)[0], teacher, pool, ctx.cfg.distill, ctx.device)
         cells.append(f"{a['agreement']:.1f} ({a['kl']:.3f})")
     return f"{cells[0]} → {cells[1]}"
 
 
-def table(rows: list[tuple[str, dict[str, Any]]], generate_s: float | None, probe: dict[str, str] | None = None) -> str:
+def table(
+    rows: list[tuple[str, dict[str, Any]]], generate_s: float | None, signals: dict[str, dict[str, str]] | None = None
+) -> str:
+    """The Markdown table; ``signals``: extra data-free columns (title -> row label -> cell)."""
+    signals = signals or {}
     lines = [
         "| run | data | protocol | FP | start (reconstructed) | kept | drop from FP | kept epoch | "
         "held-out agreement, start → kept | quantization map | reconstruct + calibrate s | distill s | evaluate s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |",
     ]
-    if probe is not None:
-        lines[0] = lines[0].replace(" | quantization map", " | probe agreement (KL), start → kept | quantization map")
+    for title in signals:
+        lines[0] = lines[0].replace(" | quantization map", f" | {title} | quantization map")
         lines[1] += " --- |"
     for label, m in rows:
         q = m.get("quantization") or {}
@@ -123,7 +145,7 @@ def table(rows: list[tuple[str, dict[str, Any]]], generate_s: float | None, prob
             f"| {label} | {_data_cell(m)} | {q.get('protocol', '?')} | {m['fp_top1']:.2f} | {m['ptq_top1']:.2f} | "
             f"{m['quant_top1']:.2f} | "
             f"{m['fp_top1'] - m['quant_top1']:.2f} | {kept} | {_agreement_cell(m)} | "
-            + (f"{probe[label]} | " if probe is not None else "")
+            + "".join(f"{cells[label]} | " for cells in signals.values())
             + f"{_map_cell(q) if q else '?'} | "
             f"{s.get('calibrate', 0):.0f} | {s.get('distill', 0):.0f} | {s.get('evaluate', 0):.0f} |"
         )
@@ -138,24 +160,36 @@ def main() -> None:
     ap.add_argument("--dataset-run", default=None, help="location of the generate run (its seconds)")
     ap.add_argument("--title", default="Runs")
     ap.add_argument("--probe", default=None, help="generate run location of a dataset no row trained on")
+    ap.add_argument("--cross", action="store_true", help="score every row on the pooled held-out images of all rows")
     args = ap.parse_args()
-    rows = []
-    probe = {} if args.probe else None
-    images = probe_images(Path(args.probe)) if args.probe else None
-    for item in args.runs:
-        label, _, location = item.partition("=")
-        rows.append((label, _load(location)))
-        if probe is not None:
-            probe[label] = probe_signal(location, rows[-1][1], Path(args.probe), images)
+    runs = [item.partition("=")[::2] for item in args.runs]
+    rows = [(label, _load(location)) for label, location in runs]
+    signals: dict[str, dict[str, str]] = {}
+    if args.probe:
+        probe = Path(args.probe)
+        for (_, m), (_, location) in zip(rows, runs, strict=True):
+            if Path(str(m.get("dataset", ""))).resolve() == (probe / "data").resolve():
+                raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
+        pool = probe_pool(probe)
+        signals["probe agreement (KL), start → kept"] = {label: pool_signal(loc, pool) for label, loc in runs}
+    if args.cross:
+        pool = cross_pool([loc for _, loc in runs])
+        title = "cross held-out agreement (KL), start → kept"
+        signals[title] = {label: pool_signal(loc, pool) for label, loc in runs}
     generate_s = None
     if args.dataset_run is not None:
         path = Path(args.dataset_run) / "metrics.json"
         if path.is_file():
             generate_s = json.loads(path.read_text()).get("seconds", {}).get("generate")
     print(f"# {args.title}\n")
-    print(table(rows, generate_s, probe))
+    print(table(rows, generate_s, signals))
     if args.probe:
         print(f"Probe: the {args.probe} dataset (no row trained on it), teacher agreement % and mean KL.")
+    if args.cross:
+        print(
+            f"Cross held-out: the held-out images of the {len(pool)} rows' datasets pooled, "
+            "teacher agreement % and mean KL."
+        )
 
 
 if __name__ == "__main__":
