@@ -505,10 +505,10 @@ def provenance(cells: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     return f"Machines: {'; '.join(machines)}. Dates: {', '.join(dates)}."
 
 
-def dataset_statistics(
-    ctx: RunContext, manifest: Manifest, test: tuple[torch.Tensor, torch.Tensor], split: Split
-) -> dict[str, Any]:
-    """Diversity of synthetic features vs real held-out test images, and what MDC's hinge did."""
+def dataset_features(
+    ctx: RunContext, manifest: Manifest
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, float]]]:
+    """The teacher features and labels stored in a dataset's shards, and each shard's final MDC hinge."""
     storage = ctx.dataset_storage
     feats, labels, mdc = [], [], []
     for entry in manifest.shards:
@@ -518,14 +518,26 @@ def dataset_statistics(
         fl = shard.meta.get("final_losses") or {}
         if "mdc_lower" in fl:
             mdc.append((fl["mdc_lower"], fl["mdc_upper"]))
-    f = torch.from_numpy(np.concatenate(feats))
-    y = torch.from_numpy(np.concatenate(labels))
+    return torch.from_numpy(np.concatenate(feats)), torch.from_numpy(np.concatenate(labels)), mdc
+
+
+def real_features(
+    ctx: RunContext, test: tuple[torch.Tensor, torch.Tensor], split: Split, n: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher features and labels of the first ``n`` held-out real test images."""
     teacher = ctx.teacher()
-    idx = split.heldout[:2000]
+    idx = split.heldout[:n]
     with torch.no_grad(), FeatureTap(teacher) as tap:
         teacher(test[0][idx])
-        real = tap.features
-    ry = test[1][idx]
+        return tap.features, test[1][idx]
+
+
+def dataset_statistics(
+    ctx: RunContext, manifest: Manifest, test: tuple[torch.Tensor, torch.Tensor], split: Split
+) -> dict[str, Any]:
+    """Diversity of synthetic features vs real held-out test images, and what MDC's hinge did."""
+    f, y, mdc = dataset_features(ctx, manifest)
+    real, ry = real_features(ctx, test, split)
     return {
         "centre_distance_synthetic": losses.mean_distance_to_class_centre(f, y),
         "centre_distance_real": losses.mean_distance_to_class_centre(real, ry),

@@ -38,7 +38,19 @@ import torch
 
 from benchmarks.ablation import ROWS as ABLATION_ROWS
 from benchmarks.crossprobe import read_signal, signal_path, write_signal
-from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, git_commit, parse_bits, provenance
+from benchmarks.harness import (
+    BUDGETS,
+    RECIPES,
+    REPO,
+    Bench,
+    Row,
+    dataset_features,
+    fmt,
+    git_commit,
+    parse_bits,
+    provenance,
+    real_features,
+)
 from benchmarks.same_runs import link_same_datasets, link_same_runs
 
 ROTATION_DEGREES = 15
@@ -497,6 +509,28 @@ def link(bench: Bench, root: Path, commit: str) -> None:
         print(f"same run: {line}", flush=True)
 
 
+def mdc_adi_figure(ablation: Bench, seed: int = 0) -> bytes | None:
+    """Section 1's figure: teacher features of MDC's and ADI's images (the ablation's ``intraq`` and
+    ``intraq_adi`` datasets at ``seed``) beside real held-out test images, PCA, coloured by class;
+    None until both datasets exist."""
+    from pipeline.context import RunContext
+    from pipeline.report.data import CIFAR10_CLASSES
+    from pipeline.report.figures import plot_embeddings
+    from pipeline.storage.manifest import Manifest
+
+    panels = []
+    for name, title in (("intraq", "MDC (IntraQ)"), ("intraq_adi", "ADI")):
+        loc = ablation.workdir / ablation.budget / f"{name}-s{seed}"
+        if not (loc / "data" / "manifest.json").is_file():
+            return None
+        ctx = RunContext.create(ablation.config(ABLATION_ROWS[name], seed, [f"storage.url={loc}"]))
+        feats, labels, _ = dataset_features(ctx, Manifest.load(ctx.dataset_storage))
+        panels.append((f"{title}, seed {seed}", feats.numpy(), labels.numpy()))
+    real, labels = real_features(ctx, ablation.test, ablation.split)
+    panels.append(("real held-out test images", real.numpy(), labels.numpy()))
+    return plot_embeddings(panels, ctx.num_classes, list(CIFAR10_CLASSES), tsne=False, seed=seed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="IntraQ supplementary studies on CIFAR-10 ResNet-20")
     ap.add_argument("studies", nargs="+", choices=["lor", "data", "real", "mdc_adi", "methods", "split", "ablation"])
@@ -545,6 +579,11 @@ def main() -> None:
             )
             text = real_table(ablation) if study == "real" else mdc_adi_table(ablation)
             write_table(results_folder(root, study, args.budget), text)
+            png = mdc_adi_figure(ablation) if study == "mdc_adi" else None
+            if png is not None:
+                path = root / f"study-mdc_adi-{args.budget}.png"
+                path.write_bytes(png)
+                print(f"figure: {path}")
             continue
         rows = study_rows(study, args.budget)
         bits = parse_bits((args.bits or ["W4A4"]) if study in ("split", "ablation") else ["W4A4"])
