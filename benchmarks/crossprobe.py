@@ -2,16 +2,16 @@
 
 Each cell's own held-out images (``distill.holdout_fraction`` of its dataset, never trained on)
 rank its epochs, but they cannot rank cells trained on different datasets: a student scores
-well on images like its own. The shared probe set (``harness.PROBE_SETTINGS``: BN-statistics
-images with LOR) favours the synthesis closest to it — at the CPU budget it prefers IntraQ's
-students to BNS+CE's while the test set prefers BNS+CE's. Here the pool is the union of the
-held-out images of every row of the study, at every seed whose datasets are all complete: no
-cell trained on any of them, and every row's distribution is in it in proportion to its
-held-out share (equal between methods when the rows split one budget alike). Each cell's kept
-and starting (calibrated) student is scored the way the training's selector scores held-out
-images (teacher agreement and mean KL over the images and ``distill.watch_views`` augmented views
-of each, :func:`intraq_core.distill.distillation_selector`), with the same views for every cell.
-The test set is not read.
+well on images like its own, and IntraQ's images are easier to agree on than BNS+CE's. The pool
+here is the union of the held-out images of every row of the study, at every seed whose datasets
+are all complete (no cell trained on any of them), kept part by part (one part per dataset, with
+its row and synthesis method). Each cell's kept and starting (calibrated) student is scored on
+every part the way the training's selector scores held-out images (teacher agreement and mean KL
+over the images and ``distill.watch_views`` augmented views of each,
+:func:`intraq_core.distill.distillation_selector`), with the same views for every cell. The
+study's table reads the cross held-out signal of ``recipe-choice-cpu.md`` §2 from the parts: each
+student on the held-out images of the other synthesis method (:func:`other_method`). The test set
+is not read.
 
 Computed and written beside the study's cells by ``python -m benchmarks.studies split --cross``
 (then shown in the study's table); e.g. for the budget split of the shipped recipe::
@@ -79,7 +79,7 @@ def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any],
             done.add(row.data_row or row.name)
             loc = _data_location(bench, row, seed)
             ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"]))
-            pool.append(holdout_part(ctx, {"row": row.name, "seed": seed}))
+            pool.append(holdout_part(ctx, {"row": row.name, "seed": seed, "method": ctx.cfg.generate.method}))
     if not pool:
         raise SystemExit("no seed has every row's dataset complete: nothing to pool")
     return pool
@@ -101,9 +101,13 @@ def score(
     for source, images in pool:
         selector = distillation_selector(teacher, images, cfg, device=device, seed=VIEWS_SEED)
         parts.append({**source, **selector.evaluate(student)["holdout"]})
+    return {**over(parts), "parts": parts}
+
+
+def over(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """Agreement and KL over the images of ``parts`` (each part a mean over its images and views)."""
     n = sum(p["images"] for p in parts)
-    whole = {k: sum(p[k] * p["images"] for p in parts) / n for k in ("agreement", "kl")}
-    return {**whole, "parts": parts}
+    return {k: sum(p[k] * p["images"] for p in parts) / n for k in ("agreement", "kl")}
 
 
 def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -> dict[str, dict[str, Any]]:
@@ -134,6 +138,15 @@ def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -
         out[path.stem] = {"row": row.name, "bits": cell["bits"], "seed": cell["seed"], **scores}
         print(f"{path.stem}: kept {scores['kept']['agreement']:.1f}% KL {scores['kept']['kl']:.4f}", flush=True)
     return out
+
+
+def other_method(scores: dict[str, Any], method: str, method_of: dict[str, str]) -> dict[str, float] | None:
+    """Agreement and KL of one student on the held-out images of the other synthesis methods only
+    (the cross held-out signal of ``benchmarks/results/recipe-choice-cpu.md`` §2): every student is
+    scored on images unlike its own training data. ``method_of`` maps a part's row to its method
+    (for parts written before they recorded it); None when no part is of another method."""
+    parts = [p for p in scores["parts"] if p.get("method", method_of.get(p["row"])) != method]
+    return over(parts) if parts else None
 
 
 def signal_path(results: Path) -> Path:

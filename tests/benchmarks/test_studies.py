@@ -127,3 +127,22 @@ def test_every_claim_names_rows_of_its_study(study: str) -> None:
     rows, claims = (LOR_ROWS, LOR_CLAIMS) if study == "lor" else (data_rows("cpu"), data_claims("cpu"))
     assert claims and all(high in rows and low in rows for high, low, *_ in claims)
     assert all(high in METHOD_ROWS and low in METHOD_ROWS for high, low, _ in METHOD_CLAIMS)
+
+
+def test_split_choice_changes_the_shipped_split_only_when_both_signals_agree() -> None:
+    from benchmarks.studies import SHIPPED_SPLIT, split_choice
+
+    labels = {SHIPPED_SPLIT: "shipped", "a": "A", "b": "B"}
+    shipped = {"probe": [77.0, 78.0], "cross_kl": [0.20, 0.22]}  # std 0.707 and 0.0141
+    # A: probe +2.5 (> 0.707) and KL -0.11 (> 0.0141): both prefer it. B: probe only.
+    signals = {
+        (SHIPPED_SPLIT, "W4A4"): shipped,
+        ("a", "W4A4"): {"probe": [80.0], "cross_kl": [0.10]},
+        ("b", "W4A4"): {"probe": [80.0], "cross_kl": [0.30]},
+    }
+    assert split_choice(signals, "W4A4", labels).startswith("- W4A4: change to A (both signals")
+    assert "B by probe agreement only" in split_choice(signals, "W4A4", labels)
+    # A's probe gain inside the spread (+0.6 < 0.707): nothing changes
+    signals[("a", "W4A4")] = {"probe": [78.1], "cross_kl": [0.10]}
+    text = split_choice(signals, "W4A4", labels)
+    assert text.startswith("- W4A4: keep shipped") and "A by cross held-out KL only" in text
