@@ -331,9 +331,12 @@ class Bench:
             "commit": git_commit(),
         }
 
+    def teacher(self) -> torch.nn.Module:
+        """The study's teacher (the budget's model with :attr:`model`'s settings)."""
+        return RunContext.create(load_run_config(None, [*BUDGETS[self.budget], *self.model])).teacher()
+
     def _fp(self, row: Row, seed: int) -> dict[str, Any]:
-        teacher = RunContext.create(self.config(row, seed)).teacher()
-        return {**self._base(row, (32, 32), seed), **self.accuracy(teacher)}
+        return {**self._base(row, (32, 32), seed), **self.accuracy(self.teacher())}
 
     def _ptq_real(self, row: Row, bits: tuple[int, int], seed: int) -> dict[str, Any]:
         """Min/max ranges on 512 real 'training' images, no fine-tuning."""
