@@ -12,8 +12,11 @@ row's calibrated start and kept student scored on one synthetic dataset none of 
 on, the way the run's selector scores its held-out images (teacher agreement and mean KL over the
 images and ``distill.watch_views`` augmented views of each, the same views for every row:
 :func:`benchmarks.crossprobe.score`); each row's own held-out images differ from row to row.
-``--cross`` scores every row on the union of all rows' held-out images instead (none trained on
-any of them; a probe made by one synthesis method favours the rows trained on that method's data).
+``--cross`` scores every row on the held-out images of the other rows' datasets instead (none
+trained on by any row), those of the other synthesis methods when the rows use several: each
+student on images unlike its own training data (a probe made by one synthesis method favours the
+rows trained on that method's data). ``--group`` averages the rows of one setting over seeds
+(labels ``X, seed 0``, ``X, seed 1``, ...).
 On plain synthetic images alone the reconstructed start already agrees with the teacher almost
 everywhere (85% on the shared ImageNet model, where distillation then lifts test top-1 10 → 16%
 while plain agreement falls to 52%), so plain agreement does not rank these students.
@@ -98,29 +101,45 @@ def cross_pool(locations: list[str]) -> list[tuple[dict[str, Any], Any]]:
         key = (str(ctx.cfg.dataset or location), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
         if key not in seen:
             seen.add(key)
-            pool.append(holdout_part(ctx, {"dataset": key[0]}))
+            pool.append(holdout_part(ctx, {"dataset": key[0], "method": ctx.cfg.generate.method}))
     return pool
 
 
-def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> str:
-    """``start → kept`` teacher agreement % (mean KL) of a run's two students on ``pool``
+def unlike(location: str, pool: list[tuple[dict[str, Any], Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """The parts of a cross pool unlike the run's own training data: those of other synthesis
+    methods when the pool has several (``recipe-choice-cpu.md`` §2's cross held-out signal), else
+    those of the other datasets."""
+    ctx = _context(location)
+    own = str(ctx.cfg.dataset or location)
+    if len({source["method"] for source, _ in pool}) > 1:
+        return [(s, x) for s, x in pool if s["method"] != ctx.cfg.generate.method]
+    return [(s, x) for s, x in pool if s["dataset"] != own]
+
+
+def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> dict[str, dict[str, Any]]:
+    """Teacher agreement % and mean KL of a run's starting and kept student on ``pool``
     (:func:`benchmarks.crossprobe.score`: the way its selector scores held-out images)."""
     from benchmarks.crossprobe import score
     from intraq_core.student import load_student
 
     ctx = _context(location)
     teacher = ctx.teacher()  # the run's own weights
-    cells = []
-    for name in ("student_calibrated.pt", "student.pt"):
-        a = score(load_student(Path(location) / name)[0], teacher, pool, ctx.cfg.distill, ctx.device)
-        cells.append(f"{a['agreement']:.1f} ({a['kl']:.3f})")
-    return f"{cells[0]} → {cells[1]}"
+    return {
+        key: score(load_student(Path(location) / name)[0], teacher, pool, ctx.cfg.distill, ctx.device)
+        for key, name in (("start", "student_calibrated.pt"), ("kept", "student.pt"))
+    }
+
+
+def _signal_cell(sig: dict[str, dict[str, Any]]) -> str:
+    return " → ".join(f"{sig[k]['agreement']:.1f} ({sig[k]['kl']:.3f})" for k in ("start", "kept"))
 
 
 def table(
-    rows: list[tuple[str, dict[str, Any]]], generate_s: float | None, signals: dict[str, dict[str, str]] | None = None
+    rows: list[tuple[str, dict[str, Any]]],
+    generate_s: float | None,
+    signals: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> str:
-    """The Markdown table; ``signals``: extra data-free columns (title -> row label -> cell)."""
+    """The Markdown table; ``signals``: extra data-free columns (title -> row label -> scores)."""
     signals = signals or {}
     lines = [
         "| run | data | protocol | FP | start (reconstructed) | kept | drop from FP | kept epoch | "
@@ -145,12 +164,55 @@ def table(
             f"| {label} | {_data_cell(m)} | {q.get('protocol', '?')} | {m['fp_top1']:.2f} | {m['ptq_top1']:.2f} | "
             f"{m['quant_top1']:.2f} | "
             f"{m['fp_top1'] - m['quant_top1']:.2f} | {kept} | {_agreement_cell(m)} | "
-            + "".join(f"{cells[label]} | " for cells in signals.values())
+            + "".join(f"{_signal_cell(cells[label])} | " for cells in signals.values())
             + f"{_map_cell(q) if q else '?'} | "
             f"{s.get('calibrate', 0):.0f} | {s.get('distill', 0):.0f} | {s.get('evaluate', 0):.0f} |"
         )
     if generate_s is not None:
         lines += ["", f"Generation (shared by every row): {generate_s:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _seedless(label: str) -> str:
+    """A row label without its trailing ``, seed N`` (the rows of one setting at several seeds)."""
+    head, sep, tail = label.rpartition(", seed ")
+    return head if sep and tail.strip().isdigit() else label
+
+
+def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """One line per setting (labels equal but for ``, seed N``): mean ± std over its seeds."""
+    from benchmarks.harness import fmt
+
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for label, m in rows:
+        groups.setdefault(_seedless(label), []).append((label, m))
+    titles = [t.replace(", start → kept", ", kept") for t in signals]
+    lines = [
+        "| setting | data | protocol | n | FP | start (reconstructed) | kept | drop from FP | "
+        + "".join(f"{t} | " for t in titles)
+        + "kept epochs |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(titles) + "--- |",
+    ]
+    for name, members in groups.items():
+        ms = [m for _, m in members]
+        q = ms[0].get("quantization") or {}
+        epochs = []
+        for m in ms:
+            training = m.get("training") or {}
+            epoch = training.get("selected_epoch")
+            epochs.append("final" if training.get("kept_final", True) else "start" if epoch is None else str(epoch + 1))
+        sig_cells = []
+        for cells in signals.values():
+            kept = [cells[label]["kept"] for label, _ in members]
+            sig_cells.append(f"{fmt([k['agreement'] for k in kept], 1)} ({fmt([k['kl'] for k in kept], 3)})")
+        lines.append(
+            f"| {name} | {_data_cell(ms[0])} | {q.get('protocol', '?')} | {len(ms)} | "
+            f"{fmt([m['fp_top1'] for m in ms])} | {fmt([m['ptq_top1'] for m in ms])} | "
+            f"{fmt([m['quant_top1'] for m in ms])} | "
+            f"{fmt([m['fp_top1'] - m['quant_top1'] for m in ms])} | "
+            + "".join(f"{c} | " for c in sig_cells)
+            + f"{', '.join(epochs)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -160,11 +222,16 @@ def main() -> None:
     ap.add_argument("--dataset-run", default=None, help="location of the generate run (its seconds)")
     ap.add_argument("--title", default="Runs")
     ap.add_argument("--probe", default=None, help="generate run location of a dataset no row trained on")
-    ap.add_argument("--cross", action="store_true", help="score every row on the pooled held-out images of all rows")
+    ap.add_argument(
+        "--cross", action="store_true", help="score every row on the held-out images of the rows unlike its own"
+    )
+    ap.add_argument(
+        "--group", action="store_true", help="one line per setting: rows labelled 'X, seed N' averaged over seeds"
+    )
     args = ap.parse_args()
     runs = [item.partition("=")[::2] for item in args.runs]
     rows = [(label, _load(location)) for label, location in runs]
-    signals: dict[str, dict[str, str]] = {}
+    signals: dict[str, dict[str, dict[str, Any]]] = {}
     if args.probe:
         probe = Path(args.probe)
         for (_, m), (_, location) in zip(rows, runs, strict=True):
@@ -175,20 +242,21 @@ def main() -> None:
     if args.cross:
         pool = cross_pool([loc for _, loc in runs])
         title = "cross held-out agreement (KL), start → kept"
-        signals[title] = {label: pool_signal(loc, pool) for label, loc in runs}
+        signals[title] = {label: pool_signal(loc, unlike(loc, pool)) for label, loc in runs}
     generate_s = None
     if args.dataset_run is not None:
         path = Path(args.dataset_run) / "metrics.json"
         if path.is_file():
             generate_s = json.loads(path.read_text()).get("seconds", {}).get("generate")
     print(f"# {args.title}\n")
-    print(table(rows, generate_s, signals))
+    print(grouped_table(rows, signals) if args.group else table(rows, generate_s, signals))
     if args.probe:
         print(f"Probe: the {args.probe} dataset (no row trained on it), teacher agreement % and mean KL.")
     if args.cross:
         print(
-            f"Cross held-out: the held-out images of the {len(pool)} rows' datasets pooled, "
-            "teacher agreement % and mean KL."
+            f"Cross held-out: each row scored on the held-out images of the rows' {len(pool)} datasets unlike its "
+            "own (of the other synthesis methods when there are several, else the other datasets), teacher "
+            "agreement % and mean KL."
         )
 
 
