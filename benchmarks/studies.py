@@ -6,16 +6,23 @@
   per epoch keeps it);
 - ``real``: real data vs IntraQ vs BNS+CE at the same budget (Table 3's "Real data" row);
 - ``mdc_adi``: MDC vs ADI as the diversity term: accuracy and the intra-class distance
-  statistic (supplementary Section 1 and its figure; the feature projection plot is in the
-  run report, ``intraq-pipeline report RUN --compare RUN2``);
+  statistic (supplementary Section 1 and its figure: teacher features of both methods' images and
+  of real test images, ``study-mdc_adi-<budget>.png``);
 - ``split``: one synthesis budget (images x iterations) split between few images with many
   iterations and many images with few, for IntraQ's and BNS+CE synthesis (W4A4 and W3A3);
 - ``methods``: the data-free methods side by side (Table 3): real data, GDFQ, Qimera,
   SQuant (alone, with its 8-bit last-layer input protocol, and as the start of IntraQ
-  distillation) and IntraQ, at W4A4 on one recipe and budget.
+  distillation), IntraQ and BNS+CE, at W4A4 on one recipe and budget, with the drop from FP.
 
 ``real`` and ``mdc_adi`` read the ablation's cells (``benchmarks/ablation.py``) of the same
-budget, so they cost nothing extra. Examples::
+budget, so they cost nothing extra; ``mdc_adi`` also draws the section's feature figure. Every
+table judges the source document's claims on its cells (:func:`verdict`: held, not held, or not
+separated by the seed spread). Before a study runs, the cells that another study already ran
+with the same resolved config are taken in (``benchmarks/same_runs.py``; ``--link`` does only
+that, for a worktree running at ``--at COMMIT``); ``split --cross`` adds the cross held-out
+signal (``benchmarks/crossprobe.py``) and the table states the data-free choice of the shipped
+split (:func:`split_choice`). ``--teacher resnet32`` runs a study on the shared ResNet-32.
+Examples::
 
     python -m benchmarks.studies lor --budget cpu --seeds 0 1
     python -m benchmarks.studies data --budget cpu --seeds 0
@@ -625,7 +632,8 @@ def main() -> None:
     ap.add_argument(
         "--cross",
         action="store_true",
-        help="split study: score the finished cells on the pooled held-out images (benchmarks/crossprobe.py)",
+        help="split study: score the finished cells on every row's held-out images (benchmarks/crossprobe.py; the "
+        "table reads each cell's score on the other synthesis method's images)",
     )
     ap.add_argument(
         "--link",
@@ -679,6 +687,8 @@ def main() -> None:
         command = f"python -m benchmarks.studies {study} --budget {args.budget} --seeds {seeds}"
         if args.teacher != "resnet20":
             command += f" --teacher {args.teacher}"
+        if args.recipes != list(RECIPES):
+            command += f" --recipes {' '.join(args.recipes)}"
         if study == "methods":
             text = methods_table(bench, command)
         elif study == "split":
