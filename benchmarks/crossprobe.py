@@ -78,7 +78,8 @@ def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any],
                 continue
             done.add(row.data_row or row.name)
             loc = _data_location(bench, row, seed)
-            ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"]))
+            recipe = RECIPES[bench.recipes[0]] if len(bench.recipes) == 1 else ()  # its distill.holdout_fraction
+            ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"], recipe))
             pool.append(holdout_part(ctx, {"row": row.name, "seed": seed, "method": ctx.cfg.generate.method}))
     if not pool:
         raise SystemExit("no seed has every row's dataset complete: nothing to pool")
@@ -124,7 +125,9 @@ def score_cells(bench: Bench, pool: list[tuple[dict[str, Any], torch.Tensor]]) -
             continue
         w, a = (int(x) for x in cell["bits"][1:].split("A"))
         recipe = cell["recipe"]
-        run = bench.workdir / bench.budget / f"{row.name}-s{cell['seed']}" / f"w{w}a{a}-{recipe}"
+        # A cell taken in from another study (benchmarks/same_runs.py) trained in that row's folder.
+        trained = cell["same_run_as"].rpartition("/")[2].rsplit("-", 2)[0] if cell.get("same_run_as") else row.name
+        run = bench.workdir / bench.budget / f"{trained}-s{cell['seed']}" / f"w{w}a{a}-{recipe}"
         if not (run / "student.pt").is_file():
             print(f"{path.name}: no student at {run}, skipped", flush=True)
             continue

@@ -209,9 +209,9 @@ class Bench:
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, row: Row, seed: int, recipe: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """The run settings of a row, in order: the budget, the recipe, the row's own (which win over
-        the recipe's for the keys they name: a row that is SQuant-started stays so under every
-        recipe), the seed."""
+        """The run settings of a row, in order: the budget, the teacher (:attr:`model`), the recipe,
+        the row's own (which win over the recipe's for the keys they name: a row that is
+        SQuant-started stays so under every recipe), the seed."""
         return [*BUDGETS[self.budget], *self.model, *recipe, *row.settings, f"seed={seed}", "executor=local"]
 
     def config(
@@ -566,9 +566,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def git_commit() -> str:
+def git_commit(rev: str = "HEAD") -> str:
+    """The short hash of ``rev`` in this checkout, ``-dirty`` appended when HEAD's code (the
+    packages and the benchmark scripts) has uncommitted changes; "unknown" without git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, cwd=REPO)
+        commit = out.stdout.strip() or "unknown"
+        if rev == "HEAD" and commit != "unknown":
+            paths = ["intraq_core", "pipeline", "benchmarks/*.py"]
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
+            if status.stdout.strip():
+                commit += "-dirty"
+        return commit
     except OSError:
         return "unknown"

@@ -116,12 +116,15 @@ def unlike(location: str, pool: list[tuple[dict[str, Any], Any]]) -> list[tuple[
     return [(s, x) for s, x in pool if s["dataset"] != own]
 
 
-def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> dict[str, dict[str, Any]]:
+def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> dict[str, dict[str, Any]] | None:
     """Teacher agreement % and mean KL of a run's starting and kept student on ``pool``
-    (:func:`benchmarks.crossprobe.score`: the way its selector scores held-out images)."""
+    (:func:`benchmarks.crossprobe.score`: the way its selector scores held-out images); None for
+    an empty pool (every row trained on the one dataset: nothing is unlike its own)."""
     from benchmarks.crossprobe import score
     from intraq_core.student import load_student
 
+    if not pool:
+        return None
     ctx = _context(location)
     teacher = ctx.teacher()  # the run's own weights
     return {
@@ -130,7 +133,9 @@ def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> dict[s
     }
 
 
-def _signal_cell(sig: dict[str, dict[str, Any]]) -> str:
+def _signal_cell(sig: dict[str, dict[str, Any]] | None) -> str:
+    if sig is None:
+        return "–"
     return " → ".join(f"{sig[k]['agreement']:.1f} ({sig[k]['kl']:.3f})" for k in ("start", "kept"))
 
 
@@ -151,14 +156,7 @@ def table(
         lines[1] += " --- |"
     for label, m in rows:
         q = m.get("quantization") or {}
-        training = m.get("training") or {}
-        if m.get("epochs") == 0:
-            kept = "– (no distillation)"
-        elif training.get("kept_final") is False:
-            epoch = training.get("selected_epoch")
-            kept = "start" if epoch is None else f"epoch {epoch + 1}"
-        else:
-            kept = "final"
+        kept = _kept_cell(m)
         s = m["seconds"]
         lines.append(
             f"| {label} | {_data_cell(m)} | {q.get('protocol', '?')} | {m['fp_top1']:.2f} | {m['ptq_top1']:.2f} | "
@@ -171,6 +169,17 @@ def table(
     if generate_s is not None:
         lines += ["", f"Generation (shared by every row): {generate_s:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _kept_cell(m: dict[str, Any]) -> str:
+    """Which model the run kept: the final one, the start or an earlier epoch (the data-free guard)."""
+    training = m.get("training") or {}
+    if m.get("epochs") == 0:
+        return "– (no distillation)"
+    if training.get("kept_final") is False:
+        epoch = training.get("selected_epoch")
+        return "start" if epoch is None else f"epoch {epoch + 1}"
+    return "final"
 
 
 def _seedless(label: str) -> str:
@@ -196,14 +205,10 @@ def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dic
     for name, members in groups.items():
         ms = [m for _, m in members]
         q = ms[0].get("quantization") or {}
-        epochs = []
-        for m in ms:
-            training = m.get("training") or {}
-            epoch = training.get("selected_epoch")
-            epochs.append("final" if training.get("kept_final", True) else "start" if epoch is None else str(epoch + 1))
+        epochs = [_kept_cell(m) for m in ms]
         sig_cells = []
         for cells in signals.values():
-            kept = [cells[label]["kept"] for label, _ in members]
+            kept = [sig["kept"] for label, _ in members if (sig := cells[label]) is not None]
             sig_cells.append(f"{fmt([k['agreement'] for k in kept], 1)} ({fmt([k['kl'] for k in kept], 3)})")
         lines.append(
             f"| {name} | {_data_cell(ms[0])} | {q.get('protocol', '?')} | {len(ms)} | "

@@ -2,7 +2,9 @@
 
 Several studies contain the same run: the budget split's ``IntraQ 1,280 × 150`` row, Table 1's
 ``L+F`` (the reference code's LOR), Table 2's 1,280 images, Table 3's IntraQ and the MDC row of
-MDC vs ADI all resolve to one run config. At ~25 core-minutes a cell, computing it once per
+MDC vs ADI resolve to one run config at a seed whose default distillation steps are those the
+split and data rows set (seed 0 at the CPU budget; at seed 1 the first three and the last three
+are two runs). At ~25 core-minutes a cell, computing it once per
 study is hours of CPU for the same numbers (a run is deterministic on one machine). Before a
 study runs, :func:`link_same_runs` writes each cell whose run another study already finished
 as a copy of that cell (its own row name and label, ``same_run_as`` naming the source), and
@@ -14,7 +16,8 @@ its one recipe (``run_settings`` as the cell recorded them) is equal (``RunConfi
 model, synthesis, quantization, distillation, evaluation, seed; storage locations aside;
 distillation steps per epoch resolved, so ``distill.iterations_per_epoch=9`` equals a default
 that resolves to 9 — the default depends on the seed's held-out split, so it may not), and the
-source cell ran at the commit the study runs at, on this machine. Cells that chose among
+source cell ran at the commit the study runs at (a checkout with uncommitted code changes records
+``<commit>-dirty`` and never matches), on this machine. Cells that chose among
 several recipes are never linked (their choice depends on the other candidates' results).
 """
 
@@ -28,18 +31,30 @@ from typing import Any
 from benchmarks.harness import RECIPES, Bench, Row, machine
 
 
-def run_identity(settings: list[str]) -> str:
-    """Hash of the run config that ``settings`` (applied in order) resolve to."""
+def run_identity(settings: list[str]) -> str | None:
+    """Hash of the run config that ``settings`` (applied in order) resolve to; None where the
+    config alone does not fix the run (``generate.min_images_per_class`` sizes the plan from the
+    teacher's class count when the run starts)."""
     from intraq_core.distill import steps_per_epoch
     from pipeline.config import load_run_config
     from pipeline.stages.holdout import training_images
 
     cfg = load_run_config(None, settings)
+    if cfg.generate.min_images_per_class:
+        return None
     d = cfg.distill
     if d.iterations_per_epoch is None:
         n = training_images(cfg.generate.num_images, cfg.seed, d.holdout_fraction)
         cfg = cfg.model_copy(update={"distill": d.model_copy(update={"iterations_per_epoch": steps_per_epoch(n, d)})})
     return cfg.config_hash()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A JSON file, or {} while another process is still writing it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
 
 
 def _bits(bits: str) -> list[str]:
@@ -80,7 +95,7 @@ def link_same_runs(target: Bench, sources: dict[Path, dict[str, Row]], commit: s
         if folder.resolve() == target.results.resolve():
             continue
         for path in sorted(folder.glob("*.json")):
-            cell = json.loads(path.read_text())
+            cell = _read(path)
             row = rows.get(cell.get("row", ""))
             if row is None or row.kind != "synthetic" or "same_run_as" in cell:
                 continue
@@ -112,8 +127,9 @@ def link_same_runs(target: Bench, sources: dict[Path, dict[str, Row]], commit: s
     return linked
 
 
-def _dataset_identity(bench: Bench, row: Row, seed: int) -> str:
-    return bench.config(row, seed).dataset_hash()
+def _dataset_identity(bench: Bench, row: Row, seed: int) -> str | None:
+    cfg = bench.config(row, seed)
+    return None if cfg.generate.min_images_per_class else cfg.dataset_hash()
 
 
 def link_same_datasets(target: Bench, sources: dict[str, Row]) -> list[str]:
@@ -131,16 +147,18 @@ def link_same_datasets(target: Bench, sources: dict[str, Row]) -> list[str]:
         if row is None or row.kind != "synthetic" or not seed.isdigit() or folder.joinpath("data").is_symlink():
             continue
         manifest = folder / "data" / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
-            have.setdefault(_dataset_identity(target, row, int(seed)), folder)
+        ident = _dataset_identity(target, row, int(seed))
+        if ident is not None and manifest.is_file() and _read(manifest).get("complete"):
+            have.setdefault(ident, folder)
     linked = []
     for row in target.rows.values():
         if row.kind != "synthetic":
             continue
         for seed in target.seeds:
             loc = base / f"{row.data_row or row.name}-s{seed}"
-            source = have.get(_dataset_identity(target, row, seed))
-            if loc.joinpath("data").exists() or source is None or source == loc:
+            ident = _dataset_identity(target, row, seed)
+            source = have.get(ident) if ident is not None else None
+            if loc.joinpath("data").exists() or loc.joinpath("data").is_symlink() or source is None or source == loc:
                 continue
             loc.mkdir(parents=True, exist_ok=True)
             os.symlink(source / "data", loc / "data")

@@ -296,10 +296,8 @@ def split_signals(bench: Bench) -> dict[tuple[str, str], dict[str, list[float]]]
 
 def _beats(challenger: list[float], incumbent: list[float], higher_is_better: bool) -> bool:
     """Whether the challenger's mean is better than the incumbent's by more than the larger seed
-    standard deviation of the two (a single seed has none)."""
-    if not challenger or not incumbent:
-        return False
-    spread = max((statistics.stdev(v) for v in (challenger, incumbent) if len(v) > 1), default=0.0)
+    standard deviation of the two (both need two seeds or more: :func:`split_choice` says so)."""
+    spread = max(statistics.stdev(challenger), statistics.stdev(incumbent))
     diff = statistics.mean(challenger) - statistics.mean(incumbent)
     return (diff if higher_is_better else -diff) > spread
 
@@ -312,14 +310,18 @@ def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: s
     held-out KL; among several, the lowest cross held-out KL. A change of the shipped data needs
     independent signals to agree (as the distillation guard's probe veto does); alone, each has a
     known bias: the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128
-    images agrees closely with the teacher on IntraQ's easy images.
+    images agrees closely with the teacher on IntraQ's easy images. A challenger or an incumbent
+    with fewer than two seeds of a signal has no spread yet and is not judged.
     """
     incumbent = signals.get((SHIPPED_SPLIT, bits))
     if incumbent is None:
         return f"- {bits}: the shipped split has no cell yet."
-    both, one = [], []
+    both, one, waiting = [], [], []
     for (name, b), sig in signals.items():
         if b != bits or name == SHIPPED_SPLIT:
+            continue
+        if min(len(sig["probe"]), len(sig["cross_kl"]), len(incumbent["probe"]), len(incumbent["cross_kl"])) < 2:
+            waiting.append(labels[name])
             continue
         probe = _beats(sig["probe"], incumbent["probe"], higher_is_better=True)
         kl = _beats(sig["cross_kl"], incumbent["cross_kl"], higher_is_better=False)
@@ -327,11 +329,12 @@ def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: s
             both.append((statistics.mean(sig["cross_kl"]), name))
         elif probe or kl:
             one.append(f"{labels[name]} by {'probe agreement' if probe else 'cross held-out KL'} only")
-    alone = f" Preferred by one signal only: {'; '.join(sorted(one))}." if one else ""
+    notes = f" Preferred by one signal only: {'; '.join(sorted(one))}." if one else ""
+    notes += f" Not judged yet (one seed): {'; '.join(sorted(waiting))}." if waiting else ""
     if both:
         name = min(both)[1]
-        return f"- {bits}: change to {labels[name]} (both signals prefer it beyond the seed spread).{alone}"
-    return f"- {bits}: keep {labels[SHIPPED_SPLIT]} (no split is preferred by both signals).{alone}"
+        return f"- {bits}: change to {labels[name]} (both signals prefer it beyond the seed spread).{notes}"
+    return f"- {bits}: keep {labels[SHIPPED_SPLIT]} (no split is preferred by both signals).{notes}"
 
 
 def split_table(bench: Bench, command: str) -> str:
@@ -649,11 +652,17 @@ def main() -> None:
     if args.teacher != "resnet20":
         root, workdir = root / args.teacher, workdir / args.teacher
     model = TEACHERS[args.teacher]
-    commit = args.at or git_commit()
+    commit = git_commit(args.at) if args.at else git_commit()
+    if commit == "unknown":
+        ap.error(f"--at {args.at}: not a commit of this checkout")
     if "ablation" in args.studies and not args.link:
         ap.error("ablation runs with python -m benchmarks.ablation; here it is only a --link target")
+    if args.cross and args.studies != ["split"]:
+        ap.error("--cross is for the split study (its rows split one budget between two synthesis methods)")
     for study in args.studies:
         if study in ("real", "mdc_adi"):
+            if args.link:
+                continue  # they run no cell of their own: they read the ablation's
             ablation = Bench(
                 args.budget,
                 ABLATION_ROWS,
