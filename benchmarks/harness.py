@@ -508,6 +508,24 @@ def provenance(cells: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     return f"Machines: {'; '.join(machines)}. Dates: {', '.join(dates)}."
 
 
+def same_run_notes(cells: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Lines naming the cells that are another study's run (``benchmarks/same_runs.py``)."""
+    same = sorted(
+        f"{r['row']} {r['bits']} seed {r['seed']} = `{r['same_run_as']}`"
+        for rs in cells.values()
+        for r in rs
+        if r.get("same_run_as")
+    )
+    if not same:
+        return []
+    return [
+        "",
+        "Same run as another study's cell (identical resolved run config, commit and machine): "
+        + "; ".join(same)
+        + ".",
+    ]
+
+
 def dataset_features(
     ctx: RunContext, manifest: Manifest
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[float, float]]]:

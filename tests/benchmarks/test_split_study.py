@@ -1,0 +1,25 @@
+"""The data-free choice of the shipped split (benchmarks/split_study.py)."""
+
+from __future__ import annotations
+
+from benchmarks.split_study import SHIPPED_SPLIT, split_choice
+
+
+def test_split_choice_changes_the_shipped_split_only_when_both_signals_agree() -> None:
+    labels = {SHIPPED_SPLIT: "shipped", "a": "A", "b": "B"}
+    shipped = {"probe": [77.0, 78.0], "cross_kl": [0.20, 0.22]}  # std 0.707 and 0.0141
+    # A: probe +2.5 (> 0.707) and KL -0.11 (> 0.0141): both prefer it. B: probe only.
+    signals = {
+        (SHIPPED_SPLIT, "W4A4"): shipped,
+        ("a", "W4A4"): {"probe": [80.0, 80.2], "cross_kl": [0.10, 0.11]},
+        ("b", "W4A4"): {"probe": [80.0, 80.2], "cross_kl": [0.30, 0.31]},
+        ("c", "W4A4"): {"probe": [99.0], "cross_kl": [0.01]},  # one seed: no spread, not judged
+    }
+    labels["c"] = "C"
+    assert split_choice(signals, "W4A4", labels).startswith("- W4A4: change to A (both signals")
+    assert "B by probe agreement only" in split_choice(signals, "W4A4", labels)
+    assert "Not judged yet (one seed): C." in split_choice(signals, "W4A4", labels)
+    # A's probe gain inside the spread (mean +0.6 < 0.707): nothing changes
+    signals[("a", "W4A4")] = {"probe": [78.0, 78.2], "cross_kl": [0.10, 0.11]}
+    text = split_choice(signals, "W4A4", labels)
+    assert text.startswith("- W4A4: keep shipped") and "A by cross held-out KL only" in text
