@@ -91,13 +91,13 @@ def _context(location: str) -> Any:
     return RunContext.create(load_run_config(Path(location) / RUN_CONFIG_PATH))
 
 
-def cross_pool(locations: list[str]) -> list[tuple[dict[str, Any], Any]]:
-    """The held-out images of every row's dataset (each dataset once): no row trained on any."""
+def cross_pool(contexts: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
+    """The held-out images of every row's dataset (each dataset once): no row trained on any.
+    ``contexts``: each row's run context by its location."""
     from benchmarks.crossprobe import holdout_part
 
     pool, seen = [], set()
-    for location in locations:
-        ctx = _context(location)
+    for location, ctx in contexts.items():
         key = (str(ctx.cfg.dataset or location), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
         if key not in seen:
             seen.add(key)
@@ -105,27 +105,26 @@ def cross_pool(locations: list[str]) -> list[tuple[dict[str, Any], Any]]:
     return pool
 
 
-def unlike(location: str, pool: list[tuple[dict[str, Any], Any]]) -> list[tuple[dict[str, Any], Any]]:
-    """The parts of a cross pool unlike the run's own training data: those of other synthesis
-    methods when the pool has several (``recipe-choice-cpu.md`` §2's cross held-out signal), else
-    those of the other datasets."""
-    ctx = _context(location)
+def unlike(location: str, ctx: Any, pool: list[tuple[dict[str, Any], Any]]) -> list[tuple[dict[str, Any], Any]]:
+    """The parts of a cross pool unlike the run's own training data (the run at ``location``, its
+    context ``ctx``): those of other synthesis methods when the pool has several
+    (``recipe-choice-cpu.md`` §2's cross held-out signal), else those of the other datasets."""
     own = str(ctx.cfg.dataset or location)
     if len({source["method"] for source, _ in pool}) > 1:
         return [(s, x) for s, x in pool if s["method"] != ctx.cfg.generate.method]
     return [(s, x) for s, x in pool if s["dataset"] != own]
 
 
-def pool_signal(location: str, pool: list[tuple[dict[str, Any], Any]]) -> dict[str, dict[str, Any]] | None:
-    """Teacher agreement % and mean KL of a run's starting and kept student on ``pool``
-    (:func:`benchmarks.crossprobe.score`: the way its selector scores held-out images); None for
-    an empty pool (every row trained on the one dataset: nothing is unlike its own)."""
+def pool_signal(location: str, ctx: Any, pool: list[tuple[dict[str, Any], Any]]) -> dict[str, dict[str, Any]] | None:
+    """Teacher agreement % and mean KL of the starting and kept student of the run at ``location``
+    (its context ``ctx``) on ``pool`` (:func:`benchmarks.crossprobe.score`: the way its selector
+    scores held-out images); None for an empty pool (every row trained on the one dataset:
+    nothing is unlike its own)."""
     from benchmarks.crossprobe import score
     from intraq_core.student import load_student
 
     if not pool:
         return None
-    ctx = _context(location)
     teacher = ctx.teacher()  # the run's own weights
     return {
         key: score(load_student(Path(location) / name)[0], teacher, pool, ctx.cfg.distill, ctx.device)
@@ -237,17 +236,22 @@ def main() -> None:
     runs = [item.partition("=")[::2] for item in args.runs]
     rows = [(label, _load(location)) for label, location in runs]
     signals: dict[str, dict[str, dict[str, Any]]] = {}
+    contexts = {loc: _context(loc) for _, loc in runs} if args.probe or args.cross else {}
     if args.probe:
         probe = Path(args.probe)
         for (_, m), (_, location) in zip(rows, runs, strict=True):
             if Path(str(m.get("dataset", ""))).resolve() == (probe / "data").resolve():
                 raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
         pool = probe_pool(probe)
-        signals["probe agreement (KL), start → kept"] = {label: pool_signal(loc, pool) for label, loc in runs}
+        signals["probe agreement (KL), start → kept"] = {
+            label: pool_signal(loc, contexts[loc], pool) for label, loc in runs
+        }
     if args.cross:
-        pool = cross_pool([loc for _, loc in runs])
+        pool = cross_pool(contexts)
         title = "cross held-out agreement (KL), start → kept"
-        signals[title] = {label: pool_signal(loc, unlike(loc, pool)) for label, loc in runs}
+        signals[title] = {
+            label: pool_signal(loc, contexts[loc], unlike(loc, contexts[loc], pool)) for label, loc in runs
+        }
     generate_s = None
     if args.dataset_run is not None:
         path = Path(args.dataset_run) / "metrics.json"
