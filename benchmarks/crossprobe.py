@@ -169,7 +169,8 @@ def write_signal(bench: Bench, seeds: list[int]) -> Path:
     return path
 
 
-def read_signal(results: Path) -> dict[str, dict[str, Any]]:
-    """The cross held-out scores of a study's cells by cell name (empty when not computed)."""
+def read_signal(results: Path) -> dict[str, Any]:
+    """A study's cross held-out scores as :func:`write_signal` wrote them (``pool``: its parts'
+    sources; ``cells``: the scores by cell name); empty when not computed."""
     path = signal_path(results)
-    return json.loads(path.read_text())["cells"] if path.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -5,10 +5,10 @@ signals that choose without the test set, and the data-free choice of the shippe
 
 from __future__ import annotations
 
-import json
 import statistics
+from typing import Any
 
-from benchmarks.crossprobe import other_method, read_signal, signal_path
+from benchmarks.crossprobe import other_method, read_signal
 from benchmarks.harness import BUDGETS, Bench, Row, fmt, provenance, same_run_notes
 
 #: Image counts of the splits of one synthesis budget (the CPU budget's 1,280 x 150 = 192,000
@@ -49,10 +49,11 @@ def split_rows(budget: str) -> dict[str, Row]:
 SHIPPED_SPLIT = "split_bns_ce_1280x150"
 
 
-def split_signals(bench: Bench) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """Per (row, bits): the test top-1 and the data-free signals of each seed's kept model."""
-    cells = bench.cells()
-    cross = read_signal(bench.results)
+def split_signals(
+    bench: Bench, cells: dict[tuple[str, str], list[dict[str, Any]]], cross: dict[str, dict[str, Any]]
+) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (row, bits): the test top-1 and the data-free signals of each seed's kept model, from
+    the study's ``cells`` and its cross held-out scores ``cross`` (by cell name)."""
     method_of = {name: bench.config(row, 0).generate.method for name, row in bench.rows.items()}
     out: dict[tuple[str, str], dict[str, list[float]]] = {}
     for (name, bits), rs in cells.items():
@@ -117,7 +118,9 @@ def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: s
 def split_table(bench: Bench, command: str) -> str:
     """The budget split: data-free signals beside the test set, per method, split and bits, and
     the data-free choice of the shipped split."""
-    signals = split_signals(bench)
+    cells = bench.cells()
+    payload = read_signal(bench.results)
+    signals = split_signals(bench, cells, payload.get("cells", {}))
     lines = [
         "# One synthesis budget, split between images and iterations",
         "",
@@ -146,9 +149,8 @@ def split_table(bench: Bench, command: str) -> str:
                 f"| {row.label} | W{b[0]}A{b[1]} | {fmt(sig['top1'])} | {fmt(sig['start'])} | {fmt(sig['probe'], 1)} | "
                 f"{fmt(sig['holdout'])} | {cross_cell} | {len(sig['top1'])} |"
             )
-    path = signal_path(bench.results)
-    if path.is_file():
-        pool = json.loads(path.read_text())["pool"]
+    if payload:
+        pool = payload["pool"]
         seeds = sorted({p["seed"] for p in pool})
         lines += [
             "",
@@ -164,6 +166,5 @@ def split_table(bench: Bench, command: str) -> str:
         "",
         *(split_choice(signals, f"W{w}A{a}", labels) for w, a in bench.bits),
     ]
-    cells = bench.cells()
     lines += [*same_run_notes(cells), "", provenance(cells)]
     return "\n".join(lines) + "\n"
