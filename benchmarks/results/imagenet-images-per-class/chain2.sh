@@ -12,6 +12,7 @@ cd /work/inet-ipc
 export PYTHONPATH=/work/inet-ipc INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=/work/main/.venv/bin/python
 R=/work/ipc
+git rev-parse HEAD > $R/commit.txt
 CFG=configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml
 method=$1; seed=$2; bits=$3; shift 3
 for cell in "$@"; do
