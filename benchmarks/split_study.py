@@ -88,26 +88,39 @@ def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: s
     held-out KL; among several, the lowest cross held-out KL. A change of the shipped data needs
     independent signals to agree (as the distillation guard's probe veto does); alone, each has a
     known bias: the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128
-    images agrees closely with the teacher on IntraQ's easy images. A challenger or an incumbent
-    with fewer than two seeds of a signal has no spread yet and is not judged.
+    images agrees closely with the teacher on IntraQ's easy images. A signal with fewer than two
+    seeds on either side has no spread yet: a challenger is judged once both signals have two
+    seeds, or ruled out as soon as one signal with two seeds does not prefer it.
     """
     incumbent = signals.get((SHIPPED_SPLIT, bits))
     if incumbent is None:
         return f"- {bits}: the shipped split has no cell yet."
-    both, one, waiting = [], [], []
+    names = {"probe": "probe agreement", "cross_kl": "cross held-out KL"}
+    both, one, out, waiting = [], [], [], []
     for (name, b), sig in signals.items():
         if b != bits or name == SHIPPED_SPLIT:
             continue
-        if min(len(sig["probe"]), len(sig["cross_kl"]), len(incumbent["probe"]), len(incumbent["cross_kl"])) < 2:
-            waiting.append(labels[name])
-            continue
-        probe = _beats(sig["probe"], incumbent["probe"], higher_is_better=True)
-        kl = _beats(sig["cross_kl"], incumbent["cross_kl"], higher_is_better=False)
-        if probe and kl:
+        # per signal: True / False when both sides have two seeds, else None (no spread yet)
+        verdicts = {
+            key: _beats(sig[key], incumbent[key], higher_is_better=key == "probe")
+            if min(len(sig[key]), len(incumbent[key])) >= 2
+            else None
+            for key in names
+        }
+        judged = [k for k, v in verdicts.items() if v is not None]
+        if len(judged) == 2 and all(verdicts.values()):
             both.append((statistics.mean(sig["cross_kl"]), name))
-        elif probe or kl:
-            one.append(f"{labels[name]} by {'probe agreement' if probe else 'cross held-out KL'} only")
+        elif len(judged) == 2 and any(verdicts.values()):
+            only = next(k for k, v in verdicts.items() if v)
+            one.append(f"{labels[name]} by {names[only]} only")
+        elif False in verdicts.values() and len(judged) == 1:
+            # the rule needs both signals: one that does not prefer it settles it
+            lacking = next(k for k in names if k not in judged)
+            out.append(f"{labels[name]} ({names[judged[0]]} does not prefer it; {names[lacking]} has one seed)")
+        elif len(judged) < 2:
+            waiting.append(labels[name])
     notes = f" Preferred by one signal only: {'; '.join(sorted(one))}." if one else ""
+    notes += f" Ruled out by one signal before the other has two seeds: {'; '.join(sorted(out))}." if out else ""
     notes += f" Not judged yet (one seed): {'; '.join(sorted(waiting))}." if waiting else ""
     if both:
         name = min(both)[1]

@@ -390,10 +390,19 @@ def link(bench: Bench, root: Path, commit: str) -> None:
         print(f"same run: {line}", flush=True)
 
 
-def mdc_adi_figure(ablation: Bench, seed: int = 0) -> bytes | None:
+def _dataset_done(ablation: Bench, name: str, seed: int) -> bool:
+    """Whether the ablation row ``name`` has a dataset at ``seed`` in the work folder."""
+    return (ablation.workdir / ablation.budget / f"{name}-s{seed}" / "data" / "manifest.json").is_file()
+
+
+def mdc_adi_figure(ablation: Bench, seeds: list[int]) -> bytes | None:
     """Section 1's figure: teacher features of MDC's and ADI's images (the ablation's ``intraq`` and
-    ``intraq_adi`` datasets at ``seed``) beside real held-out test images, PCA, coloured by class;
-    None until both datasets exist."""
+    ``intraq_adi`` datasets at the first of ``seeds`` where both exist: a cell taken in from another
+    study may have left its dataset elsewhere) beside real held-out test images, PCA, coloured by
+    class; None until both datasets exist at one seed."""
+    seed = next((s for s in seeds if all(_dataset_done(ablation, n, s) for n in ("intraq", "intraq_adi"))), None)
+    if seed is None:
+        return None
     from pipeline.context import RunContext
     from pipeline.report.data import CIFAR10_CLASSES
     from pipeline.report.figures import plot_embeddings
@@ -402,8 +411,6 @@ def mdc_adi_figure(ablation: Bench, seed: int = 0) -> bytes | None:
     panels = []
     for name, title in (("intraq", "MDC (IntraQ)"), ("intraq_adi", "ADI")):
         loc = ablation.workdir / ablation.budget / f"{name}-s{seed}"
-        if not (loc / "data" / "manifest.json").is_file():
-            return None
         ctx = RunContext.create(ablation.config(ABLATION_ROWS[name], seed, [f"storage.url={loc}"]))
         feats, labels, _ = dataset_features(ctx, Manifest.load(ctx.dataset_storage))
         panels.append((f"{title}, seed {seed}", feats.numpy(), labels.numpy()))
@@ -467,7 +474,7 @@ def main() -> None:
             )
             text = real_table(ablation) if study == "real" else mdc_adi_table(ablation)
             write_table(results_folder(root, study, args.budget), text)
-            png = mdc_adi_figure(ablation) if study == "mdc_adi" else None
+            png = mdc_adi_figure(ablation, args.seeds) if study == "mdc_adi" else None
             if png is not None:
                 path = root / f"study-mdc_adi-{args.budget}.png"
                 path.write_bytes(png)

@@ -23,3 +23,19 @@ def test_split_choice_changes_the_shipped_split_only_when_both_signals_agree() -
     signals[("a", "W4A4")] = {"probe": [78.0, 78.2], "cross_kl": [0.10, 0.11]}
     text = split_choice(signals, "W4A4", labels)
     assert text.startswith("- W4A4: keep shipped") and "A by cross held-out KL only" in text
+
+
+def test_split_choice_rules_out_a_challenger_one_judged_signal_does_not_prefer() -> None:
+    """The rule needs both signals: a challenger whose probe agreement (two seeds) is not better
+    than the shipped split's is out even while its cross held-out KL has one seed; one the probe
+    prefers waits for the KL's second seed."""
+    labels = {SHIPPED_SPLIT: "shipped", "d": "D", "e": "E"}
+    signals = {
+        (SHIPPED_SPLIT, "W4A4"): {"probe": [77.0, 78.0], "cross_kl": [0.20, 0.22]},
+        ("d", "W4A4"): {"probe": [74.6, 75.0], "cross_kl": [0.01]},  # probe worse, KL one seed
+        ("e", "W4A4"): {"probe": [80.0, 80.2], "cross_kl": [0.01]},  # probe better, KL one seed
+    }
+    text = split_choice(signals, "W4A4", labels)
+    assert text.startswith("- W4A4: keep shipped")
+    assert "Ruled out by one signal before the other has two seeds: D (probe agreement does not prefer it" in text
+    assert "Not judged yet (one seed): E." in text
