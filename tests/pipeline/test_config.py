@@ -143,3 +143,27 @@ def test_new_keys_at_their_defaults_keep_the_hashes_of_datasets_already_written(
     generate.min_images_per_class) must not orphan the datasets and runs written before it."""
     cfg = load_run_config(name)
     assert (cfg.dataset_hash(), cfg.config_hash()) == (dataset_hash, config_hash)
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_configs() if n not in ("smoke", "probe_cpu")])
+def test_every_shipped_accuracy_config_sizes_its_data_from_the_class_count(name: str) -> None:
+    """The class-count rule is part of the shipped recipe: at least one image per class."""
+    assert load_run_config(name).generate.min_images_per_class == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "plan"),
+    [
+        # 512 x 120 = 61,440 image-iterations -> one image per class in whole batches of 256
+        ("imagenet_mobilenetv1_025_w4a4_cpu", 1000, (1024, 60)),
+        # 2,000 classes would need 2,048 images x 30 iterations: capped at 60 iterations per image
+        ("imagenet_mobilenetv1_025_w4a4_cpu", 2000, (1024, 60)),
+        ("imagenet_mobilenetv1_025_w4a4_cpu", 500, (512, 120)),
+        # 1,280 x 150 = 192,000: 2,048 images x round(93.75) iterations for 2,000 classes
+        ("cifar10_resnet20_w4a4_cpu", 2000, (2048, 94)),
+        ("cifar10_resnet20_w4a4_cpu", 100, (1280, 150)),
+    ],
+)
+def test_shipped_plans_for_many_class_teachers(name: str, classes: int, plan: tuple[int, int]) -> None:
+    g = load_run_config(name).generate.for_classes(classes)
+    assert (g.num_images, g.iterations) == plan
