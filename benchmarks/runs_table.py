@@ -25,6 +25,9 @@ Example::
 
     python -m benchmarks.runs_table --title "ImageNet MobileNetV1 x0.25, CPU budget" \\
         --dataset-run /work/inet/data-s0 W4A4=/work/inet/w4a4-s0 W8A8=/work/inet/w8a8-s0
+
+A LOCATION ending in ``.json`` is a metrics file kept on its own (the copies committed beside a
+table), enough for every column but ``--probe`` / ``--cross``, which score the run's students.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ from typing import Any
 
 
 def _load(location: str) -> dict[str, Any]:
-    return json.loads((Path(location) / "metrics.json").read_text())
+    """The metrics of a run folder (its ``metrics.json``), or of a metrics file kept on its own
+    (``LOCATION`` ending in ``.json``: the copies committed beside a results table)."""
+    path = Path(location)
+    return json.loads((path if path.suffix == ".json" else path / "metrics.json").read_text())
 
 
 def _map_cell(q: dict[str, Any]) -> str:
@@ -234,6 +240,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     runs = [item.partition("=")[::2] for item in args.runs]
+    if args.probe or args.cross:
+        files = [loc for _, loc in runs if loc.endswith(".json")]
+        if files:
+            ap.error(f"--probe / --cross score each run's students: give run folders, not metrics files ({files[0]})")
     rows = [(label, _load(location)) for label, location in runs]
     signals: dict[str, dict[str, dict[str, Any]]] = {}
     contexts = {loc: _context(loc) for _, loc in runs} if args.probe or args.cross else {}
