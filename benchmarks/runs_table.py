@@ -42,7 +42,10 @@ def _load(location: str) -> dict[str, Any]:
     """The metrics of a run folder (its ``metrics.json``), or of a metrics file kept on its own
     (``LOCATION`` ending in ``.json``: the copies committed beside a results table)."""
     path = Path(location)
-    return json.loads((path if path.suffix == ".json" else path / "metrics.json").read_text())
+    if path.suffix != ".json":
+        return json.loads((path / "metrics.json").read_text())
+    # read without the dataset folder it names (gone on another machine): its rows are the same anywhere
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "dataset"}
 
 
 def _map_cell(q: dict[str, Any]) -> str:
