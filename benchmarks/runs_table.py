@@ -196,6 +196,17 @@ def _seedless(label: str) -> str:
     return head if sep and tail.strip().isdigit() else label
 
 
+def _own_holdout_cell(ms: list[dict[str, Any]]) -> str:
+    """Teacher agreement % (mean KL) of the kept models on their own runs' held-out synthetic images,
+    mean ± std over the runs (each run's held-out images differ: compare rows of one synthesis)."""
+    from benchmarks.harness import fmt
+
+    kept = [h for m in ms if (h := (m.get("training") or {}).get("holdout_agreement_final"))]
+    if not kept:
+        return "–"
+    return f"{fmt([h['agreement'] for h in kept], 1)} ({fmt([h['kl'] for h in kept], 3)})"
+
+
 def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dict[str, dict[str, Any]]]) -> str:
     """One line per setting (labels equal but for ``, seed N``): mean ± std over its seeds."""
     from benchmarks.harness import fmt
@@ -206,9 +217,8 @@ def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dic
     titles = [t.replace(", start → kept", ", kept") for t in signals]
     lines = [
         "| setting | data | protocol | n | FP | start (reconstructed) | kept | drop from FP | "
-        + "".join(f"{t} | " for t in titles)
-        + "kept epochs |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(titles) + "--- |",
+        "own held-out agreement (KL), kept | " + "".join(f"{t} | " for t in titles) + "kept epochs |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | " + "---: | " * len(titles) + "--- |",
     ]
     for name, members in groups.items():
         ms = [m for _, m in members]
@@ -222,7 +232,7 @@ def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dic
             f"| {name} | {_data_cell(ms[0])} | {q.get('protocol', '?')} | {len(ms)} | "
             f"{fmt([m['fp_top1'] for m in ms])} | {fmt([m['ptq_top1'] for m in ms])} | "
             f"{fmt([m['quant_top1'] for m in ms])} | "
-            f"{fmt([m['fp_top1'] - m['quant_top1'] for m in ms])} | "
+            f"{fmt([m['fp_top1'] - m['quant_top1'] for m in ms])} | {_own_holdout_cell(ms)} | "
             + "".join(f"{c} | " for c in sig_cells)
             + f"{', '.join(epochs)} |"
         )

@@ -15,7 +15,7 @@ METRICS = {
     "num_images": 1024,
     "gen_iterations": 60,
     "epochs": 10,
-    "training": {"kept_final": False, "selected_epoch": 3},
+    "training": {"kept_final": False, "selected_epoch": 3, "holdout_agreement_final": {"agreement": 40.0, "kl": 1.0}},
 }
 
 
@@ -28,8 +28,17 @@ def test_a_metrics_file_reads_as_its_run_folder(tmp_path: Path) -> None:
 
 
 def test_grouped_rows_average_over_seeds() -> None:
-    rows = [("BNS+CE, seed 0", METRICS), ("BNS+CE, seed 1", {**METRICS, "quant_top1": 17.0})]
+    second = {"agreement": 44.0, "kl": 0.8}
+    rows = [
+        ("BNS+CE, seed 0", METRICS),
+        (
+            "BNS+CE, seed 1",
+            {**METRICS, "quant_top1": 17.0, "training": {**METRICS["training"], "holdout_agreement_final": second}},
+        ),
+    ]
     line = grouped_table(rows, {}).splitlines()[2]
     # kept 15 and 17: mean 16.00, sample std 1.41; drop from FP 45 and 43
     assert line.startswith("| BNS+CE | 1024 × 60 |") and "| 2 |" in line
     assert "| 16.00 ± 1.41 | 44.00 ± 1.41 |" in line and "epoch 4, epoch 4" in line
+    # own held-out agreement 40 and 44 (std 2.83), KL 1.0 and 0.8 (std 0.141)
+    assert "| 42.0 ± 2.8 (0.900 ± 0.141) |" in line
