@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import BUDGETS, RECIPES, REPO, Bench, Row, fmt, parse_bits, provenance
+from benchmarks.harness import BUDGETS, KEPT_MODEL, RECIPES, REPO, Bench, Row, fmt, parse_bits, provenance
 
 ROWS: dict[str, Row] = {
     r.name: r
@@ -72,7 +72,7 @@ def table(bench: Bench, bits_cols: list[str]) -> str:
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
     lines += [
-        "Top-1 (%) of the FINAL model on the real CIFAR-10 test set; mean ± std over seeds (n).",
+        f"Top-1 (%) of {KEPT_MODEL} on the real CIFAR-10 test set; mean ± std over seeds (n).",
         "'all': the 10,000 test images; 'held-out': the test images that no row trained or calibrated on "
         "(the real-data rows take their 'training' images from the test set: the shared data has no training set).",
         "'before distil': the quantized student after range calibration on the row's data, before distillation.",
