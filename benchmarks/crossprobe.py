@@ -35,15 +35,11 @@ from benchmarks.harness import RECIPES, Bench, Row
 VIEWS_SEED = 4242
 
 
-def _data_location(bench: Bench, row: Row, seed: int) -> Path:
-    return bench.workdir / bench.budget / f"{row.data_row or row.name}-s{seed}"
-
-
 def _complete(bench: Bench, row: Row, seed: int) -> bool:
     from pipeline.context import RunContext
     from pipeline.storage.manifest import Manifest
 
-    loc = _data_location(bench, row, seed)
+    loc = bench.data_location(row, seed)
     if not (loc / "data" / "manifest.json").is_file():
         return False
     storage = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"])).dataset_storage
@@ -77,7 +73,7 @@ def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any],
             if (row.data_row or row.name) in done:
                 continue
             done.add(row.data_row or row.name)
-            loc = _data_location(bench, row, seed)
+            loc = bench.data_location(row, seed)
             recipe = RECIPES[bench.recipes[0]] if len(bench.recipes) == 1 else ()  # its distill.holdout_fraction
             ctx = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"], recipe))
             pool.append(holdout_part(ctx, {"row": row.name, "seed": seed, "method": ctx.cfg.generate.method}))

@@ -287,9 +287,13 @@ class Bench:
             for b, p in todo:
                 self._save(p, self._train(row, seed, b, loc, gen_s))
 
+    def data_location(self, row: Row, seed: int) -> Path:
+        """Where the dataset of a row at ``seed`` is generated (the row it shares data with, if any)."""
+        return self.workdir / self.budget / f"{row.data_row or row.name}-s{seed}"
+
     def dataset(self, row: Row, seed: int) -> tuple[Path, float]:
         """Generate (or reuse) the dataset of a row; returns (location, generation seconds)."""
-        loc = self.workdir / self.budget / f"{row.data_row or row.name}-s{seed}"
+        loc = self.data_location(row, seed)
         cfg = self.config(row, seed, [f"storage.url={loc}"])
         if row.kind == "real":
             return self._real_dataset(cfg, loc), 0.0

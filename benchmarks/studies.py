@@ -393,7 +393,7 @@ def link(bench: Bench, root: Path, commit: str) -> None:
 
 def _dataset_done(ablation: Bench, name: str, seed: int) -> bool:
     """Whether the ablation row ``name`` has a dataset at ``seed`` in the work folder."""
-    return (ablation.workdir / ablation.budget / f"{name}-s{seed}" / "data" / "manifest.json").is_file()
+    return (ablation.data_location(ABLATION_ROWS[name], seed) / "data" / "manifest.json").is_file()
 
 
 def mdc_adi_figure(ablation: Bench, seeds: list[int]) -> bytes | None:
@@ -411,7 +411,7 @@ def mdc_adi_figure(ablation: Bench, seeds: list[int]) -> bytes | None:
 
     panels = []
     for name, title in (("intraq", "MDC (IntraQ)"), ("intraq_adi", "ADI")):
-        loc = ablation.workdir / ablation.budget / f"{name}-s{seed}"
+        loc = ablation.data_location(ABLATION_ROWS[name], seed)
         ctx = RunContext.create(ablation.config(ABLATION_ROWS[name], seed, [f"storage.url={loc}"]))
         feats, labels, _ = dataset_features(ctx, Manifest.load(ctx.dataset_storage))
         panels.append((f"{title}, seed {seed}", feats.numpy(), labels.numpy()))
