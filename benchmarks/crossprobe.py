@@ -29,21 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.harness import RECIPES, Bench, Row
+from benchmarks.harness import RECIPES, Bench
 
 #: Seed of the augmented views (the same views for every cell, whatever its own seed).
 VIEWS_SEED = 4242
-
-
-def _complete(bench: Bench, row: Row, seed: int) -> bool:
-    from pipeline.context import RunContext
-    from pipeline.storage.manifest import Manifest
-
-    loc = bench.data_location(row, seed)
-    if not (loc / "data" / "manifest.json").is_file():
-        return False
-    storage = RunContext.create(bench.config(row, seed, [f"storage.url={loc}"])).dataset_storage
-    return Manifest.load(storage).is_complete()
 
 
 def holdout_part(ctx: Any, source: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -66,7 +55,7 @@ def pooled_holdout(bench: Bench, seeds: list[int]) -> list[tuple[dict[str, Any],
     rows = [r for r in bench.rows.values() if r.kind == "synthetic"]
     pool: list[tuple[dict[str, Any], torch.Tensor]] = []
     for seed in seeds:
-        if not all(_complete(bench, r, seed) for r in rows):
+        if not all(bench.dataset_complete(r, seed) for r in rows):
             continue
         done: set[str] = set()
         for row in rows:

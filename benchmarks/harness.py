@@ -291,6 +291,15 @@ class Bench:
         """Where the dataset of a row at ``seed`` is generated (the row it shares data with, if any)."""
         return self.workdir / self.budget / f"{row.data_row or row.name}-s{seed}"
 
+    def dataset_complete(self, row: Row, seed: int) -> bool:
+        """Whether the dataset of a row at ``seed`` is fully written (a generation still running has a
+        manifest already, with its shards so far)."""
+        loc = self.data_location(row, seed)
+        if not (loc / "data" / "manifest.json").is_file():
+            return False
+        storage = RunContext.create(self.config(row, seed, [f"storage.url={loc}"])).dataset_storage
+        return Manifest.load(storage).is_complete()
+
     def dataset(self, row: Row, seed: int) -> tuple[Path, float]:
         """Generate (or reuse) the dataset of a row; returns (location, generation seconds)."""
         loc = self.data_location(row, seed)

@@ -391,17 +391,13 @@ def link(bench: Bench, root: Path, commit: str) -> None:
         print(f"same run: {line}", flush=True)
 
 
-def _dataset_done(ablation: Bench, name: str, seed: int) -> bool:
-    """Whether the ablation row ``name`` has a dataset at ``seed`` in the work folder."""
-    return (ablation.data_location(ABLATION_ROWS[name], seed) / "data" / "manifest.json").is_file()
-
-
 def mdc_adi_figure(ablation: Bench, seeds: list[int]) -> bytes | None:
     """Section 1's figure: teacher features of MDC's and ADI's images (the ablation's ``intraq`` and
-    ``intraq_adi`` datasets at the first of ``seeds`` where both exist: a cell taken in from another
-    study may have left its dataset elsewhere) beside real held-out test images, PCA, coloured by
-    class; None until both datasets exist at one seed."""
-    seed = next((s for s in seeds if all(_dataset_done(ablation, n, s) for n in ("intraq", "intraq_adi"))), None)
+    ``intraq_adi`` datasets at the first of ``seeds`` where both are complete: a cell taken in from
+    another study may have left its dataset elsewhere) beside real held-out test images, PCA,
+    coloured by class; None until both datasets are complete at one seed."""
+    rows = [ABLATION_ROWS["intraq"], ABLATION_ROWS["intraq_adi"]]
+    seed = next((s for s in seeds if all(ablation.dataset_complete(r, s) for r in rows)), None)
     if seed is None:
         return None
     from pipeline.context import RunContext
