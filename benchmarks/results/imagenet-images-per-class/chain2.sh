@@ -11,6 +11,8 @@ set -u
 cd /work/inet-ipc
 export PYTHONPATH=/work/inet-ipc INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=/work/main/.venv/bin/python
+# A dataset counts as done only when its manifest says complete (the manifest is written with the first shard).
+complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
 R=/work/ipc
 git rev-parse HEAD > $R/commit.txt
 CFG=configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml
@@ -23,7 +25,7 @@ for cell in "$@"; do
   else
     d=$R/data-$method-n$n-s$seed; tag="-$method"
   fi
-  [ -f $d/data/manifest.json ] || /usr/bin/time -v $PY -m pipeline.cli generate -c $CFG --set seed=$seed \
+  complete $d || /usr/bin/time -v $PY -m pipeline.cli generate -c $CFG --set seed=$seed \
       --set generate.method=$method --set generate.num_images=$n --set generate.iterations=$it -o $d --quiet > $d.log 2>&1
   for b in $bits; do
     w=${b:1:1}; a=${b:3:1}
