@@ -15,8 +15,12 @@ images and ``distill.watch_views`` augmented views of each, the same views for e
 ``--cross`` scores every row on the held-out images of the other rows' datasets instead (none
 trained on by any row), those of the other synthesis methods when the rows use several: each
 student on images unlike its own training data (a probe made by one synthesis method favours the
-rows trained on that method's data). ``--group`` averages the rows of one setting over seeds
-(labels ``X, seed 0``, ``X, seed 1``, ...).
+rows trained on that method's data); ``--pool`` adds the held-out images of datasets whose
+students are not rows (other splits of a synthesis method) to that pool. ``--group`` averages the
+rows of one setting over seeds (labels ``X, seed 0``, ``X, seed 1``, ...); ``--choose SETTING``
+then applies the data-free choice of the budget split (:func:`benchmarks.split_study.data_choice`:
+a challenger replaces the incumbent ``SETTING`` only when both the probe agreement and the cross
+held-out KL prefer it beyond their seed spread).
 On plain synthetic images alone the reconstructed start already agrees with the teacher almost
 everywhere (85% on the shared ImageNet model, where distillation then lifts test top-1 10 → 16%
 while plain agreement falls to 52%), so plain agreement does not rank these students.
@@ -107,7 +111,7 @@ def cross_pool(contexts: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
 
     pool, seen = [], set()
     for location, ctx in contexts.items():
-        key = (str(ctx.cfg.dataset or location), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
+        key = (str(ctx.cfg.dataset or location).rstrip("/"), ctx.cfg.seed, ctx.cfg.distill.holdout_fraction)
         if key not in seen:
             seen.add(key)
             pool.append(holdout_part(ctx, {"dataset": key[0], "method": ctx.cfg.generate.method}))
@@ -118,7 +122,7 @@ def unlike(location: str, ctx: Any, pool: list[tuple[dict[str, Any], Any]]) -> l
     """The parts of a cross pool unlike the run's own training data (the run at ``location``, its
     context ``ctx``): those of other synthesis methods when the pool has several
     (``recipe-choice-cpu.md`` §2's cross held-out signal), else those of the other datasets."""
-    own = str(ctx.cfg.dataset or location)
+    own = str(ctx.cfg.dataset or location).rstrip("/")
     if len({source["method"] for source, _ in pool}) > 1:
         return [(s, x) for s, x in pool if s["method"] != ctx.cfg.generate.method]
     return [(s, x) for s, x in pool if s["dataset"] != own]
@@ -239,6 +243,23 @@ def grouped_table(rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dic
     return "\n".join(lines) + "\n"
 
 
+def group_signals(
+    rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dict[str, dict[str, Any]]]
+) -> dict[str, dict[str, list[float]]]:
+    """Per setting (rows grouped as :func:`grouped_table` does): the kept models' probe agreement
+    (``probe``) and cross held-out KL (``cross_kl``), one value per seed, for
+    :func:`benchmarks.split_study.data_choice`."""
+    keys = {"probe": ("probe agreement", "agreement"), "cross_kl": ("cross held-out", "kl")}
+    out: dict[str, dict[str, list[float]]] = {}
+    for label, _ in rows:
+        setting = out.setdefault(_seedless(label), {k: [] for k in keys})
+        for key, (prefix, field) in keys.items():
+            for title, cells in signals.items():
+                if title.startswith(prefix) and cells[label] is not None:
+                    setting[key].append(cells[label]["kept"][field])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="LABEL=LOCATION of finished runs")
@@ -251,8 +272,28 @@ def main() -> None:
     ap.add_argument(
         "--group", action="store_true", help="one line per setting: rows labelled 'X, seed N' averaged over seeds"
     )
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        default=[],
+        metavar="DATASET_RUN",
+        help="generate runs whose held-out images join the --cross pool (settings with no student among the rows)",
+    )
+    ap.add_argument(
+        "--choose",
+        default=None,
+        metavar="SETTING",
+        help="with --group --probe --cross: the data-free choice against this incumbent setting (data_choice)",
+    )
     args = ap.parse_args()
     runs = [item.partition("=")[::2] for item in args.runs]
+    if args.pool and not args.cross:
+        ap.error("--pool adds datasets to the --cross pool: give --cross")
+    if args.choose is not None:
+        if not (args.group and args.probe and args.cross):
+            ap.error("--choose needs --group, --probe and --cross (the rule weighs both signals per setting)")
+        if args.choose not in {_seedless(label) for label, _ in runs}:
+            ap.error(f"--choose {args.choose!r} is not a setting of the rows (labels 'SETTING, seed N')")
     if args.probe or args.cross:
         files = [loc for _, loc in runs if loc.endswith(".json")]
         if files:
@@ -270,7 +311,7 @@ def main() -> None:
             label: pool_signal(loc, contexts[loc], pool) for label, loc in runs
         }
     if args.cross:
-        pool = cross_pool(contexts)
+        pool = cross_pool({**contexts, **{loc: _context(loc) for loc in args.pool}})
         title = "cross held-out agreement (KL), start → kept"
         signals[title] = {
             label: pool_signal(loc, contexts[loc], unlike(loc, contexts[loc], pool)) for label, loc in runs
@@ -290,6 +331,12 @@ def main() -> None:
             "own (of the other synthesis methods when there are several, else the other datasets), teacher "
             "agreement % and mean KL."
         )
+    if args.choose is not None:
+        from benchmarks.split_study import data_choice
+
+        settings = group_signals(rows, signals)
+        verdict = data_choice(settings, args.choose, {name: name for name in settings})
+        print(f"\nThe data-free choice (`data_choice`, incumbent {args.choose}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -80,30 +80,37 @@ def _beats(challenger: list[float], incumbent: list[float], higher_is_better: bo
     return (diff if higher_is_better else -diff) > spread
 
 
-def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: str, labels: dict[str, str]) -> str:
-    """The data-free choice of a split for ``bits`` (declared before the last seed-1 cells ran).
+def data_choice(signals: dict[str, dict[str, list[float]]], incumbent: str, labels: dict[str, str]) -> str:
+    """The data-free choice between the ``incumbent`` synthetic data and challengers (declared
+    before the last seed-1 cells of the budget split ran; the ImageNet method choice applies it too).
 
-    The shipped split (:data:`SHIPPED_SPLIT`) changes only for a challenger that BOTH data-free
-    signals prefer by more than their seed spread — higher probe agreement and lower cross
-    held-out KL; among several, the lowest cross held-out KL. A change of the shipped data needs
-    independent signals to agree (as the distillation guard's probe veto does); alone, each has a
-    known bias: the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128
+    ``signals``: per setting, the kept models' probe agreement (``probe``, one value per seed) and
+    cross held-out KL (``cross_kl``). The incumbent changes only for a challenger that BOTH
+    data-free signals prefer by more than their seed spread — higher probe agreement and lower
+    cross held-out KL; among several, the lowest cross held-out KL. A change of the shipped data
+    needs independent signals to agree (as the distillation guard's probe veto does); alone, each
+    has a known bias: the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128
     images agrees closely with the teacher on IntraQ's easy images. A signal with fewer than two
     seeds on either side has no spread yet: a challenger is judged once both signals have two
     seeds, or ruled out as soon as one signal with two seeds does not prefer it.
+
+    >>> sig = {"old": {"probe": [70.0, 72.0], "cross_kl": [0.50, 0.52]},
+    ...        "new": {"probe": [80.0, 81.0], "cross_kl": [0.30, 0.31]}}
+    >>> data_choice(sig, "old", {"old": "1,280 x 150", "new": "256 x 750"})
+    'change to 256 x 750 (both signals prefer it beyond the seed spread).'
     """
-    incumbent = signals.get((SHIPPED_SPLIT, bits))
-    if incumbent is None:
-        return f"- {bits}: the shipped split has no cell yet."
+    if incumbent not in signals:
+        return f"{labels[incumbent]} (the incumbent) has no cell yet."
+    base = signals[incumbent]
     names = {"probe": "probe agreement", "cross_kl": "cross held-out KL"}
     both, one, out, waiting = [], [], [], []
-    for (name, b), sig in signals.items():
-        if b != bits or name == SHIPPED_SPLIT:
+    for name, sig in signals.items():
+        if name == incumbent:
             continue
         # per signal: True / False when both sides have two seeds, else None (no spread yet)
         verdicts = {
-            key: _beats(sig[key], incumbent[key], higher_is_better=key == "probe")
-            if min(len(sig[key]), len(incumbent[key])) >= 2
+            key: _beats(sig[key], base[key], higher_is_better=key == "probe")
+            if min(len(sig[key]), len(base[key])) >= 2
             else None
             for key in names
         }
@@ -123,9 +130,16 @@ def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: s
     notes += f" Ruled out by one signal before the other has two seeds: {'; '.join(sorted(out))}." if out else ""
     notes += f" Not judged yet (one seed): {'; '.join(sorted(waiting))}." if waiting else ""
     if both:
-        name = min(both)[1]
-        return f"- {bits}: change to {labels[name]} (both signals prefer it beyond the seed spread).{notes}"
-    return f"- {bits}: keep {labels[SHIPPED_SPLIT]} (no split is preferred by both signals).{notes}"
+        return f"change to {labels[min(both)[1]]} (both signals prefer it beyond the seed spread).{notes}"
+    return f"keep {labels[incumbent]} (no challenger is preferred by both signals).{notes}"
+
+
+def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: str, labels: dict[str, str]) -> str:
+    """The data-free choice of a split for ``bits``: :func:`data_choice` with the shipped split
+    (:data:`SHIPPED_SPLIT`) as the incumbent, on the cells of that bit width."""
+    if (SHIPPED_SPLIT, bits) not in signals:
+        return f"- {bits}: the shipped split has no cell yet."
+    return f"- {bits}: " + data_choice({n: s for (n, b), s in signals.items() if b == bits}, SHIPPED_SPLIT, labels)
 
 
 def split_table(bench: Bench, command: str) -> str:
