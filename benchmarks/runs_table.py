@@ -327,9 +327,10 @@ def main() -> None:
         print(f"Probe: the {args.probe} dataset (no row trained on it), teacher agreement % and mean KL.")
     if args.cross:
         print(
-            f"Cross held-out: each row scored on the held-out images of the rows' {len(pool)} datasets unlike its "
-            "own (of the other synthesis methods when there are several, else the other datasets), teacher "
-            "agreement % and mean KL."
+            f"Cross held-out: a pool of the held-out images of {len(pool)} datasets (those of the rows"
+            + (f" and of the {len(args.pool)} generate runs given with --pool" if args.pool else "")
+            + "); each row scored on the parts unlike its own (of the other synthesis methods when there are "
+            "several, else the other datasets), teacher agreement % and mean KL."
         )
     if args.choose is not None:
         from benchmarks.split_study import data_choice
