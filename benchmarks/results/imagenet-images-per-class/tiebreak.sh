@@ -3,10 +3,11 @@
 # ran: when the probe (BNS + LOR) and the cross held-out KL prefer opposite sides, a third probe from a
 # synthesis neither side trains on decides with them: BN statistics alone (no class term, no LOR; the
 # probe config with generate.lor=false), 256 x 120, seed 12345, on the settings of decide.sh.
-# Waits for the W8A8 control of seed 1 (half.sh 1) so that two runs share the two cores, not three.
+# WAIT=1 waits for the W8A8 control of seed 1 (half.sh 1) so that two runs share the two cores, not three
+# (it ran without: started at once, as a third process).
 # Usage: bash tiebreak.sh > OUT.md
 set -u
-while [ ! -f /work/ship/half-w8a8-s1/metrics.json ]; do sleep 60; done
+[ -n "${WAIT:-}" ] && while [ ! -f /work/ship/half-w8a8-s1/metrics.json ]; do sleep 60; done
 cd /work/main
 export INTRAQ_DATA_DIR=${INTRAQ_DATA_DIR:-/work/shared/data} OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/main
 S=/work/ship; I=/work/ipc; P=$S/probe-bns-inet
