@@ -20,7 +20,8 @@ students are not rows (other splits of a synthesis method) to that pool. ``--gro
 rows of one setting over seeds (labels ``X, seed 0``, ``X, seed 1``, ...); ``--choose SETTING``
 then applies the data-free choice of the budget split (:func:`benchmarks.split_study.data_choice`:
 a challenger replaces the incumbent ``SETTING`` only when both the probe agreement and the cross
-held-out KL prefer it beyond their seed spread).
+held-out KL prefer it beyond their seed spread, or one of them and the ``--tiebreak`` probe,
+made by a synthesis neither side trains on, when the two disagree).
 On plain synthetic images alone the reconstructed start already agrees with the teacher almost
 everywhere (85% on the shared ImageNet model, where distillation then lifts test top-1 10 → 16%
 while plain agreement falls to 52%), so plain agreement does not rank these students.
@@ -247,9 +248,13 @@ def group_signals(
     rows: list[tuple[str, dict[str, Any]]], signals: dict[str, dict[str, dict[str, Any]]]
 ) -> dict[str, dict[str, list[float]]]:
     """Per setting (rows grouped as :func:`grouped_table` does): the kept models' probe agreement
-    (``probe``) and cross held-out KL (``cross_kl``), one value per seed, for
-    :func:`benchmarks.split_study.data_choice`."""
-    keys = {"probe": ("probe agreement", "agreement"), "cross_kl": ("cross held-out", "kl")}
+    (``probe``), cross held-out KL (``cross_kl``) and tie-break probe agreement (``tiebreak``),
+    one value per seed, for :func:`benchmarks.split_study.data_choice`."""
+    keys = {
+        "probe": ("probe agreement", "agreement"),
+        "cross_kl": ("cross held-out", "kl"),
+        "tiebreak": ("tie-break probe agreement", "agreement"),
+    }
     out: dict[str, dict[str, list[float]]] = {}
     for label, _ in rows:
         setting = out.setdefault(_seedless(label), {k: [] for k in keys})
@@ -285,8 +290,16 @@ def main() -> None:
         metavar="SETTING",
         help="with --group --probe --cross: the data-free choice against this incumbent setting (data_choice)",
     )
+    ap.add_argument(
+        "--tiebreak",
+        default=None,
+        metavar="DATASET_RUN",
+        help="with --choose: a probe from a synthesis neither side trains on; decides when the two signals disagree",
+    )
     args = ap.parse_args()
     runs = [item.partition("=")[::2] for item in args.runs]
+    if args.tiebreak and args.choose is None:
+        ap.error("--tiebreak is a signal of --choose's rule: give --choose")
     if args.pool and not args.cross:
         ap.error("--pool adds datasets to the --cross pool: give --cross")
     if args.choose is not None:
@@ -294,22 +307,23 @@ def main() -> None:
             ap.error("--choose needs --group, --probe and --cross (the rule weighs both signals per setting)")
         if args.choose not in {_seedless(label) for label, _ in runs}:
             ap.error(f"--choose {args.choose!r} is not a setting of the rows (labels 'SETTING, seed N')")
-    if args.probe or args.cross:
+    if args.probe or args.cross or args.tiebreak:
         files = [loc for _, loc in runs if loc.endswith(".json")]
         if files:
             ap.error(f"--probe / --cross score each run's students: give run folders, not metrics files ({files[0]})")
     rows = [(label, _load(location)) for label, location in runs]
     signals: dict[str, dict[str, dict[str, Any]]] = {}
-    contexts = {loc: _context(loc) for _, loc in runs} if args.probe or args.cross else {}
-    if args.probe:
-        probe = Path(args.probe)
+    contexts = {loc: _context(loc) for _, loc in runs} if args.probe or args.cross or args.tiebreak else {}
+    probes = {"probe agreement": args.probe, "tie-break probe agreement": args.tiebreak}
+    for name, given in probes.items():
+        if given is None:
+            continue
+        probe = Path(given)
         for (_, m), (_, location) in zip(rows, runs, strict=True):
             if Path(str(m.get("dataset", ""))).resolve() == (probe / "data").resolve():
                 raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
         pool = probe_pool(probe)
-        signals["probe agreement (KL), start → kept"] = {
-            label: pool_signal(loc, contexts[loc], pool) for label, loc in runs
-        }
+        signals[f"{name} (KL), start → kept"] = {label: pool_signal(loc, contexts[loc], pool) for label, loc in runs}
     if args.cross:
         pool = cross_pool({**contexts, **{loc: _context(loc) for loc in args.pool}})
         title = "cross held-out agreement (KL), start → kept"
@@ -325,6 +339,8 @@ def main() -> None:
     print(grouped_table(rows, signals) if args.group else table(rows, generate_s, signals))
     if args.probe:
         print(f"Probe: the {args.probe} dataset (no row trained on it), teacher agreement % and mean KL.")
+    if args.tiebreak:
+        print(f"Tie-break probe: the {args.tiebreak} dataset (no row trained on it), teacher agreement % and mean KL.")
     if args.cross:
         print(
             f"Cross held-out: a pool of the held-out images of {len(pool)} datasets (those of the rows"

@@ -84,20 +84,24 @@ def data_choice(signals: dict[str, dict[str, list[float]]], incumbent: str, labe
     """The data-free choice between the ``incumbent`` synthetic data and challengers (declared
     before the last seed-1 cells of the budget split ran; the ImageNet method choice applies it too).
 
-    ``signals``: per setting, the kept models' probe agreement (``probe``, one value per seed) and
-    cross held-out KL (``cross_kl``). The incumbent changes only for a challenger that BOTH
-    data-free signals prefer by more than their seed spread — higher probe agreement and lower
-    cross held-out KL; among several, the lowest cross held-out KL. A change of the shipped data
-    needs independent signals to agree (as the distillation guard's probe veto does); alone, each
-    has a known bias: the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128
-    images agrees closely with the teacher on IntraQ's easy images. A signal with fewer than two
-    seeds on either side has no spread yet: a challenger is judged once both signals have two
-    seeds, or ruled out as soon as one signal with two seeds does not prefer it.
+    ``signals``: per setting, the kept models' probe agreement (``probe``, one value per seed),
+    cross held-out KL (``cross_kl``) and, optionally, a tie-break probe's agreement
+    (``tiebreak``). The incumbent changes only for a challenger that BOTH data-free signals
+    prefer by more than their seed spread — higher probe agreement and lower cross held-out KL;
+    among several, the lowest cross held-out KL. A change of the shipped data needs independent
+    signals to agree (as the distillation guard's probe veto does); alone, each has a known bias:
+    the probe images share IntraQ's LOR, and a student trained on BNS+CE's 128 images agrees
+    closely with the teacher on IntraQ's easy images. When the two prefer opposite sides, the
+    tie-break decides with them (agreement on a probe made by a synthesis neither side trains on,
+    BN statistics alone; declared in ``imagenet-mobilenetv1-cpu.md`` before it ran): the
+    challenger wins when two of the three signals prefer it. A signal with fewer than two seeds on
+    either side has no spread yet: a challenger is judged once both signals have two seeds, or
+    ruled out as soon as one signal with two seeds does not prefer it (and no tie-break does).
 
     >>> sig = {"old": {"probe": [70.0, 72.0], "cross_kl": [0.50, 0.52]},
     ...        "new": {"probe": [80.0, 81.0], "cross_kl": [0.30, 0.31]}}
     >>> data_choice(sig, "old", {"old": "1,280 x 150", "new": "256 x 750"})
-    'change to 256 x 750 (both signals prefer it beyond the seed spread).'
+    'change to 256 x 750 (two data-free signals prefer it beyond the seed spread).'
     """
     if incumbent not in signals:
         return f"{labels[incumbent]} (the incumbent) has no cell yet."
@@ -115,13 +119,20 @@ def data_choice(signals: dict[str, dict[str, list[float]]], incumbent: str, labe
             for key in names
         }
         judged = [k for k, v in verdicts.items() if v is not None]
+        tie = sig.get("tiebreak", []), base.get("tiebreak", [])
+        # the tie-break's verdict (None: not given with two seeds each side)
+        tiebreak = _beats(*tie, higher_is_better=True) if min(len(tie[0]), len(tie[1])) >= 2 else None
         if len(judged) == 2 and all(verdicts.values()):
             both.append((statistics.mean(sig["cross_kl"]), name))
         elif len(judged) == 2 and any(verdicts.values()):
             only = next(k for k, v in verdicts.items() if v)
-            one.append(f"{labels[name]} by {names[only]} only")
-        elif False in verdicts.values() and len(judged) == 1:
-            # the rule needs both signals: one that does not prefer it settles it
+            if tiebreak:
+                both.append((statistics.mean(sig["cross_kl"]), name))
+            else:
+                why = "the tie-break probe does not prefer it" if tiebreak is False else "no tie-break probe"
+                one.append(f"{labels[name]} by {names[only]} only ({why})")
+        elif False in verdicts.values() and len(judged) == 1 and not tiebreak:
+            # one signal that does not prefer it settles it, unless the tie-break could still carry it
             lacking = next(k for k in names if k not in judged)
             out.append(f"{labels[name]} ({names[judged[0]]} does not prefer it; {names[lacking]} has one seed)")
         elif len(judged) < 2:
@@ -130,8 +141,8 @@ def data_choice(signals: dict[str, dict[str, list[float]]], incumbent: str, labe
     notes += f" Ruled out by one signal before the other has two seeds: {'; '.join(sorted(out))}." if out else ""
     notes += f" Not judged yet (one seed): {'; '.join(sorted(waiting))}." if waiting else ""
     if both:
-        return f"change to {labels[min(both)[1]]} (both signals prefer it beyond the seed spread).{notes}"
-    return f"keep {labels[incumbent]} (no challenger is preferred by both signals).{notes}"
+        return f"change to {labels[min(both)[1]]} (two data-free signals prefer it beyond the seed spread).{notes}"
+    return f"keep {labels[incumbent]} (no challenger is preferred by two signals).{notes}"
 
 
 def split_choice(signals: dict[tuple[str, str], dict[str, list[float]]], bits: str, labels: dict[str, str]) -> str:

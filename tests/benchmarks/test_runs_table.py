@@ -68,10 +68,15 @@ def test_group_signals_collect_each_settings_kept_probe_agreement_and_cross_kl()
             "A, seed 1": sig((51.0, 4.0), (49.0, 1.25)),
             "B, seed 0": None,
         },
+        "tie-break probe agreement (KL), start → kept": {
+            "A, seed 0": sig((4.0, 2.0), (13.0, 0.94)),
+            "A, seed 1": sig((5.0, 2.1), (14.0, 0.95)),
+            "B, seed 0": sig((6.0, 2.2), (12.0, 0.90)),
+        },
     }
     assert group_signals(rows, signals) == {
-        "A": {"probe": [20.0, 24.0], "cross_kl": [1.15, 1.25]},
-        "B": {"probe": [10.0], "cross_kl": []},
+        "A": {"probe": [20.0, 24.0], "cross_kl": [1.15, 1.25], "tiebreak": [13.0, 14.0]},
+        "B": {"probe": [10.0], "cross_kl": [], "tiebreak": [12.0]},
     }
 
 

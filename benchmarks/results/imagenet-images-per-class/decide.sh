@@ -4,7 +4,8 @@
 # ship.sh) has two seeds: incumbent BNS+CE 1,024 x 60; challengers IntraQ at every split with a student;
 # both data-free signals on the kept students, two seeds each: agreement on the ImageNet probe set
 # (BNS + LOR, 256 x 120, seed 12345, no row trained on it) and the cross held-out KL, whose pool is every
-# split of the other method at seeds 0 and 1 that exists here (datasets without a student via --pool).
+# split of the other method at seeds 0 and 1 that exists here (datasets without a student via --pool);
+# when the two disagree, the tie-break probe (BN statistics alone, tiebreak.sh's dataset) decides with them.
 # Usage: bash decide.sh > OUT.md   (run from anywhere; reads /work/ship and /work/ipc)
 set -u
 cd /work/main
@@ -20,8 +21,9 @@ for n in 256 512 1024 2048; do
   done
 done
 for seed in 0 1; do [ -d $S/half-data-s$seed/data ] && pool+=("$S/half-data-s$seed"); done  # BNS+CE 512 x 120
+tie=(); [ -d $S/probe-bns-inet/data ] && tie=(--tiebreak $S/probe-bns-inet)
 .venv/bin/python -m benchmarks.runs_table --group --probe $S/probe-inet --cross ${pool:+--pool "${pool[@]}"} \
-  --choose "BNS+CE 1024 x 60" \
+  --choose "BNS+CE 1024 x 60" "${tie[@]}" \
   --title "ImageNet MobileNetV1 x0.25: the synthesis method, W4A4 with the stem output at 8 bits, 61,440 image-iterations" \
   "${rows[@]}"
 echo
