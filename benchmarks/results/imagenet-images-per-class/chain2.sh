@@ -13,6 +13,8 @@ export PYTHONPATH=/work/inet-ipc INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_STA
 PY=/work/main/.venv/bin/python
 # A dataset counts as done only when its manifest says complete (the manifest is written with the first shard).
 complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
+# A train run a session's end interrupted holds its run.yaml: continue it (--resume) rather than fail.
+resume() { [ -f "$1/run.yaml" ] && echo --resume; }
 R=/work/ipc
 git rev-parse HEAD > $R/commit.txt
 CFG=configs/imagenet_mobilenetv1_025_w4a4_cpu.yaml
@@ -30,7 +32,7 @@ for cell in "$@"; do
   for b in $bits; do
     w=${b:1:1}; a=${b:3:1}
     run=$R/stem8$tag-n$n-s$seed; [ "$b" = W4A4 ] || run=$run-w${w}a${a}
-    [ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c $CFG --set seed=$seed --dataset $d -o $run --quiet \
+    [ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c $CFG --set seed=$seed --dataset $d -o $run $(resume $run) --quiet \
         --set generate.method=$method --set generate.num_images=$n --set generate.iterations=$it \
         --set quant.reconstruct.num_images=$rn --set quant.w_bits=$w --set quant.a_bits=$a \
         --set "quant.act_bits={act_quant.stage1_0_2: 8}" > $run.log 2>&1

@@ -7,10 +7,12 @@ export PYTHONPATH=/work/inet-ship INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_ST
 PY=/work/main/.venv/bin/python
 # A dataset counts as done only when its manifest says complete (the manifest is written with the first shard).
 complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
+# A train run a session's end interrupted holds its run.yaml: continue it (--resume) rather than fail.
+resume() { [ -f "$1/run.yaml" ] && echo --resume; }
 R=/work/ship; seed=${1:-0}
 C=configs/imagenet_mobilenetv1_025
 HALF="--set generate.min_images_per_class=0.5 --set quant.reconstruct.num_images=512"
 d=$R/half-data-s$seed
 complete $d || /usr/bin/time -v $PY -m pipeline.cli generate -c ${C}_w4a4_cpu.yaml --set seed=$seed $HALF -o $d --quiet > $d.log 2>&1
 run=$R/half-w8a8-s$seed
-[ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_w8a8_cpu.yaml --set seed=$seed $HALF --dataset $d -o $run --quiet > $run.log 2>&1
+[ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_w8a8_cpu.yaml --set seed=$seed $HALF --dataset $d -o $run $(resume $run) --quiet > $run.log 2>&1

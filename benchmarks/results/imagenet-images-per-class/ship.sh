@@ -6,6 +6,8 @@ export PYTHONPATH=/work/inet-ship INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_ST
 PY=/work/main/.venv/bin/python
 # A dataset counts as done only when its manifest says complete (the manifest is written with the first shard).
 complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
+# A train run a session's end interrupted holds its run.yaml: continue it (--resume) rather than fail.
+resume() { [ -f "$1/run.yaml" ] && echo --resume; }
 R=/work/ship; seed=${1:-0}
 git rev-parse HEAD > $R/commit.txt
 C=configs/imagenet_mobilenetv1_025
@@ -15,9 +17,9 @@ complete $d || /usr/bin/time -v $PY -m pipeline.cli generate -c ${C}_w4a4_cpu.ya
 # BNS+CE 1,024 x 60 seed-0 row (7fca5b1) at this commit, and gives the IntraQ rows a BNS+CE student
 # and dataset to be cross-scored against.
 run=$R/stem8-s$seed
-[ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_w4a4_cpu.yaml --set seed=$seed --dataset $d -o $run --quiet \
+[ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_w4a4_cpu.yaml --set seed=$seed --dataset $d -o $run $(resume $run) --quiet \
     --set "quant.act_bits={act_quant.stage1_0_2: 8}" > $run.log 2>&1
 for cfg in w8a8 w4a4; do
   run=$R/$cfg-s$seed
-  [ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_${cfg}_cpu.yaml --set seed=$seed --dataset $d -o $run --quiet > $run.log 2>&1
+  [ -f $run/metrics.json ] || /usr/bin/time -v $PY -m pipeline.cli train -c ${C}_${cfg}_cpu.yaml --set seed=$seed --dataset $d -o $run $(resume $run) --quiet > $run.log 2>&1
 done
