@@ -4,10 +4,7 @@ set -u
 cd /work/inet-ship
 export PYTHONPATH=/work/inet-ship INTRAQ_DATA_DIR=/work/shared/data RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=/work/main/.venv/bin/python
-# A dataset counts as done only when its manifest says complete (the manifest is written with the first shard).
-complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
-# A train run a session's end interrupted holds its run.yaml: continue it (--resume) rather than fail.
-resume() { [ -f "$1/run.yaml" ] && echo --resume; }
+source /work/main/benchmarks/results/imagenet-images-per-class/lib.sh  # complete, resume
 R=/work/ship; seed=${1:-0}
 git rev-parse HEAD > $R/commit.txt
 C=configs/imagenet_mobilenetv1_025

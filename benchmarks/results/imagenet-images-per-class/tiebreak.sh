@@ -11,7 +11,7 @@ set -u
 cd /work/main
 export INTRAQ_DATA_DIR=${INTRAQ_DATA_DIR:-/work/shared/data} OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/main
 S=/work/ship; I=/work/ipc; P=$S/probe-bns-inet
-complete() { python3 -c "import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get('complete') else 1)" "$1/data/manifest.json" 2>/dev/null; }
+source /work/main/benchmarks/results/imagenet-images-per-class/lib.sh  # complete, resume
 complete $P || /usr/bin/time -v .venv/bin/python -m pipeline.cli generate -c configs/probe_cpu.yaml --set model.arch=mobilenet_v1_025 \
     --set model.weights=imagenet-mobilenetv1-025 --set generate.num_images=256 --set generate.iterations=120 \
     --set generate.micro_batch_size=64 --set generate.lor=false -o $P --quiet > $P.log 2>&1
