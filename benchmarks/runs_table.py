@@ -42,6 +42,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+#: The data-free signal columns' titles, by the key :func:`benchmarks.split_study.data_choice` reads.
+SIGNAL_TITLES = {
+    "probe": "probe agreement (KL), start → kept",
+    "cross_kl": "cross held-out agreement (KL), start → kept",
+    "tiebreak": "tie-break probe agreement (KL), start → kept",
+}
+
 
 def _load(location: str) -> dict[str, Any]:
     """The metrics of a run folder (its ``metrics.json``), or of a metrics file kept on its own
@@ -250,18 +257,13 @@ def group_signals(
     """Per setting (rows grouped as :func:`grouped_table` does): the kept models' probe agreement
     (``probe``), cross held-out KL (``cross_kl``) and tie-break probe agreement (``tiebreak``),
     one value per seed, for :func:`benchmarks.split_study.data_choice`."""
-    keys = {
-        "probe": ("probe agreement", "agreement"),
-        "cross_kl": ("cross held-out", "kl"),
-        "tiebreak": ("tie-break probe agreement", "agreement"),
-    }
+    fields = {"probe": "agreement", "cross_kl": "kl", "tiebreak": "agreement"}
     out: dict[str, dict[str, list[float]]] = {}
     for label, _ in rows:
-        setting = out.setdefault(_seedless(label), {k: [] for k in keys})
-        for key, (prefix, field) in keys.items():
-            for title, cells in signals.items():
-                if title.startswith(prefix) and cells[label] is not None:
-                    setting[key].append(cells[label]["kept"][field])
+        setting = out.setdefault(_seedless(label), {k: [] for k in fields})
+        for key, field in fields.items():
+            if (sig := signals.get(SIGNAL_TITLES[key], {}).get(label)) is not None:
+                setting[key].append(sig["kept"][field])
     return out
 
 
@@ -314,8 +316,7 @@ def main() -> None:
     rows = [(label, _load(location)) for label, location in runs]
     signals: dict[str, dict[str, dict[str, Any]]] = {}
     contexts = {loc: _context(loc) for _, loc in runs} if args.probe or args.cross or args.tiebreak else {}
-    probes = {"probe agreement": args.probe, "tie-break probe agreement": args.tiebreak}
-    for name, given in probes.items():
+    for key, given in (("probe", args.probe), ("tiebreak", args.tiebreak)):
         if given is None:
             continue
         probe = Path(given)
@@ -323,11 +324,10 @@ def main() -> None:
             if Path(str(m.get("dataset", ""))).resolve() == (probe / "data").resolve():
                 raise SystemExit(f"{location} trained on the probe dataset {probe}: choose a dataset no row used")
         pool = probe_pool(probe)
-        signals[f"{name} (KL), start → kept"] = {label: pool_signal(loc, contexts[loc], pool) for label, loc in runs}
+        signals[SIGNAL_TITLES[key]] = {label: pool_signal(loc, contexts[loc], pool) for label, loc in runs}
     if args.cross:
         pool = cross_pool({**contexts, **{loc: _context(loc) for loc in args.pool}})
-        title = "cross held-out agreement (KL), start → kept"
-        signals[title] = {
+        signals[SIGNAL_TITLES["cross_kl"]] = {
             label: pool_signal(loc, contexts[loc], unlike(loc, contexts[loc], pool)) for label, loc in runs
         }
     generate_s = None
