@@ -25,7 +25,7 @@ for cell in "$@"; do
     d=$R/data-$method-n$n-s$seed; tag="-$method"
   fi
   complete $d || /usr/bin/time -v $PY -m pipeline.cli generate -c $CFG --set seed=$seed \
-      --set generate.method=$method --set generate.num_images=$n --set generate.iterations=$it -o $d --quiet > $d.log 2>&1
+      --set generate.method=$method --set generate.num_images=$n --set generate.iterations=$it -o $d $(resume $d) --quiet > $d.log 2>&1
   for b in $bits; do
     w=${b:1:1}; a=${b:3:1}
     run=$R/stem8$tag-n$n-s$seed; [ "$b" = W4A4 ] || run=$run-w${w}a${a}
