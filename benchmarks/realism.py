@@ -105,14 +105,10 @@ def table(results: list[tuple[str, dict[str, Any]]]) -> str:
 def real_check(real: float, results: list[tuple[str, dict[str, Any]]]) -> str:
     """Whether the real images score a lower R than every synthetic dataset (the sanity check of a
     realism signal), naming those that score lower."""
-    below = [label for label, r in results if r["R"] <= real]
+    below = [f"{label} ({r['R']:.4f})" for label, r in results if r["R"] <= real]
     if not below:
         return f"Real images score the lowest R ({real:.4f}): lower than all {len(results)} synthetic datasets."
-    return (
-        f"Real images ({real:.4f}) do **not** score the lowest R: "
-        + ", ".join(f"{label} ({r:.4f})" for label, r in ((lb, dict(results)[lb]["R"]) for lb in below))
-        + " score lower or equal."
-    )
+    return f"Real images ({real:.4f}) do **not** score the lowest R: {', '.join(below)} score lower or equal."
 
 
 def setting_of(label: str) -> str:
