@@ -1,0 +1,31 @@
+#!/bin/bash
+# Copy finished study cells from the background worktrees into this checkout and rebuild the named tables
+# (split, ablation, lor, data, methods, r32): /work/studies (8fe7ac4, studies.sh) and /work/studies-r32
+# (7572501, studies-resnet32.sh). Usage: bash sync_results.sh data r32   (then commit the new cells).
+set -u
+S=/work/studies/benchmarks/results/shipped
+M=/work/main/benchmarks/results/shipped
+W=/work/studies/runs/benchmarks-shipped
+for d in study-split-cpu ablation-cpu study-methods-cpu study-lor-cpu study-data-cpu; do
+  [ -d $S/$d ] || continue
+  mkdir -p $M/$d
+  for f in $S/$d/*.json; do [ -e "$f" ] || continue; cmp -s "$f" "$M/$d/$(basename $f)" || { cp "$f" $M/$d/; echo "new: $d/$(basename $f)"; }; done
+done
+R32=/work/studies-r32/benchmarks/results/shipped/resnet32
+for d in study-methods-cpu; do
+  [ -d $R32/$d ] || continue
+  mkdir -p $M/resnet32/$d
+  for f in $R32/$d/*.json; do [ -e "$f" ] || continue; cmp -s "$f" "$M/resnet32/$d/$(basename $f)" || { cp "$f" $M/resnet32/$d/; echo "new: resnet32/$d/$(basename $f)"; }; done
+done
+cd /work/main
+export INTRAQ_DATA_DIR=/work/shared/data OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/main
+PY=/work/main/.venv/bin/python
+for study in "$@"; do
+  case $study in
+    split) $PY -m benchmarks.studies split --table --seeds 0 1 --bits W4A4 W3A3 --recipes shipped --results-root $M --workdir $W > /dev/null ;;
+    r32) $PY -m benchmarks.studies methods --teacher resnet32 --table --seeds 0 1 --recipes shipped --results-root $M --workdir /work/studies-r32/runs/benchmarks-shipped > /dev/null ;;
+    ablation) $PY -m benchmarks.ablation --table --budget cpu --seeds 0 1 --bits W4A4 --rows intraq bns_ce intraq_adi --recipes shipped --results $M/ablation-cpu --workdir $W > /dev/null ;;
+    *) $PY -m benchmarks.studies $study --table --seeds 0 1 --recipes shipped --results-root $M --workdir $W > /dev/null ;;
+  esac
+  echo "table: $study ($?)"
+done
