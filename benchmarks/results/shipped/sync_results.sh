@@ -6,17 +6,18 @@ set -u
 S=/work/studies/benchmarks/results/shipped
 M=/work/main/benchmarks/results/shipped
 W=/work/studies/runs/benchmarks-shipped
-for d in study-split-cpu ablation-cpu study-methods-cpu study-lor-cpu study-data-cpu; do
-  [ -d $S/$d ] || continue
-  mkdir -p $M/$d
-  for f in $S/$d/*.json; do [ -e "$f" ] || continue; cmp -s "$f" "$M/$d/$(basename $f)" || { cp "$f" $M/$d/; echo "new: $d/$(basename $f)"; }; done
-done
-R32=/work/studies-r32/benchmarks/results/shipped/resnet32
-for d in study-methods-cpu; do
-  [ -d $R32/$d ] || continue
-  mkdir -p $M/resnet32/$d
-  for f in $R32/$d/*.json; do [ -e "$f" ] || continue; cmp -s "$f" "$M/resnet32/$d/$(basename $f)" || { cp "$f" $M/resnet32/$d/; echo "new: resnet32/$d/$(basename $f)"; }; done
-done
+# copy_cells FROM TO NAME: every finished cell of FROM/NAME not yet (or not the same) in TO/NAME.
+copy_cells() {
+  [ -d "$1/$3" ] || return 0
+  mkdir -p "$2/$3"
+  local rel=${2#$M}; rel=${rel#/}
+  for f in "$1/$3"/*.json; do
+    [ -e "$f" ] || continue
+    cmp -s "$f" "$2/$3/$(basename "$f")" || { cp "$f" "$2/$3/"; echo "new: ${rel:+$rel/}$3/$(basename "$f")"; }
+  done
+}
+for d in study-split-cpu ablation-cpu study-methods-cpu study-lor-cpu study-data-cpu; do copy_cells $S $M $d; done
+copy_cells /work/studies-r32/benchmarks/results/shipped/resnet32 $M/resnet32 study-methods-cpu
 cd /work/main
 export INTRAQ_DATA_DIR=/work/shared/data OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/main
 PY=/work/main/.venv/bin/python
