@@ -35,6 +35,29 @@ from benchmarks.harness import RECIPES, Bench
 VIEWS_SEED = 4242
 
 
+def dataset_images(location: str | Path) -> torch.Tensor:
+    """All images of the complete dataset at ``location`` (a dataset folder or URL, or a run
+    location holding ``data/``), as the teacher's normalized input.
+
+    Raises ``ValueError`` for a dataset still being written (a partial dataset would score as a
+    different one), ``FileNotFoundError`` when ``location`` holds no dataset.
+    """
+    from pipeline.storage.manifest import MANIFEST_NAME, Manifest, read_all
+    from pipeline.storage.store import Storage
+
+    data = Storage.from_url(str(location))
+    if not Manifest.exists(data) and Manifest.exists(data.child("data")):
+        data = data.child("data")
+    if not Manifest.exists(data):
+        raise FileNotFoundError(f"{location}: no dataset here (no {MANIFEST_NAME}, nor data/{MANIFEST_NAME})")
+    manifest = Manifest.load(data)
+    if not manifest.is_complete():
+        raise ValueError(
+            f"{data.url}: the dataset is not complete ({len(manifest.missing())} of its shards are still missing)"
+        )
+    return torch.from_numpy(read_all(data, manifest)[0])
+
+
 def holdout_part(ctx: Any, source: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
     """The held-out images of the dataset of ``ctx`` (its training's ``distill.holdout_fraction`` at
     its seed), with ``source`` and their count."""

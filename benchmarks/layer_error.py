@@ -22,13 +22,12 @@ import argparse
 import torch
 from torch import nn
 
+from benchmarks.crossprobe import dataset_images
 from intraq_core.config import ModelConfig, QuantConfig
 from intraq_core.models import create_model, resolve_model_config
 from intraq_core.quant import calibrate_ranges, quantize, set_act_mode, weight_quantized_layers
 from intraq_core.quant.sensitivity import activation_sensitivity
 from intraq_core.student import load_student
-from pipeline.storage.manifest import Manifest, read_all
-from pipeline.storage.store import Storage
 
 
 def layer_errors(teacher: nn.Module, student: nn.Module, images: torch.Tensor) -> dict[str, float]:
@@ -49,16 +48,14 @@ def layer_errors(teacher: nn.Module, student: nn.Module, images: torch.Tensor) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="a run location holding a synthetic dataset (data/)")
+    parser.add_argument("--dataset", required=True, help="a synthetic dataset, or a run location holding one (data/)")
     parser.add_argument("--weights", required=True, help="the teacher (a named asset or a weights file)")
     parser.add_argument("--student", default=None, help="a written student checkpoint instead of --weights/--bits")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--images", type=int, default=128, help="images scored (after the 256 calibrated on)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    storage = Storage.from_url(args.dataset.rstrip("/") + "/data")
-    images, _ = read_all(storage, Manifest.load(storage))
-    images = torch.from_numpy(images)
+    images = dataset_images(args.dataset)
     calib, scored = images[:256], images[256 : 256 + args.images]
     teacher = create_model(resolve_model_config(ModelConfig(weights=args.weights))).eval()
     if args.student:

@@ -67,21 +67,6 @@ def bn_distance(
     return {"R": mean + var, "mean_part": mean, "var_part": var, "batches": n, "images": n * batch_size}
 
 
-def dataset_images(location: str | Path) -> torch.Tensor:
-    """All images of the dataset at ``location`` (a dataset folder, or a run folder holding ``data/``)."""
-    from pipeline.storage.manifest import Manifest, read_all
-    from pipeline.storage.store import Storage
-
-    path = Path(location)
-    if not (path / "manifest.json").is_file() and (path / "data" / "manifest.json").is_file():
-        path = path / "data"
-    data = Storage.from_url(str(path))
-    manifest = Manifest.load(data)
-    if not manifest.is_complete():
-        raise ValueError(f"{path}: the dataset is not complete (its manifest lists {len(manifest.shards)} shards)")
-    return torch.from_numpy(read_all(data, manifest)[0])
-
-
 def real_images(ctx: Any, count: int, seed: int = PERMUTATION_SEED) -> torch.Tensor:
     """``count`` images of the config's test set (``eval``), preprocessed as the evaluation does,
     drawn by a seeded permutation (all of them when ``count`` is not smaller)."""
@@ -175,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
+    from benchmarks.crossprobe import dataset_images
     from pipeline.config import load_run_config
     from pipeline.context import RunContext, limit_threads
 

@@ -95,13 +95,9 @@ def _agreement_cell(m: dict[str, Any]) -> str:
 
 def probe_pool(probe: Path) -> list[tuple[dict[str, Any], Any]]:
     """The probe dataset's images as a one-part pool (read once for every row)."""
-    import torch
+    from benchmarks.crossprobe import dataset_images
 
-    from pipeline.storage.manifest import Manifest, read_all
-    from pipeline.storage.store import Storage
-
-    data = Storage.from_url(str(probe / "data"))
-    images = torch.from_numpy(read_all(data, Manifest.load(data))[0])
+    images = dataset_images(probe)
     return [({"dataset": str(probe), "images": int(images.shape[0])}, images)]
 
 
