@@ -6,7 +6,8 @@
 # recipe. SQuant's rows use no recipe and are not rerun. Same fixed commit and worktree as
 # studies.sh (8fe7ac4, ../studies) and the same work folder, so every row reuses its dataset (the
 # students go to w4a4-default/ beside w4a4-shipped/); cells to their own results root
-# (benchmarks/results/reference). One process, one torch thread, resumable.
+# (benchmarks/results/reference). One process, one torch thread, resumable; IntraQ and Qimera first (the
+# rows the two claims compare).
 # Usage: bash studies-reference.sh [PID to wait for]   (STUDIES / PY override the locations)
 WAIT_PID=${1:-}
 if [ -n "$WAIT_PID" ]; then while kill -0 "$WAIT_PID" 2>/dev/null; do sleep 60; done; fi
@@ -16,5 +17,5 @@ export INTRAQ_DATA_DIR=${INTRAQ_DATA_DIR:-/work/shared/data} RAY_USAGE_STATS_ENA
 cd "$STUDIES" || exit 1
 export PYTHONPATH=$STUDIES
 $PY -m benchmarks.studies methods --budget cpu --seeds 0 1 --recipes default \
-    --rows intraq bns_ce qimera gdfq real_distill \
+    --rows intraq qimera bns_ce gdfq real_distill \
     --results-root "$STUDIES/benchmarks/results/reference" --workdir "$STUDIES/runs/benchmarks-shipped"
