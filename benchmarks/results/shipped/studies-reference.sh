@@ -3,7 +3,8 @@
 # recipe (the `cpu` budget's own distillation: min/max ranges, CE + KD, 120 epochs; `--recipes
 # default`) instead of the shipped one, two seeds, W4A4; to show whether the recipe, not the images,
 # is what makes IntraQ > Qimera and SQuant > Qimera "not separated" / "not held" with the shipped
-# recipe. SQuant's rows use no recipe and are not rerun. Same fixed commit and worktree as
+# recipe. SQuant's rows use no recipe (the same cells as the shipped column; 30 s each) and run here so
+# that the column's claims are judged on its own cells. Same fixed commit and worktree as
 # studies.sh (8fe7ac4, ../studies) and the same work folder, so every row reuses its dataset (the
 # students go to w4a4-default/ beside w4a4-shipped/); cells to their own results root
 # (benchmarks/results/reference). One process, one torch thread, resumable; IntraQ and Qimera first (the
@@ -17,5 +18,5 @@ export INTRAQ_DATA_DIR=${INTRAQ_DATA_DIR:-/work/shared/data} RAY_USAGE_STATS_ENA
 cd "$STUDIES" || exit 1
 export PYTHONPATH=$STUDIES
 $PY -m benchmarks.studies methods --budget cpu --seeds 0 1 --recipes default \
-    --rows intraq qimera bns_ce gdfq real_distill \
+    --rows squant squant_l8 intraq qimera bns_ce gdfq real_distill \
     --results-root "$STUDIES/benchmarks/results/reference" --workdir "$STUDIES/runs/benchmarks-shipped"
