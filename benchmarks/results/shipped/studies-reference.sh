@@ -7,7 +7,7 @@
 # that the column's claims are judged on its own cells. Same fixed commit and worktree as
 # studies.sh (8fe7ac4, ../studies) and the same work folder, so every row reuses its dataset (the
 # students go to w4a4-default/ beside w4a4-shipped/); cells to their own results root
-# (benchmarks/results/reference). One process, one torch thread, resumable; IntraQ and Qimera first (the
+# (benchmarks/results/reference). One process, one torch thread, resumable; SQuant, then IntraQ and Qimera (the
 # rows the two claims compare).
 # Usage: bash studies-reference.sh [PID to wait for]   (STUDIES / PY override the locations)
 WAIT_PID=${1:-}

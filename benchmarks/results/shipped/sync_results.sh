@@ -20,7 +20,7 @@ copy_cells() {
 }
 for d in study-split-cpu ablation-cpu study-methods-cpu study-lor-cpu study-data-cpu; do copy_cells $S $M $d; done
 copy_cells /work/studies-r32/benchmarks/results/shipped/resnet32 $M/resnet32 study-methods-cpu
-copy_cells /work/studies/benchmarks/results/reference $REF study-methods-cpu
+for d in study-methods-cpu ablation-cpu; do copy_cells /work/studies/benchmarks/results/reference $REF $d; done
 cd /work/main
 export INTRAQ_DATA_DIR=/work/shared/data OMP_NUM_THREADS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONPATH=/work/main
 PY=/work/main/.venv/bin/python
